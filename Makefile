@@ -1,0 +1,31 @@
+# One command each: `make test` (tests) and `make demo` (the demo job).
+# Both create .venv on first use. torch is pinned to the local CPU build through
+# constraints.txt so that no dependency pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench-env clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipelines,test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/influence demo --output demo_output
+
+# Benchmark-only dependencies (kronfluence is a benchmark dependency, never a runtime one).
+bench-env: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+
+clean:
+	rm -rf $(VENV) demo_output bench_output

@@ -1,0 +1,140 @@
+"""Stage 1: Kronecker factors A and S as mergeable sums (DESIGN.md section 2).
+
+Symbols: N_tok counted tokens, d_in' homogeneous input width, d_out.
+
+    A = (1/N_tok) sum_t a_t a_t^T   [d_in', d_in']
+    S = (1/N_tok) sum_t g_t g_t^T   [d_out, d_out]
+
+(paper Eq. 17-18, tokens treated as independent). Only sums and counts are kept,
+so results of many workers add exactly; ``normalized()`` divides at the end.
+Labels are sampled from the model (true Fisher) unless ``fisher=EMPIRICAL``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .gradients import backward_pass, model_device
+from .layers import TrackedLayer
+from .objectives import Fisher, LanguageModelObjective, Objective
+
+
+@dataclass
+class LayerCovariance:
+    """Sums for one layer: a_sum [d_in', d_in'], s_sum [d_out, d_out], tokens N_tok."""
+
+    a_sum: torch.Tensor
+    s_sum: torch.Tensor
+    tokens: int
+
+    def merge(self, other: LayerCovariance) -> LayerCovariance:
+        if self.a_sum.shape != other.a_sum.shape or self.s_sum.shape != other.s_sum.shape:
+            raise ValueError(
+                f"cannot merge covariances of shapes {tuple(self.a_sum.shape)}/{tuple(self.s_sum.shape)} "
+                f"and {tuple(other.a_sum.shape)}/{tuple(other.s_sum.shape)}"
+            )
+        return LayerCovariance(self.a_sum + other.a_sum.to(self.a_sum), self.s_sum + other.s_sum.to(self.s_sum),
+                               self.tokens + other.tokens)
+
+    def normalized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, S) = sums / N_tok."""
+        if self.tokens <= 0:
+            raise ValueError("covariance has no tokens (every token was masked)")
+        return self.a_sum / self.tokens, self.s_sum / self.tokens
+
+
+@dataclass
+class Covariances:
+    """Stage-1 result for all tracked layers (ordered by layer)."""
+
+    layers: dict[str, LayerCovariance]
+    sequences: int
+    fisher: Fisher
+
+    def merge(self, other: Covariances) -> Covariances:
+        """Exact sum of two partial results over disjoint data."""
+        if list(self.layers) != list(other.layers):
+            raise ValueError(f"cannot merge covariances of layers {list(self.layers)} and {list(other.layers)}")
+        if self.fisher != other.fisher:
+            raise ValueError(f"cannot merge {self.fisher.value} and {other.fisher.value} covariances")
+        return Covariances({n: c.merge(other.layers[n]) for n, c in self.layers.items()},
+                           self.sequences + other.sequences, self.fisher)
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.layers.values())).tokens
+
+
+def empty_covariances(layers: Sequence[TrackedLayer], fisher: Fisher, dtype: torch.dtype,
+                      device: torch.device | str = "cpu") -> Covariances:
+    return Covariances(
+        {l.name: LayerCovariance(torch.zeros(l.d_in_h, l.d_in_h, dtype=dtype, device=device),
+                                 torch.zeros(l.d_out, l.d_out, dtype=dtype, device=device), 0)
+         for l in layers},
+        sequences=0, fisher=fisher,
+    )
+
+
+def accumulation_dtype(model: nn.Module) -> torch.dtype:
+    """float64 for float64 models (tests), float32 otherwise."""
+    p = next(model.parameters(), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def fit_covariances(
+    model: nn.Module,
+    layers: Sequence[TrackedLayer],
+    batches: Iterable[Any],
+    fisher: Fisher = Fisher.SAMPLED,
+    seed: int | None = 0,
+    objective: Objective | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Covariances:
+    """Sum a a^T and g g^T over every counted token of ``batches``.
+
+    Args:
+        model: the model (its weights are not modified, no .grad is written).
+        layers: tracked layers (``find_mlp_layers``).
+        batches: iterable of batches for ``objective`` (``TokenBatch`` by default).
+        fisher: SAMPLED (labels drawn from the model) or EMPIRICAL (data labels).
+        seed: seed of the label-sampling generator.
+        objective: defaults to ``LanguageModelObjective``.
+        autocast_dtype: optional bf16/fp16 autocast; sums stay float32.
+
+    Returns:
+        Covariances with per-layer sums and token counts (sequences counted too).
+    """
+    objective = objective or LanguageModelObjective()
+    device = model_device(model)
+    dtype = accumulation_dtype(model)
+    generator = make_generator(seed, device) if fisher == Fisher.SAMPLED else None
+    result = empty_covariances(layers, fisher, dtype, device)
+    for batch in batches:
+        out = backward_pass(model, layers, objective, batch, fisher, generator, autocast_dtype)
+        tokens = int(objective.token_mask(batch).sum())
+        for layer in layers:
+            a = out.captured.activations[layer.name].to(dtype)  # (B, T, d_in')
+            g = out.captured.output_grads[layer.name].to(dtype)  # (B, T, d_out)
+            a2 = a.reshape(-1, a.shape[-1])  # (B*T, d_in')
+            g2 = g.reshape(-1, g.shape[-1])  # (B*T, d_out)
+            cov = result.layers[layer.name]
+            cov.a_sum += a2.T @ a2
+            cov.s_sum += g2.T @ g2
+            cov.tokens += tokens
+        result.sequences += objective.batch_size(batch)
+    if result.sequences == 0:
+        raise ValueError("fit_covariances got no batches")
+    return result

@@ -1,0 +1,101 @@
+"""Stage 3: eigenvalue correction Lambda as mergeable sums (DESIGN.md section 2).
+
+Symbols: N_seq sequences, d_out, d_in'.
+
+    Lambda = (1/N_seq) sum_n (Q_S^T G_n Q_A) ** 2      [d_out, d_in'] elementwise
+
+(paper Eq. 20 with the transpose it drops restored). G_n is the per-sequence
+gradient with (by default) sampled labels, so token correlations within a
+sequence are kept. Computed without materializing G_n in the original basis:
+rotate first, g' = g Q_S [B, T, d_out], a' = a Q_A [B, T, d_in'], then
+G'_n = sum_t g'_t a'_t^T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .covariance import accumulation_dtype, make_generator
+from .eigen import LayerEigen
+from .gradients import backward_pass, model_device, sequence_gradient
+from .layers import TrackedLayer
+from .objectives import Fisher, LanguageModelObjective, Objective
+
+
+@dataclass
+class LambdaSums:
+    """Per layer sum_n (Q_S^T G_n Q_A)^2 [d_out, d_in'] and the sequence count N_seq."""
+
+    sums: dict[str, torch.Tensor]
+    sequences: int
+    fisher: Fisher
+
+    def merge(self, other: LambdaSums) -> LambdaSums:
+        """Exact sum of two partial results over disjoint data."""
+        if list(self.sums) != list(other.sums):
+            raise ValueError(f"cannot merge Lambda of layers {list(self.sums)} and {list(other.sums)}")
+        if self.fisher != other.fisher:
+            raise ValueError(f"cannot merge {self.fisher.value} and {other.fisher.value} Lambda sums")
+        return LambdaSums({n: s + other.sums[n].to(s) for n, s in self.sums.items()},
+                          self.sequences + other.sequences, self.fisher)
+
+    def normalized(self) -> dict[str, torch.Tensor]:
+        """name -> Lambda = sums / N_seq."""
+        if self.sequences <= 0:
+            raise ValueError("Lambda has no sequences")
+        return {n: s / self.sequences for n, s in self.sums.items()}
+
+
+def rotated_sequence_gradient(a: torch.Tensor, g: torch.Tensor, eigen: LayerEigen) -> torch.Tensor:
+    """Q_S^T G_n Q_A for each sequence, [B, d_out, d_in'].
+
+    Args:
+        a: [B, T, d_in'], g: [B, T, d_out].
+    """
+    q_a = eigen.q_a.to(a.device, a.dtype)
+    q_s = eigen.q_s.to(g.device, g.dtype)
+    return sequence_gradient(a @ q_a, g @ q_s)
+
+
+def fit_lambda(
+    model: nn.Module,
+    layers: Sequence[TrackedLayer],
+    eigen: dict[str, LayerEigen],
+    batches: Iterable[Any],
+    fisher: Fisher = Fisher.SAMPLED,
+    seed: int | None = 0,
+    objective: Objective | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> LambdaSums:
+    """Sum the squared rotated per-sequence gradients over ``batches``.
+
+    Args: as ``fit_covariances``, plus ``eigen`` from ``eigendecompose``.
+
+    Returns:
+        LambdaSums (sums and N_seq).
+    """
+    objective = objective or LanguageModelObjective()
+    device = model_device(model)
+    dtype = accumulation_dtype(model)
+    generator = make_generator(seed, device) if fisher == Fisher.SAMPLED else None
+    sums = {l.name: torch.zeros(l.d_out, l.d_in_h, dtype=dtype, device=device) for l in layers}
+    missing = [l.name for l in layers if l.name not in eigen]
+    if missing:
+        raise ValueError(f"no eigendecomposition for layers {missing}")
+    sequences = 0
+    for batch in batches:
+        out = backward_pass(model, layers, objective, batch, fisher, generator, autocast_dtype)
+        for layer in layers:
+            a = out.captured.activations[layer.name].to(dtype)
+            g = out.captured.output_grads[layer.name].to(dtype)
+            rotated = rotated_sequence_gradient(a, g, eigen[layer.name])  # (B, d_out, d_in')
+            sums[layer.name] += (rotated ** 2).sum(dim=0)
+        sequences += objective.batch_size(batch)
+    if sequences == 0:
+        raise ValueError("fit_lambda got no batches")
+    return LambdaSums(sums, sequences, fisher)

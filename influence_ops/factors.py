@@ -1,0 +1,150 @@
+"""EK-FAC factors of all tracked layers, and the chain of the three fitting stages.
+
+Symbols: d_out, d_in' per layer; N_tok tokens (stage 1), N_seq sequences (stage 3).
+
+Damping (DESIGN.md section 2): ``None`` means lambda = 0.1 x mean(Lambda) per
+layer (the heuristic of the paper's reference code); a float is an absolute value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .covariance import Covariances, fit_covariances
+from .eigen import LayerEigen, eigendecompose
+from .eigenvalue_correction import LambdaSums, fit_lambda
+from .fingerprint import model_fingerprint
+from .layers import TrackedLayer
+from .objectives import Fisher, Objective
+
+log = logging.getLogger(__name__)
+
+DAMPING_HEURISTIC_SCALE = 0.1
+
+
+@dataclass
+class LayerFactors:
+    """Everything EK-FAC keeps for one layer.
+
+    Attributes:
+        a_sum: [d_in', d_in'] stage-1 sum; s_sum: [d_out, d_out]; tokens: N_tok.
+        eigen: float64 eigenbases (Q_A, e_A, Q_S, e_S).
+        lambda_sum: [d_out, d_in'] stage-3 sum; sequences: N_seq of stage 3.
+    """
+
+    a_sum: torch.Tensor
+    s_sum: torch.Tensor
+    tokens: int
+    eigen: LayerEigen
+    lambda_sum: torch.Tensor
+    sequences: int
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        """Lambda = lambda_sum / N_seq, [d_out, d_in'] (float64)."""
+        return self.lambda_sum.to(torch.float64) / self.sequences
+
+    def damping(self, damping: float | None) -> float:
+        """The damping value: ``damping`` if given, else 0.1 x mean(Lambda)."""
+        if damping is not None:
+            if damping < 0:
+                raise ValueError(f"damping must be >= 0, got {damping}")
+            return float(damping)
+        return DAMPING_HEURISTIC_SCALE * float(self.eigenvalues.mean())
+
+
+@dataclass
+class EKFACFactors:
+    """EK-FAC factors of a model.
+
+    Attributes:
+        layers: name -> LayerFactors, in tracked-layer order.
+        shapes: name -> (d_out, d_in').
+        fingerprint: ``model_fingerprint`` of the model they were fitted on.
+        fisher: label mode used for fitting.
+        covariance_sequences: sequences seen in stage 1.
+        blocks: diagonal blocks per factor (1 = exact).
+    """
+
+    layers: dict[str, LayerFactors]
+    shapes: dict[str, tuple[int, int]]
+    fingerprint: str
+    fisher: Fisher
+    covariance_sequences: int
+    blocks: int = 1
+
+    @property
+    def tokens(self) -> int:
+        """N_tok the factors were fitted on."""
+        return next(iter(self.layers.values())).tokens
+
+    @property
+    def lambda_sequences(self) -> int:
+        return next(iter(self.layers.values())).sequences
+
+    def check_model(self, layers: Sequence[TrackedLayer]) -> None:
+        """Raise ValueError unless ``layers`` are the ones these factors were fitted on."""
+        names = [l.name for l in layers]
+        if names != list(self.layers):
+            raise ValueError(f"factors are for layers {list(self.layers)}, the model tracks {names}")
+        fp = model_fingerprint(layers)
+        if fp != self.fingerprint:
+            raise ValueError(
+                f"factors were fitted on a different model (fingerprint {self.fingerprint}, "
+                f"this model {fp}): same layer names, different weights"
+            )
+
+
+def assemble_factors(layers: Sequence[TrackedLayer], covariances: Covariances,
+                     eigen: dict[str, LayerEigen], lambdas: LambdaSums, blocks: int = 1) -> EKFACFactors:
+    """Combine the three stages' results into ``EKFACFactors``."""
+    return EKFACFactors(
+        layers={l.name: LayerFactors(
+            a_sum=covariances.layers[l.name].a_sum, s_sum=covariances.layers[l.name].s_sum,
+            tokens=covariances.layers[l.name].tokens, eigen=eigen[l.name],
+            lambda_sum=lambdas.sums[l.name], sequences=lambdas.sequences) for l in layers},
+        shapes={l.name: l.shape for l in layers},
+        fingerprint=model_fingerprint(layers),
+        fisher=covariances.fisher,
+        covariance_sequences=covariances.sequences,
+        blocks=blocks,
+    )
+
+
+def fit_ekfac(
+    model: nn.Module,
+    layers: Sequence[TrackedLayer],
+    batches: Iterable[Any],
+    fisher: Fisher = Fisher.SAMPLED,
+    seed: int | None = 0,
+    objective: Objective | None = None,
+    lambda_batches: Iterable[Any] | None = None,
+    blocks: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> EKFACFactors:
+    """Stage 1 (covariances), stage 2 (eigh), stage 3 (Lambda) in one call.
+
+    Args:
+        batches: a re-iterable collection of batches (a list, not a generator):
+            stage 1 and, unless ``lambda_batches`` is given, stage 3 read it.
+        lambda_batches: optional separate batches for stage 3.
+        blocks: diagonal blocks per factor (paper Appendix A).
+        Others as ``fit_covariances``.
+    """
+    if lambda_batches is None:
+        if iter(batches) is batches:
+            raise TypeError("batches is a one-shot iterator; fit_ekfac reads it twice: pass a list")
+        lambda_batches = batches
+    covariances = fit_covariances(model, layers, batches, fisher, seed, objective, autocast_dtype)
+    log.info("stage 1: %d sequences, %d tokens", covariances.sequences, covariances.tokens)
+    eigen = eigendecompose(covariances, blocks=blocks)
+    lam_seed = None if seed is None else seed + 1
+    lambdas = fit_lambda(model, layers, eigen, lambda_batches, fisher, lam_seed, objective, autocast_dtype)
+    log.info("stage 3: %d sequences", lambdas.sequences)
+    return assemble_factors(layers, covariances, eigen, lambdas, blocks)

@@ -1,0 +1,171 @@
+"""Preconditioned queries (DESIGN.md section 2, "Query" and "Low-rank queries").
+
+Symbols: Q queries, L tracked layers, d_out, d_in', r rank.
+
+For a query (prompt, completion) the measurement is f = log p(completion | prompt)
+summed over completion tokens. Its NLL gradient q_l = grad(-f) on layer l is
+preconditioned, P_l = (G_l + lambda_l I)^-1 q_l (EK-FAC, ``apply_inverse``), and
+kept dense [Q, d_out, d_in'] or as a rank-r truncated SVD (left [Q, d_out, r],
+right [Q, d_in', r]) with its relative error per query and layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .factors import EKFACFactors
+from .gradients import backward_pass, per_sequence_gradients
+from .ihvp import apply_inverse
+from .layers import TrackedLayer, layers_by_name
+from .lowrank import truncate
+from .objectives import Fisher, LanguageModelObjective, Objective
+
+
+@dataclass
+class LayerQuery:
+    """One layer's preconditioned queries: ``dense`` [Q, d_out, d_in'] or ``left``/``right``."""
+
+    dense: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dense is None) == (self.left is None or self.right is None):
+            raise ValueError("a LayerQuery holds either dense or (left, right)")
+
+    @property
+    def num_queries(self) -> int:
+        return int((self.dense if self.dense is not None else self.left).shape[0])
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.left is None else int(self.left.shape[-1])
+
+    def to_dense(self) -> torch.Tensor:
+        """[Q, d_out, d_in']."""
+        if self.dense is not None:
+            return self.dense
+        return self.left @ self.right.transpose(-1, -2)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LayerQuery:
+        move = (lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype))
+        return LayerQuery(move(self.dense), move(self.left), move(self.right))
+
+
+@dataclass
+class PreconditionedQueries:
+    """Preconditioned NLL gradients of Q queries on every tracked layer.
+
+    Attributes:
+        layers: name -> LayerQuery, in tracked-layer order.
+        measurement: [Q] f = log p(completion | prompt) (summed over completion tokens).
+        truncation_error: [Q, L] relative Frobenius error of the rank-r truncation (0 if dense).
+        rank: r, or None for dense queries.
+        fingerprint: model fingerprint of the factors used.
+        factor_tokens: N_tok of those factors (used to normalize scores).
+        damping: name -> the damping value used.
+        query_ids: optional Q ids.
+    """
+
+    layers: dict[str, LayerQuery]
+    measurement: torch.Tensor
+    truncation_error: torch.Tensor
+    rank: int | None
+    fingerprint: str
+    factor_tokens: int
+    damping: dict[str, float]
+    query_ids: list[str] | None = field(default=None)
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.measurement.shape[0])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PreconditionedQueries:
+        return PreconditionedQueries({n: q.to(device, dtype) for n, q in self.layers.items()}, self.measurement,
+                                     self.truncation_error, self.rank, self.fingerprint, self.factor_tokens,
+                                     self.damping, self.query_ids)
+
+    def concat(self, other: PreconditionedQueries) -> PreconditionedQueries:
+        """Queries of ``self`` followed by those of ``other`` (same layers, rank and factors)."""
+        if self.layer_names != other.layer_names or self.rank != other.rank or self.fingerprint != other.fingerprint:
+            raise ValueError("cannot concatenate queries built with different layers, ranks or factors")
+        cat = (lambda a, b: None if a is None else torch.cat([a, b]))
+        layers = {n: LayerQuery(cat(q.dense, other.layers[n].dense), cat(q.left, other.layers[n].left),
+                                cat(q.right, other.layers[n].right)) for n, q in self.layers.items()}
+        ids = None if self.query_ids is None or other.query_ids is None else self.query_ids + other.query_ids
+        return PreconditionedQueries(layers, torch.cat([self.measurement, other.measurement]),
+                                     torch.cat([self.truncation_error, other.truncation_error]), self.rank,
+                                     self.fingerprint, self.factor_tokens, self.damping, ids)
+
+
+def query_gradients(model: nn.Module, layers: list[TrackedLayer], batch: Any, objective: Objective,
+                    autocast_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """NLL gradients of each query: (name -> [B, d_out, d_in'], measurement f [B])."""
+    out = backward_pass(model, layers, objective, batch, Fisher.EMPIRICAL, None, autocast_dtype)
+    return per_sequence_gradients(out.captured), -out.losses
+
+
+def precondition_queries(
+    model: nn.Module,
+    factors: EKFACFactors,
+    query_batches: Iterable[Any],
+    rank: int | None = None,
+    damping: float | None = None,
+    objective: Objective | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    query_ids: list[str] | None = None,
+) -> PreconditionedQueries:
+    """Preconditioned query gradients, dense (rank=None) or rank-r.
+
+    Args:
+        model: the model the factors were fitted on (checked by fingerprint).
+        factors: EK-FAC factors.
+        query_batches: batches whose labels cover completion tokens only
+            (``query_batch``).
+        rank: r for low-rank queries, None for dense.
+        damping: absolute damping, None for 0.1 x mean(Lambda) per layer.
+        query_ids: optional ids, one per query in batch order.
+    """
+    objective = objective or LanguageModelObjective()
+    layers = layers_by_name(model, list(factors.layers))
+    factors.check_model(layers)
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    parts: dict[str, list[LayerQuery]] = {l.name: [] for l in layers}
+    measurements, errors = [], []
+    for batch in query_batches:
+        grads, f = query_gradients(model, layers, batch, objective, autocast_dtype)
+        measurements.append(f.to("cpu", torch.float64))
+        batch_errors = []
+        for layer in layers:
+            p = apply_inverse(factors.layers[layer.name], grads[layer.name].to(torch.float64), damping)
+            if rank is None:
+                parts[layer.name].append(LayerQuery(dense=p.to(dtype)))
+                batch_errors.append(torch.zeros(p.shape[0], dtype=torch.float64))
+            else:
+                left, right, err = truncate(p, rank)
+                parts[layer.name].append(LayerQuery(left=left.to(dtype), right=right.to(dtype)))
+                batch_errors.append(err.to("cpu"))
+        errors.append(torch.stack(batch_errors, dim=1))  # (B, L)
+    if not measurements:
+        raise ValueError("precondition_queries got no query batches")
+    cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
+    merged = {n: LayerQuery(cat([q.dense for q in qs]), cat([q.left for q in qs]), cat([q.right for q in qs]))
+              for n, qs in parts.items()}
+    measurement = torch.cat(measurements)
+    if query_ids is not None and len(query_ids) != measurement.shape[0]:
+        raise ValueError(f"{len(query_ids)} query ids for {measurement.shape[0]} queries")
+    first = next(iter(factors.layers.values()))
+    return PreconditionedQueries(
+        layers=merged, measurement=measurement, truncation_error=torch.cat(errors),
+        rank=None if rank is None else max(q.rank for q in merged.values()),
+        fingerprint=factors.fingerprint, factor_tokens=first.tokens,
+        damping={n: f.damping(damping) for n, f in factors.layers.items()}, query_ids=query_ids)
