@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import influence_ops as ops
+from ops_helpers import assert_close as check_close
 from influence_ops.eigen import LayerEigen
 from influence_ops.factors import LayerFactors
 
@@ -23,18 +24,8 @@ EXACT_RTOL = 1e-9
 EXACT_ATOL = 1e-11
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str,
-                 rtol: float = EXACT_RTOL, atol: float = EXACT_ATOL) -> None:
-    """torch.testing-style check whose message shows the worst entries."""
-    actual, expected = actual.to(torch.float64), expected.to(torch.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual - expected).abs()
-    bound = atol + rtol * expected.abs()
-    if bool((err > bound).any()):
-        worst = torch.topk((err - bound).flatten(), k=min(3, err.numel())).indices
-        rows = [f"  at {tuple(int(i) for i in torch.unravel_index(w, err.shape))}: "
-                f"got {actual.flatten()[w]:.6e}, want {expected.flatten()[w]:.6e}" for w in worst]
-        raise AssertionError(f"{name}: max abs err {err.max():.3e} (rtol={rtol}, atol={atol})\n" + "\n".join(rows))
+def assert_close(actual, expected, name, rtol=EXACT_RTOL, atol=EXACT_ATOL):
+    check_close(actual, expected, rtol=rtol, atol=atol, name=name)
 
 
 def tiny_model(kind: str) -> nn.Module:
