@@ -27,7 +27,9 @@ class Captured:
 
     After ``backward``:
         activations[name]: [B, T, d_in'] (float32 or the model dtype if float64),
-            homogeneous, zero at positions outside ``token_mask``.
+            homogeneous, zero at positions outside ``token_mask``. With a token
+            mask, layers that run on flattened tokens [B*T, d] (OPT) are
+            reshaped to [B, T, d].
         output_grads[name]: [B, T, d_out], same dtype.
     """
 
@@ -75,8 +77,21 @@ class Captured:
     def _finish(self, t: torch.Tensor) -> torch.Tensor:
         t = t if t.dtype == torch.float64 else t.float()
         if self.token_mask is not None:
+            t = self._as_tokens(t)
             t = t * self.token_mask.to(t.device, t.dtype).unsqueeze(-1)
         return t
+
+    def _as_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] view of a layer tensor; some models (OPT) run their MLP on [B*T, d]."""
+        B, T = self.token_mask.shape
+        if tuple(t.shape[:-1]) == (B, T):
+            return t
+        if t.shape[:-1].numel() != B * T:
+            raise ValueError(
+                f"a tracked layer saw a tensor of shape {tuple(t.shape)}, which does not hold one row per "
+                f"token of the [{B}, {T}] batch"
+            )
+        return t.reshape(B, T, t.shape[-1])  # (B*T, d) -> (B, T, d)
 
     def _homogeneous(self, layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype == torch.float64 else x.float()
