@@ -55,26 +55,26 @@ def tiny_gpt_neox(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Modul
     return _finish(GPTNeoXForCausalLM(cfg), dtype)
 
 
+def _gated(config_cls, model_cls, seed: int, dtype: torch.dtype) -> nn.Module:
+    _seeded(seed)
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE,
+                     max_position_embeddings=MAX_POSITIONS)
+    return _finish(model_cls(cfg), dtype)
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
     """Llama (gated MLP without bias: gate_proj, up_proj, down_proj)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _seeded(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                      num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE,
-                      max_position_embeddings=MAX_POSITIONS)
-    return _finish(LlamaForCausalLM(cfg), dtype)
+    return _gated(LlamaConfig, LlamaForCausalLM, seed, dtype)
 
 
 def tiny_qwen2(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
     """Qwen2 (gated MLP like Llama; attention projections have biases)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    _seeded(seed)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                      num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE,
-                      max_position_embeddings=MAX_POSITIONS)
-    return _finish(Qwen2ForCausalLM(cfg), dtype)
+    return _gated(Qwen2Config, Qwen2ForCausalLM, seed, dtype)
 
 
 def tiny_opt(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
