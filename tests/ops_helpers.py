@@ -40,7 +40,8 @@ def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
 
     _seeded(seed)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
-                     n_inner=INTERMEDIATE, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     n_inner=INTERMEDIATE, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
     return _finish(GPT2LMHeadModel(cfg), dtype)
 
 

@@ -291,6 +291,47 @@ def test_queries_roundtrip(gpt2, tmp_path, rank):
     assert torch.equal(after.scores, before.scores) and torch.equal(after.per_layer, before.per_layer)
 
 
+def test_factors_roundtrip_keeps_blocks(gpt2, tmp_path):
+    factors = fit_ekfac(gpt2.model, gpt2.layers, gpt2.fit_batches, fisher=Fisher.EMPIRICAL, blocks=2)
+    save_factors(factors, tmp_path)
+    loaded = load_factors(tmp_path, gpt2.layers)
+    assert loaded.blocks == 2
+    q_a = loaded.layers[gpt2.layers[0].name].eigen.q_a  # (17, 17), blocks [0:8] and [8:17]
+    assert torch.equal(q_a, factors.layers[gpt2.layers[0].name].eigen.q_a)
+    assert bool((q_a[:8, 8:] == 0).all() and (q_a[8:, :8] == 0).all())
+
+
+# ---------------------------------------------------------------- determinism and query batching
+
+
+def test_sampled_fisher_is_seeded(gpt2):
+    def s_sums(seed):
+        cov = fit_covariances(gpt2.model, gpt2.layers, gpt2.fit_batches, fisher=Fisher.SAMPLED, seed=seed)
+        return {n: c.s_sum for n, c in cov.layers.items()}
+
+    first, again, other = s_sums(0), s_sums(0), s_sums(1)
+    for name in first:
+        assert torch.equal(first[name], again[name]), f"{name}: same seed, different sampled labels"
+    assert any(not torch.equal(first[n], other[n]) for n in first), "the seed has no effect"
+
+
+def test_queries_independent_of_query_batching(gpt2):
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11, 12]]
+    completions = [[13, 14], [15], [16, 17, 18]]
+    together = precondition_queries(gpt2.model, gpt2.factors, [query_batch(prompts, completions)], rank=2)
+    split = precondition_queries(gpt2.model, gpt2.factors, [query_batch(prompts[:2], completions[:2])], rank=2).concat(
+        precondition_queries(gpt2.model, gpt2.factors, [query_batch(prompts[2:], completions[2:])], rank=2))
+    two_batches = precondition_queries(gpt2.model, gpt2.factors, [query_batch(prompts[:1], completions[:1]),
+                                                                  query_batch(prompts[1:], completions[1:])], rank=2)
+    for other, how in ((split, "concat"), (two_batches, "two batches")):
+        assert_close(other.measurement, together.measurement, name=f"measurement, {how}")
+        assert_close(other.truncation_error, together.truncation_error, name=f"truncation error, {how}")
+        for name, q in together.layers.items():
+            dense = q.to_dense()
+            assert_close(other.layers[name].to_dense(), dense, atol=F64_RTOL * float(dense.abs().max()),
+                         name=f"{name} queries, {how}")
+
+
 # ---------------------------------------------------------------- top-k
 
 
