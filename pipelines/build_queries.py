@@ -1,0 +1,136 @@
+"""`build-queries`: queries file -> tokens -> preconditioned (dense or rank-r) -> queries/.
+
+Input (JSONL or Parquet), one row per query: ``query_id`` (letters, digits,
+``-_.``; it becomes a hive partition value), and either ``prompt`` +
+``completion`` text (tokenized with the model's tokenizer, each on its own,
+without special tokens) or pre-tokenized ``prompt_ids`` + ``completion_ids``.
+A prompt too long for the model's context keeps its last tokens.
+
+Output folder ``<output>/queries``: ``queries.safetensors`` + ``queries.json``
+(``influence_ops.save_queries``) and ``queries.parquet``: query_id, prompt,
+completion, prompt_ids, completion_ids, measurement (log p(completion | prompt)),
+truncation_error (per tracked layer, relative Frobenius error of the rank-r
+truncation; 0 for dense), truncation_error_max, prompt_tokens_dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from influence_ops import PreconditionedQueries, load_factors, precondition_queries, query_batch, save_queries
+
+from . import completion, storage
+from .config import JobConfig
+from .model_loading import LoadedModel, load_model, load_tokenizer, pick_device
+
+QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class QueryRows:
+    ids: list[str]
+    prompts: list[str | None]
+    completions: list[str | None]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    dropped: list[int]
+
+
+def tokenize_queries(url: str, tokenizer: Any, vocab_size: int | None, context: int | None) -> QueryRows:
+    """Check and tokenize the queries file; errors name the file, row and field."""
+    rows = storage.read_table(url).to_pylist()
+    if not rows:
+        raise ValueError(f"{url}: no queries")
+    out = QueryRows([], [], [], [], [], [])
+    for i, row in enumerate(rows):
+        qid = row.get("query_id")
+        if not isinstance(qid, str) or not QUERY_ID.match(qid):
+            raise ValueError(f"{url}: row {i}, field 'query_id': {qid!r} must be a string of letters, digits, '-_.'")
+        if qid in out.ids:
+            raise ValueError(f"{url}: row {i}, field 'query_id': duplicate {qid!r}")
+        if row.get("prompt_ids") is not None and row.get("completion_ids") is not None:
+            p, c = [int(x) for x in row["prompt_ids"]], [int(x) for x in row["completion_ids"]]
+        else:
+            for field in ("prompt", "completion"):
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{url}: row {i}, field {field!r}: missing (give prompt and completion text, "
+                                     "or prompt_ids and completion_ids)")
+            if tokenizer is None:
+                raise ValueError(f"{url}: row {i}: text queries need the model's tokenizer (model.tokenizer)")
+            p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        if not c:
+            raise ValueError(f"{url}: row {i}, field 'completion': no tokens")
+        bad = [t for t in p + c if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise ValueError(f"{url}: row {i}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        dropped = 0
+        if context is not None and len(p) + len(c) > context:
+            if len(c) > context:
+                raise ValueError(f"{url}: row {i}, field 'completion': {len(c)} tokens, the model takes {context}")
+            dropped = len(p) + len(c) - context
+            p = p[dropped:]
+        out.ids.append(qid)
+        out.prompts.append(row.get("prompt"))
+        out.completions.append(row.get("completion"))
+        out.prompt_ids.append(p)
+        out.completion_ids.append(c)
+        out.dropped.append(dropped)
+    return out
+
+
+def queries_key(cfg: JobConfig, factors_digest: str) -> str:
+    return completion.inputs_key("queries", cfg.model.__dict__, factors_digest, storage.file_digest(cfg.data.queries),
+                                 cfg.scoring.rank, cfg.factors.damping)
+
+
+def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = False) -> dict[str, Any]:
+    """Run the stage (skipped when ``queries/`` is complete for these inputs); returns its summary."""
+    out = storage.join(cfg.data.output, "queries")
+    key = queries_key(cfg, factors_digest)
+    done = completion.completed(out, key)
+    if done is not None:
+        return {**done, "skipped": True}
+    start = time.perf_counter()
+    loaded = load_model(cfg.model, pick_device(True))
+    tokenizer = load_tokenizer(cfg.model) if cfg.model.tokenizer_path else None
+    rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
+    factors_dir = storage.local_copy(storage.join(cfg.data.output, "factors"), marker="manifest.json")
+    factors = load_factors(factors_dir, loaded.layers, device=loaded.device)
+    pq = precondition(loaded, factors, rows, cfg.scoring.rank, cfg.factors.damping, cfg.resources.batch_size)
+    table = pa.table({
+        "query_id": pa.array(rows.ids, pa.string()),
+        "prompt": pa.array(rows.prompts, pa.string()),
+        "completion": pa.array(rows.completions, pa.string()),
+        "prompt_ids": pa.array(rows.prompt_ids, pa.list_(pa.int32())),
+        "completion_ids": pa.array(rows.completion_ids, pa.list_(pa.int32())),
+        "measurement": pa.array(pq.measurement.numpy(), pa.float64()),
+        "truncation_error": pa.array(list(pq.truncation_error.numpy()), pa.list_(pa.float64())),
+        "truncation_error_max": pa.array(pq.truncation_error.max(dim=1).values.numpy(), pa.float64()),
+        "prompt_tokens_dropped": pa.array(rows.dropped, pa.int32()),
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        save_queries(pq, tmp)
+        storage.upload_dir(tmp, out, last=("queries.json",))
+    storage.write_parquet(storage.join(out, "queries.parquet"), table)
+    info = {"queries": len(rows.ids), "rank": pq.rank, "factor_tokens": pq.factor_tokens,
+            "seconds": round(time.perf_counter() - start, 3)}
+    info["digest"] = storage.dir_digest(out)
+    return {**completion.mark_complete(out, key, info), "skipped": False}
+
+
+def precondition(loaded: LoadedModel, factors: Any, rows: QueryRows, rank: int | None, damping: float | None,
+                 batch_size: int) -> PreconditionedQueries:
+    """Preconditioned queries (moved to the CPU) for the tokenized rows."""
+    batches = [query_batch(rows.prompt_ids[lo:lo + batch_size], rows.completion_ids[lo:lo + batch_size])
+               for lo in range(0, len(rows.ids), batch_size)]
+    batches = [b.to(loaded.device) for b in batches]
+    pq = precondition_queries(loaded.model, factors, batches, rank=rank, damping=damping,
+                              autocast_dtype=loaded.autocast, query_ids=rows.ids)
+    return pq.to("cpu")

@@ -1,0 +1,293 @@
+"""The job file: one TOML document describing a whole influence job.
+
+Sections (every key optional unless marked required)::
+
+    run_id = "my-run"                  # default: derived from the config hash
+    [model]
+    path = "s3://bucket/models/tiny"    # Hugging Face directory, local or object storage
+    factory = "pkg.module:make_model"   # or a plain torch model (exactly one of path/factory)
+    tokenizer = "..."                   # default: the model path
+    layer_pattern = "..."               # regex over module names; default: per architecture
+    dtype = "float32"                   # float32 | float64 | bfloat16
+    max_length = 128                    # chunk length for `tokenize` (default: model context)
+    trust_remote_code = false
+    [data]
+    raw = "raw/*.jsonl"                 # raw text for `tokenize` (JSONL or Parquet)
+    text_column = "text"
+    id_column = "id"
+    corpus = "s3://bucket/shards/"      # required: prefix or glob of Parquet shards
+    queries = "queries.jsonl"           # required: JSONL or Parquet queries
+    output = "s3://bucket/out"          # required: output prefix
+    [factors]
+    sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
+    fisher = "sampled"                  # sampled | empirical
+    damping = 0.001                     # absolute; omit for 0.1 x mean(Lambda) per layer
+    seed = 0
+    blocks = 1
+    unit_sequences = 256                # sequences per unit of work (fixes the sampled labels)
+    [scoring]
+    top_k = 10
+    rank = 32                           # omit (or 0) for dense queries
+    per_token = true                    # token_scores/ for the merged top-k rows
+    strategy = "auto"                   # auto | materialize | per_token
+    sort_window = 512                   # rows sorted by length together (limits padding)
+    [resources]
+    ray_address = ""                    # empty: start a local Ray sized for this machine
+    actors = 1
+    gpus_per_actor = "auto"             # "auto" (1 when the cluster has GPUs) or a number
+    cpus_per_actor = 1.0
+    threads_per_actor = 0               # torch threads per actor, 0 = torch's default
+    batch_size = 8                      # sequences per forward/backward
+    object_store_mb = 0                 # local Ray only; 0 = min(1 GiB, 20% of RAM)
+
+Every value is checked when the config is built; errors name the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from influence_ops import Fisher, Strategy
+
+
+class ConfigError(ValueError):
+    """A bad job file: the message names the key and the value."""
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    BFLOAT16 = "bfloat16"
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key} = {value!r}: {why}")
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, value, f"must be an integer >= {minimum}")
+
+
+def _check_number(key: str, value: Any, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        _fail(key, value, f"must be a number >= {minimum}")
+
+
+def _check_str(key: str, value: Any, required: bool = False) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value.strip():
+        _fail(key, value, "must be a non-empty string")
+
+
+def _enum(key: str, cls: type[enum.Enum], value: Any) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        _fail(key, value, f"must be one of {[m.value for m in cls]}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    factory: str | None = None
+    tokenizer: str | None = None
+    layer_pattern: str | None = None
+    dtype: DType = DType.FLOAT32
+    max_length: int | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.factory is None):
+            _fail("model.path / model.factory", (self.path, self.factory), "give exactly one of them")
+        _check_str("model.path", self.path)
+        _check_str("model.tokenizer", self.tokenizer)
+        _check_str("model.layer_pattern", self.layer_pattern)
+        if self.factory is not None:
+            _check_str("model.factory", self.factory)
+            module, _, attr = self.factory.partition(":")
+            if not module or not attr:
+                _fail("model.factory", self.factory, "must look like 'package.module:function'")
+        object.__setattr__(self, "dtype", _enum("model.dtype", DType, self.dtype))
+        if self.max_length is not None:
+            _check_int("model.max_length", self.max_length, 2)
+        if not isinstance(self.trust_remote_code, bool):
+            _fail("model.trust_remote_code", self.trust_remote_code, "must be true or false")
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.tokenizer or self.path
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str
+    queries: str
+    output: str
+    raw: str | None = None
+    text_column: str = "text"
+    id_column: str = "id"
+
+    def __post_init__(self) -> None:
+        for key in ("corpus", "queries", "output"):
+            _check_str(f"data.{key}", getattr(self, key), required=True)
+        for key in ("raw", "text_column", "id_column"):
+            _check_str(f"data.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class FactorConfig:
+    sample_sequences: int | None = None
+    sample_tokens: int | None = None
+    fisher: Fisher = Fisher.SAMPLED
+    damping: float | None = None
+    seed: int = 0
+    blocks: int = 1
+    unit_sequences: int = 256
+
+    def __post_init__(self) -> None:
+        if self.sample_sequences is not None and self.sample_tokens is not None:
+            _fail("factors.sample_sequences / factors.sample_tokens",
+                  (self.sample_sequences, self.sample_tokens), "give at most one of them")
+        if self.sample_sequences is not None:
+            _check_int("factors.sample_sequences", self.sample_sequences, 1)
+        if self.sample_tokens is not None:
+            _check_int("factors.sample_tokens", self.sample_tokens, 1)
+        object.__setattr__(self, "fisher", _enum("factors.fisher", Fisher, self.fisher))
+        if self.damping is not None:
+            _check_number("factors.damping", self.damping, 0.0)
+        _check_int("factors.seed", self.seed, 0)
+        _check_int("factors.blocks", self.blocks, 1)
+        _check_int("factors.unit_sequences", self.unit_sequences, 1)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    top_k: int = 10
+    rank: int | None = 32
+    per_token: bool = True
+    strategy: Strategy = Strategy.AUTO
+    sort_window: int = 512
+
+    def __post_init__(self) -> None:
+        _check_int("scoring.top_k", self.top_k, 1)
+        if self.rank == 0:
+            object.__setattr__(self, "rank", None)
+        if self.rank is not None:
+            _check_int("scoring.rank", self.rank, 1)
+        if not isinstance(self.per_token, bool):
+            _fail("scoring.per_token", self.per_token, "must be true or false")
+        object.__setattr__(self, "strategy", _enum("scoring.strategy", Strategy, self.strategy))
+        _check_int("scoring.sort_window", self.sort_window, 1)
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    ray_address: str = ""
+    actors: int = 1
+    gpus_per_actor: float | str = "auto"
+    cpus_per_actor: float = 1.0
+    threads_per_actor: int = 0
+    batch_size: int = 8
+    object_store_mb: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ray_address, str):
+            _fail("resources.ray_address", self.ray_address, "must be a string ('' = local Ray)")
+        _check_int("resources.actors", self.actors, 1)
+        if self.gpus_per_actor != "auto":
+            _check_number("resources.gpus_per_actor", self.gpus_per_actor, 0.0)
+        _check_number("resources.cpus_per_actor", self.cpus_per_actor, 0.0)
+        _check_int("resources.threads_per_actor", self.threads_per_actor, 0)
+        _check_int("resources.batch_size", self.batch_size, 1)
+        _check_int("resources.object_store_mb", self.object_store_mb, 0)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: ModelConfig
+    data: DataConfig
+    factors: FactorConfig = field(default_factory=FactorConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_id is not None:
+            _check_str("run_id", self.run_id)
+            if not all(c.isalnum() or c in "-_." for c in self.run_id):
+                _fail("run_id", self.run_id, "may hold only letters, digits, '-', '_' and '.'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (enums as their values)."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, enum.Enum):
+                return v.value
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+        return plain(dataclasses.asdict(self))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "factors": FactorConfig,
+             "scoring": ScoringConfig, "resources": ResourceConfig}
+
+
+def _section(name: str, raw: Any) -> Any:
+    cls = _SECTIONS[name]
+    if not isinstance(raw, dict):
+        _fail(name, raw, "must be a table ([" + name + "])")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        _fail(f"{name}.{unknown[0]}", raw[unknown[0]], f"unknown key; known keys: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"[{name}]: {err}") from err
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> JobConfig:
+    """Build and validate a JobConfig; relative local paths are resolved against ``base_dir``."""
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"run_id"})
+    if unknown:
+        _fail(unknown[0], raw[unknown[0]], f"unknown key; known: {sorted(_SECTIONS) + ['run_id']}")
+    for required in ("model", "data"):
+        if required not in raw:
+            raise ConfigError(f"[{required}] section is missing")
+    parts = {name: _section(name, raw[name]) for name in _SECTIONS if name in raw}
+    if base_dir is not None:
+        parts["data"] = dataclasses.replace(parts["data"], **{
+            k: _resolve(getattr(parts["data"], k), base_dir) for k in ("corpus", "queries", "output", "raw")})
+        parts["model"] = dataclasses.replace(parts["model"], path=_resolve(parts["model"].path, base_dir),
+                                             tokenizer=_resolve(parts["model"].tokenizer, base_dir))
+    return JobConfig(run_id=raw.get("run_id"), **parts)
+
+
+def _resolve(url: str | None, base_dir: Path) -> str | None:
+    if url is None or "://" in url or Path(url).is_absolute():
+        return url
+    return str((base_dir / url).resolve())
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read a TOML job file (relative paths are relative to the file's folder)."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: not valid TOML: {err}") from err
+    return config_from_dict(raw, base_dir=p.resolve().parent)

@@ -1,0 +1,108 @@
+"""`merge`: scores/ -> topk/ (exact global top-k and bottom-k per query), then token_scores/.
+
+The per-shard files are read one at a time and folded into one
+``TopKAccumulator`` per query (memory: queries x k, whatever the corpus size).
+Each shard file holds its shard's top-k and bottom-k, so their union holds the
+global ones: the result equals scoring every sequence in one process and
+sorting (ties broken by doc_id).
+
+``<output>/topk/query_id=<id>/part-0.parquet`` (hive partitioning; the
+``query_id`` column comes from the folder name, so read it with hive
+partitioning on: DuckDB ``read_parquet('.../topk/*/*.parquet',
+hive_partitioning=true)``). Columns:
+
+    doc_id string, score float64 (raw influence, paper sign), score_normalized
+    float64 (score / tokens the factors were fitted on), rank int32 (1 = most
+    extreme), sign string ('top' = the k most positive, 'bottom' = the k most
+    negative), shard string (the shard file holding the sequence).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from influence_ops import TopKAccumulator
+
+from . import completion, storage
+from .config import JobConfig
+from .score import KEY
+
+TOPK_SCHEMA = pa.schema([("doc_id", pa.string()), ("score", pa.float64()), ("score_normalized", pa.float64()),
+                         ("rank", pa.int32()), ("sign", pa.string()), ("shard", pa.string())])
+
+
+class QueryMerge:
+    """Global top/bottom-k of one query, folded from per-shard candidates."""
+
+    def __init__(self, k: int) -> None:
+        self.acc = TopKAccumulator(1, k)
+        self.where: dict[str, tuple[str, float]] = {}  # doc_id -> (shard, score_normalized) of kept rows
+
+    def add(self, doc_ids: np.ndarray, scores: np.ndarray, normalized: np.ndarray, shards: np.ndarray) -> None:
+        _, first = np.unique(doc_ids, return_index=True)  # a doc can be in a shard's top and bottom lists
+        self.acc.update(scores[first][None, :], list(doc_ids[first]))
+        for i in first:
+            self.where[doc_ids[i]] = (shards[i], float(normalized[i]))
+        kept = set(self.acc.top.ids[0]) | set(self.acc.bottom.ids[0])
+        self.where = {d: v for d, v in self.where.items() if d in kept}
+
+    def table(self) -> pa.Table:
+        cols: dict[str, list] = {name: [] for name in TOPK_SCHEMA.names}
+        for sign, side in (("top", self.acc.top), ("bottom", self.acc.bottom)):
+            for rank, (doc, s) in enumerate(zip(side.ids[0], side.scores[0]), start=1):
+                cols["doc_id"].append(str(doc))
+                cols["score"].append(float(s))
+                cols["score_normalized"].append(self.where[doc][1])
+                cols["rank"].append(rank)
+                cols["sign"].append(sign)
+                cols["shard"].append(self.where[doc][0])
+        return pa.table(cols, schema=TOPK_SCHEMA)
+
+
+def merge_scores(score_files: list[str], k: int) -> dict[str, QueryMerge]:
+    """Fold per-shard score files into per-query merges (query order of the first file)."""
+    merges: dict[str, QueryMerge] = {}
+    for url in score_files:
+        t = storage.read_parquet(url)
+        qids = np.asarray(t.column("query_id").to_pylist(), dtype=object)
+        cols = {n: np.asarray(t.column(n).to_pylist(), dtype=object if n in ("doc_id", "shard") else np.float64)
+                for n in ("doc_id", "score", "score_normalized", "shard")}
+        for qid in dict.fromkeys(qids):
+            sel = qids == qid
+            merges.setdefault(qid, QueryMerge(k)).add(*(cols[n][sel] for n in cols))
+    return merges
+
+
+def partition(output: str, table: str, query_id: str) -> str:
+    return storage.join(output, table, f"query_id={query_id}", "part-0.parquet")
+
+
+def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -> dict[str, Any]:
+    """Write topk/ and (when asked) token_scores/; skipped when both are complete for these inputs."""
+    from .token_scores import write_token_scores
+
+    start = time.perf_counter()
+    missing = [u for u in score_files if not storage.exists(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard score files are missing (run `score` first), e.g. {missing[0]}")
+    keys = [storage.parquet_metadata(u).get(KEY) for u in score_files]
+    key = completion.inputs_key("merge", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
+    topk_dir = storage.join(cfg.data.output, "topk")
+    done = completion.completed(topk_dir, key)
+    if done is not None:
+        return {**done, "skipped": True}
+    storage.remove(topk_dir)
+    storage.remove(storage.join(cfg.data.output, "token_scores"))
+    merges = merge_scores(score_files, cfg.scoring.top_k)
+    tables = {qid: m.table() for qid, m in merges.items()}
+    for qid, table in tables.items():
+        storage.write_parquet(partition(cfg.data.output, "topk", qid), table)
+    info: dict[str, Any] = {"queries": len(tables), "rows": sum(t.num_rows for t in tables.values())}
+    if cfg.scoring.per_token:
+        info["token_scores"] = write_token_scores(cfg, tables, show_progress)
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    return {**completion.mark_complete(topk_dir, key, info), "skipped": False}

@@ -1,0 +1,110 @@
+"""Starting or joining Ray, and running a stage's units of work on an actor pool.
+
+With no address the job starts a local Ray sized for this machine (all cores,
+object store capped, no dashboard). Every stage hands Ray Data a list of small
+JSON "units" (a shard, or rows of a shard); actors (``__init__`` loads the model
+once) turn each unit into result rows that stream back to the driver. Actors
+take fractional CPUs when the pool would otherwise hold every CPU, so that Ray
+Data's own tasks can still run (see ENVIRONMENT.md: the actor-pool deadlock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import ResourceConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float]:
+    """Join the configured cluster or start a local Ray (once); returns the cluster's resources."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR if quiet else logging.INFO,
+                                  "log_to_driver": not quiet}
+        if resources.ray_address:
+            ray.init(address=resources.ray_address, **kwargs)
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            store = resources.object_store_mb * 2**20 or min(2**30, int(0.2 * total))
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=store, **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return dict(ray.cluster_resources())
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many actors and what each asks for."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+
+
+def pool_plan(resources: ResourceConfig, cluster: dict[str, float], units: int) -> PoolPlan:
+    gpus = resources.gpus_per_actor
+    if gpus == "auto":
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    size = max(1, min(resources.actors, units))
+    cpus = float(resources.cpus_per_actor)
+    free = cluster.get("CPU", 1.0)
+    if size * cpus >= free:  # leave room for Ray Data's own tasks
+        cpus = max(0.01, (free - 0.5) / size) if free > 0.5 else 0.01
+    return PoolPlan(size, cpus, float(gpus))
+
+
+def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]],
+              resources: ResourceConfig, cluster: dict[str, float], progress: Any = None) -> Iterator[dict[str, Any]]:
+    """Run ``cls(**constructor)(batch)`` over ``units`` on an actor pool; yield result rows as dicts.
+
+    Each unit is a JSON-able dict; the callable receives ``{"unit": array of JSON strings}``
+    and returns a dict of equal-length arrays. ``progress`` (a tqdm) is advanced per returned batch
+    (one per unit, as each call gets one unit).
+    """
+    import ray.data
+
+    if not units:
+        return
+    plan = pool_plan(resources, cluster, len(units))
+    items = [{"unit": json.dumps(u, sort_keys=True)} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(cls, fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
+                        num_gpus=plan.num_gpus or None, zero_copy_batch=True)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        if progress is not None:
+            progress.update(1)
+        for i in range(len(next(iter(batch.values())))):
+            yield {k: _plain(v[i]) for k, v in batch.items()}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def unit_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The units of a batch given to a stage callable."""
+    return [json.loads(str(u)) for u in batch["unit"]]
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)

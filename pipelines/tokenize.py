@@ -1,0 +1,132 @@
+"""`tokenize`: raw text (JSONL or Parquet with a text and an id column) -> training shards.
+
+One output shard per input file (``<corpus>/<input stem>.parquet``), written by
+Ray Data tasks in parallel over the files, with the model's Hugging Face
+tokenizer (special tokens as the tokenizer adds them). A document longer than
+the model's context is cut into chunks of at most ``max_length`` tokens
+(``model.max_length``, else the model's context); chunk c of document ``id``
+gets ``doc_id = "<id>:<c>"``, and ``text`` holds the chunk's own characters
+(from the tokenizer's offsets). Chunks of fewer than 2 tokens are dropped
+(nothing in them can be predicted). Other input columns are passed through.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import completion, storage
+from .config import JobConfig, ModelConfig
+from .model_loading import load_tokenizer
+from .progress import bar
+from .ray_runtime import ensure_ray, run_units, unit_of
+
+MIN_TOKENS = 2
+
+
+def chunk_document(text: str, encoding: Any, max_length: int) -> list[tuple[list[int], str]]:
+    """(token ids, chunk text) for each chunk of at most ``max_length`` tokens."""
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    chunks = []
+    for lo in range(0, len(ids), max_length):
+        part = ids[lo:lo + max_length]
+        if len(part) < MIN_TOKENS:
+            continue
+        spans = [o for o in offsets[lo:lo + max_length] if o[1] > o[0]]
+        chunk_text = text[spans[0][0]:spans[-1][1]] if spans else ""
+        chunks.append((part, chunk_text))
+    return chunks
+
+
+class Tokenizer:
+    """Ray Data callable: ``{"unit": [JSON {input, output}]}`` -> one summary row per file."""
+
+    def __init__(self, model: ModelConfig, max_length: int, text_column: str, id_column: str) -> None:
+        self.tokenizer = load_tokenizer(model)
+        self.max_length, self.text_column, self.id_column = max_length, text_column, id_column
+
+    def tokenize_file(self, url: str) -> pa.Table:
+        table = storage.read_table(url)
+        for col in (self.text_column, self.id_column):
+            if col not in table.column_names:
+                raise ValueError(f"{url}: column {col!r} is missing (columns: {table.column_names})")
+        texts = table.column(self.text_column).to_pylist()
+        ids = [str(x) for x in table.column(self.id_column).to_pylist()]
+        for row, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"{url}: row {row}, field {self.text_column!r}: not a string ({t!r})")
+        enc = self.tokenizer(texts, return_offsets_mapping=True, truncation=False, verbose=False)
+        extra = [c for c in table.column_names if c not in (self.text_column, self.id_column)]
+        out: dict[str, list] = {"doc_id": [], "input_ids": [], "text": [], **{c: [] for c in extra}}
+        extra_values = {c: table.column(c).to_pylist() for c in extra}
+        for row, text in enumerate(texts):
+            encoding = {"input_ids": enc["input_ids"][row], "offset_mapping": enc["offset_mapping"][row]}
+            for c, (part, chunk_text) in enumerate(chunk_document(text, encoding, self.max_length)):
+                out["doc_id"].append(f"{ids[row]}:{c}")
+                out["input_ids"].append(part)
+                out["text"].append(chunk_text)
+                for col in extra:
+                    out[col].append(extra_values[col][row])
+        schema = pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("text", pa.string())]
+                           + [table.schema.field(c) for c in extra])
+        return pa.table(out, schema=schema)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names, sequences, tokens = [], [], []
+        for unit in unit_of(batch):
+            table = self.tokenize_file(unit["input"])
+            storage.write_parquet(unit["output"], table.replace_schema_metadata({"influence.key": unit["key"]}))
+            names.append(unit["output"])
+            sequences.append(table.num_rows)
+            tokens.append(int(sum(len(x) for x in table.column("input_ids").to_pylist())))
+        return {"output": np.asarray(names, dtype=object), "sequences": np.asarray(sequences),
+                "tokens": np.asarray(tokens)}
+
+
+def context_length(model: ModelConfig) -> int:
+    """model.max_length, else the context of the model's config (read without loading weights)."""
+    if model.max_length is not None:
+        return model.max_length
+    if model.path is not None:
+        cfg = json.loads(storage.read_bytes(storage.join(model.path, "config.json")))
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            if cfg.get(key):
+                return int(cfg[key])
+    raise ValueError("model.max_length is not set and the model's context is unknown")
+
+
+def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
+    """Tokenize every raw file whose shard is missing or stale; returns counts."""
+    if cfg.data.raw is None:
+        raise ValueError("data.raw is not set: nothing to tokenize")
+    start = time.perf_counter()
+    inputs = [u for u in storage.list_files(cfg.data.raw) if u.endswith((".jsonl", ".json", ".parquet"))]
+    if not inputs:
+        raise ValueError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
+    max_length = context_length(cfg.model)
+    stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"data.raw = {cfg.data.raw!r}: two input files share a name")
+    corpus_root = cfg.data.corpus.split("*", 1)[0].rstrip("/")
+    units = []
+    for url, stem, (_, size) in zip(inputs, stems, completion.shard_fingerprints(inputs)):
+        key = completion.inputs_key("tokenize", url, size, max_length, cfg.model.tokenizer_path,
+                                    cfg.data.text_column, cfg.data.id_column)
+        out = storage.join(corpus_root, f"{stem}.parquet")
+        if not (storage.exists(out) and storage.parquet_metadata(out).get("influence.key") == key):
+            units.append({"input": url, "output": out, "key": key})
+    summary = {"files": len(inputs), "skipped": len(inputs) - len(units), "sequences": 0, "tokens": 0}
+    if units:
+        cluster = ensure_ray(cfg.resources)
+        args = {"model": cfg.model, "max_length": max_length, "text_column": cfg.data.text_column,
+                "id_column": cfg.data.id_column}
+        with bar(len(units), "tokenize (files)", show_progress) as progress:
+            for row in run_units(Tokenizer, args, units, cfg.resources, cluster, progress):
+                summary["sequences"] += int(row["sequences"])
+                summary["tokens"] += int(row["tokens"])
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary

@@ -1,0 +1,166 @@
+"""The whole job on a local Ray (2 CPUs) against local paths, compared with the in-process library.
+
+One pipeline run is shared by the tests of this module (Ray start-up and
+dataset scheduling dominate the time of such tiny jobs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from influence_ops import (Fisher, TopKAccumulator, collate, fit_ekfac, load_factors, load_queries,
+                           score_batch)
+from pipelines import config_from_dict
+from pipelines.build_queries import precondition, tokenize_queries
+from pipelines.model_loading import load_model, load_tokenizer
+from pipelines.run import run_job
+from pipelines.shards import list_shards, read_rows
+
+RTOL = 1e-4  # float32 sums added in a different order
+ATOL_SCORE = 1e-5
+
+
+def job(world: Path, output: str, corpus: str, **sections) -> dict:
+    raw = {
+        "run_id": "test",
+        "model": {"path": str(world / "model")},
+        "data": {"raw": str(world / "raw"), "corpus": corpus, "queries": str(world / "queries.jsonl"),
+                 "output": output},
+        "factors": {"fisher": "empirical", "sample_sequences": 30, "seed": 7, "unit_sequences": 8},
+        "scoring": {"top_k": 3, "rank": 4, "per_token": True},
+        "resources": {"actors": 2, "batch_size": 4, "cpus_per_actor": 0.5},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw[name], **values}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    cfg = config_from_dict(job(tiny_world, str(root / "out"), str(root / "shards")))
+    record = run_job(cfg)
+    return cfg, record, root
+
+
+def all_sequences(cfg):
+    seqs = [read_rows(s, None, None) for s in list_shards(cfg.data.corpus)]
+    return [d for s in seqs for d in s.doc_ids], [x for s in seqs for x in s.input_ids]
+
+
+def assert_close(name, got, want, rtol=RTOL, atol=1e-6):
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    err = (got - want).abs() - (atol + rtol * want.abs())
+    if (err > 0).any():
+        i = int(err.flatten().argmax())
+        raise AssertionError(f"{name}: worst entry {i}: got {got.flatten()[i]}, want {want.flatten()[i]}")
+
+
+def test_factors_equal_in_process_fit(local_run):
+    cfg, record, _ = local_run
+    factors = load_factors(Path(cfg.data.output) / "factors")
+    sample = pads.dataset(str(Path(cfg.data.output) / "factors" / "sample.parquet")).to_table()
+    assert record["stages"]["fit-factors"]["sequences"] == sample.num_rows == 30
+    ids, seqs = all_sequences(cfg)
+    by_id = dict(zip(ids, seqs))
+    chosen = [by_id[d] for d in sorted(sample.column("doc_id").to_pylist())]
+    m = load_model(cfg.model)
+    batches = [collate(chosen[i:i + 5]) for i in range(0, len(chosen), 5)]
+    want = fit_ekfac(m.model, m.layers, batches, fisher=Fisher.EMPIRICAL)
+    assert factors.tokens == want.tokens and factors.lambda_sequences == want.lambda_sequences == 30
+    assert factors.fingerprint == want.fingerprint
+    for name, lf in want.layers.items():
+        got = factors.layers[name]
+        assert_close(f"{name} a_sum", got.a_sum, lf.a_sum)
+        assert_close(f"{name} s_sum", got.s_sum, lf.s_sum, atol=1e-9)
+        # Lambda passes through eigh of float32 sums added in another order: compare in norm
+        rel = float((got.lambda_sum - lf.lambda_sum).norm() / lf.lambda_sum.norm())
+        assert rel < 1e-4, f"{name} lambda_sum: relative Frobenius error {rel:.2e}"
+
+
+def test_queries_equal_in_process(local_run, tiny_world):
+    cfg, _, _ = local_run
+    m = load_model(cfg.model)
+    rows = tokenize_queries(cfg.data.queries, load_tokenizer(cfg.model), m.vocab_size, m.context)
+    factors = load_factors(Path(cfg.data.output) / "factors", m.layers)
+    want = precondition(m, factors, rows, rank=4, damping=None, batch_size=2)
+    got = load_queries(Path(cfg.data.output) / "queries")
+    assert got.query_ids == ["q-cat", "q-fish", "q-dog"] and got.rank == 4
+    for name in want.layer_names:
+        assert_close(name, got.layers[name].to_dense(), want.layers[name].to_dense(), rtol=1e-4, atol=1e-7)
+
+
+def brute_force_topk(cfg, k):
+    """Every sequence scored in this process (one at a time), then sorted."""
+    m = load_model(cfg.model)
+    queries = load_queries(Path(cfg.data.output) / "queries")
+    ids, seqs = all_sequences(cfg)
+    acc = TopKAccumulator(queries.num_queries, k)
+    for doc, seq in zip(ids, seqs):
+        acc.update(score_batch(m.model, queries, collate([seq])).scores, [doc])
+    return queries.query_ids, acc
+
+
+def test_merged_topk_equals_brute_force(local_run):
+    cfg, record, _ = local_run
+    qids, acc = brute_force_topk(cfg, cfg.scoring.top_k)
+    table = pads.dataset(str(Path(cfg.data.output) / "topk"), partitioning="hive").to_table().to_pylist()
+    assert record["counts"]["failed"] == 0 and record["counts"]["scored"] == 3
+    for q, qid in enumerate(qids):
+        for sign, side in (("top", acc.top), ("bottom", acc.bottom)):
+            rows = sorted((r for r in table if r["query_id"] == qid and r["sign"] == sign), key=lambda r: r["rank"])
+            assert [r["doc_id"] for r in rows] == list(side.ids[q])
+            assert_close(f"{qid} {sign}", [r["score"] for r in rows], side.scores[q], rtol=1e-4, atol=ATOL_SCORE)
+            factor_tokens = record["stages"]["build-queries"]["factor_tokens"]
+            assert_close("normalized", [r["score_normalized"] * factor_tokens for r in rows], side.scores[q])
+
+
+def test_token_scores_sum_to_scores(local_run):
+    cfg, record, _ = local_run
+    out = Path(cfg.data.output)
+    tokens = pads.dataset(str(out / "token_scores"), partitioning="hive").to_table().to_pandas()
+    topk = pads.dataset(str(out / "topk"), partitioning="hive").to_table().to_pandas()
+    sums = tokens.groupby(["query_id", "doc_id"])["score"].sum()
+    for row in topk.itertuples():
+        assert sums[(row.query_id, row.doc_id)] == pytest.approx(row.score, rel=1e-3, abs=1e-5)
+    assert record["stages"]["merge"]["token_scores"]["max_relative_sum_error"] < 1e-3
+
+
+def test_duckdb_reads_topk_with_hive_partitioning(local_run, tmp_path):
+    import duckdb
+
+    cfg, _, _ = local_run
+    os.environ.setdefault("HOME", str(tmp_path))
+    con = duckdb.connect()
+    glob = str(Path(cfg.data.output) / "topk" / "*" / "*.parquet")
+    rows = con.execute(f"SELECT query_id, doc_id, rank FROM read_parquet('{glob}', hive_partitioning=true) "
+                       "WHERE sign = 'top' AND query_id = 'q-fish' ORDER BY rank").fetchall()
+    want = pads.dataset(str(Path(cfg.data.output) / "topk" / "query_id=q-fish")).to_table().to_pylist()
+    assert [r[1] for r in rows] == [r["doc_id"] for r in sorted(want, key=lambda r: r["rank"]) if r["sign"] == "top"]
+    assert {r[0] for r in rows} == {"q-fish"} and [r[2] for r in rows] == [1, 2, 3]
+
+
+def snapshot(output: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*.parquet"))
+            if "runs" not in p.parts}
+
+
+def test_rerun_is_noop_and_resume_is_identical(local_run):
+    cfg, _, _ = local_run
+    out = Path(cfg.data.output)
+    before = snapshot(out)
+    again = run_job(cfg)
+    assert all(stage.get("skipped") for stage in again["stages"].values() if isinstance(stage.get("skipped"), bool))
+    assert again["counts"]["scored"] == 0 and again["counts"]["skipped"] == 3
+    assert snapshot(out) == before
+    # interrupt: one shard's scores and the merged tables are lost, then the job resumes
+    next(iter(sorted((out / "scores").glob("*.parquet")))).unlink()
+    (out / "topk" / "_pipeline.json").unlink()
+    resumed = run_job(cfg)
+    assert resumed["counts"]["scored"] == 1 and resumed["counts"]["skipped"] == 2
+    assert snapshot(out) == before
