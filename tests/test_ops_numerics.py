@@ -367,3 +367,14 @@ def test_sampled_fisher_is_seeded_and_differs_from_empirical():
     assert not torch.allclose(one.layers[name].s_sum, emp.layers[name].s_sum)
     # Activations do not depend on labels.
     assert_close(one.layers[name].a_sum, emp.layers[name].a_sum, "A independent of labels")
+
+
+def test_queries_refuse_a_different_model():
+    model, layers, _, _, factors = fitted()
+    q = ops.precondition_queries(model, factors, [ops.query_batch([[1, 2]], [[3, 4]])])
+    q.check_model(layers)
+    other = tiny_model("gpt2")
+    with torch.no_grad():
+        ops.find_mlp_layers(other)[0].module.weight.add_(1e-3)
+    with pytest.raises(ValueError, match="different model"):
+        q.check_model(ops.find_mlp_layers(other))
