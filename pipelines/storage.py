@@ -26,9 +26,14 @@ CACHE_ENV = "INFLUENCE_CACHE_DIR"
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URL or local path."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    """(filesystem, path inside it) for a URL or local path.
+
+    Object stores get no listings cache: other processes (actors) write the
+    files this process checks.
+    """
+    if url.startswith(("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")):
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
+    return fsspec.core.url_to_fs(url)
 
 
 def is_local(url: str) -> bool:

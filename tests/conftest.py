@@ -109,3 +109,41 @@ def tiny_world(tmp_path_factory):
                           ("q-dog", "the big dog", "eats quickly")):
             out.write(json.dumps({"query_id": qid, "prompt": p, "completion": c}) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def brute_force_topk():
+    """f(cfg) -> (query ids, TopKAccumulator): every sequence scored alone in this process, then sorted."""
+    from influence_ops import TopKAccumulator, collate, load_queries, score_batch
+    from pipelines import storage
+    from pipelines.model_loading import load_model
+    from pipelines.shards import list_shards, read_rows
+
+    def compute(cfg):
+        m = load_model(cfg.model)
+        queries = load_queries(storage.local_copy(storage.join(cfg.data.output, "queries"), "queries.json"))
+        acc = TopKAccumulator(queries.num_queries, cfg.scoring.top_k)
+        for shard in list_shards(cfg.data.corpus):
+            seqs = read_rows(shard, None, None)
+            for doc, ids in zip(seqs.doc_ids, seqs.input_ids):
+                acc.update(score_batch(m.model, queries, collate([ids])).scores, [doc])
+        return queries.query_ids, acc
+
+    return compute
+
+
+def topk_matches(table: list[dict], qids: list[str], acc, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Assert the topk/ rows equal the accumulator's: same docs in the same ranks, scores to tolerance."""
+    import numpy as np
+
+    for q, qid in enumerate(qids):
+        for sign, side in (("top", acc.top), ("bottom", acc.bottom)):
+            rows = sorted((r for r in table if r["query_id"] == qid and r["sign"] == sign), key=lambda r: r["rank"])
+            assert [r["doc_id"] for r in rows] == list(side.ids[q]), f"{qid} {sign}"
+            np.testing.assert_allclose([r["score"] for r in rows], side.scores[q], rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def assert_topk_equal():
+    """The ``topk_matches`` check, for test modules."""
+    return topk_matches

@@ -13,8 +13,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from influence_ops import (Fisher, TopKAccumulator, collate, fit_ekfac, load_factors, load_queries,
-                           score_batch)
+from influence_ops import Fisher, collate, fit_ekfac, load_factors, load_queries
 from pipelines import config_from_dict
 from pipelines.build_queries import precondition, tokenize_queries
 from pipelines.model_loading import load_model, load_tokenizer
@@ -22,7 +21,6 @@ from pipelines.run import run_job
 from pipelines.shards import list_shards, read_rows
 
 RTOL = 1e-4  # float32 sums added in a different order
-ATOL_SCORE = 1e-5
 
 
 def job(world: Path, output: str, corpus: str, **sections) -> dict:
@@ -95,29 +93,15 @@ def test_queries_equal_in_process(local_run, tiny_world):
         assert_close(name, got.layers[name].to_dense(), want.layers[name].to_dense(), rtol=1e-4, atol=1e-7)
 
 
-def brute_force_topk(cfg, k):
-    """Every sequence scored in this process (one at a time), then sorted."""
-    m = load_model(cfg.model)
-    queries = load_queries(Path(cfg.data.output) / "queries")
-    ids, seqs = all_sequences(cfg)
-    acc = TopKAccumulator(queries.num_queries, k)
-    for doc, seq in zip(ids, seqs):
-        acc.update(score_batch(m.model, queries, collate([seq])).scores, [doc])
-    return queries.query_ids, acc
-
-
-def test_merged_topk_equals_brute_force(local_run):
+def test_merged_topk_equals_brute_force(local_run, brute_force_topk, assert_topk_equal):
     cfg, record, _ = local_run
-    qids, acc = brute_force_topk(cfg, cfg.scoring.top_k)
+    qids, acc = brute_force_topk(cfg)
     table = pads.dataset(str(Path(cfg.data.output) / "topk"), partitioning="hive").to_table().to_pylist()
     assert record["counts"]["failed"] == 0 and record["counts"]["scored"] == 3
-    for q, qid in enumerate(qids):
-        for sign, side in (("top", acc.top), ("bottom", acc.bottom)):
-            rows = sorted((r for r in table if r["query_id"] == qid and r["sign"] == sign), key=lambda r: r["rank"])
-            assert [r["doc_id"] for r in rows] == list(side.ids[q])
-            assert_close(f"{qid} {sign}", [r["score"] for r in rows], side.scores[q], rtol=1e-4, atol=ATOL_SCORE)
-            factor_tokens = record["stages"]["build-queries"]["factor_tokens"]
-            assert_close("normalized", [r["score_normalized"] * factor_tokens for r in rows], side.scores[q])
+    assert_topk_equal(table, qids, acc)
+    factor_tokens = record["stages"]["build-queries"]["factor_tokens"]
+    for row in table:
+        assert row["score_normalized"] * factor_tokens == pytest.approx(row["score"], rel=1e-12)
 
 
 def test_token_scores_sum_to_scores(local_run):
