@@ -30,7 +30,7 @@ from influence_ops import (Covariances, Fisher, LambdaSums, LayerCovariance, Lay
 from . import completion, storage
 from .batching import token_batches
 from .config import JobConfig, ModelConfig
-from .model_loading import load_model, pick_device
+from .model_loading import load_model, model_identity, pick_device
 from .progress import bar
 from .ray_runtime import ensure_ray, run_units, set_threads, unit_of
 from .sampling import Unit, plan_units, sample_rows
@@ -145,8 +145,8 @@ class LambdaWorker(_FitWorker):
 
 
 def factors_key(cfg: JobConfig, shards: list[str]) -> str:
-    return completion.inputs_key("factors", cfg.model.__dict__, cfg.factors.__dict__, cfg.resources.batch_size,
-                                 completion.shard_fingerprints(shards))
+    return completion.inputs_key("factors", cfg.model.__dict__, model_identity(cfg.model), cfg.factors.__dict__,
+                                 cfg.resources.batch_size, completion.shard_fingerprints(shards))
 
 
 def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:

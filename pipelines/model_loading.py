@@ -116,3 +116,17 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
     local = storage.local_copy(cfg.tokenizer_path, marker="tokenizer_config.json")
     return AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
+
+
+def model_identity(cfg: ModelConfig) -> str:
+    """A cheap key that changes when the model does.
+
+    A Hugging Face folder: names, sizes and modification times (or ETags) of its
+    files, from the listing only. A factory model: the fingerprint of its tracked
+    weights (the model is built to compute it).
+    """
+    if cfg.factory is not None:
+        from influence_ops import model_fingerprint
+
+        return model_fingerprint(load_model(cfg).layers)
+    return storage.folder_identity(cfg.path)

@@ -199,3 +199,13 @@ def dir_digest(url: str) -> str:
         h.update(f.rsplit("/", 1)[-1].encode())
         h.update(read_bytes(f))
     return h.hexdigest()[:16]
+
+
+def folder_identity(url: str) -> str:
+    """Names, sizes and modification times (or ETags) of a folder's files, from the listing only."""
+    fs, path = filesystem(url)
+    entries = []
+    for f in sorted(fs.find(path, detail=True).values(), key=lambda e: e["name"]):
+        stamp = f.get("ETag") or f.get("mtime") or f.get("LastModified") or f.get("created")
+        entries.append((f["name"].rsplit("/", 1)[-1], f.get("size"), str(stamp)))
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:24]

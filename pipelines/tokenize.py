@@ -111,11 +111,12 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
     if len(set(stems)) != len(stems):
         raise ValueError(f"data.raw = {cfg.data.raw!r}: two input files share a name")
+    tokenizer_id = storage.folder_identity(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else ""
     corpus_root = cfg.data.corpus.split("*", 1)[0].rstrip("/")
     units = []
     for url, stem, (_, size) in zip(inputs, stems, completion.shard_fingerprints(inputs)):
-        key = completion.inputs_key("tokenize", url, size, max_length, cfg.model.tokenizer_path,
-                                    cfg.data.text_column, cfg.data.id_column)
+        key = completion.inputs_key("tokenize", url, size, max_length, tokenizer_id, cfg.data.text_column,
+                                    cfg.data.id_column)
         out = storage.join(corpus_root, f"{stem}.parquet")
         if not (storage.exists(out) and storage.parquet_metadata(out).get("influence.key") == key):
             units.append({"input": url, "output": out, "key": key})

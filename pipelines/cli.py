@@ -1,0 +1,121 @@
+"""The ``influence`` command: one subcommand per stage, ``run`` for the whole job, ``demo``.
+
+Every stage subcommand takes the job's TOML file; each skips outputs that are
+already complete, so any of them can be re-run safely. A short summary ends
+every command: where the tables are, counts, time and tokens/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import click
+
+from .config import ConfigError, JobConfig, load_config
+from .run import STAGES, StageFailed, run_job
+
+
+def _load(path: str) -> JobConfig:
+    try:
+        return load_config(path)
+    except (ConfigError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
+    """The closing lines of a command."""
+    out = cfg.data.output.rstrip("/")
+    lines = [f"run {record['run_id']}: {record.get('status')} in {record['seconds']:.1f} s"]
+    stages = record["stages"]
+    for name, info in stages.items():
+        skipped = " (already complete, skipped)" if info.get("skipped") is True else ""
+        lines.append(f"  {name:<14}{_stage_line(name, info)}{skipped}")
+    score = stages.get("score")
+    if score and score.get("tokens") and score.get("actor_seconds"):
+        lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
+                     f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per actor")
+    lines.append(f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/scores/")
+    lines.append(f"  record: {out}/runs/{record['run_id']}.json")
+    return lines
+
+
+def _stage_line(name: str, info: dict[str, Any]) -> str:
+    if name == "tokenize":
+        return f"{info.get('files', 0)} files, {info.get('sequences', 0)} new sequences, {info.get('tokens', 0)} tokens"
+    if name == "fit-factors":
+        return f"{info.get('sequences')} sequences, {info.get('tokens')} tokens, {info.get('layers')} layers"
+    if name == "build-queries":
+        return f"{info.get('queries')} queries, rank {info.get('rank') or 'dense'}"
+    if name == "score":
+        return (f"{info['shards']} shards: {info['scored']} scored, {info['skipped']} skipped, {info['failed']} "
+                f"failed; {info['sequences']} sequences, {info['tokens']} tokens")
+    if name == "merge":
+        return f"{info.get('queries')} queries, {info.get('rows')} top-k rows"
+    return ""
+
+
+def _execute(config: str, stages: tuple[str, ...], quiet: bool) -> None:
+    cfg = _load(config)
+    started = time.perf_counter()
+    try:
+        record = run_job(cfg, show_progress=not quiet, stages=stages)
+    except (StageFailed, ValueError, FileNotFoundError) as err:
+        raise click.ClickException(f"{err} (after {time.perf_counter() - started:.1f} s)") from err
+    for line in summarize(cfg, record):
+        click.echo(line)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """EK-FAC influence functions over a corpus, as Ray Data jobs."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _stage_command(stage: str, help_text: str) -> None:
+    @main.command(name=stage, help=help_text)
+    @click.argument("config", type=click.Path(exists=True, dir_okay=False))
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+    def command(config: str, quiet: bool) -> None:
+        _execute(config, (stage,), quiet)
+
+
+for _stage, _help in (
+    ("tokenize", "Raw text (data.raw) -> training shards (data.corpus)."),
+    ("fit-factors", "Corpus sample -> EK-FAC factors (<output>/factors)."),
+    ("build-queries", "Queries file -> preconditioned queries (<output>/queries)."),
+    ("score", "Every shard -> per-shard top-k and bottom-k (<output>/scores)."),
+    ("merge", "scores/ -> global top-k (<output>/topk) and per-token scores (<output>/token_scores)."),
+):
+    _stage_command(_stage, _help)
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def run(config: str, quiet: bool) -> None:
+    """Every stage of the job, skipping complete outputs."""
+    _execute(config, STAGES, quiet)
+
+
+@main.command()
+@click.option("--output", default="demo_output", show_default=True, help="Folder for everything the demo makes.")
+@click.option("--train-seconds", default=45.0, show_default=True, help="Training time of the tiny model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def demo(output: str, train_seconds: float, quiet: bool) -> None:
+    """Generate a corpus with planted facts, train a tiny model, run the whole job, show the top sequences."""
+    from .demo import run_demo
+
+    result = run_demo(output, train_seconds=train_seconds, show_progress=not quiet, echo=click.echo)
+    click.echo("")
+    for line in summarize(result["config"], result["record"]):
+        click.echo(line)
+    click.echo(f"demo finished in {result['seconds']:.1f} s; re-run the job with: influence run {output}/job.toml")
+
+
+if __name__ == "__main__":
+    main()
