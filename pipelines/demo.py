@@ -66,8 +66,8 @@ def prepare(out: Path, train_seconds: float, echo: Any = print) -> dict[str, Any
             f.write(json.dumps(q) + "\n")
     model_dir = out / "model"
     tokenizer = build_tokenizer([d["text"] for d in docs], model_dir)
-    model = tiny_gpt2(len(tokenizer), context=32, width=64, layers=2, heads=4)
-    sequences = [tokenizer(d["text"])["input_ids"][:32] for d in docs]
+    model = tiny_gpt2(len(tokenizer), context=64, width=64, layers=2, heads=4)
+    sequences = [tokenizer(d["text"])["input_ids"][:64] for d in docs]
     echo(f"training a tiny GPT-2 ({sum(p.numel() for p in model.parameters()):,} parameters) on "
          f"{len(docs)} documents for about {train_seconds:.0f} s ...")
     stats = train(model, sequences, seconds=train_seconds)
@@ -78,25 +78,28 @@ def prepare(out: Path, train_seconds: float, echo: Any = print) -> dict[str, Any
 
 def show_results(results: Path, queries: list[dict], docs: list[dict], per_query: int = 3,
                  echo: Any = print) -> dict[str, int]:
-    """Print the top sequences per query; count planted sources among the top 2."""
+    """Print the top sequences per query; count the planted sources found."""
     table = pads.dataset(str(results / "topk"), partitioning="hive").to_table().to_pylist()
     text = {}
     for shard in pads.dataset(str(results.parent / "shards")).to_table(columns=["doc_id", "text"]).to_pylist():
         text[shard["doc_id"]] = shard["text"]
     sources = {d["id"]: d["source_of"] for d in docs}
-    found = 0
+    top1 = found = 0
     for q in queries:
         echo(f"\nquery {q['query_id']}:  \"{q['prompt']}\" -> \"{q['completion']}\"")
         rows = sorted((r for r in table if r["query_id"] == q["query_id"] and r["sign"] == "top"),
                       key=lambda r: r["rank"])
-        for r in rows[:per_query]:
-            planted = sources.get(r["doc_id"].split(":")[0]) == q["query_id"]
-            mark = "*" if planted else " "
-            echo(f"  {mark} #{r['rank']}  {r['score_normalized']:+.3e}  {r['doc_id']:<22} {text.get(r['doc_id'], '')}")
-        found += sum(sources.get(r["doc_id"].split(":")[0]) == q["query_id"] for r in rows[:2])
-    total = 2 * len(queries)
-    echo(f"\n* = a planted source of the queried fact. Sources in the top 2: {found} of {total}.")
-    return {"sources_found_top2": found, "sources_total": total}
+        planted = [sources.get(r["doc_id"].split(":")[0]) == q["query_id"] for r in rows]
+        for r, is_source in list(zip(rows, planted))[:per_query]:
+            echo(f"  {'*' if is_source else ' '} #{r['rank']}  {r['score_normalized']:+.3e}  {r['doc_id']:<24} "
+                 f"{text.get(r['doc_id'], '')}")
+        top1 += bool(planted and planted[0])
+        found += sum(planted)
+    k = max((r["rank"] for r in table), default=0)
+    echo(f"\n* = a document that states the queried fact (2 per fact are planted in the corpus).")
+    echo(f"top-1 is a planted source for {top1} of {len(queries)} queries; "
+         f"planted sources in the top {k}: {found} of {2 * len(queries)}.")
+    return {"top1_is_source": top1, "sources_in_topk": found, "queries": len(queries)}
 
 
 def run_demo(output: str | Path, train_seconds: float = 45.0, show_progress: bool = True,

@@ -1,8 +1,8 @@
 """A synthetic corpus with planted facts, and queries whose sources are known.
 
 Each invented country has a capital and a river. Every fact ("the capital of
-zorbia is vintar") is stated by exactly two documents (its *sources*), in
-different phrasings and mixed with filler sentences; the rest of the corpus is
+zorbia is vintar") is stated by exactly two documents (its *sources*): one in
+the words the query uses, one paraphrased, each mixed with filler sentences; the rest of the corpus is
 filler built from the same vocabulary. A query asks for a fact (prompt "the
 capital of zorbia is", completion "vintar"); a good attribution ranks the
 fact's sources at the top.
@@ -55,7 +55,7 @@ def _name(rng: random.Random, used: set[str]) -> str:
             return name
 
 
-def make_corpus(countries: int = 24, filler_docs: int = 300, seed: int = 0):
+def make_corpus(countries: int = 16, filler_docs: int = 200, seed: int = 0):
     """(documents [{id, text, source_of}], facts). ``source_of`` names the fact a document states, or ''."""
     rng = random.Random(seed)
     used: set[str] = set()
@@ -65,10 +65,10 @@ def make_corpus(countries: int = 24, filler_docs: int = 300, seed: int = 0):
         facts += [Fact(c, "capital", _name(rng, used)), Fact(c, "river", _name(rng, used))]
     docs = []
     for fact in facts:
-        phrasings = rng.sample(TEMPLATES[fact.relation], 2)
+        phrasings = [TEMPLATES[fact.relation][0], rng.choice(TEMPLATES[fact.relation][1:])]
         for j, template in enumerate(phrasings):
+            # the fact opens the document: a GPT-2 learns positions too, and the query starts at 0
             sentences = [template.format(c=fact.country, v=fact.value)] + rng.sample(FILLER, 2)
-            rng.shuffle(sentences)
             docs.append({"id": f"fact-{fact.key}-{j}", "text": " ".join(sentences), "source_of": fact.key})
     countries_seen = [f.country for f in facts]
     for i in range(filler_docs):

@@ -45,12 +45,14 @@ def tiny_gpt2(vocab_size: int, context: int = 64, width: int = 64, layers: int =
 
 
 def train(model, sequences: Sequence[Sequence[int]], seconds: float, batch_size: int = 16, lr: float = 3e-3,
-          seed: int = 0, max_epochs: int = 200) -> dict[str, float]:
+          seed: int = 0, max_epochs: int = 1000) -> dict[str, float]:
     """Train with AdamW on next-token loss for about ``seconds`` (or ``max_epochs``); returns the last loss."""
     from influence_ops import collate
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread, and shares the CPU well
     model.train()
     start, steps, loss = time.perf_counter(), 0, math.nan
     for _ in range(max_epochs):
@@ -61,10 +63,11 @@ def train(model, sequences: Sequence[Sequence[int]], seconds: float, batch_size:
             opt.zero_grad()
             out.loss.backward()
             opt.step()
-            steps, loss = steps + 1, float(out.loss)
+            steps, loss = steps + 1, float(out.loss.detach())
         if time.perf_counter() - start > seconds:
             break
     model.eval()
+    torch.set_num_threads(threads)
     return {"steps": steps, "loss": loss, "seconds": time.perf_counter() - start}
 
 
