@@ -1,0 +1,166 @@
+"""Contracts without Ray: shard checks, job-file validation, sampling, callables on dict batches, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from influence_ops import Fisher, collate, fit_ekfac, precondition_queries, query_batch, save_queries
+from pipelines import ConfigError, config_from_dict, load_config
+from pipelines.cli import main
+from pipelines.config import ModelConfig
+from pipelines.model_loading import load_model
+from pipelines.sampling import plan_units, sample_rows
+from pipelines.score import ShardScorer
+from pipelines.shards import ShardError, read_rows
+from pipelines.storage import parquet_metadata
+
+VOCAB = 11
+
+
+def write_shard(path, doc_ids, input_ids, **extra):
+    cols = {"doc_id": pa.array(doc_ids, pa.string()), "input_ids": pa.array(input_ids, pa.list_(pa.int32())), **extra}
+    pq.write_table(pa.table(cols), path)
+    return str(path)
+
+
+GOOD_IDS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [1, 1], [2, 3, 4]]
+
+
+@pytest.mark.parametrize("case, row, field, words", [
+    ("missing", None, "input_ids", "missing"),
+    ("wrong_type", None, "doc_id", "expected string"),
+    ("empty", 2, "input_ids", "empty"),
+    ("vocab", 1, "input_ids", "token id 11"),
+    ("duplicate", 3, "doc_id", "duplicate"),
+    ("mask", 4, "loss_mask", "entries"),
+])
+def test_shard_contract_errors_name_file_row_and_field(tmp_path, case, row, field, words):
+    path = tmp_path / f"{case}.parquet"
+    ids = [f"d{i}" for i in range(5)]
+    tokens = [list(x) for x in GOOD_IDS]
+    if case == "missing":
+        pq.write_table(pa.table({"doc_id": ids}), path)
+    elif case == "wrong_type":
+        pq.write_table(pa.table({"doc_id": list(range(5)), "input_ids": pa.array(tokens, pa.list_(pa.int32()))}), path)
+    elif case == "empty":
+        tokens[2] = []
+        write_shard(path, ids, tokens)
+    elif case == "vocab":
+        tokens[1] = [3, VOCAB]
+        write_shard(path, ids, tokens)
+    elif case == "duplicate":
+        ids[3] = "d0"
+        write_shard(path, ids, tokens)
+    elif case == "mask":
+        masks = [[1] * len(t) for t in tokens]
+        masks[4] = [1]
+        write_shard(path, ids, tokens, loss_mask=pa.array(masks, pa.list_(pa.int8())))
+    with pytest.raises(ShardError) as info:
+        read_rows(str(path), None, VOCAB)
+    msg = str(info.value)
+    assert str(path) in msg and f"field {field!r}" in msg and words in msg
+    assert (f"row {row}" in msg) if row is not None else ("schema" in msg)
+
+
+def test_duplicate_doc_id_found_across_read_windows(tmp_path):
+    from pipelines.shards import iter_shard
+
+    path = write_shard(tmp_path / "s.parquet", ["a", "b", "c", "a"], GOOD_IDS[:4])
+    with pytest.raises(ShardError, match="row 3, field 'doc_id'"):
+        list(iter_shard(path, VOCAB, rows_per_read=2))
+
+
+BASE = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl", "output": "/o"}}
+
+
+@pytest.mark.parametrize("patch, words", [
+    ({"factors": {"fisher": "bogus"}}, "factors.fisher = 'bogus'"),
+    ({"scoring": {"top_k": 0}}, "scoring.top_k = 0"),
+    ({"scoring": {"topk": 3}}, "scoring.topk = 3: unknown key"),
+    ({"factors": {"sample_sequences": 5, "sample_tokens": 100}}, "give at most one"),
+    ({"model": {"path": "/m", "factory": "a:b"}}, "exactly one"),
+    ({"model": {"factory": "no_colon"}}, "model.factory = 'no_colon'"),
+    ({"resources": {"gpus_per_actor": -1}}, "resources.gpus_per_actor = -1"),
+    ({"model": {"path": "/m", "dtype": "int8"}}, "model.dtype = 'int8'"),
+    ({"run_id": "a/b"}, "run_id = 'a/b'"),
+])
+def test_config_errors_name_key_and_value(patch, words):
+    raw = {**BASE, **patch}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert words in str(info.value)
+
+
+def test_config_file_resolves_relative_paths_and_defaults(tmp_path):
+    (tmp_path / "job.toml").write_text('[model]\npath = "model"\n[data]\ncorpus = "s3://b/shards/"\n'
+                                       'queries = "q.jsonl"\noutput = "out"\n[scoring]\nrank = 0\n')
+    cfg = load_config(tmp_path / "job.toml")
+    assert cfg.model.path == str(tmp_path / "model") and cfg.data.corpus == "s3://b/shards/"
+    assert cfg.scoring.rank is None and cfg.factors.fisher == Fisher.SAMPLED
+    assert json.loads(json.dumps(cfg.to_dict()))["factors"]["fisher"] == "sampled"
+
+
+def test_cli_reports_bad_config(tmp_path):
+    (tmp_path / "job.toml").write_text('[model]\npath = "m"\n[data]\ncorpus = "c"\nqueries = "q"\noutput = "o"\n'
+                                       '[factors]\nfisher = "bogus"\n')
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "job.toml")])
+    assert result.exit_code == 1 and "factors.fisher = 'bogus'" in result.output
+    assert all(c in CliRunner().invoke(main, ["--help"]).output
+               for c in ("tokenize", "fit-factors", "build-queries", "score", "merge", "run", "demo"))
+
+
+def test_sample_is_seeded_and_cut_into_units(tmp_path):
+    shards = [write_shard(tmp_path / f"{s}.parquet", [f"{s}-{i}" for i in range(10)], [[1, 2, 3]] * 10)
+              for s in "abc"]
+    rows = sample_rows(shards, 12, None, seed=5)
+    assert np.array_equal(rows, sample_rows(shards, 12, None, seed=5)) and len(set(rows)) == 12
+    assert not np.array_equal(rows, sample_rows(shards, 12, None, seed=6))
+    by_tokens = sample_rows(shards, None, 10, seed=5)
+    assert len(by_tokens) == 4  # 3 tokens each: the 4th reaches the budget
+    units = plan_units(shards, rows, unit_sequences=3)
+    assert sum(len(u.rows) for u in units) == 12 and all(len(u.rows) <= 3 for u in units)
+    assert [u.index for u in units] == list(range(len(units)))
+
+
+class TinyLM(torch.nn.Module):
+    """A plain torch model for the ``module:factory`` path: forward(input_ids) -> logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+        self.out = torch.nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        return self.out(h + self.mlp(h))
+
+
+def make_tiny_lm() -> TinyLM:
+    return TinyLM()
+
+
+def test_shard_scorer_called_directly_on_a_dict_batch(tmp_path):
+    model_cfg = ModelConfig(factory=f"{__name__}:make_tiny_lm", layer_pattern=r"^mlp\.")
+    m = load_model(model_cfg)
+    factors = fit_ekfac(m.model, m.layers, [collate(GOOD_IDS)], fisher=Fisher.EMPIRICAL)
+    queries = precondition_queries(m.model, factors, [query_batch([[1, 2]], [[3, 4]])], rank=2, query_ids=["q1"])
+    save_queries(queries, tmp_path / "queries")
+    good = write_shard(tmp_path / "good.parquet", [f"d{i}" for i in range(5)], GOOD_IDS)
+    bad = write_shard(tmp_path / "bad.parquet", ["x", "y"], [[1, 2], [3, VOCAB + 4]])
+    scorer = ShardScorer(model_cfg, str(tmp_path / "queries"), top_k=2, batch_size=2, sort_window=3)
+    units = [{"shard": s, "output": str(tmp_path / f"out-{i}.parquet"), "key": "k"} for i, s in enumerate([good, bad])]
+    out = scorer({"unit": np.array([json.dumps(u) for u in units], dtype=object)})
+    assert list(out["status"]) == ["scored", "failed"] and "row 1, field 'input_ids'" in out["error"][1]
+    table = pq.read_table(tmp_path / "out-0.parquet").to_pylist()
+    assert parquet_metadata(str(tmp_path / "out-0.parquet"))["influence.key"] == "k"
+    assert [(r["sign"], r["shard_rank"]) for r in table] == [("top", 1), ("top", 2), ("bottom", 1), ("bottom", 2)]
+    assert int(out["sequences"][0]) == 5 and not (tmp_path / "out-1.parquet").exists()
