@@ -70,7 +70,7 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
             record["queries_hash"] = digest_of(storage.join(cfg.data.output, "queries"), "build-queries")
         if "score" in stages:
             scored = score(cfg, record["queries_hash"], show_progress)
-            record["stages"]["score"] = {k: v for k, v in scored.items() if k != "outputs"}
+            record["stages"]["score"] = {k: v for k, v in scored.items() if k not in ("outputs", "timeline")}
             record["counts"] = {k: scored[k] for k in ("scored", "skipped", "failed", "sequences", "tokens")}
             if scored["failed"]:
                 raise StageFailed(f"score: {scored['failed']} shards failed; first: {scored['failures'][0]}")

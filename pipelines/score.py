@@ -20,6 +20,7 @@ with the current key is complete and is skipped on re-runs). Columns:
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -89,7 +90,8 @@ class ShardScorer:
         return acc, tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows: dict[str, list] = {"shard": [], "status": [], "sequences": [], "tokens": [], "seconds": [], "error": []}
+        rows: dict[str, list] = {"shard": [], "status": [], "sequences": [], "tokens": [], "seconds": [], "error": [],
+                                 "peak_rss_mb": []}
         for unit in unit_of(batch):
             start = time.perf_counter()
             acc, tokens, error = None, 0, ""
@@ -106,6 +108,7 @@ class ShardScorer:
             rows["sequences"].append(0 if acc is None else acc.seen)
             rows["tokens"].append(tokens)
             rows["seconds"].append(time.perf_counter() - start)
+            rows["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return {k: np.asarray(v, dtype=object if k in ("shard", "status", "error") else None)
                 for k, v in rows.items()}
 
@@ -127,7 +130,11 @@ def is_current(url: str, key: str) -> bool:
 
 
 def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> dict[str, Any]:
-    """Score every shard not already scored for these inputs; returns counts and timings."""
+    """Score every shard not already scored for these inputs; returns counts and timings.
+
+    ``timeline`` lists (seconds since the stage started, tokens) as each shard
+    completed; ``peak_rss_mb`` is the largest peak RSS an actor reported.
+    """
     start = time.perf_counter()
     shards = list_shards(cfg.data.corpus)
     outputs = score_outputs(cfg, shards)
@@ -137,7 +144,8 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
         if not is_current(out, key):
             todo.append({"shard": shard, "output": out, "key": key})
     summary: dict[str, Any] = {"shards": len(shards), "skipped": len(shards) - len(todo), "scored": 0, "failed": 0,
-                               "sequences": 0, "tokens": 0, "failures": [], "actor_seconds": 0.0}
+                               "sequences": 0, "tokens": 0, "failures": [], "actor_seconds": 0.0,
+                               "peak_rss_mb": 0.0, "timeline": []}
     if todo:
         cluster = ensure_ray(cfg.resources)
         args = {"model": cfg.model, "queries_url": storage.join(cfg.data.output, "queries"),
@@ -151,6 +159,8 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
                 summary["sequences"] += int(row["sequences"])
                 summary["tokens"] += int(row["tokens"])
                 summary["actor_seconds"] += float(row["seconds"])
+                summary["peak_rss_mb"] = max(summary["peak_rss_mb"], float(row["peak_rss_mb"]))
+                summary["timeline"].append((round(time.perf_counter() - start, 3), int(row["tokens"])))
                 if row["status"] == "failed":
                     summary["failures"].append(row["error"])
     summary["seconds"] = round(time.perf_counter() - start, 3)
