@@ -164,3 +164,32 @@ def test_shard_scorer_called_directly_on_a_dict_batch(tmp_path):
     assert parquet_metadata(str(tmp_path / "out-0.parquet"))["influence.key"] == "k"
     assert [(r["sign"], r["shard_rank"]) for r in table] == [("top", 1), ("top", 2), ("bottom", 1), ("bottom", 2)]
     assert int(out["sequences"][0]) == 5 and not (tmp_path / "out-1.parquet").exists()
+
+
+def test_tokenizer_callable_chunks_long_documents(tiny_world):
+    from transformers import AutoTokenizer
+
+    from pipelines.tokenize import MIN_TOKENS, Tokenizer
+
+    tok = Tokenizer(ModelConfig(path=str(tiny_world / "model")), max_length=5, text_column="text", id_column="id")
+    table = tok.tokenize_file(str(tiny_world / "raw" / "part0.jsonl")).to_pylist()
+    hf = AutoTokenizer.from_pretrained(str(tiny_world / "model"))
+    raw = [json.loads(line) for line in (tiny_world / "raw" / "part0.jsonl").read_text().splitlines()]
+    for doc in raw:
+        chunks = [r for r in table if r["doc_id"].split(":")[0] == doc["id"]]
+        ids = hf(doc["text"])["input_ids"]
+        kept = [ids[i:i + 5] for i in range(0, len(ids), 5) if len(ids[i:i + 5]) >= MIN_TOKENS]
+        assert [c["input_ids"] for c in chunks] == kept
+        assert [c["doc_id"] for c in chunks] == [f"{doc['id']}:{i}" for i in range(len(kept))]
+        assert all(hf(c["text"])["input_ids"] == c["input_ids"] for c in chunks)
+
+
+def test_demo_corpus_plants_two_sources_per_fact():
+    from pipelines.demo_corpus import make_corpus, make_queries
+
+    docs, facts = make_corpus(countries=4, filler_docs=10)
+    sources = [d["source_of"] for d in docs if d["source_of"]]
+    assert sorted(sources) == sorted(f.key for f in facts for _ in range(2))
+    for q in make_queries(facts, n=3):
+        stated = [d["text"] for d in docs if d["source_of"] == q["query_id"]]
+        assert any(f"{q['prompt']} {q['completion']}" in t for t in stated)
