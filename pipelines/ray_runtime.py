@@ -40,6 +40,8 @@ def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float
             ray.init(num_cpus=os.cpu_count(), object_store_memory=store, **kwargs)
     from ray.data import DataContext
 
+    if quiet:  # per-dataset "execution finished" lines; our own progress bars say the same
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -193,3 +193,29 @@ def test_demo_corpus_plants_two_sources_per_fact():
     for q in make_queries(facts, n=3):
         stated = [d["text"] for d in docs if d["source_of"] == q["query_id"]]
         assert any(f"{q['prompt']} {q['completion']}" in t for t in stated)
+
+
+def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, tmp_path):
+    """Stage-1 partial sums per unit do not depend on which worker call (actor) gets which unit."""
+    from pipelines.fit_factors import CovarianceWorker, covariances_from_bytes, _st_metadata
+    from pipelines.sampling import Unit
+
+    path = write_shard(tmp_path / "s.parquet", [f"d{i}" for i in range(6)], [[1, 2, 3, 4]] * 3 + [[5, 6, 7]] * 3)
+    units = [Unit(i, path, rows).to_json() for i, rows in enumerate([(0, 1, 2), (3, 4), (5,)])]
+    worker = CovarianceWorker(model=ModelConfig(path=str(tiny_world / "model")), fisher="sampled", seed=4,
+                              batch_size=2)
+
+    def total(groups):
+        merged = None
+        for group in groups:
+            out = worker({"unit": np.array([json.dumps(units[i]) for i in group], dtype=object)})
+            for payload in out["payload"]:
+                part = covariances_from_bytes(payload, _st_metadata(payload))
+                merged = part if merged is None else merged.merge(part)
+        return merged
+
+    a, b = total([[0, 1, 2]]), total([[2], [1, 0]])
+    for name, cov in a.layers.items():
+        torch.testing.assert_close(cov.a_sum, b.layers[name].a_sum, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cov.s_sum, b.layers[name].s_sum, rtol=1e-6, atol=1e-9)
+    assert a.sequences == b.sequences == 6
