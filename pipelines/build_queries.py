@@ -3,7 +3,8 @@
 Input (JSONL or Parquet), one row per query: ``query_id`` (letters, digits,
 ``-_.``; it becomes a hive partition value), and either ``prompt`` +
 ``completion`` text (tokenized with the model's tokenizer, each on its own,
-without special tokens) or pre-tokenized ``prompt_ids`` + ``completion_ids``.
+without special tokens: give the completion the leading space a BPE tokenizer
+expects, e.g. " Paris") or pre-tokenized ``prompt_ids`` + ``completion_ids``.
 A prompt too long for the model's context keeps its last tokens.
 
 Output folder ``<output>/queries``: ``queries.safetensors`` + ``queries.json``

@@ -52,6 +52,8 @@ def with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
         return path
+    if protocol == "memory":  # fsspec roots memory paths at "/": keep the URL as written
+        return "memory://" + path.lstrip("/")
     return fs.unstrip_protocol(path)
 
 

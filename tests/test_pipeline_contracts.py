@@ -219,3 +219,27 @@ def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, t
         torch.testing.assert_close(cov.a_sum, b.layers[name].a_sum, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(cov.s_sum, b.layers[name].s_sum, rtol=1e-6, atol=1e-9)
     assert a.sequences == b.sequences == 6
+
+
+def test_storage_on_memory_urls():
+    from pipelines import storage
+
+    root = "memory://influence-test/run"
+    storage.write_json(storage.join(root, "a", "x.json"), {"k": 1})
+    storage.write_parquet(storage.join(root, "a", "t.parquet"), pa.table({"v": [1, 2]}))
+    storage.write_bytes(storage.join(root, "_marker"), b"done")
+    assert storage.read_json(storage.join(root, "a", "x.json")) == {"k": 1}
+    assert storage.read_json(storage.join(root, "missing.json")) is None
+    assert storage.list_files(root) == [f"{root}/a/t.parquet", f"{root}/a/x.json"]  # '_' and '.' names hidden
+    assert storage.read_parquet(storage.join(root, "a", "t.parquet")).column("v").to_pylist() == [1, 2]
+    storage.remove(storage.join(root, "a"))
+    assert storage.list_files(root) == []
+
+
+def test_influence_ops_imports_no_pipeline_dependencies():
+    import subprocess
+    import sys
+
+    code = ("import sys, influence_ops; bad = [m for m in ('ray', 'pyarrow', 'fsspec', 'pipelines') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
