@@ -104,13 +104,15 @@ def run(config: str, quiet: bool) -> None:
 
 @main.command()
 @click.option("--output", default="demo_output", show_default=True, help="Folder for everything the demo makes.")
-@click.option("--train-seconds", default=45.0, show_default=True, help="Training time of the tiny model.")
+@click.option("--epochs", default=150, show_default=True, help="Training epochs of the tiny model.")
+@click.option("--max-train-seconds", default=120.0, show_default=True, help="Stop training early after this long.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def demo(output: str, train_seconds: float, quiet: bool) -> None:
+def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> None:
     """Generate a corpus with planted facts, train a tiny model, run the whole job, show the top sequences."""
     from .demo import run_demo
 
-    result = run_demo(output, train_seconds=train_seconds, show_progress=not quiet, echo=click.echo)
+    result = run_demo(output, epochs=epochs, max_seconds=max_train_seconds, show_progress=not quiet,
+                      echo=click.echo)
     click.echo("")
     for line in summarize(result["config"], result["record"]):
         click.echo(line)

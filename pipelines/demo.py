@@ -1,8 +1,8 @@
 """`influence demo`: a whole job on a fresh machine, no downloads.
 
 1. Generate a corpus with planted facts (``demo_corpus``) as raw JSONL files.
-2. Build a word-level tokenizer and train a tiny GPT-2 on the corpus (about a
-   minute on a CPU), saved as a Hugging Face folder.
+2. Build a word-level tokenizer and train a tiny GPT-2 on the corpus (150
+   epochs: 30-60 s on a 2-core CPU, capped at 120 s), saved as a Hugging Face folder.
 3. Write ``job.toml`` and run every stage on a local Ray.
 4. Print, for each query, the most influential training sequences with their
    text, and how many planted sources were found.
@@ -51,7 +51,7 @@ object_store_mb = 512
 """
 
 
-def prepare(out: Path, train_seconds: float, echo: Any = print) -> dict[str, Any]:
+def prepare(out: Path, epochs: int, max_seconds: float, echo: Any = print) -> dict[str, Any]:
     """Write raw text, queries, the trained model and job.toml into ``out``; returns what was made."""
     docs, facts = make_corpus()
     queries = make_queries(facts)
@@ -69,9 +69,10 @@ def prepare(out: Path, train_seconds: float, echo: Any = print) -> dict[str, Any
     model = tiny_gpt2(len(tokenizer), context=64, width=64, layers=2, heads=4)
     sequences = [tokenizer(d["text"])["input_ids"][:64] for d in docs]
     echo(f"training a tiny GPT-2 ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-         f"{len(docs)} documents for about {train_seconds:.0f} s ...")
-    stats = train(model, sequences, seconds=train_seconds)
-    echo(f"  {stats['steps']} steps, final loss {stats['loss']:.3f}")
+         f"{len(docs)} documents for {epochs} epochs (at most {max_seconds:.0f} s) ...")
+    stats = train(model, sequences, epochs=epochs, max_seconds=max_seconds)
+    echo(f"  {stats['epochs']} epochs, {stats['steps']} steps in {stats['seconds']:.0f} s, "
+         f"final loss {stats['loss']:.3f}")
     save_model(model, model_dir)
     return {"docs": docs, "queries": queries, "training": stats}
 
@@ -102,12 +103,12 @@ def show_results(results: Path, queries: list[dict], docs: list[dict], per_query
     return {"top1_is_source": top1, "sources_in_topk": found, "queries": len(queries)}
 
 
-def run_demo(output: str | Path, train_seconds: float = 45.0, show_progress: bool = True,
+def run_demo(output: str | Path, epochs: int = 150, max_seconds: float = 120.0, show_progress: bool = True,
              echo: Any = print) -> dict[str, Any]:
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    made = prepare(out, train_seconds, echo)
+    made = prepare(out, epochs, max_seconds, echo)
     (out / "job.toml").write_text(JOB.format(out=out, top_k=5))
     cfg = load_config(out / "job.toml")
     echo("running the job (tokenize, fit-factors, build-queries, score, merge) on a local Ray ...")

@@ -44,9 +44,13 @@ def tiny_gpt2(vocab_size: int, context: int = 64, width: int = 64, layers: int =
     return GPT2LMHeadModel(config).eval()
 
 
-def train(model, sequences: Sequence[Sequence[int]], seconds: float, batch_size: int = 16, lr: float = 3e-3,
-          seed: int = 0, max_epochs: int = 1000) -> dict[str, float]:
-    """Train with AdamW on next-token loss for about ``seconds`` (or ``max_epochs``); returns the last loss."""
+def train(model, sequences: Sequence[Sequence[int]], epochs: int, max_seconds: float = float("inf"),
+          batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> dict[str, float]:
+    """Train with AdamW on next-token loss for ``epochs`` (fewer if ``max_seconds`` runs out first).
+
+    Returns steps, epochs done, last loss and seconds. With the whole budget of
+    epochs the result is the same on every run of the same torch build.
+    """
     from influence_ops import collate
 
     gen = torch.Generator().manual_seed(seed)
@@ -54,8 +58,8 @@ def train(model, sequences: Sequence[Sequence[int]], seconds: float, batch_size:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small trains fastest on one thread, and shares the CPU well
     model.train()
-    start, steps, loss = time.perf_counter(), 0, math.nan
-    for _ in range(max_epochs):
+    start, steps, loss, done = time.perf_counter(), 0, math.nan, 0
+    for _ in range(epochs):
         order = torch.randperm(len(sequences), generator=gen).tolist()
         for lo in range(0, len(order), batch_size):
             batch = collate([sequences[i] for i in order[lo:lo + batch_size]])
@@ -64,11 +68,12 @@ def train(model, sequences: Sequence[Sequence[int]], seconds: float, batch_size:
             out.loss.backward()
             opt.step()
             steps, loss = steps + 1, float(out.loss.detach())
-        if time.perf_counter() - start > seconds:
+        done += 1
+        if time.perf_counter() - start > max_seconds:
             break
     model.eval()
     torch.set_num_threads(threads)
-    return {"steps": steps, "loss": loss, "seconds": time.perf_counter() - start}
+    return {"steps": steps, "epochs": done, "loss": loss, "seconds": time.perf_counter() - start}
 
 
 def save_model(model, directory: str | Path) -> Path:
