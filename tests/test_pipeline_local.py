@@ -148,3 +148,17 @@ def test_rerun_is_noop_and_resume_is_identical(local_run):
     resumed = run_job(cfg)
     assert resumed["counts"]["scored"] == 1 and resumed["counts"]["skipped"] == 2
     assert snapshot(out) == before
+
+
+def test_demo_command_runs_end_to_end(ray_local, tmp_path):
+    """`influence demo` (the README's first command), with a short training to keep the test fast."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "demo"), "--epochs", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("query ") == 6 and "top-1 is a planted source for" in result.output
+    assert "run demo: ok" in result.output and (tmp_path / "demo" / "job.toml").exists()
+    topk = pads.dataset(str(tmp_path / "demo" / "results" / "topk"), partitioning="hive").to_table()
+    assert topk.num_rows == 6 * 2 * 5
