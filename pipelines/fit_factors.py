@@ -7,7 +7,7 @@ the same sample whatever the number of actors. Sampled labels are drawn with a
 seed per (stage, unit), so a sampled-Fisher fit is reproducible too.
 
 Output folder ``<output>/factors``: the ``save_factors`` files (manifest.json
-last), ``sample.parquet`` (shard, row, doc_id of every fitted sequence) and the
+last), ``sample.parquet`` (shard, doc_id of every fitted sequence) and the
 completion marker. ``_stage1.safetensors`` keeps the stage-1 sums, so an
 interrupted fit resumes at stage 3.
 """
@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from influence_ops import (Covariances, Fisher, LambdaSums, LayerCovariance, LayerEigen, assemble_factors,
-                           eigendecompose, fit_covariances, fit_lambda, save_factors)
+from influence_ops import (Covariances, Fisher, LambdaSums, assemble_factors, eigendecompose, fit_covariances,
+                           fit_lambda, save_factors)
 
 from . import completion, storage
 from .batching import token_batches
 from .config import JobConfig, ModelConfig
 from .model_loading import load_model, model_identity, pick_device
+from .payloads import (covariances_from_bytes, covariances_to_bytes, eigen_from_bytes, eigen_to_bytes,
+                       lambda_from_bytes, lambda_to_bytes, metadata_of)
 from .progress import bar
 from .ray_runtime import ensure_ray, run_units, set_threads, unit_of
 from .sampling import Unit, plan_units, sample_rows
@@ -42,51 +42,6 @@ EIGEN = "_eigen.safetensors"
 
 def unit_seed(seed: int, stage: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, stage, index]).generate_state(1)[0])
-
-
-def covariances_to_bytes(cov: Covariances) -> bytes:
-    tensors = {}
-    for i, c in enumerate(cov.layers.values()):
-        tensors[f"{i}.a_sum"], tensors[f"{i}.s_sum"] = c.a_sum.cpu(), c.s_sum.cpu()
-    meta = {"layers": json.dumps(list(cov.layers)), "tokens": json.dumps([c.tokens for c in cov.layers.values()]),
-            "sequences": str(cov.sequences), "fisher": cov.fisher.value}
-    return st_save(tensors, metadata=meta)
-
-
-def covariances_from_bytes(data: bytes, meta: dict[str, str]) -> Covariances:
-    t = st_load(data)
-    names, tokens = json.loads(meta["layers"]), json.loads(meta["tokens"])
-    return Covariances({n: LayerCovariance(t[f"{i}.a_sum"], t[f"{i}.s_sum"], tokens[i]) for i, n in enumerate(names)},
-                       int(meta["sequences"]), Fisher(meta["fisher"]))
-
-
-def _st_metadata(data: bytes) -> dict[str, str]:
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {})
-
-
-def lambda_to_bytes(lam: LambdaSums) -> bytes:
-    return st_save({f"{i}": s.cpu() for i, s in enumerate(lam.sums.values())},
-                   metadata={"layers": json.dumps(list(lam.sums)), "sequences": str(lam.sequences),
-                             "fisher": lam.fisher.value})
-
-
-def lambda_from_bytes(data: bytes) -> LambdaSums:
-    meta, t = _st_metadata(data), st_load(data)
-    return LambdaSums({n: t[str(i)] for i, n in enumerate(json.loads(meta["layers"]))}, int(meta["sequences"]),
-                      Fisher(meta["fisher"]))
-
-
-def eigen_to_bytes(eigen: dict[str, LayerEigen]) -> bytes:
-    tensors = {f"{i}.{k}": getattr(e, k).cpu().contiguous() for i, e in enumerate(eigen.values())
-               for k in ("q_a", "e_a", "q_s", "e_s")}
-    return st_save(tensors, metadata={"layers": json.dumps(list(eigen))})
-
-
-def eigen_from_bytes(data: bytes) -> dict[str, LayerEigen]:
-    meta, t = _st_metadata(data), st_load(data)
-    return {n: LayerEigen(*(t[f"{i}.{k}"] for k in ("q_a", "e_a", "q_s", "e_s")))
-            for i, n in enumerate(json.loads(meta["layers"]))}
 
 
 class _FitWorker:
@@ -149,6 +104,38 @@ def factors_key(cfg: JobConfig, shards: list[str]) -> str:
                                  cfg.resources.batch_size, completion.shard_fingerprints(shards))
 
 
+Sample = list[tuple[int, list[str], int]]  # per unit: (index, doc ids, tokens)
+
+
+def _stage1(jobs: list[dict], args: dict, cfg: JobConfig, cluster: dict, url: str, key: str,
+            show_progress: bool) -> tuple[Covariances, Sample]:
+    """Stage-1 sums over all units, resumed from ``url`` when it holds this key's sums."""
+    if storage.exists(url):
+        data = storage.read_bytes(url)
+        meta = metadata_of(data)
+        if meta.get("key") == key:
+            return covariances_from_bytes(data), [tuple(x) for x in json.loads(meta["sample"])]
+    cov: Covariances | None = None
+    sample: Sample = []
+    with bar(len(jobs), "fit-factors stage 1 (covariances)", show_progress) as progress:
+        for row in run_units(CovarianceWorker, args, jobs, cfg.resources, cluster, progress):
+            part = covariances_from_bytes(row["payload"])
+            cov = part if cov is None else cov.merge(part)
+            sample.append((row["index"], json.loads(row["doc_ids"]), row["tokens"]))
+    sample.sort(key=lambda x: x[0])
+    storage.write_bytes(url, covariances_to_bytes(cov, {"key": key, "sample": json.dumps(sample)}))
+    return cov, sample
+
+
+def _stage3(jobs: list[dict], args: dict, cfg: JobConfig, cluster: dict, show_progress: bool) -> LambdaSums:
+    lam: LambdaSums | None = None
+    with bar(len(jobs), "fit-factors stage 3 (Lambda)", show_progress) as progress:
+        for row in run_units(LambdaWorker, args, jobs, cfg.resources, cluster, progress):
+            part = lambda_from_bytes(row["payload"])
+            lam = part if lam is None else lam.merge(part)
+    return lam
+
+
 def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     """Run the stage (skipped when ``factors/`` is complete for these inputs); returns its summary."""
     out = storage.join(cfg.data.output, "factors")
@@ -160,51 +147,25 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     f = cfg.factors
     units = plan_units(shards, sample_rows(shards, f.sample_sequences, f.sample_tokens, f.seed), f.unit_sequences)
-    cluster = ensure_ray(cfg.resources)
-    worker_args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed,
-                   "batch_size": cfg.resources.batch_size, "threads": cfg.resources.threads_per_actor,
-                   "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
     jobs = [u.to_json() for u in units]
-
-    stage1_url = storage.join(out, STAGE1)
-    cov: Covariances | None = None
-    sample: list[tuple[int, list[str], int]] = []
-    if storage.exists(stage1_url):
-        data = storage.read_bytes(stage1_url)
-        meta = _st_metadata(data)
-        if meta.get("key") == key:
-            cov = covariances_from_bytes(data, meta)
-            sample = [tuple(x) for x in json.loads(meta["sample"])]
-    if cov is None:
-        with bar(len(jobs), "fit-factors stage 1 (covariances)", show_progress) as progress:
-            for row in run_units(CovarianceWorker, worker_args, jobs, cfg.resources, cluster, progress):
-                part = covariances_from_bytes(row["payload"], _st_metadata(row["payload"]))
-                cov = part if cov is None else cov.merge(part)
-                sample.append((row["index"], json.loads(row["doc_ids"]), row["tokens"]))
-        sample.sort(key=lambda x: x[0])
-        meta = _st_metadata(covariances_to_bytes(cov))
-        tensors = st_load(covariances_to_bytes(cov))
-        storage.write_bytes(stage1_url, st_save(tensors, metadata={**meta, "key": key, "sample": json.dumps(sample)}))
+    cluster = ensure_ray(cfg.resources)
+    args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed, "batch_size": cfg.resources.batch_size,
+            "threads": cfg.resources.threads_per_actor,
+            "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
+    stage1_url, eigen_url = storage.join(out, STAGE1), storage.join(out, EIGEN)
+    cov, sample = _stage1(jobs, args, cfg, cluster, stage1_url, key, show_progress)
     eigen = eigendecompose(cov, blocks=f.blocks)
-    eigen_url = storage.join(out, EIGEN)
     storage.write_bytes(eigen_url, eigen_to_bytes(eigen))
-    lam: LambdaSums | None = None
-    with bar(len(jobs), "fit-factors stage 3 (Lambda)", show_progress) as progress:
-        for row in run_units(LambdaWorker, {**worker_args, "eigen_url": eigen_url}, jobs, cfg.resources, cluster,
-                             progress):
-            part = lambda_from_bytes(row["payload"])
-            lam = part if lam is None else lam.merge(part)
+    lam = _stage3(jobs, {**args, "eigen_url": eigen_url}, cfg, cluster, show_progress)
     layers = load_model(cfg.model).layers
-    factors = assemble_factors(layers, cov, eigen, lam, blocks=f.blocks)
-    rows_of = {u.index: u for u in units}
-    sample_table = pa.table({
-        "shard": [rows_of[i].shard for i, ids, _ in sample for _ in ids],
-        "doc_id": [d for _, ids, _ in sample for d in ids],
-    })
     with tempfile.TemporaryDirectory() as tmp:
-        save_factors(factors, tmp, extra={"pipeline_key": key, "config": cfg.to_dict()})
+        save_factors(assemble_factors(layers, cov, eigen, lam, blocks=f.blocks), tmp,
+                     extra={"pipeline_key": key, "config": cfg.to_dict()})
         storage.upload_dir(tmp, out, last=("manifest.json",))
-    storage.write_parquet(storage.join(out, "sample.parquet"), sample_table)
+    shard_of = {u.index: u.shard for u in units}
+    storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({
+        "shard": [shard_of[i] for i, ids, _ in sample for _ in ids],
+        "doc_id": [d for _, ids, _ in sample for d in ids]}))
     for stale in (stage1_url, eigen_url):
         storage.remove(stale)
     info = {"sequences": cov.sequences, "tokens": cov.tokens, "units": len(units), "layers": len(layers),

@@ -197,7 +197,8 @@ def test_demo_corpus_plants_two_sources_per_fact():
 
 def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, tmp_path):
     """Stage-1 partial sums per unit do not depend on which worker call (actor) gets which unit."""
-    from pipelines.fit_factors import CovarianceWorker, covariances_from_bytes, _st_metadata
+    from pipelines.fit_factors import CovarianceWorker
+    from pipelines.payloads import covariances_from_bytes
     from pipelines.sampling import Unit
 
     path = write_shard(tmp_path / "s.parquet", [f"d{i}" for i in range(6)], [[1, 2, 3, 4]] * 3 + [[5, 6, 7]] * 3)
@@ -210,7 +211,7 @@ def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, t
         for group in groups:
             out = worker({"unit": np.array([json.dumps(units[i]) for i in group], dtype=object)})
             for payload in out["payload"]:
-                part = covariances_from_bytes(payload, _st_metadata(payload))
+                part = covariances_from_bytes(payload)
                 merged = part if merged is None else merged.merge(part)
         return merged
 
