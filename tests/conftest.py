@@ -147,3 +147,41 @@ def topk_matches(table: list[dict], qids: list[str], acc, rtol: float = 1e-4, at
 def assert_topk_equal():
     """The ``topk_matches`` check, for test modules."""
     return topk_matches
+
+
+@pytest.fixture(scope="session")
+def assert_factors_match_fit():
+    """f(cfg) -> n: the pipeline's factors equal ``fit_ekfac`` in this process on the recorded sample of n sequences.
+
+    Empirical Fisher. Stage-1 sums to float32 tolerance (added in another order);
+    Lambda, which passes through eigh of those sums, to 1e-4 in relative Frobenius norm.
+    """
+    import torch
+
+    from influence_ops import Fisher, collate, fit_ekfac, load_factors
+    from pipelines import storage
+    from pipelines.model_loading import load_model
+    from pipelines.shards import read_rows
+
+    def check(cfg) -> int:
+        folder = storage.join(cfg.data.output, "factors")
+        factors = load_factors(storage.local_copy(folder, "manifest.json"))
+        sample = storage.read_parquet(storage.join(folder, "sample.parquet")).to_pylist()
+        chosen = []
+        for shard in sorted({r["shard"] for r in sample}):
+            seqs = read_rows(shard, None, None, doc_ids={r["doc_id"] for r in sample if r["shard"] == shard})
+            chosen += seqs.input_ids
+        m = load_model(cfg.model)
+        want = fit_ekfac(m.model, m.layers, [collate(chosen[i:i + 5]) for i in range(0, len(chosen), 5)],
+                         fisher=Fisher.EMPIRICAL)
+        assert factors.tokens == want.tokens and factors.lambda_sequences == want.lambda_sequences == len(sample)
+        assert factors.fingerprint == want.fingerprint
+        for name, lf in want.layers.items():
+            got = factors.layers[name]
+            torch.testing.assert_close(got.a_sum, lf.a_sum, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got.s_sum, lf.s_sum, rtol=1e-4, atol=1e-9)
+            rel = float((got.lambda_sum - lf.lambda_sum).norm() / lf.lambda_sum.norm())
+            assert rel < 1e-4, f"{name} lambda_sum: relative Frobenius error {rel:.2e}"
+        return len(sample)
+
+    return check

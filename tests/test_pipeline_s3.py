@@ -30,7 +30,8 @@ def bucket(s3_server, tiny_world):
     return "s3://influence-test"
 
 
-def test_stages_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equal, tmp_path):
+def test_stages_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equal, assert_factors_match_fit,
+                           tmp_path):
     cfg = config_from_dict({
         "run_id": "s3-test",
         "model": {"path": f"{bucket}/world/model"},
@@ -47,6 +48,8 @@ def test_stages_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equa
     assert [s.rsplit("/", 1)[-1] for s in shards] == ["part0.parquet", "part1.parquet", "part2.parquet"]
     assert storage.exists(f"{bucket}/out/runs/s3-test.json")
     assert storage.read_json(f"{bucket}/out/resolved_config.json")["data"]["output"] == f"{bucket}/out"
+
+    assert assert_factors_match_fit(cfg) == 20  # one actor, units of 16 (the local test: two actors, units of 8)
 
     fs, root = storage.filesystem(f"{bucket}/out/topk")
     table = pads.dataset(root, filesystem=fs, partitioning="hive").to_table().to_pylist()
