@@ -102,7 +102,7 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
     loaded = load_model(cfg.model, pick_device(True))
     tokenizer = load_tokenizer(cfg.model) if cfg.model.tokenizer_path else None
     rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
-    factors_dir = storage.local_copy(storage.join(cfg.data.output, "factors"), marker="manifest.json")
+    factors_dir = storage.local_copy(storage.join(cfg.data.output, "factors"))
     factors = load_factors(factors_dir, loaded.layers, device=loaded.device)
     pq = precondition(loaded, factors, rows, cfg.scoring.rank, cfg.factors.damping, cfg.resources.batch_size)
     table = pa.table({

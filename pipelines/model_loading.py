@@ -97,7 +97,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
     else:
         from transformers import AutoModelForCausalLM
 
-        local = storage.local_copy(cfg.path, marker="config.json")
+        local = storage.local_copy(cfg.path)
         model = AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=True,
                                                      trust_remote_code=cfg.trust_remote_code)
     model = model.to(device=device, dtype=weight_dtype).eval()
@@ -114,7 +114,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         raise ValueError("model.tokenizer is not set: a factory model needs a tokenizer path to tokenize text")
     from transformers import AutoTokenizer
 
-    local = storage.local_copy(cfg.tokenizer_path, marker="tokenizer_config.json")
+    local = storage.local_copy(cfg.tokenizer_path)
     return AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
 
 

@@ -68,7 +68,7 @@ class ShardScorer:
                  strategy: str = "auto", threads: int = 0, use_gpu: bool = False) -> None:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
-        local = storage.local_copy(queries_url, marker="queries.json")
+        local = storage.local_copy(queries_url)
         dtype = torch.float64 if next(self.m.model.parameters()).dtype == torch.float64 else torch.float32
         self.queries = load_queries(local).to(self.m.device, dtype)
         self.top_k, self.batch_size, self.sort_window = top_k, batch_size, sort_window

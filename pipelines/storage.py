@@ -163,16 +163,16 @@ def cache_root() -> Path:
     return root
 
 
-def local_copy(url: str, marker: str | None = None) -> Path:
+def local_copy(url: str) -> Path:
     """A local folder holding the files of ``url`` (the folder itself when it is local).
 
     Remote folders are copied once per node into the cache, keyed by the URL and
-    the content of ``marker`` (a file that changes whenever the folder does), to a
-    temporary folder first and then renamed.
+    the folder's listing (names, sizes, ETags or modification times: a changed
+    file gives a new copy), to a temporary folder first and then renamed.
     """
     if is_local(url):
         return Path(filesystem(url)[1])
-    key = url + (read_bytes(join(url, marker)).decode() if marker else "")
+    key = url + folder_identity(url)
     target = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
     if target.exists():
         return target

@@ -121,7 +121,7 @@ def brute_force_topk():
 
     def compute(cfg):
         m = load_model(cfg.model)
-        queries = load_queries(storage.local_copy(storage.join(cfg.data.output, "queries"), "queries.json"))
+        queries = load_queries(storage.local_copy(storage.join(cfg.data.output, "queries")))
         acc = TopKAccumulator(queries.num_queries, cfg.scoring.top_k)
         for shard in list_shards(cfg.data.corpus):
             seqs = read_rows(shard, None, None)
@@ -165,7 +165,7 @@ def assert_factors_match_fit():
 
     def check(cfg) -> int:
         folder = storage.join(cfg.data.output, "factors")
-        factors = load_factors(storage.local_copy(folder, "manifest.json"))
+        factors = load_factors(storage.local_copy(folder))
         sample = storage.read_parquet(storage.join(folder, "sample.parquet")).to_pylist()
         chosen = []
         for shard in sorted({r["shard"] for r in sample}):
