@@ -125,3 +125,30 @@ def test_demo_command_runs_end_to_end(ray_local, tmp_path):
     assert "run demo: ok" in result.output and (tmp_path / "demo" / "job.toml").exists()
     topk = pads.dataset(str(tmp_path / "demo" / "results" / "topk"), partitioning="hive").to_table()
     assert topk.num_rows == 6 * 2 * 5
+
+
+def test_bad_shard_fails_only_itself_and_is_named(local_run, tmp_path):
+    """Through Ray: a shard breaking the contract is reported by file, row and field; the others are scored."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.score import score
+
+    cfg, _, root = local_run
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(sorted((root / "shards").glob("*.parquet"))[0], corpus / "good.parquet")
+    pq.write_table(pa.table({"doc_id": ["a", "b", "a"], "input_ids": pa.array([[1, 2], [3, 4], [5, 6]],
+                                                                               pa.list_(pa.int32()))}),
+                   corpus / "bad.parquet")
+    shutil.copytree(Path(cfg.data.output) / "queries", tmp_path / "out" / "queries")
+    bad_cfg = config_from_dict({**job(Path("/unused"), str(tmp_path / "out"), str(corpus)),
+                                "model": {"path": cfg.model.path}})
+    summary = score(bad_cfg, queries_digest="q")
+    assert (summary["scored"], summary["failed"]) == (1, 1)
+    assert summary["failures"] == [f"{corpus / 'bad.parquet'}: row 2, field 'doc_id': duplicate doc_id 'a' "
+                                   "within the shard"]
+    assert (tmp_path / "out" / "scores" / "good.parquet").exists()
+    assert not (tmp_path / "out" / "scores" / "bad.parquet").exists()
