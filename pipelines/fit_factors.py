@@ -32,7 +32,7 @@ from .model_loading import load_model, model_identity, pick_device
 from .payloads import (covariances_from_bytes, covariances_to_bytes, eigen_from_bytes, eigen_to_bytes,
                        lambda_from_bytes, lambda_to_bytes, metadata_of)
 from .progress import bar
-from .ray_runtime import ensure_ray, run_units, set_threads, unit_of
+from .ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .sampling import Unit, plan_units, sample_rows
 from .shards import list_shards, read_rows
 
@@ -66,7 +66,7 @@ class _FitWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"index": [], "payload": [], "doc_ids": [], "tokens": []}
-        for u in unit_of(batch):
+        for u in units_of(batch):
             unit = Unit.from_json(u)
             doc_ids, batches, tokens = self._batches(unit)
             out["index"].append(unit.index)

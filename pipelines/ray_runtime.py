@@ -100,7 +100,7 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def unit_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def units_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """The units of a batch given to a stage callable."""
     return [json.loads(str(u)) for u in batch["unit"]]
 

@@ -36,7 +36,7 @@ from .batching import prefetch, token_batches
 from .config import JobConfig, ModelConfig
 from .model_loading import load_model, pick_device
 from .progress import bar
-from .ray_runtime import ensure_ray, run_units, set_threads, unit_of
+from .ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .shards import Sequences, ShardError, iter_shard, list_shards, shard_name
 
 SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64()),
@@ -92,7 +92,7 @@ class ShardScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: dict[str, list] = {"shard": [], "status": [], "sequences": [], "tokens": [], "seconds": [], "error": [],
                                  "peak_rss_mb": []}
-        for unit in unit_of(batch):
+        for unit in units_of(batch):
             start = time.perf_counter()
             acc, tokens, error = None, 0, ""
             try:

@@ -24,7 +24,7 @@ from . import storage
 from .batching import token_batches
 from .config import JobConfig
 from .progress import bar
-from .ray_runtime import ensure_ray, run_units, unit_of
+from .ray_runtime import ensure_ray, run_units, units_of
 from .score import ShardScorer
 from .shards import read_rows
 
@@ -38,7 +38,7 @@ class TokenScorer(ShardScorer):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {"query_id": [], "doc_id": [], "token_index": [], "token_id": [], "score": []}
         q_index = {q: i for i, q in enumerate(self.queries.query_ids)}
-        for unit in unit_of(batch):
+        for unit in units_of(batch):
             wanted: dict[str, list[str]] = defaultdict(list)
             for qid, doc in unit["pairs"]:
                 wanted[doc].append(qid)

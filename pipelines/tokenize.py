@@ -23,7 +23,7 @@ from . import completion, storage
 from .config import JobConfig, ModelConfig
 from .model_loading import load_tokenizer
 from .progress import bar
-from .ray_runtime import ensure_ray, run_units, unit_of
+from .ray_runtime import ensure_ray, run_units, units_of
 
 MIN_TOKENS = 2
 
@@ -77,7 +77,7 @@ class Tokenizer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, sequences, tokens = [], [], []
-        for unit in unit_of(batch):
+        for unit in units_of(batch):
             table = self.tokenize_file(unit["input"])
             storage.write_parquet(unit["output"], table.replace_schema_metadata({"influence.key": unit["key"]}))
             names.append(unit["output"])
