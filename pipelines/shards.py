@@ -169,13 +169,17 @@ def list_shards(corpus: str) -> list[str]:
     return found
 
 
+def corpus_root(corpus: str) -> str:
+    """The folder of a corpus prefix or glob (the part before the first glob character, up to its last '/')."""
+    if any(c in corpus for c in "*?["):
+        return re.split(r"[*?\[]", corpus, maxsplit=1)[0].rsplit("/", 1)[0]
+    if corpus.endswith(".parquet"):
+        return corpus.rsplit("/", 1)[0]
+    return corpus.rstrip("/")
+
+
 def shard_name(shard: str, corpus: str) -> str:
     """A stable file name for outputs derived from a shard: its path below the corpus root, flattened."""
-    if any(c in corpus for c in "*?["):
-        root = re.split(r"[*?\[]", corpus, maxsplit=1)[0].rsplit("/", 1)[0]
-    elif corpus.endswith(".parquet"):
-        root = corpus.rsplit("/", 1)[0]
-    else:
-        root = corpus.rstrip("/")
+    root = corpus_root(corpus)
     rel = shard[len(root):].lstrip("/") if shard.startswith(root) else shard.rsplit("/", 1)[-1]
     return rel.removesuffix(".parquet").replace("/", "__")

@@ -1,6 +1,7 @@
 """`tokenize`: raw text (JSONL or Parquet with a text and an id column) -> training shards.
 
-One output shard per input file (``<corpus>/<input stem>.parquet``), written by
+One output shard per input file (``<corpus folder>/<input stem>.parquet``; when
+``data.corpus`` is a glob, it must match those names), written by
 Ray Data tasks in parallel over the files, with the model's Hugging Face
 tokenizer (special tokens as the tokenizer adds them). A document longer than
 the model's context is cut into chunks of at most ``max_length`` tokens
@@ -24,6 +25,7 @@ from .config import JobConfig, ModelConfig
 from .model_loading import load_tokenizer
 from .progress import bar
 from .ray_runtime import ensure_ray, run_units, units_of
+from .shards import corpus_root
 
 MIN_TOKENS = 2
 
@@ -112,12 +114,12 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     if len(set(stems)) != len(stems):
         raise ValueError(f"data.raw = {cfg.data.raw!r}: two input files share a name")
     tokenizer_id = storage.folder_identity(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else ""
-    corpus_root = cfg.data.corpus.split("*", 1)[0].rstrip("/")
+    root = corpus_root(cfg.data.corpus)
     units = []
     for url, stem, (_, size) in zip(inputs, stems, completion.shard_fingerprints(inputs)):
         key = completion.inputs_key("tokenize", url, size, max_length, tokenizer_id, cfg.data.text_column,
                                     cfg.data.id_column)
-        out = storage.join(corpus_root, f"{stem}.parquet")
+        out = storage.join(root, f"{stem}.parquet")
         if not (storage.exists(out) and storage.parquet_metadata(out).get("influence.key") == key):
             units.append({"input": url, "output": out, "key": key})
     summary = {"files": len(inputs), "skipped": len(inputs) - len(units), "sequences": 0, "tokens": 0}

@@ -244,3 +244,15 @@ def test_influence_ops_imports_no_pipeline_dependencies():
     code = ("import sys, influence_ops; bad = [m for m in ('ray', 'pyarrow', 'fsspec', 'pipelines') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("corpus, shard, name", [
+    ("s3://b/shards", "s3://b/shards/part-1.parquet", "part-1"),
+    ("s3://b/shards/", "s3://b/shards/2024/part-1.parquet", "2024__part-1"),
+    ("/data/shards/part-*.parquet", "/data/shards/part-7.parquet", "part-7"),
+    ("/data/shards/x.parquet", "/data/shards/x.parquet", "x"),
+])
+def test_shard_output_names(corpus, shard, name):
+    from pipelines.shards import shard_name
+
+    assert shard_name(shard, corpus) == name
