@@ -8,7 +8,9 @@ What is compared (same model, queries, shards, batch size, torch threads):
   ``threads_per_actor = threads``, prefetching, per-shard Parquet outputs).
 Steady-state pipeline throughput = tokens of shards 2..n / (time shard n
 completed - time shard 1 completed); start-up = Ray start + the time to the first
-shard beyond what the steady rate explains. Ratio = pipeline steady / in-process.
+shard beyond what the steady rate explains. The runs alternate (in-process,
+pipeline, in-process, ...); each ratio = pipeline steady / mean of the in-process
+runs around it (the machine's load drifts); the median ratio is reported.
 
 Memory: the scoring stage is run on a small corpus and on one 10x larger (10x the
 shards); the peak RSS each actor reports (``getrusage``) is compared.
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -87,6 +90,8 @@ def pipeline(cfg) -> dict:
     steady_tokens = sum(tok for _, tok in timeline[1:])
     rate = steady_tokens / (tn - t1) if len(timeline) > 1 and tn > t1 else summary["tokens"] / summary["seconds"]
     return {"tokens": summary["tokens"], "seconds": summary["seconds"], "steady_tokens_per_s": rate,
+            "actor_busy_tokens_per_s": summary["tokens"] / summary["actor_seconds"],
+            "completed_at_s": [t for t, _ in timeline],
             "first_shard_s": t1, "stage_startup_s": t1 - timeline[0][1] / rate,
             "peak_rss_mb": summary["peak_rss_mb"], "shards": summary["shards"]}
 
@@ -103,7 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="bench_output/pipeline_work")
     ap.add_argument("--out", default="bench_output/pipeline.json")
-    ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="pipeline runs, each between two in-process runs")
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, in-process and per actor")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -123,17 +129,25 @@ def main() -> None:
                                  "queries": args.queries, "rank": 32, "batch_size": args.batch_size,
                                  "threads": args.threads, "actors": 1, "cpus": os.cpu_count()}}
     report["workload"]["model"] = f"GPT-2, 4 layers, width 128, vocab {vocab}, {len(load_model(cfg.model).layers)} tracked"
-    report["in_process_1"] = in_process(cfg, args.threads)
-    print("in-process:", report["in_process_1"], flush=True)
+    # In-process and pipeline runs alternate (B P B P ... B): each pipeline run is compared with the
+    # mean of the in-process runs just before and after it, which cancels slow drifts of the machine's load.
+    runs: list[dict] = [in_process(cfg, args.threads)]
+    print("in-process:", runs[-1], flush=True)
     start = time.perf_counter()
     ensure_ray(cfg.resources)
     report["ray_init_s"] = time.perf_counter() - start
-    report["pipeline"] = pipeline(cfg)
-    print("pipeline:", report["pipeline"], flush=True)
-    report["in_process_2"] = in_process(cfg, args.threads)
-    print("in-process again:", report["in_process_2"], flush=True)
-    base = max(report["in_process_1"]["tokens_per_s"], report["in_process_2"]["tokens_per_s"])
-    report["ratio_steady_vs_in_process"] = report["pipeline"]["steady_tokens_per_s"] / base
+    ratios = []
+    for _ in range(args.repeats):
+        shutil.rmtree(root / "out" / "scores", ignore_errors=True)
+        runs.append(pipeline(cfg))
+        print("pipeline:", {k: v for k, v in runs[-1].items() if k != "completed_at_s"}, flush=True)
+        runs.append(in_process(cfg, args.threads))
+        print("in-process:", runs[-1], flush=True)
+        around = (runs[-3]["tokens_per_s"] + runs[-1]["tokens_per_s"]) / 2
+        ratios.append(runs[-2]["steady_tokens_per_s"] / around)
+    report["runs"] = runs
+    report["ratios_steady_vs_in_process"] = ratios
+    report["ratio_median"] = statistics.median(ratios)
 
     rss = {}
     for name, shards in (("small", args.rss_shards), ("10x", 10 * args.rss_shards)):
