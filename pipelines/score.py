@@ -71,6 +71,7 @@ class ShardScorer:
         local = storage.local_copy(queries_url)
         dtype = torch.float64 if next(self.m.model.parameters()).dtype == torch.float64 else torch.float32
         self.queries = load_queries(local).to(self.m.device, dtype)
+        self.queries.check_model(self.m.layers)  # once per actor: queries built on another model are refused
         self.top_k, self.batch_size, self.sort_window = top_k, batch_size, sort_window
         self.strategy = Strategy(strategy)
 
