@@ -19,7 +19,7 @@ from torch import nn
 from .covariance import Covariances, fit_covariances
 from .eigen import LayerEigen, eigendecompose
 from .eigenvalue_correction import LambdaSums, fit_lambda
-from .fingerprint import model_fingerprint
+from .fingerprint import check_same_model, model_fingerprint
 from .layers import TrackedLayer
 from .objectives import Fisher, Objective
 
@@ -90,15 +90,7 @@ class EKFACFactors:
 
     def check_model(self, layers: Sequence[TrackedLayer]) -> None:
         """Raise ValueError unless ``layers`` are the ones these factors were fitted on."""
-        names = [l.name for l in layers]
-        if names != list(self.layers):
-            raise ValueError(f"factors are for layers {list(self.layers)}, the model tracks {names}")
-        fp = model_fingerprint(layers)
-        if fp != self.fingerprint:
-            raise ValueError(
-                f"factors were fitted on a different model (fingerprint {self.fingerprint}, "
-                f"this model {fp}): same layer names, different weights"
-            )
+        check_same_model(layers, list(self.layers), self.fingerprint, "factors", "fitted on")
 
 
 def assemble_factors(layers: Sequence[TrackedLayer], covariances: Covariances,

@@ -24,3 +24,18 @@ def model_fingerprint(layers: Sequence[TrackedLayer]) -> str:
         h.update(repr(tuple(w.shape)).encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def check_same_model(layers: Sequence[TrackedLayer], names: list[str], fingerprint: str,
+                     kind: str, made: str) -> None:
+    """Raise ValueError unless ``layers`` have these ``names`` and this ``fingerprint``.
+
+    ``kind`` and ``made`` word the message: "{kind} were {made} a different model".
+    """
+    seen = [l.name for l in layers]
+    if seen != names:
+        raise ValueError(f"{kind} are for layers {names}, the model tracks {seen}")
+    fp = model_fingerprint(layers)
+    if fp != fingerprint:
+        raise ValueError(f"{kind} were {made} a different model (fingerprint {fingerprint}, this model {fp}): "
+                         "same layer names, different weights")

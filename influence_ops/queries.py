@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .factors import EKFACFactors
-from .fingerprint import model_fingerprint
+from .fingerprint import check_same_model
 from .gradients import backward_pass, per_sequence_gradients
 from .ihvp import apply_inverse
 from .layers import TrackedLayer, layers_by_name
@@ -96,13 +96,7 @@ class PreconditionedQueries:
         ``score_batch`` does not repeat this check on every batch (hashing the
         weights costs time); call it once where the model and queries are loaded.
         """
-        names = [l.name for l in layers]
-        if names != self.layer_names:
-            raise ValueError(f"queries are for layers {self.layer_names}, the model tracks {names}")
-        fp = model_fingerprint(layers)
-        if fp != self.fingerprint:
-            raise ValueError(f"queries were built on a different model (fingerprint {self.fingerprint}, "
-                             f"this model {fp})")
+        check_same_model(layers, self.layer_names, self.fingerprint, "queries", "built on")
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PreconditionedQueries:
         return PreconditionedQueries({n: q.to(device, dtype) for n, q in self.layers.items()}, self.measurement,
