@@ -1,10 +1,10 @@
 """Scoring throughput of the Ray pipeline vs the in-process ``score_batch`` loop, and actor memory vs corpus size.
 
 What is compared (same model, queries, shards, batch size, torch threads):
-- in-process: one Python process reads each shard (``pipelines.shards.iter_shard``),
+- in-process: one Python process reads each shard (``pipelines.io.shards.iter_shard``),
   cuts the same length-sorted batches and calls ``influence_ops.score_batch`` +
   ``TopKAccumulator`` in a loop, with ``torch.set_num_threads(threads)``;
-- pipeline: ``pipelines.score.score`` (the real stage: Ray Data, one actor with
+- pipeline: ``pipelines.stages.score.score`` (the real stage: Ray Data, one actor with
   ``threads_per_actor = threads``, prefetching, per-shard Parquet outputs).
 Steady-state pipeline throughput = tokens of shards 2..n / (time shard n
 completed - time shard 1 completed); start-up = Ray start + the time to the first
@@ -34,15 +34,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from influence_ops import (Fisher, TopKAccumulator, collate, fit_ekfac, load_queries, precondition_queries,
-                           query_batch, save_queries, score_batch)
+from influence_ops import (
+    Fisher,
+    TopKAccumulator,
+    collate,
+    fit_ekfac,
+    load_queries,
+    precondition_queries,
+    query_batch,
+    save_queries,
+    score_batch,
+)
 from pipelines import config_from_dict
-from pipelines.batching import token_batches
-from pipelines.demo_model import save_model, tiny_gpt2
-from pipelines.model_loading import load_model
-from pipelines.ray_runtime import ensure_ray
-from pipelines.score import score
-from pipelines.shards import iter_shard, list_shards
+from pipelines.demo.model import save_model, tiny_gpt2
+from pipelines.io.model_loading import load_model
+from pipelines.io.shards import iter_shard, list_shards
+from pipelines.runtime.batching import token_batches
+from pipelines.runtime.ray_runtime import ensure_ray
+from pipelines.stages.score import score
 
 
 def make_corpus(folder: Path, shards: int, rows: int, vocab: int, seed: int, lengths=(64, 128)) -> None:

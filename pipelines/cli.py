@@ -109,7 +109,7 @@ def run(config: str, quiet: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> None:
     """Generate a corpus with planted facts, train a tiny model, run the whole job, show the top sequences."""
-    from .demo import run_demo
+    from .demo.job import run_demo
 
     result = run_demo(output, epochs=epochs, max_seconds=max_train_seconds, show_progress=not quiet,
                       echo=click.echo)

@@ -16,15 +16,15 @@ import time
 from importlib import metadata
 from typing import Any
 
-from . import storage
-from .build_queries import build_queries
-from .completion import digest_of
 from .config import JobConfig
-from .fit_factors import fit_factors
-from .merge import merge
-from .score import score, score_outputs
-from .shards import list_shards
-from .tokenize import tokenize
+from .io import storage
+from .io.completion import digest_of
+from .io.shards import list_shards
+from .stages.build_queries import build_queries
+from .stages.fit_factors import fit_factors
+from .stages.merge import merge
+from .stages.score import score, score_outputs
+from .stages.tokenize import tokenize
 
 STAGES = ("tokenize", "fit-factors", "build-queries", "score", "merge")
 

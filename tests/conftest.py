@@ -90,7 +90,7 @@ def make_texts(n: int, seed: int) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A tiny GPT-2 with its tokenizer, raw JSONL texts, and a queries file, in a session folder."""
-    from pipelines.demo_model import build_tokenizer, save_model, tiny_gpt2
+    from pipelines.demo.model import build_tokenizer, save_model, tiny_gpt2
 
     root = tmp_path_factory.mktemp("world")
     texts = make_texts(36, seed=1)
@@ -115,9 +115,9 @@ def tiny_world(tmp_path_factory):
 def brute_force_topk():
     """f(cfg) -> (query ids, TopKAccumulator): every sequence scored alone in this process, then sorted."""
     from influence_ops import TopKAccumulator, collate, load_queries, score_batch
-    from pipelines import storage
-    from pipelines.model_loading import load_model
-    from pipelines.shards import list_shards, read_rows
+    from pipelines.io import storage
+    from pipelines.io.model_loading import load_model
+    from pipelines.io.shards import list_shards, read_rows
 
     def compute(cfg):
         m = load_model(cfg.model)
@@ -159,9 +159,9 @@ def assert_factors_match_fit():
     import torch
 
     from influence_ops import Fisher, collate, fit_ekfac, load_factors
-    from pipelines import storage
-    from pipelines.model_loading import load_model
-    from pipelines.shards import read_rows
+    from pipelines.io import storage
+    from pipelines.io.model_loading import load_model
+    from pipelines.io.shards import read_rows
 
     def check(cfg) -> int:
         folder = storage.join(cfg.data.output, "factors")

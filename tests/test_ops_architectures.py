@@ -13,13 +13,37 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_helpers import (ARCHITECTURES, F64_ATOL, F64_RTOL, HIDDEN, INTERMEDIATE, VOCAB, assert_close, batches_of,
-                         random_queries, random_sequences, tiny_gpt2)
+from ops_helpers import (
+    ARCHITECTURES,
+    F64_ATOL,
+    F64_RTOL,
+    HIDDEN,
+    INTERMEDIATE,
+    VOCAB,
+    assert_close,
+    batches_of,
+    random_queries,
+    random_sequences,
+    tiny_gpt2,
+)
 from torch import nn
 
-from influence_ops import (IGNORE_INDEX, EKFACFactors, Fisher, PreconditionedQueries, Strategy, TokenBatch,
-                           TrackedLayer, backward_pass, collate, find_mlp_layers, fit_ekfac, per_sequence_gradients,
-                           precondition_queries, score_batch)
+from influence_ops import (
+    IGNORE_INDEX,
+    EKFACFactors,
+    Fisher,
+    PreconditionedQueries,
+    Strategy,
+    TokenBatch,
+    TrackedLayer,
+    backward_pass,
+    collate,
+    find_mlp_layers,
+    fit_ekfac,
+    per_sequence_gradients,
+    precondition_queries,
+    score_batch,
+)
 from influence_ops.objectives import LanguageModelObjective
 
 RANK = 2

@@ -7,8 +7,18 @@ import pytest
 import torch
 from ops_helpers import ARCHITECTURES, batches_of, random_queries, random_sequences
 
-from influence_ops import (Fisher, LanguageModelObjective, backward_pass, collate, find_mlp_layers, fit_covariances,
-                           fit_ekfac, fit_lambda, precondition_queries, score_batch)
+from influence_ops import (
+    Fisher,
+    LanguageModelObjective,
+    backward_pass,
+    collate,
+    find_mlp_layers,
+    fit_covariances,
+    fit_ekfac,
+    fit_lambda,
+    precondition_queries,
+    score_batch,
+)
 
 # bf16 has an 8-bit mantissa: scores are not equal, only strongly correlated.
 MIN_PEARSON = 0.95

@@ -17,14 +17,46 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from ops_helpers import (ARCHITECTURES, F64_ATOL, F64_RTOL, MLP_PATTERN, VOCAB, assert_close, batches_of,
-                         random_queries, random_sequences, tiny_gpt2, tiny_mlp)
+from ops_helpers import (
+    ARCHITECTURES,
+    F64_ATOL,
+    F64_RTOL,
+    MLP_PATTERN,
+    VOCAB,
+    assert_close,
+    batches_of,
+    random_queries,
+    random_sequences,
+    tiny_gpt2,
+    tiny_mlp,
+)
 from torch import nn
 
-from influence_ops import (EKFACFactors, Fisher, LayerQuery, PreconditionedQueries, Strategy, TokenBatch,
-                           TopKAccumulator, TrackedLayer, capture, collate, eigendecompose, find_mlp_layers,
-                           fit_covariances, fit_ekfac, fit_lambda, load_factors, load_queries, model_fingerprint,
-                           precondition_queries, query_batch, save_factors, save_queries, score_batch)
+from influence_ops import (
+    EKFACFactors,
+    Fisher,
+    LayerQuery,
+    PreconditionedQueries,
+    Strategy,
+    TokenBatch,
+    TopKAccumulator,
+    TrackedLayer,
+    capture,
+    collate,
+    eigendecompose,
+    find_mlp_layers,
+    fit_covariances,
+    fit_ekfac,
+    fit_lambda,
+    load_factors,
+    load_queries,
+    model_fingerprint,
+    precondition_queries,
+    query_batch,
+    save_factors,
+    save_queries,
+    score_batch,
+)
 from influence_ops.storage import MANIFEST
 
 # Low-rank queries at full rank are the same matrices up to SVD rounding.

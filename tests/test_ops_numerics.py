@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from ops_helpers import assert_close as check_close
 from torch import nn
 
 import influence_ops as ops
-from ops_helpers import assert_close as check_close
 from influence_ops.eigen import LayerEigen
 from influence_ops.factors import LayerFactors
 

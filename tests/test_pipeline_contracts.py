@@ -15,11 +15,11 @@ from influence_ops import Fisher, collate, fit_ekfac, precondition_queries, quer
 from pipelines import ConfigError, config_from_dict, load_config
 from pipelines.cli import main
 from pipelines.config import ModelConfig
-from pipelines.model_loading import load_model
-from pipelines.sampling import plan_units, sample_rows
-from pipelines.score import ShardScorer
-from pipelines.shards import ShardError, read_rows
-from pipelines.storage import parquet_metadata
+from pipelines.io.model_loading import load_model
+from pipelines.io.shards import ShardError, read_rows
+from pipelines.io.storage import parquet_metadata
+from pipelines.stages.sampling import plan_units, sample_rows
+from pipelines.stages.score import ShardScorer
 
 VOCAB = 11
 
@@ -70,7 +70,7 @@ def test_shard_contract_errors_name_file_row_and_field(tmp_path, case, row, fiel
 
 
 def test_duplicate_doc_id_found_across_read_windows(tmp_path):
-    from pipelines.shards import iter_shard
+    from pipelines.io.shards import iter_shard
 
     path = write_shard(tmp_path / "s.parquet", ["a", "b", "c", "a"], GOOD_IDS[:4])
     with pytest.raises(ShardError, match="row 3, field 'doc_id'"):
@@ -169,7 +169,7 @@ def test_shard_scorer_called_directly_on_a_dict_batch(tmp_path):
 def test_tokenizer_callable_chunks_long_documents(tiny_world):
     from transformers import AutoTokenizer
 
-    from pipelines.tokenize import MIN_TOKENS, Tokenizer
+    from pipelines.stages.tokenize import MIN_TOKENS, Tokenizer
 
     tok = Tokenizer(ModelConfig(path=str(tiny_world / "model")), max_length=5, text_column="text", id_column="id")
     table = tok.tokenize_file(str(tiny_world / "raw" / "part0.jsonl")).to_pylist()
@@ -185,7 +185,7 @@ def test_tokenizer_callable_chunks_long_documents(tiny_world):
 
 
 def test_demo_corpus_plants_two_sources_per_fact():
-    from pipelines.demo_corpus import make_corpus, make_queries
+    from pipelines.demo.corpus import make_corpus, make_queries
 
     docs, facts = make_corpus(countries=4, filler_docs=10)
     sources = [d["source_of"] for d in docs if d["source_of"]]
@@ -197,9 +197,9 @@ def test_demo_corpus_plants_two_sources_per_fact():
 
 def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, tmp_path):
     """Stage-1 partial sums per unit do not depend on which worker call (actor) gets which unit."""
-    from pipelines.fit_factors import CovarianceWorker
-    from pipelines.payloads import covariances_from_bytes
-    from pipelines.sampling import Unit
+    from pipelines.io.payloads import covariances_from_bytes
+    from pipelines.stages.fit_factors import CovarianceWorker
+    from pipelines.stages.sampling import Unit
 
     path = write_shard(tmp_path / "s.parquet", [f"d{i}" for i in range(6)], [[1, 2, 3, 4]] * 3 + [[5, 6, 7]] * 3)
     units = [Unit(i, path, rows).to_json() for i, rows in enumerate([(0, 1, 2), (3, 4), (5,)])]
@@ -223,7 +223,7 @@ def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, t
 
 
 def test_storage_on_memory_urls():
-    from pipelines import storage
+    from pipelines.io import storage
 
     root = "memory://influence-test/run"
     storage.write_json(storage.join(root, "a", "x.json"), {"k": 1})
@@ -253,6 +253,6 @@ def test_influence_ops_imports_no_pipeline_dependencies():
     ("/data/shards/x.parquet", "/data/shards/x.parquet", "x"),
 ])
 def test_shard_output_names(corpus, shard, name):
-    from pipelines.shards import shard_name
+    from pipelines.io.shards import shard_name
 
     assert shard_name(shard, corpus) == name

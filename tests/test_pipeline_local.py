@@ -15,9 +15,10 @@ import torch
 
 from influence_ops import load_factors, load_queries
 from pipelines import config_from_dict
-from pipelines.build_queries import precondition, tokenize_queries
-from pipelines.model_loading import load_model, load_tokenizer
+from pipelines.io.model_loading import load_model, load_tokenizer
 from pipelines.run import run_job
+from pipelines.stages.build_queries import precondition, tokenize_queries
+
 
 def job(world: Path, output: str, corpus: str) -> dict:
     return {
@@ -134,7 +135,7 @@ def test_bad_shard_fails_only_itself_and_is_named(local_run, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.score import score
+    from pipelines.stages.score import score
 
     cfg, _, root = local_run
     corpus = tmp_path / "corpus"

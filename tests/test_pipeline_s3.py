@@ -14,7 +14,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import config_from_dict, storage
+from pipelines import config_from_dict
+from pipelines.io import storage
 from pipelines.run import run_job
 
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
-from .config import load_config
-from .demo_corpus import make_corpus, make_queries
-from .demo_model import build_tokenizer, save_model, tiny_gpt2, train
-from .run import run_job
+from ..config import load_config
+from ..run import run_job
+from .corpus import make_corpus, make_queries
+from .model import build_tokenizer, save_model, tiny_gpt2, train
 
 JOB = """\
 # The demo job: written by `influence demo`, runnable with `influence run {out}/job.toml`.

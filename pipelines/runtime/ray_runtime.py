@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ResourceConfig
+from ..config import ResourceConfig
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ import torch
 
 from influence_ops import Strategy, TokenBatch, TopKAccumulator, load_queries, score_batch
 
-from . import completion, storage
-from .batching import prefetch, token_batches
-from .config import JobConfig, ModelConfig
-from .model_loading import load_model, pick_device
-from .progress import bar
-from .ray_runtime import ensure_ray, run_units, set_threads, units_of
-from .shards import Sequences, ShardError, iter_shard, list_shards, shard_name
+from ..config import JobConfig, ModelConfig
+from ..io import completion, storage
+from ..io.model_loading import load_model, pick_device
+from ..io.shards import Sequences, ShardError, iter_shard, list_shards, shard_name
+from ..runtime.batching import prefetch, token_batches
+from ..runtime.progress import bar
+from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 
 SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64()),
                           ("score_normalized", pa.float64()), ("sign", pa.string()), ("shard_rank", pa.int32()),

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
-from . import storage
-from .shards import row_counts
+from ..io import storage
+from ..io.shards import row_counts
 
 
 @dataclass(frozen=True)

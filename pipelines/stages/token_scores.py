@@ -20,13 +20,13 @@ import pyarrow as pa
 
 from influence_ops import score_batch
 
-from . import storage
-from .batching import token_batches
-from .config import JobConfig
-from .progress import bar
-from .ray_runtime import ensure_ray, run_units, units_of
+from ..config import JobConfig
+from ..io import storage
+from ..io.shards import read_rows
+from ..runtime.batching import token_batches
+from ..runtime.progress import bar
+from ..runtime.ray_runtime import ensure_ray, run_units, units_of
 from .score import ShardScorer
-from .shards import read_rows
 
 TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("token_index", pa.int32()), ("token_id", pa.int32()),
                           ("score", pa.float64())])

@@ -26,9 +26,9 @@ import pyarrow as pa
 
 from influence_ops import PreconditionedQueries, load_factors, precondition_queries, query_batch, save_queries
 
-from . import completion, storage
-from .config import JobConfig
-from .model_loading import LoadedModel, load_model, load_tokenizer, pick_device
+from ..config import JobConfig
+from ..io import completion, storage
+from ..io.model_loading import LoadedModel, load_model, load_tokenizer, pick_device
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import completion, storage
-from .config import JobConfig, ModelConfig
-from .model_loading import load_tokenizer
-from .progress import bar
-from .ray_runtime import ensure_ray, run_units, units_of
-from .shards import corpus_root
+from ..config import JobConfig, ModelConfig
+from ..io import completion, storage
+from ..io.model_loading import load_tokenizer
+from ..io.shards import corpus_root
+from ..runtime.progress import bar
+from ..runtime.ray_runtime import ensure_ray, run_units, units_of
 
 MIN_TOKENS = 2
 

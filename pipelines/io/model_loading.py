@@ -22,8 +22,8 @@ from torch import nn
 
 from influence_ops import TrackedLayer, find_mlp_layers
 
+from ..config import DType, ModelConfig
 from . import storage
-from .config import DType, ModelConfig
 
 log = logging.getLogger(__name__)
 

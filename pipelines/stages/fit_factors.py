@@ -22,19 +22,34 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from influence_ops import (Covariances, Fisher, LambdaSums, assemble_factors, eigendecompose, fit_covariances,
-                           fit_lambda, save_factors)
+from influence_ops import (
+    Covariances,
+    Fisher,
+    LambdaSums,
+    assemble_factors,
+    eigendecompose,
+    fit_covariances,
+    fit_lambda,
+    save_factors,
+)
 
-from . import completion, storage
-from .batching import token_batches
-from .config import JobConfig, ModelConfig
-from .model_loading import load_model, model_identity, pick_device
-from .payloads import (covariances_from_bytes, covariances_to_bytes, eigen_from_bytes, eigen_to_bytes,
-                       lambda_from_bytes, lambda_to_bytes, metadata_of)
-from .progress import bar
-from .ray_runtime import ensure_ray, run_units, set_threads, units_of
+from ..config import JobConfig, ModelConfig
+from ..io import completion, storage
+from ..io.model_loading import load_model, model_identity, pick_device
+from ..io.payloads import (
+    covariances_from_bytes,
+    covariances_to_bytes,
+    eigen_from_bytes,
+    eigen_to_bytes,
+    lambda_from_bytes,
+    lambda_to_bytes,
+    metadata_of,
+)
+from ..io.shards import list_shards, read_rows
+from ..runtime.batching import token_batches
+from ..runtime.progress import bar
+from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .sampling import Unit, plan_units, sample_rows
-from .shards import list_shards, read_rows
 
 STAGE1 = "_stage1.safetensors"
 EIGEN = "_eigen.safetensors"

@@ -20,7 +20,7 @@ import torch
 
 from influence_ops import TokenBatch, collate
 
-from .shards import Sequences
+from ..io.shards import Sequences
 
 T = TypeVar("T")
 

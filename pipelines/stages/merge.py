@@ -27,8 +27,8 @@ import pyarrow as pa
 
 from influence_ops import TopKAccumulator
 
-from . import completion, storage
-from .config import JobConfig
+from ..config import JobConfig
+from ..io import completion, storage
 from .score import KEY
 
 TOPK_SCHEMA = pa.schema([("doc_id", pa.string()), ("score", pa.float64()), ("score_normalized", pa.float64()),

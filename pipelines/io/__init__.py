@@ -1,0 +1,1 @@
+"""Reading and writing: fsspec storage, training shards, completion markers, payloads, model loading."""

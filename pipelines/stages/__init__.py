@@ -1,0 +1,1 @@
+"""The job's stages, one module each: tokenize, fit-factors, build-queries, score, merge (+ token scores)."""
