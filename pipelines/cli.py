@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from .config import ConfigError, JobConfig, load_config
+from .results.commands import register as register_readers
 from .run import STAGES, StageFailed, run_job
 
 
@@ -118,6 +119,8 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
         click.echo(line)
     click.echo(f"demo finished in {result['seconds']:.1f} s; re-run the job with: influence run {output}/job.toml")
 
+
+register_readers(main)  # influence show / sql / report / ddl (pipelines/results/)
 
 if __name__ == "__main__":
     main()

@@ -76,7 +76,7 @@ def test_token_scores_sum_to_scores(local_run):
     sums = tokens.groupby(["query_id", "doc_id"])["score"].sum()
     for row in topk.itertuples():
         assert sums[(row.query_id, row.doc_id)] == pytest.approx(row.score, rel=1e-3, abs=1e-5)
-    assert record["stages"]["merge"]["token_scores"]["max_relative_sum_error"] < 1e-3
+    assert record["stages"]["merge"]["details"]["max_relative_sum_error"] < 1e-3
 
 
 def test_duckdb_reads_topk_with_hive_partitioning(local_run, tmp_path):

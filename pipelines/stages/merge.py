@@ -14,7 +14,10 @@ hive_partitioning=true)``). Columns:
     doc_id string, score float64 (raw influence, paper sign), score_normalized
     float64 (score / tokens the factors were fitted on), rank int32 (1 = most
     extreme), sign string ('top' = the k most positive, 'bottom' = the k most
-    negative), shard string (the shard file holding the sequence).
+    negative), shard string (the shard file holding the sequence), tokens int32
+    (its length in tokens), text string (the shard's text, or the decoded
+    tokens; see ``token_scores``). ``layer_scores/`` and ``token_scores/`` hold
+    the per-layer and per-token scores of these rows.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from ..config import JobConfig
 from ..io import completion, storage
 from .score import KEY
 
-TOPK_SCHEMA = pa.schema([("doc_id", pa.string()), ("score", pa.float64()), ("score_normalized", pa.float64()),
-                         ("rank", pa.int32()), ("sign", pa.string()), ("shard", pa.string())])
+MERGED_SCHEMA = pa.schema([("doc_id", pa.string()), ("score", pa.float64()), ("score_normalized", pa.float64()),
+                           ("rank", pa.int32()), ("sign", pa.string()), ("shard", pa.string())])
+TOPK_SCHEMA = MERGED_SCHEMA.append(pa.field("tokens", pa.int32())).append(pa.field("text", pa.string()))
 
 
 class QueryMerge:
@@ -51,7 +55,7 @@ class QueryMerge:
         self.where = {d: v for d, v in self.where.items() if d in kept}
 
     def table(self) -> pa.Table:
-        cols: dict[str, list] = {name: [] for name in TOPK_SCHEMA.names}
+        cols: dict[str, list] = {name: [] for name in MERGED_SCHEMA.names}
         for sign, side in (("top", self.acc.top), ("bottom", self.acc.bottom)):
             for rank, (doc, s) in enumerate(zip(side.ids[0], side.scores[0]), start=1):
                 cols["doc_id"].append(str(doc))
@@ -60,7 +64,7 @@ class QueryMerge:
                 cols["rank"].append(rank)
                 cols["sign"].append(sign)
                 cols["shard"].append(self.where[doc][0])
-        return pa.table(cols, schema=TOPK_SCHEMA)
+        return pa.table(cols, schema=MERGED_SCHEMA)
 
 
 def merge_scores(score_files: list[str], k: int) -> dict[str, QueryMerge]:
@@ -82,7 +86,7 @@ def partition(output: str, table: str, query_id: str) -> str:
 
 
 def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -> dict[str, Any]:
-    """Write topk/ and (when asked) token_scores/; skipped when both are complete for these inputs."""
+    """Write topk/, layer_scores/ and (when asked) token_scores/; skipped when all are complete for these inputs."""
     from .token_scores import write_token_scores
 
     start = time.perf_counter()
@@ -90,19 +94,20 @@ def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard score files are missing (run `score` first), e.g. {missing[0]}")
     keys = [storage.parquet_metadata(u).get(KEY) for u in score_files]
-    key = completion.inputs_key("merge", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
+    key = completion.inputs_key("merge-v2", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
     topk_dir = storage.join(cfg.data.output, "topk")
     done = completion.completed(topk_dir, key)
     if done is not None:
         return {**done, "skipped": True}
     storage.remove(topk_dir)
     storage.remove(storage.join(cfg.data.output, "token_scores"))
+    storage.remove(storage.join(cfg.data.output, "layer_scores"))
     merges = merge_scores(score_files, cfg.scoring.top_k)
     tables = {qid: m.table() for qid, m in merges.items()}
+    info: dict[str, Any] = {"queries": len(tables), "rows": sum(t.num_rows for t in tables.values()),
+                            "fold_seconds": round(time.perf_counter() - start, 3)}
+    tables, info["details"] = write_token_scores(cfg, tables, show_progress)  # text, tokens, layer/token scores
     for qid, table in tables.items():
         storage.write_parquet(partition(cfg.data.output, "topk", qid), table)
-    info: dict[str, Any] = {"queries": len(tables), "rows": sum(t.num_rows for t in tables.values())}
-    if cfg.scoring.per_token:
-        info["token_scores"] = write_token_scores(cfg, tables, show_progress)
     info["seconds"] = round(time.perf_counter() - start, 3)
     return {**completion.mark_complete(topk_dir, key, info), "skipped": False}

@@ -38,6 +38,7 @@ from ..io.shards import Sequences, ShardError, iter_shard, list_shards, shard_na
 from ..runtime.batching import prefetch, token_batches
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
+from .distribution import ScoreHistogram, distribution_url
 
 SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64()),
                           ("score_normalized", pa.float64()), ("sign", pa.string()), ("shard_rank", pa.int32()),
@@ -82,11 +83,13 @@ class ShardScorer:
     def score_shard(self, shard: str) -> tuple[TopKAccumulator, int]:
         """Top/bottom-k of every query over the shard, and the number of tokens scored."""
         acc = TopKAccumulator(self.queries.num_queries, self.top_k)
+        self.histogram = ScoreHistogram(self.queries.num_queries, self.queries.factor_tokens)
         tokens = 0
         for part, batch in prefetch(self.batches(shard)):
             result = score_batch(self.m.model, self.queries, batch, strategy=self.strategy,
                                  autocast_dtype=self.m.autocast)
             acc.update(result.scores, part.doc_ids)
+            self.histogram.update(result.scores)
             tokens += int(part.lengths.sum())  # from the CPU copy: no device sync
         return acc, tokens
 
@@ -102,6 +105,8 @@ class ShardScorer:
                 error = str(err)
             if acc is not None:
                 table = topk_rows(acc, self.queries.query_ids, self.queries.factor_tokens, unit["shard"])
+                storage.write_parquet(distribution_url(unit["output"]),  # before the scores file that marks it done
+                                      self.histogram.table(self.queries.query_ids, unit["shard"]))
                 storage.write_parquet(unit["output"], table.replace_schema_metadata({KEY: unit["key"]}))
             rows["shard"].append(unit["shard"])
             rows["status"].append("failed" if error else "scored")

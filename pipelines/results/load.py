@@ -1,0 +1,164 @@
+"""A run's results as typed rows, for the terminal view and the report (read through DuckDB views)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..io import storage
+from .tables import Output, connect, open_output
+
+
+@dataclass(frozen=True)
+class QueryInfo:
+    """One query: text, measurement f = log p(completion | prompt), truncation error of its rank-r form per layer."""
+
+    query_id: str
+    prompt: str | None
+    completion: str | None
+    measurement: float
+    truncation_error: list[float]
+    prompt_tokens_dropped: int
+
+    @property
+    def truncation_error_max(self) -> float:
+        return max(self.truncation_error, default=0.0)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One row of topk/: a proponent (sign 'top') or an opponent ('bottom') of a query."""
+
+    query_id: str
+    sign: str
+    rank: int
+    doc_id: str
+    score: float
+    score_normalized: float
+    shard: str
+    tokens: int | None
+    text: str | None
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per-token contributions of one row: token strings (None without a tokenizer), ids and raw scores."""
+
+    pieces: list[str | None]
+    token_ids: list[int]
+    scores: list[float]
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The exactly known top of a query's score distribution (normalized scores, descending).
+
+    Every scored sequence whose score is above ``threshold`` is in ``values``:
+    a sequence missing from the shards' top-k lists is at most its shard's
+    k-th score, and ``threshold`` is the largest such k-th score.
+    """
+
+    values: list[float]
+    threshold: float
+
+
+@dataclass
+class Run:
+    """A run's output folder opened for reading."""
+
+    out: Output
+    con: Any
+    queries: list[QueryInfo] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    layer_names: list[str] = field(default_factory=list)
+    factor_tokens: int | None = None
+
+    def rows(self, query_id: str, sign: str = "top", k: int | None = None) -> list[ResultRow]:
+        sql = ("SELECT query_id, sign, rank, doc_id, score, score_normalized, shard, "
+               + ("tokens, text" if self.has_text else "NULL, NULL")
+               + " FROM topk WHERE query_id = ? AND sign = ? " + ("AND rank <= ? " if k else "") + "ORDER BY rank")
+        params = [query_id, sign] + ([k] if k else [])
+        return [ResultRow(*r) for r in self.con.execute(sql, params).fetchall()]
+
+    @property
+    def has_text(self) -> bool:
+        cols = {c[0] for c in self.con.execute("DESCRIBE topk").fetchall()}
+        return {"text", "tokens"} <= cols
+
+    def token_scores(self, query_id: str, doc_ids: list[str]) -> dict[str, TokenScores]:
+        if "token_scores" not in self.out.tables or not doc_ids:
+            return {}
+        cols = {c[0] for c in self.con.execute("DESCRIBE token_scores").fetchall()}
+        piece = "token" if "token" in cols else "NULL"
+        got = self.con.execute(
+            f"SELECT doc_id, list({piece} ORDER BY token_index), list(token_id ORDER BY token_index), "
+            "list(score ORDER BY token_index) FROM token_scores WHERE query_id = ? AND list_contains(?, doc_id) "
+            "GROUP BY doc_id", [query_id, doc_ids]).fetchall()
+        return {d: TokenScores(list(p), list(i), list(s)) for d, p, i, s in got}
+
+    def layer_totals(self, query_id: str) -> dict[str, list[tuple[str, float]]]:
+        """Per sign: (layer, sum of normalized layer scores over that side's rows), in layer order."""
+        if "layer_scores" not in self.out.tables:
+            return {}
+        got = self.con.execute(
+            "SELECT t.sign, l.layer_index, l.layer, sum(l.score_normalized) FROM layer_scores l JOIN topk t "
+            "ON l.query_id = t.query_id AND l.doc_id = t.doc_id WHERE l.query_id = ? "
+            "GROUP BY ALL ORDER BY t.sign, l.layer_index", [query_id]).fetchall()
+        out: dict[str, list[tuple[str, float]]] = {}
+        for sign, _, layer, total in got:
+            out.setdefault(sign, []).append((layer, total))
+        return out
+
+    def distribution(self, query_id: str) -> list[tuple[str, float, float, int, float]]:
+        """(sign, bin_lower, bin_upper, sequences, score_sum) over every scored sequence (all shards added)."""
+        if "distribution" not in self.out.tables:
+            return []
+        return self.con.execute(
+            "SELECT sign, bin_lower, bin_upper, sum(sequences), sum(score_sum) FROM distribution "
+            "WHERE query_id = ? GROUP BY ALL ORDER BY sign, bin_lower", [query_id]).fetchall()
+
+    def tail(self, query_id: str) -> Tail:
+        """The exactly known positive top of the distribution, from the shards' top-k lists (``scores``)."""
+        k = int(self.config.get("scoring", {}).get("top_k") or 0)
+        full = self.con.execute(
+            "SELECT max(kth) FROM (SELECT shard, min(score_normalized) AS kth, count(*) AS n FROM scores "
+            "WHERE query_id = ? AND sign = 'top' GROUP BY shard) WHERE n >= ?", [query_id, k]).fetchone()[0]
+        threshold = -math.inf if full is None else float(full)
+        values = [v for (v,) in self.con.execute(
+            "SELECT max(score_normalized) AS v FROM scores WHERE query_id = ? AND sign = 'top' GROUP BY doc_id "
+            "HAVING v > ? ORDER BY v DESC", [query_id, threshold if math.isfinite(threshold) else -1e308]).fetchall()]
+        return Tail(values, threshold)
+
+    @property
+    def sequences(self) -> int | None:
+        counts = self.record.get("counts") or {}
+        return counts.get("sequences")
+
+
+def open_run(path: str) -> Run:
+    """Open a run's output folder (or the output of a job file) for reading."""
+    out = open_output(path)
+    con = connect(out)
+    run = Run(out, con)
+    run.config = storage.read_json(storage.join(out.url, "resolved_config.json")) or {}
+    run.record = latest_record(out.url)
+    meta = storage.read_json(storage.join(out.url, "queries", "queries.json")) or {}
+    run.layer_names = list(meta.get("layers", []))
+    run.factor_tokens = meta.get("factor_tokens")
+    if "queries" in out.tables:
+        for r in con.execute("SELECT query_id, prompt, completion, measurement, truncation_error, "
+                             "prompt_tokens_dropped FROM queries").fetchall():
+            run.queries.append(QueryInfo(r[0], r[1], r[2], float(r[3]), list(r[4] or []), int(r[5] or 0)))
+    else:
+        for (qid,) in con.execute("SELECT DISTINCT query_id FROM topk ORDER BY 1").fetchall():
+            run.queries.append(QueryInfo(qid, None, None, math.nan, [], 0))
+    return run
+
+
+def latest_record(url: str) -> dict[str, Any]:
+    """The most recent ``runs/<run_id>.json`` (by its ``finished`` time), or {}."""
+    records = [storage.read_json(f) for f in storage.list_files(storage.join(url, "runs"), ".json")]
+    records = [r for r in records if r]
+    return max(records, key=lambda r: r.get("finished", ""), default={})

@@ -1,0 +1,171 @@
+"""``influence show``: a terminal view of a run's results.
+
+Per query: the prompt and completion, the measurement, and its top proponents
+(``--bottom``: also its opponents) with rank, normalized score, document id
+and an excerpt of the text around its most influential tokens, which are
+highlighted (bold green for proponents, red for opponents; ``[[...]]``
+without colours).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import click
+
+from .load import ResultRow, Run, TokenScores, open_run
+
+EXCERPT_CHARS = 240
+HIGHLIGHT = 3  # tokens highlighted per row
+
+
+def _fmt_score(x: float) -> str:
+    return f"{x:+.3e}"
+
+
+def excerpt(row: ResultRow, tokens: TokenScores | None, width: int = EXCERPT_CHARS,
+            highlight: int = HIGHLIGHT) -> list[tuple[str, bool]]:
+    """The row's text as (piece, highlighted) segments, about ``width`` characters around its strongest tokens.
+
+    Strongest: the largest contributions of the row's own sign (positive for a
+    proponent, negative for an opponent). Without token scores, the start of the text.
+    """
+    if tokens is None or not tokens.pieces or any(p is None for p in tokens.pieces):
+        text = " ".join((row.text or "").split())
+        return [(text if len(text) <= width else text[:width - 1] + "…", False)]
+    sign = 1.0 if row.sign == "top" else -1.0
+    order = sorted(range(len(tokens.scores)), key=lambda i: -sign * tokens.scores[i])
+    strong = {i for i in order[:highlight] if sign * tokens.scores[i] > 0}
+    pieces = [" ".join(p.split()) if p.strip() else " " for p in tokens.pieces]
+    pieces = [(" " if tokens.pieces[i][:1].isspace() and p != " " else "") + p for i, p in enumerate(pieces)]
+    centre = min(strong) if strong else 0
+    lo = hi = centre
+    length = len(pieces[centre])
+    while length < width and (lo > 0 or hi < len(pieces) - 1):
+        if hi < len(pieces) - 1:
+            hi += 1
+            length += len(pieces[hi])
+        if lo > 0 and length < width:
+            lo -= 1
+            length += len(pieces[lo])
+    out = [("… " if lo > 0 else "", False)] if lo > 0 else []
+    for i in range(lo, hi + 1):
+        out.append((pieces[i], i in strong))
+    if hi < len(pieces) - 1:
+        out.append((" …", False))
+    if out and not out[0][1]:
+        out[0] = (out[0][0].lstrip(), False)
+    return out
+
+
+def render_excerpt(segments: list[tuple[str, bool]], sign: str, color: bool) -> str:
+    """Segments as text: highlighted pieces in bold colour (rich markup) or inside [[ ]]."""
+    from rich.markup import escape
+
+    style = "bold black on green" if sign == "top" else "bold white on red"
+    out = []
+    for piece, strong in segments:
+        if not strong:
+            out.append(escape(piece) if color else piece)
+        elif color:
+            lead = piece[: len(piece) - len(piece.lstrip())]
+            out.append(f"{lead}[{style}]{escape(piece.lstrip())}[/]")
+        else:
+            lead = piece[: len(piece) - len(piece.lstrip())]
+            out.append(f"{lead}[[{piece.lstrip()}]]")
+    return "".join(out)
+
+
+def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -> list[str]:
+    q = run.queries[query_index]
+    lines = [f"[bold]query {q.query_id}[/]" if color else f"query {q.query_id}"]
+    if q.prompt is not None:
+        prompt = f"  prompt:     {q.prompt!r}\n  completion: {q.completion!r}"
+        lines.append(_escape(prompt, color))
+    if not math.isnan(q.measurement):
+        lines.append(f"  measurement: log p(completion | prompt) = {q.measurement:.4f} nats "
+                     f"(p = {math.exp(q.measurement):.3g}); rank-r truncation error (relative, max over layers) "
+                     f"{q.truncation_error_max:.3g}")
+    sides = [("top", "proponents (training on them makes the completion more likely)")]
+    if bottom:
+        sides.append(("bottom", "opponents (training on them makes the completion less likely)"))
+    for sign, title in sides:
+        rows = run.rows(q.query_id, sign, k)
+        tokens = run.token_scores(q.query_id, [r.doc_id for r in rows])
+        lines.append(f"  top {len(rows)} {title}:" if sign == "top" else f"  bottom {len(rows)} {title}:")
+        for r in rows:
+            size = f", {r.tokens} tokens" if r.tokens is not None else ""
+            head = f"    #{r.rank:<3} {_fmt_score(r.score_normalized)}  {r.doc_id}  ({_short(r.shard)}{size})"
+            lines.append(_escape(head, color))
+            body = render_excerpt(excerpt(r, tokens.get(r.doc_id)), sign, color)
+            lines.append("         " + body)
+    return lines
+
+
+def _short(shard: str) -> str:
+    return shard.rsplit("/", 1)[-1]
+
+
+def _escape(text: str, color: bool) -> str:
+    if not color:
+        return text
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def legend(run: Run, color: bool) -> list[str]:
+    unit = (f"influence / {run.factor_tokens:,} tokens the factors were fitted on" if run.factor_tokens
+            else "influence / fitted tokens")
+    mark = "highlighted" if color else "in [[ ]]"
+    return [f"scores: normalized = {unit}; + = training on the sequence raises log p(completion | prompt), "
+            f"- = lowers it.",
+            f"tokens {mark}: the {HIGHLIGHT} largest per-token contributions of the row's sign (a token's "
+            "activations and the gradient of predicting the token after it)."]
+
+
+def show_lines(run: Run, query: str | None = None, k: int = 5, bottom: bool = False, color: bool = False,
+               limit: int | None = None) -> list[str]:
+    """The whole view as lines (rich markup when ``color``)."""
+    ids = [q.query_id for q in run.queries]
+    if query is not None:
+        if query not in ids:
+            raise click.ClickException(f"{run.out.url}: no query {query!r} (queries: {', '.join(ids)})")
+        chosen = [ids.index(query)]
+    else:
+        chosen = list(range(len(ids)))[:limit]
+    lines = legend(run, color)
+    for i in chosen:
+        lines.append("")
+        lines += query_lines(run, i, k, bottom, color)
+    if limit is not None and len(ids) > len(chosen):
+        lines.append(f"\n({len(ids) - len(chosen)} more queries: influence show {run.out.url})")
+    return lines
+
+
+def print_lines(lines: list[str], color: bool, file: Any = None) -> None:
+    from rich.console import Console
+
+    console = Console(file=file or sys.stdout, highlight=False, soft_wrap=True, no_color=not color,
+                      force_terminal=color or None, markup=color, emoji=False)
+    for line in lines:
+        console.print(line)
+
+
+@click.command(name="show")
+@click.argument("output")
+@click.option("--query", "query", default=None, help="Only this query id.")
+@click.option("--k", "k", default=5, show_default=True, help="Rows per side.")
+@click.option("--bottom", is_flag=True, help="Also the opponents (the most negative scores).")
+@click.option("--color/--no-color", default=None, help="Colours (default: when printing to a terminal).")
+def show_command(output: str, query: str | None, k: int, bottom: bool, color: bool | None) -> None:
+    """Each query's most influential training sequences, in the terminal.
+    OUTPUT is the job's output folder (local or s3://) or its job file."""
+    try:
+        run = open_run(output)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    color = sys.stdout.isatty() if color is None else color
+    print_lines(show_lines(run, query, k, bottom, color), color)
