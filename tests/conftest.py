@@ -185,3 +185,6 @@ def assert_factors_match_fit():
         return len(sample)
 
     return check
+
+
+from results_fixtures import results_run, results_s3  # noqa: E402,F401  (the readers' shared run)

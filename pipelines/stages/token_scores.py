@@ -168,9 +168,9 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
         mine = docs_t.filter(pc.equal(docs_t.column("query_id"), qid))
         by_doc = {d: i for i, d in enumerate(mine.column("doc_id").to_pylist())}
         order = [by_doc[d] for d in table.column("doc_id").to_pylist()]
-        mine = mine.take(order)
+        unique, mine = mine, mine.take(order)  # a doc can be both a top and a bottom row of a small corpus
         enriched[qid] = table.append_column("tokens", mine.column("tokens")).append_column("text", mine.column("text"))
-        layers = _layer_table(mine, layer_names, factor_tokens)
+        layers = _layer_table(unique, layer_names, factor_tokens)
         storage.write_parquet(partition(cfg.data.output, "layer_scores", qid), layers)
         info["layer_rows"] += layers.num_rows
         info["max_relative_layer_sum_error"] = max(info["max_relative_layer_sum_error"],

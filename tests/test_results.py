@@ -1,0 +1,284 @@
+"""The readers on one small run: enriched tables, `influence sql` (views, guard, README examples, interactive),
+`show`, `report` and `ddl`, on local files and on an s3:// copy (moto)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from results_fixtures import HOSTILE
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def cli(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def ok(*args: str, input: str | None = None) -> str:
+    result = cli(*args, input=input)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def table(out: Path, name: str) -> list[dict]:
+    return pads.dataset(str(out / name), partitioning="hive").to_table().to_pylist()
+
+
+def all_scores(cfg) -> dict[str, dict[str, float]]:
+    """Every sequence scored in this process: {query_id: {doc_id: raw score}}."""
+    from influence_ops import collate, load_queries, score_batch
+    from pipelines.io import storage
+    from pipelines.io.model_loading import load_model
+    from pipelines.io.shards import list_shards, read_rows
+
+    m = load_model(cfg.model)
+    queries = load_queries(storage.local_copy(storage.join(cfg.data.output, "queries")))
+    out: dict[str, dict[str, float]] = {q: {} for q in queries.query_ids}
+    for shard in list_shards(cfg.data.corpus):
+        seqs = read_rows(shard, None, None)
+        for doc, ids in zip(seqs.doc_ids, seqs.input_ids):
+            s = score_batch(m.model, queries, collate([ids])).scores[:, 0]
+            for q, qid in enumerate(queries.query_ids):
+                out[qid][doc] = float(s[q])
+    return out
+
+
+def test_tables_carry_text_tokens_layers_and_the_distribution(results_run):
+    cfg, record, root = results_run
+    out = Path(cfg.data.output)
+    shards = {r["doc_id"]: r for r in pads.dataset(str(root / "shards")).to_table().to_pylist()}
+    topk = table(out, "topk")
+    assert {r["doc_id"] for r in topk} >= {f"{k}:0" for k in HOSTILE}  # 32 docs, top 20 + bottom 20: every doc is shown
+    for r in topk:
+        assert r["text"] == shards[r["doc_id"]]["text"] and r["tokens"] == len(shards[r["doc_id"]]["input_ids"])
+    layers = table(out, "layer_scores")
+    sums: dict[tuple[str, str], float] = {}
+    for r in layers:
+        sums[(r["query_id"], r["doc_id"])] = sums.get((r["query_id"], r["doc_id"]), 0.0) + r["score"]
+        assert r["layer"].startswith("transformer.h.") and r["score_normalized"] * record["stages"][
+            "build-queries"]["factor_tokens"] == pytest.approx(r["score"], rel=1e-12)
+    assert {r["layer_index"] for r in layers} == {0, 1, 2, 3}
+    for r in topk:
+        assert sums[(r["query_id"], r["doc_id"])] == pytest.approx(r["score"], rel=1e-4, abs=1e-6)
+    tokens = table(out, "token_scores")
+    by_doc: dict[tuple[str, str], list] = {}
+    for r in sorted(tokens, key=lambda r: r["token_index"]):
+        by_doc.setdefault((r["query_id"], r["doc_id"]), []).append(r)
+    for (qid, doc), rows in by_doc.items():  # a whitespace tokenizer: the token strings rebuild the text
+        assert "".join(r["token"] for r in rows) == shards[doc]["text"]
+        assert [r["token_id"] for r in rows] == list(shards[doc]["input_ids"])
+    merge = record["stages"]["merge"]["details"]
+    assert merge["max_relative_layer_sum_error"] < 1e-4 and merge["max_relative_sum_error"] < 1e-3
+
+    # the histograms count every sequence, and their sums equal every score computed in this process
+    dist = pads.dataset(str(out / "distribution")).to_table().to_pylist()
+    for qid, scores in all_scores(cfg).items():
+        rows = [r for r in dist if r["query_id"] == qid]
+        assert sum(r["sequences"] for r in rows) == len(scores) == 32
+        for sign, sel in (("positive", [s for s in scores.values() if s > 0]),
+                          ("negative", [s for s in scores.values() if s < 0])):
+            mine = [r for r in rows if r["sign"] == sign]
+            assert sum(r["sequences"] for r in mine) == len(sel)
+            assert sum(r["score_sum"] for r in mine) == pytest.approx(sum(sel), rel=1e-4)
+            ft = record["stages"]["build-queries"]["factor_tokens"]
+            for s in sel:  # each score falls in a bin of its sign whose bounds hold |s| / factor tokens
+                assert any(r["bin_lower"] * (1 - 1e-6) <= abs(s) / ft <= r["bin_upper"] * (1 + 1e-6) for r in mine)
+
+
+def readme_sql() -> list[str]:
+    return re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_sql_examples_run(results_run):
+    cfg, _, _ = results_run
+    blocks = readme_sql()
+    assert len(blocks) >= 5
+    outputs = []
+    for sql in blocks:
+        text = ok("sql", "--format", "jsonl", "--", cfg.data.output, sql)
+        outputs.append([json.loads(line) for line in text.splitlines() if line.strip()])
+    proponents, shared, concentration, by_layer, tokens = outputs[:5]
+    assert len(proponents) == 9 and {r["query_id"] for r in proponents} == {"q-cat", "q-fish", "q-dog"}
+    assert all(r["text"] for r in proponents)
+    assert shared and all(r["queries"] >= 2 for r in shared)
+    # 32 sequences: the top 1% is the top 1; its share checked against every score computed here
+    scores = all_scores(cfg)
+    for r in concentration:
+        s = scores[r["query_id"]]
+        want = max(max(s.values()), 0) / sum(v for v in s.values() if v > 0)
+        assert r["sequences"] == 32 and r["top_1pct"] == 1 and r["exact"] is True
+        assert r["share"] == pytest.approx(want, abs=1e-4)
+    assert [r["layer"] for r in by_layer] == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
+                                              "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    assert len(tokens) == 5 and all(isinstance(r["token"], str) for r in tokens)
+
+
+@pytest.mark.parametrize("statement, word", [
+    ("COPY (SELECT * FROM topk) TO '/tmp/stolen.csv'", "COPY"),
+    ("ATTACH '/tmp/other.duckdb' AS other", "ATTACH"),
+    ("INSTALL httpfs", "LOAD"),
+    ("CREATE TABLE t AS SELECT * FROM topk", "CREATE"),
+    ("INSERT INTO topk VALUES (1)", "INSERT"),
+    ("SET enable_external_access = true", "SET"),
+    ("SELECT 1; DROP VIEW topk", "2 statements"),
+    ("SELECT 1; SELECT 2", "2 statements"),
+])
+def test_sql_refuses_anything_but_a_read(results_run, statement, word):
+    cfg, _, _ = results_run
+    result = cli("sql", cfg.data.output, statement)
+    assert result.exit_code != 0 and word in result.output, result.output
+    assert "read-only" in result.output or "one read-only SELECT" in result.output
+    assert not Path("/tmp/stolen.csv").exists()
+
+
+def test_sql_reads_only_the_run(results_run):
+    cfg, _, _ = results_run
+    result = cli("sql", cfg.data.output, "SELECT * FROM read_csv('/etc/passwd')")
+    assert result.exit_code != 0 and "Permission Error" in result.output
+
+
+def test_sql_table_output_and_views(results_run):
+    cfg, _, _ = results_run
+    text = ok("sql", cfg.data.output, "SELECT query_id, count(*) AS n FROM topk GROUP BY 1 ORDER BY 1")
+    assert text.splitlines()[0].split() == ["query_id", "n"]
+    assert "q-cat" in text and "(3 rows)" in text
+    for view in ("topk", "scores", "token_scores", "layer_scores", "queries", "distribution", "documents"):
+        assert "(1 row)" in ok("sql", cfg.data.output, f"SELECT count(*) FROM {view}")
+    docs = ok("sql", cfg.data.output, "SELECT text FROM documents WHERE doc_id = 'evil-script:0'", "--format", "csv")
+    assert HOSTILE["evil-script"] in docs
+
+
+def test_sql_interactive(results_run):
+    cfg, _, _ = results_run
+    session = ("SELECT count(*) AS n\nFROM topk;\n.tables\nCOPY topk TO 'x.csv';\n"
+               "SELECT count(DISTINCT query_id) AS q FROM queries;\n.quit\n")
+    result = cli("sql", cfg.data.output, input=session)
+    assert result.exit_code == 0, result.output
+    assert "views distribution, documents, layer_scores, queries, scores, token_scores, topk" in result.output
+    assert re.search(r"\n\s*120\n\(1 row\)", result.output)  # 3 queries x (20 top + 20 bottom)
+    assert "topk: query_id VARCHAR, doc_id VARCHAR" in result.output
+    assert "refused: a COPY statement" in result.output
+    assert re.search(r"\n\s*3\n\(1 row\)", result.output)
+
+
+def test_show(results_run):
+    cfg, _, _ = results_run
+    text = ok("show", cfg.data.output, "--k", "2", "--no-color")
+    assert "normalized = influence /" in text and "+ = training on the sequence raises" in text
+    for q in ("q-cat", "q-fish", "q-dog"):
+        assert f"query {q}" in text
+    assert "prompt:     'the cat'" in text and "completion: 'sits on the hill'" in text
+    assert text.count("#1 ") == 3 and text.count("#2 ") == 3 and "#3 " not in text and "opponents" not in text
+    assert "[[" in text  # highlighted tokens
+    one = ok("show", cfg.data.output, "--query", "q-fish", "--bottom", "--k", "20", "--no-color")
+    assert "query q-cat" not in one and "bottom 20 opponents" in one
+    assert HOSTILE["evil-img"].split()[3] in one  # the hostile document is listed, as text
+    colour = ok("show", cfg.data.output, "--query", "q-fish", "--k", "1", "--color")
+    assert "\x1b[" in colour and "[[" not in colour
+    bad = cli("show", cfg.data.output, "--query", "nope")
+    assert bad.exit_code != 0 and "no query 'nope'" in bad.output
+
+
+def ddl_columns(statement: str) -> tuple[str, dict[str, str]]:
+    name = re.search(r"CREATE (?:EXTERNAL )?TABLE (?:\w+\.)?(\w+)", statement).group(1)
+    body = statement[statement.index("(") + 1: statement.index("\n)")]
+    cols = {}
+    for line in body.strip().splitlines():
+        col, typ = line.strip().rstrip(",").split(" ", 1)
+        cols[col.strip("`")] = typ
+    part = re.search(r"PARTITIONED BY \(`(\w+)` (\w+)\)", statement)
+    if part:
+        cols[part.group(1)] = part.group(2)
+    return name, cols
+
+
+TYPES = {"trino": {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "double": "DOUBLE",
+                   "list<element: double>": "ARRAY(DOUBLE)", "list<element: int32>": "ARRAY(INTEGER)"},
+         "spark": {"string": "STRING", "int32": "INT", "int64": "BIGINT", "double": "DOUBLE",
+                   "list<element: double>": "ARRAY<DOUBLE>", "list<element: int32>": "ARRAY<INT>"},
+         "athena": {"string": "string", "int32": "int", "int64": "bigint", "double": "double",
+                    "list<element: double>": "array<double>", "list<element: int32>": "array<int>"}}
+
+
+@pytest.mark.parametrize("engine", ["trino", "spark", "athena"])
+def test_ddl_columns_and_types_match_the_parquet_schemas(results_run, engine):
+    cfg, _, _ = results_run
+    out = Path(cfg.data.output)
+    text = ok("ddl", cfg.data.output, "--engine", engine)
+    statements = [s.strip() for s in text.split(";") if "CREATE" in s]
+    seen = set()
+    for statement in statements:
+        name, cols = ddl_columns(statement)
+        seen.add(name)
+        file = out / "queries" / "queries.parquet" if name == "queries" else next((out / name).rglob("*.parquet"))
+        schema = pq.read_schema(file)
+        want = {f.name: TYPES[engine][str(f.type).replace("item", "element")] for f in schema}
+        if name in ("topk", "token_scores", "layer_scores"):
+            want["query_id"] = TYPES[engine]["string"]  # the hive partition column
+            assert "query_id" in statement.split("(", 1)[1].rsplit("PARTITIONED", 1)[-1] or engine != "spark"
+        assert cols == want, f"{engine} {name}"
+        assert str(out / name) in statement
+    expected = {"topk", "scores", "token_scores", "layer_scores", "distribution"} | ({"queries"} if engine == "spark"
+                                                                                    else set())
+    assert seen == expected
+    if engine == "trino":
+        assert "CALL system.sync_partition_metadata('influence', 'topk', 'ADD')" in text
+    else:
+        assert "MSCK REPAIR TABLE topk" in text
+
+
+def test_report_local(results_run, tmp_path):
+    cfg, _, _ = results_run
+    target = tmp_path / "report.html"
+    text = ok("report", cfg.data.output, "--out", str(target))
+    assert str(target) in text
+    html = target.read_text()
+    assert "<script" not in html.lower() and "<img" not in html.lower() and not re.search(r"<[^>]*onerror", html)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img" in html
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    for q in ("q-cat", "q-fish", "q-dog"):
+        assert f'id="q-{q}"' in html
+    assert html.count("<svg") >= 9  # per query: layers, distribution, truncation error
+    assert "power law" in html and ("α = " in html or "No power-law fit" in html)
+    assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # nothing to fetch
+
+
+def test_power_law_fit_recovers_a_known_exponent():
+    import random
+
+    from pipelines.results.report.tail_fit import fit_power_law
+
+    rng = random.Random(0)
+    alpha = 2.5
+    xs = [(1 - rng.random()) ** (-1 / (alpha - 1)) for _ in range(4000)]  # Pareto, x_min = 1
+    tail = sorted(xs, reverse=True)[:400]
+    fit = fit_power_law(tail)
+    assert fit.ok and abs(fit.alpha - alpha) < 3 * fit.stderr and fit.ks < 0.1
+    few = fit_power_law([3.0, 2.0, 1.0])
+    assert not few.ok and "3 positive scores" in few.reason
+
+
+def test_readers_on_s3(results_s3, tmp_path):
+    url = results_s3
+    text = ok("sql", url, "SELECT count(*) AS n FROM topk WHERE query_id = 'q-dog'")
+    assert re.search(r"\n\s*40\n", text)
+    docs = ok("sql", url, "SELECT count(*) FROM documents")
+    assert re.search(r"\n\s*32\n", docs)
+    assert "refused" in cli("sql", url, "COPY topk TO 's3://influence-results/x.csv'").output
+    assert "query q-cat" in ok("show", url, "--k", "1", "--no-color")
+    assert "LOCATION 's3://influence-results/out/topk/'" in ok("ddl", url, "--engine", "athena")
+    assert "report: s3://influence-results/out/report.html" in ok("report", url)
+    from pipelines.io import storage
+
+    html = storage.read_bytes(f"{url}/report.html").decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "q-fish" in html
