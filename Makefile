@@ -22,6 +22,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/influence demo --output demo_output
+	@echo "with make's venv: $(BIN)/influence show demo_output/results --bottom; $(BIN)/influence sql demo_output/results;"
+	@echo "the report: demo_output/results/report.html (open it in a browser; no server needed)"
 
 # Benchmark-only dependencies (kronfluence is a benchmark dependency, never a runtime one).
 bench-env: $(STAMP)

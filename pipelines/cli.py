@@ -38,7 +38,8 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     if score and score.get("tokens") and score.get("actor_seconds"):
         lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
                      f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per actor")
-    lines.append(f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/scores/")
+    lines.append(f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/layer_scores/, "
+                 f"{out}/scores/, {out}/distribution/")
     lines.append(f"  record: {out}/runs/{record['run_id']}.json")
     return lines
 
@@ -99,8 +100,12 @@ for _stage, _help in (
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def run(config: str, quiet: bool) -> None:
-    """Every stage of the job, skipping complete outputs."""
+    """Every stage of the job, skipping complete outputs; ends with the first queries' results."""
     _execute(config, STAGES, quiet)
+    from .results.show import closing_view
+
+    for line in [""] + closing_view(_load(config).data.output):
+        click.echo(line)
 
 
 @main.command()
@@ -118,6 +123,8 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
     for line in summarize(result["config"], result["record"]):
         click.echo(line)
     click.echo(f"demo finished in {result['seconds']:.1f} s; re-run the job with: influence run {output}/job.toml")
+    for line in result["next_steps"]:
+        click.echo(line)
 
 
 register_readers(main)  # influence show / sql / report / ddl (pipelines/results/)

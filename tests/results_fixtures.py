@@ -55,7 +55,7 @@ def results_run(ray_local, tmp_path_factory):
         for qid, p, c in (("q-cat", "the cat", "sits on the hill"), ("q-fish", "a blue fish", "swims under"),
                           ("q-dog", "the big dog", "eats quickly")):
             out.write(json.dumps({"query_id": qid, "prompt": p, "completion": c}) + "\n")
-    cfg = config_from_dict({
+    job = {
         "run_id": "readers",
         "model": {"path": str(root / "model")},
         "data": {"raw": str(root / "raw"), "corpus": str(root / "shards"), "queries": str(root / "queries.jsonl"),
@@ -63,7 +63,13 @@ def results_run(ray_local, tmp_path_factory):
         "factors": {"fisher": "empirical", "seed": 0},
         "scoring": {"top_k": 20, "rank": 4, "per_token": True},
         "resources": {"actors": 1, "batch_size": 8},
-    })
+    }
+    cfg = config_from_dict(job)
+    with open(root / "job.toml", "w") as f:  # the same job, for `influence run`
+        f.write(f"run_id = {json.dumps(job['run_id'])}\n")
+        for section, values in job.items():
+            if isinstance(values, dict):
+                f.write(f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     record = run_job(cfg)
     assert record["status"] == "ok"
     return cfg, record, root

@@ -124,6 +124,9 @@ def test_demo_command_runs_end_to_end(ray_local, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.count("query ") == 6 and "top-1 is a planted source for" in result.output
     assert "run demo: ok" in result.output and (tmp_path / "demo" / "job.toml").exists()
+    results = tmp_path / "demo" / "results"
+    assert f"influence show {results} --bottom" in result.output and f"influence sql {results}" in result.output
+    assert f"open {results / 'report.html'}" in result.output and (results / "report.html").stat().st_size > 10_000
     topk = pads.dataset(str(tmp_path / "demo" / "results" / "topk"), partitioning="hive").to_table()
     assert topk.num_rows == 6 * 2 * 5
 

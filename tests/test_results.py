@@ -171,6 +171,15 @@ def test_sql_interactive(results_run):
     assert re.search(r"\n\s*3\n\(1 row\)", result.output)
 
 
+def test_run_ends_with_the_view(results_run):
+    """`influence run` (every stage already complete: all skipped) ends with the first queries and next steps."""
+    cfg, _, root = results_run
+    text = ok("run", str(root / "job.toml"), "-q")
+    assert "merge" in text and "already complete, skipped" in text
+    assert "query q-cat" in text and "top 3 proponents" in text and "next steps:" in text
+    assert f"influence sql {cfg.data.output}" in text and f"influence report {cfg.data.output}" in text
+
+
 def test_show(results_run):
     cfg, _, _ = results_run
     text = ok("show", cfg.data.output, "--k", "2", "--no-color")

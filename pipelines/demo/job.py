@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.dataset as pads
 
 from ..config import load_config
+from ..results.show import next_steps
 from ..run import run_job
 from .corpus import make_corpus, make_queries
 from .model import build_tokenizer, save_model, tiny_gpt2, train
@@ -114,4 +115,20 @@ def run_demo(output: str | Path, epochs: int = 150, max_seconds: float = 120.0, 
     echo("running the job (tokenize, fit-factors, build-queries, score, merge) on a local Ray ...")
     record = run_job(cfg, show_progress=show_progress)
     summary = show_results(Path(cfg.data.output), made["queries"], made["docs"], echo=echo)
-    return {**summary, "record": record, "seconds": time.perf_counter() - start, "config": cfg}
+    report = write_report(cfg.data.output)
+    shown = Path(output) / "results"  # as the user named it (relative paths stay relative)
+    steps = next_steps(str(shown))
+    steps.insert(1, f"  open {shown / 'report.html'}   # the report, already written ({report})")
+    return {**summary, "record": record, "seconds": time.perf_counter() - start, "config": cfg,
+            "next_steps": [""] + steps}
+
+
+def write_report(output: str) -> str:
+    """Write ``<output>/report.html``; returns its size."""
+    from ..io import storage
+    from ..results.load import open_run
+    from ..results.report.page import render_report
+
+    html = render_report(open_run(output))
+    storage.write_bytes(storage.join(output, "report.html"), html.encode("utf-8"))
+    return f"{len(html) / 1024:,.0f} KiB"

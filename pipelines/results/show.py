@@ -123,7 +123,7 @@ def legend(run: Run, color: bool) -> list[str]:
     return [f"scores: normalized = {unit}; + = training on the sequence raises log p(completion | prompt), "
             f"- = lowers it.",
             f"tokens {mark}: the {HIGHLIGHT} largest per-token contributions of the row's sign (a token's "
-            "activations and the gradient of predicting the token after it)."]
+            "activations times the loss gradient at its position, mostly from predicting the token after it)."]
 
 
 def show_lines(run: Run, query: str | None = None, k: int = 5, bottom: bool = False, color: bool = False,
@@ -169,3 +169,21 @@ def show_command(output: str, query: str | None, k: int, bottom: bool, color: bo
         raise click.ClickException(str(err)) from err
     color = sys.stdout.isatty() if color is None else color
     print_lines(show_lines(run, query, k, bottom, color), color)
+
+
+def next_steps(output: str, prefix: str = "influence") -> list[str]:
+    """Where to look next (the closing lines of `influence run` and `influence demo`)."""
+    return ["next steps:",
+            f"  {prefix} show {output} --bottom      # every query: proponents, opponents, highlighted tokens",
+            f"  {prefix} sql {output} \"SELECT query_id, rank, doc_id, text FROM topk WHERE rank <= 3\"",
+            f"  {prefix} sql {output}                # interactive SQL: topk, token_scores, layer_scores, ...",
+            f"  {prefix} report {output}             # one static HTML page: {output}/report.html"]
+
+
+def closing_view(output: str, queries: int = 3, k: int = 3) -> list[str]:
+    """The view of the first few queries (plain text) and the next steps; [] when there are no results yet."""
+    try:
+        run = open_run(output)
+    except (ValueError, FileNotFoundError):
+        return []
+    return show_lines(run, k=k, limit=queries) + [""] + next_steps(output)

@@ -3,9 +3,11 @@
 Only the sequences named in topk/ are read again (grouped by shard, one unit
 per shard) and scored with ``per_layer=True`` (and ``per_token=True`` when the
 job asks for token scores). For training token position t, the contribution
-is c_t = sum_l g_{t,l}^T P_l a_{t,l} (the token's activations, and the
-gradient of the loss of predicting the token after it); sum_t c_t and the sum
-over layers both equal the sequence's score.
+is c_t = sum_l g_{t,l}^T P_l a_{t,l}: a_{t,l} the layer's input at token t,
+g_{t,l} the gradient of the sequence's loss with respect to the layer's output
+at position t (the loss of predicting token t+1, plus later positions' losses
+through attention; 0 for the last token). sum_t c_t and the sum over layers
+both equal the sequence's score.
 
 Text: the shard's ``text`` column when present, else the ids decoded with the
 model's tokenizer (``io.token_text``); with neither, null.

@@ -74,7 +74,8 @@ def legend(scale: float) -> str:
     return ('<div class="legend"><div class="ramp"></div><div class="ticks">' + ticks + "</div>"
             "<p>Token colour: the token's contribution to the row's score (normalized; green raises the "
             "completion's log-probability, red lowers it). A token's contribution comes from its activations and "
-            "the gradient of predicting the token after it; a row's contributions add up to its score. "
+            "the loss gradient at its position (mostly from predicting the token after it); a row's contributions "
+            "add up to its score. "
             f"Colours saturate at the {SATURATE:.0%} quantile of |contribution| of this query's rows. "
             "Hover a token for its value.</p></div>")
 
