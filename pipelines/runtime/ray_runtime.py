@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ResourceConfig
+from .accounting import UnitLog, wrap
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,16 @@ def pool_plan(resources: ResourceConfig, cluster: dict[str, float], units: int) 
 
 
 def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]],
-              resources: ResourceConfig, cluster: dict[str, float], progress: Any = None) -> Iterator[dict[str, Any]]:
+              resources: ResourceConfig, cluster: dict[str, float], progress: Any = None,
+              log: UnitLog | None = None) -> Iterator[dict[str, Any]]:
     """Run ``cls(**constructor)(batch)`` over ``units`` on an actor pool; yield result rows as dicts.
 
     Each unit is a JSON-able dict; the callable receives ``{"unit": array of JSON strings}``
     and returns a dict of equal-length arrays. ``progress`` (a tqdm) is advanced per returned batch
-    (one per unit, as each call gets one unit).
+    (one per unit, as each call gets one unit). ``log`` receives where and how long each unit ran
+    (``accounting.py``). Node loss: an actor whose node dies is restarted elsewhere
+    (``resources.actor_restarts``) and the tasks it held are retried (``resources.task_retries``);
+    a unit writes its own output file, so a retried unit rewrites the same bytes.
     """
     import ray.data
 
@@ -84,14 +89,16 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     plan = pool_plan(resources, cluster, len(units))
     items = [{"unit": json.dumps(u, sort_keys=True)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(cls, fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(wrap(cls), fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
-                        num_gpus=plan.num_gpus or None, zero_copy_batch=True)
+                        num_gpus=plan.num_gpus or None, zero_copy_batch=True,
+                        max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries)
+    log = log if log is not None else UnitLog()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         if progress is not None:
             progress.update(1)
         for i in range(len(next(iter(batch.values())))):
-            yield {k: _plain(v[i]) for k, v in batch.items()}
+            yield log.add({k: _plain(v[i]) for k, v in batch.items()})
 
 
 def _plain(x: Any) -> Any:
