@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -89,10 +90,12 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     plan = pool_plan(resources, cluster, len(units))
     items = [{"unit": json.dumps(u, sort_keys=True)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(wrap(cls), fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
-                        num_gpus=plan.num_gpus or None, zero_copy_batch=True,
-                        max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries)
+    with warnings.catch_warnings():  # Ray 2.60 has no other way to pass these (deprecated for Ray 2.64)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(wrap(cls), fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
+                            num_gpus=plan.num_gpus or None, zero_copy_batch=True,
+                            max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries)
     log = log if log is not None else UnitLog()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         if progress is not None:
