@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from .cluster.submit import add_cluster_commands
 from .config import ConfigError, JobConfig, load_config
 from .run import STAGES, StageFailed, run_job
 
@@ -118,6 +119,8 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
         click.echo(line)
     click.echo(f"demo finished in {result['seconds']:.1f} s; re-run the job with: influence run {output}/job.toml")
 
+
+add_cluster_commands(main)  # submit, status, logs, stop (Ray Jobs API)
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,7 @@ Sections (every key optional unless marked required)::
     batch_size = 8                      # sequences per forward/backward
     object_store_mb = 0                 # local Ray only; 0 = min(1 GiB, 20% of RAM)
     actor_restarts = -1                 # restarts of an actor whose node died (-1 = no limit)
-    task_retries = 3                    # retries of a unit whose actor died (not of errors it raised)
+    task_retries = -1                   # retries of a unit whose actor died, -1 = until it is back (not errors it raised)
 
 Every value is checked when the config is built; errors name the key and the value.
 """
@@ -207,7 +207,7 @@ class ResourceConfig:
     batch_size: int = 8
     object_store_mb: int = 0
     actor_restarts: int = -1
-    task_retries: int = 3
+    task_retries: int = -1
 
     def __post_init__(self) -> None:
         if not isinstance(self.ray_address, str):

@@ -27,15 +27,20 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float]:
-    """Join the configured cluster or start a local Ray (once); returns the cluster's resources."""
+    """Join the configured cluster or start a local Ray (once); returns the cluster's resources.
+
+    With no ``ray_address``, a job whose driver runs inside a Ray job (``RAY_ADDRESS``
+    set, e.g. by ``influence submit``) joins that cluster.
+    """
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR if quiet else logging.INFO,
                                   "log_to_driver": not quiet}
-        if resources.ray_address:
-            ray.init(address=resources.ray_address, **kwargs)
+        address = resources.ray_address or os.environ.get("RAY_ADDRESS", "")  # set inside a Ray job
+        if address:
+            ray.init(address=address, **kwargs)
         else:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             store = resources.object_store_mb * 2**20 or min(2**30, int(0.2 * total))
@@ -79,7 +84,8 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     Each unit is a JSON-able dict; the callable receives ``{"unit": array of JSON strings}``
     and returns a dict of equal-length arrays. ``progress`` (a tqdm) is advanced per returned batch
     (one per unit, as each call gets one unit). ``log`` receives where and how long each unit ran
-    (``accounting.py``). Node loss: an actor whose node dies is restarted elsewhere
+    (``accounting.py``). An actor holds one unit at a time, so units spread over every actor
+    and a lost actor takes only its current unit with it. Node loss: an actor whose node dies is restarted elsewhere
     (``resources.actor_restarts``) and the tasks it held are retried (``resources.task_retries``);
     a unit writes its own output file, so a retried unit rewrites the same bytes.
     """
@@ -93,7 +99,8 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     with warnings.catch_warnings():  # Ray 2.60 has no other way to pass these (deprecated for Ray 2.64)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(wrap(cls), fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
+                            compute=ray.data.ActorPoolStrategy(size=plan.size, max_tasks_in_flight_per_actor=1),
+                            num_cpus=plan.num_cpus,
                             num_gpus=plan.num_gpus or None, zero_copy_batch=True,
                             max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries)
     log = log if log is not None else UnitLog()
