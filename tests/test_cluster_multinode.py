@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import actor_nodes, local_cluster, run_driver, start_driver, table_rows, to_toml
+from cluster_helpers import actor_nodes, local_cluster, run_driver, start_driver, table_rows
 from conftest import make_texts
 
 from pipelines import config_from_dict
+from pipelines.cluster.jobfile import to_toml
 from pipelines.run import run_job
+
+pytestmark = pytest.mark.cluster
 
 SHARDS = 9
 DOCS = 150  # per shard: enough work per unit (about a second) to remove a node while scoring
@@ -72,7 +75,7 @@ def job(world: Path, root: Path, address: str) -> dict:
 def write_job(root: Path, spec: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "job.toml"
-    path.write_text(to_toml(spec))
+    path.write_text(to_toml(config_from_dict(spec)))
     return path
 
 
@@ -141,3 +144,43 @@ def test_node_lost_mid_score_gives_identical_tables(cluster, cluster_run):
     assert score["units"]["units"] == SHARDS and score["sequences"] == sequences  # each shard counted once
     assert score["units"]["retries"] >= 1, score["units"]  # the lost actor's units ran again elsewhere
     assert removed.node_id[:12] in score["units"]["nodes"] or score["units"]["retries"], score["units"]
+
+
+DRIVER_BOUND_MB = 150  # what fit-factors may add to its driver's peak memory, whatever the layers
+
+
+def test_fit_factors_driver_memory_stays_bounded_for_wide_layers(cluster, tmp_path):
+    """8 blocks with d_ff 2048 (16 tracked layers, 0.8 GB of factors): the driver's peak grows < 150 MB.
+
+    The driver only plans units, receives small rows and writes the manifest; the
+    partial sums, the eigendecompositions and the layer files stay with the
+    actors and storage. Before this, the driver summed every unit's stage-1
+    sums of all layers (here 270 MB per copy) and held every eigenbasis.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipelines.demo.model import save_model
+
+    torch.manual_seed(0)
+    save_model(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=128, n_inner=2048, n_layer=8,
+                                          n_head=2, bos_token_id=0, eos_token_id=0)).eval(), tmp_path / "model")
+    (tmp_path / "shards").mkdir()
+    ids = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(1)).tolist()
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(16)], "input_ids": pa.array(ids, pa.list_(pa.int32()))}),
+                   tmp_path / "shards" / "s.parquet")
+    spec = {"run_id": "wide", "model": {"path": str(tmp_path / "model")},
+            "data": {"corpus": str(tmp_path / "shards"), "queries": str(tmp_path / "unused.jsonl"),
+                     "output": str(tmp_path / "out")},
+            "factors": {"fisher": "empirical", "unit_sequences": 8, "blocks": 4},
+            "resources": {"ray_address": cluster.address, "actors": 2, "cpus_per_actor": 0.5, "batch_size": 8}}
+    done = run_driver(["fit-factors", str(write_job(tmp_path, spec)), "-q"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    info = json.loads((tmp_path / "out" / "runs" / "wide.json").read_text())["stages"]["fit-factors"]
+    factor_mb = sum(p.stat().st_size for p in (tmp_path / "out" / "factors").glob("*.safetensors")) / 2**20
+    assert info["layers"] == 16 and factor_mb > 5 * DRIVER_BOUND_MB, factor_mb
+    grown = info["driver_peak_rss_mb"] - info["driver_peak_rss_at_start_mb"]
+    assert grown < DRIVER_BOUND_MB, (grown, info)
+    assert not (tmp_path / "out" / "factors" / "_partials").exists()  # transient sums removed

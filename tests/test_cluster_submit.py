@@ -7,12 +7,14 @@ never ``ray stop``, which would stop every Ray on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,35 +37,40 @@ def head():
 
     port, dashboard = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
-    env = driver_env(PATH=f"{Path(sys.executable).parent}:{driver_env()['PATH']}")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # No token authentication on this loopback-only head: Ray 2.60 would turn it on when the machine has
+    # ~/.ray/auth_token, and this process's Ray client reads its auth mode once, at import.
+    env = driver_env(PATH=f"{Path(sys.executable).parent}:{driver_env()['PATH']}", RAY_AUTH_MODE="disabled")
     log = open(Path(temp) / "ray-start.log", "w")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
          "--temp-dir", temp, "--num-cpus", "2", "--object-store-memory", str(300 * 2**20),
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"the Ray head did not start: {(Path(temp) / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(0.5)
     try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
+                break
+            except urllib.error.HTTPError:  # it answers (401 if it wants a token): up
+                break
+            except OSError as err:
+                if time.time() > deadline or proc.poll() is not None:
+                    log_text = (Path(temp) / "ray-start.log").read_text()[-2000:]
+                    raise RuntimeError(f"the Ray head did not start: {log_text}") from err
+                time.sleep(0.5)
         yield url
     finally:
-        tree = psutil.Process(proc.pid).children(recursive=True)
+        tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         proc.terminate()  # `ray start --block` stops its node's processes on SIGTERM
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
         for child in tree:  # anything of this head still alive, by PID
-            if child.is_running():
+            with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)

@@ -12,6 +12,8 @@ with the submission, so the running code is the submitter's.
 ``status``, ``logs [--follow]`` and ``stop`` take the job id. The address comes
 from ``--address`` or ``RAY_API_SERVER_ADDRESS`` (Ray's own job CLI reads the same).
 These commands need the Ray dashboard client: ``pip install 'corpus-influence[cluster]'``.
+A cluster with Ray's token authentication needs ``RAY_AUTH_MODE=token`` and its token
+(``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``) here, as Ray's own job CLI does.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ ADDRESS = click.option("--address", envvar="RAY_API_SERVER_ADDRESS", required=Tr
                        help="Ray dashboard address of the cluster, e.g. http://HEAD:8265 (or RAY_API_SERVER_ADDRESS).")
 
 
+def _errors() -> tuple[type[BaseException], ...]:
+    """What the Jobs API client raises for an unreachable, refusing or unknown target."""
+    from ray.exceptions import AuthenticationError
+
+    return ConnectionError, RuntimeError, ValueError, AuthenticationError
+
+
 def client(address: str) -> Any:
     """A ``JobSubmissionClient`` for ``address`` (ClickException when Ray's job client is missing or unreachable)."""
     try:
@@ -42,7 +51,7 @@ def client(address: str) -> Any:
             f"the Ray job client is not installed ({err}): pip install 'corpus-influence[cluster]'") from err
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except _errors() as err:
         raise click.ClickException(f"cannot reach the Ray dashboard at {address}: {err}") from err
 
 
@@ -74,14 +83,15 @@ def submit_job(cfg: JobConfig, job_file: str, address: str) -> str:
         try:
             return jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env={"working_dir": str(staged)},
                                    metadata={"job_file": Path(job_file).name, "run_id": cfg.run_id or ""})
-        except (ConnectionError, RuntimeError, ValueError) as err:
+        except _errors() as err:
             raise click.ClickException(f"submitting {job_file} to {address} failed: {err}") from err
 
 
 def _call(address: str, method: str, job_id: str) -> Any:
+    jobs = client(address)
     try:
-        return getattr(client(address), method)(job_id)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+        return getattr(jobs, method)(job_id)
+    except _errors() as err:
         raise click.ClickException(f"{method.replace('_', ' ')} {job_id} at {address}: {err}") from err
 
 
@@ -95,7 +105,7 @@ def follow(address: str, job_id: str) -> str:
     jobs = client(address)
     try:
         asyncio.run(_tail(jobs, job_id))
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except _errors() as err:
         raise click.ClickException(f"following the logs of {job_id} at {address}: {err}") from err
     return str(_call(address, "get_job_status", job_id).value)
 

@@ -176,7 +176,9 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     """Run the stage (skipped when ``factors/`` is complete for these inputs); returns its summary.
 
     The summary's ``driver_peak_rss_mb`` is this process's peak resident memory
-    (``getrusage``); ``units`` says where each step's tasks ran (``UnitLog``).
+    (``getrusage``), ``driver_peak_rss_at_start_mb`` the same once Ray was joined: the
+    difference is what the stage itself cost the driver (no factor tensor passes through
+    it, so it does not grow with the layers). ``tasks`` says where each step ran (``UnitLog``).
     """
     out = storage.join(cfg.data.output, "factors")
     shards = list_shards(cfg.data.corpus)
@@ -188,6 +190,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     f = cfg.factors
     units = plan_units(shards, sample_rows(shards, f.sample_sequences, f.sample_tokens, f.seed), f.unit_sequences)
     cluster = ensure_ray(cfg.resources)
+    rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     use_gpu = cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0
     args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed, "batch_size": cfg.resources.batch_size,
             "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu}
@@ -229,6 +232,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "resumed_units": stage1["resumed"], "eigh_device": sorted({r["device"] for r in eig_rows.values()}),
             "seconds": round(time.perf_counter() - start, 3), "digest": factors_digest(out),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_peak_rss_at_start_mb": round(rss_at_start, 1),
             "tasks": accounting}
     return {**completion.mark_complete(out, key, info), "skipped": False}
 
