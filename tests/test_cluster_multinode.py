@@ -142,8 +142,7 @@ def test_node_lost_mid_score_gives_identical_tables(cluster, cluster_run):
     score = record(cluster_run)["stages"]["score"]
     assert (score["scored"], score["skipped"], score["failed"]) == (SHARDS, 0, 0)
     assert score["units"]["units"] == SHARDS and score["sequences"] == sequences  # each shard counted once
-    assert score["units"]["retries"] >= 1, score["units"]  # the lost actor's units ran again elsewhere
-    assert removed.node_id[:12] in score["units"]["nodes"] or score["units"]["retries"], score["units"]
+    assert score["units"]["retries"] >= 1, score["units"]  # the lost actor's unit ran again elsewhere
 
 
 DRIVER_BOUND_MB = 150  # what fit-factors may add to its driver's peak memory, whatever the layers

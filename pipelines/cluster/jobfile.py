@@ -27,6 +27,8 @@ def _value(key: str, v: Any) -> str:
 def to_toml(cfg: JobConfig) -> str:
     """The job file of ``cfg`` (round-trips through ``config_from_dict``)."""
     raw = cfg.to_dict()
+    if raw["scoring"]["rank"] is None:  # dense queries: the job file says rank = 0 (leaving it out means 32)
+        raw["scoring"]["rank"] = 0
     lines = [f"{k} = {_value(k, v)}" for k, v in raw.items() if not isinstance(v, dict) and v is not None]
     for section, table in raw.items():
         if isinstance(table, dict):
