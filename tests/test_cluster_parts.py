@@ -16,7 +16,7 @@ from pipelines.cluster.jobfile import local_paths, to_toml
 from pipelines.io import storage
 from pipelines.io.payloads import covariances_to_bytes, lambda_to_bytes
 from pipelines.io.tensor_files import open_header, read_tensor
-from pipelines.runtime.accounting import PREFIX, UnitLog
+from pipelines.runtime.accounting import PREFIX, Ledger, UnitLog, unit_key
 from pipelines.stages.factor_layers import LayerEigenWorker, LayerFinalWorker, reduce_covariance, reduce_lambda
 
 
@@ -85,19 +85,27 @@ def test_per_layer_reductions_equal_the_in_memory_merge_in_unit_order(tmp_path):
 def test_unit_log_counts_units_nodes_busy_time_retries_and_gaps():
     log = UnitLog()
     log.stage_start = 100.0
-    calls = [("n1", "a1", 1, 101.0, 103.0, 0, False), ("n1", "a1", 1, 103.5, 104.0, 0, False),
-             ("n2", "a2", 2, 101.0, 106.0, 2, False), ("n3", "a2", 3, 107.0, 108.0, 1, True)]
-    for node, actor, pid, start, end, attempt, restarted in calls:
+    calls = [("n1", "a1", 1, 101.0, 103.0, False), ("n1", "a1", 1, 103.5, 104.0, False),
+             ("n2", "a2", 2, 101.0, 106.0, False), ("n3", "a2", 3, 107.0, 108.0, True)]
+    for node, actor, pid, start, end, restarted in calls:
         for _ in range(2):  # a unit may return several rows: counted once
             row = log.add({"x": 1, **{PREFIX + k: v for k, v in dict(
-                node=node, actor=actor, pid=pid, start=start, end=end, attempt=attempt, restarted=restarted).items()}})
+                node=node, actor=actor, pid=pid, start=start, end=end, restarted=restarted).items()}})
             assert row == {"x": 1}
+    log.starts = {unit_key("u1"): 1, unit_key("u2"): 3, unit_key("u3"): 2, unit_key("u4"): 1}  # from the ledger
     s = log.summary()
     assert s["units"] == 4 and s["retries"] == 3 and s["restarted_actors"] == ["a2"]
     assert s["nodes"]["n1"] == {"units": 2, "busy_s": 2.5, "actors": 1}
     assert s["actors"]["a2"] == {"node": "n3", "units": 2, "busy_s": 6.0, "incarnations": 2}
     assert s["gap_between_units_s"]["count"] == 1 and s["gap_between_units_s"]["mean"] == 0.5
     assert s["wall_s"] == 8.0 and s["first_unit_start_s"] == 1.0
+
+
+def test_ledger_counts_unit_starts():
+    ledger = Ledger()
+    for unit in ("a", "b", "a"):
+        ledger.started(unit_key(unit))
+    assert ledger.counts() == {unit_key("a"): 2, unit_key("b"): 1}
 
 
 def test_shipped_job_file_round_trips_with_absolute_paths(tmp_path):

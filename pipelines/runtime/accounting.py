@@ -8,19 +8,23 @@ the driver folds them into a ``UnitLog``:
 - node: the Ray node id of the actor (first 12 hex characters);
 - actor: the actor id (first 12 hex characters); an actor keeps its id when Ray
   restarts it after its node died, ``restarted`` tells that incarnation apart;
-- start, end: wall-clock seconds (``time.time()``) around the call;
-- attempt: Ray's attempt number of the task that returned the batch (0 = first
-  try; 1 = the task was retried once, e.g. because its actor's node was lost).
+- start, end: wall-clock seconds (``time.time()``) around the call.
+
+Retries: before it works on a unit, the wrapper tells a small ``Ledger`` actor
+(no CPUs, on the driver's node) that the unit started; a unit that started
+more often than once was lost with its actor (node loss) and run again. Ray
+Data calls the stage callable in a thread of its own, where Ray's task
+attempt number is not visible, hence the ledger.
 
 ``UnitLog.summary()`` is what the run record shows: units, per-node units and
-busy seconds, per-actor units and busy seconds, retries (the sum of attempt
-numbers: task executions lost and redone), restarted actors, and the gap an
-actor waited between finishing one unit and starting the next (the scheduling
-overhead per unit).
+busy seconds, per-actor units and busy seconds, retries (unit starts beyond
+the first), restarted actors, and the gap an actor waited between finishing
+one unit and starting the next (the scheduling overhead per unit).
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from collections import defaultdict
@@ -29,17 +33,33 @@ from typing import Any
 import numpy as np
 
 PREFIX = "_acct_"
-FIELDS = ("node", "actor", "pid", "restarted", "start", "end", "attempt")
+FIELDS = ("node", "actor", "pid", "restarted", "start", "end")
 
 
-def _attempt_number() -> int:
-    """Ray's attempt number of the task running now (0 when not inside a Ray task)."""
+def unit_key(unit_json: str) -> str:
+    return hashlib.sha1(str(unit_json).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """How often each unit was started (a Ray actor: ``ledger_actor()``)."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, int] = defaultdict(int)
+
+    def started(self, key: str) -> None:
+        self.starts[key] += 1
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.starts)
+
+
+def ledger_actor() -> Any:
+    """A ``Ledger`` actor on this (the driver's) node, asking for no CPU."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    worker = ray._private.worker.global_worker  # no public API exposes the attempt number (Ray 2.60)
-    core = getattr(worker, "core_worker", None)
-    getter = getattr(core, "get_current_task_attempt_number", None)
-    return int(getter()) if getter is not None and ray.is_initialized() else 0
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 class UnitActor:
@@ -47,11 +67,12 @@ class UnitActor:
 
     _target: type = object
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, _ledger: Any = None, **kwargs: Any) -> None:
         import os
 
         import ray
 
+        self.ledger = _ledger
         self.inner = self._target(**kwargs)
         ctx = ray.get_runtime_context()
         self.node = ctx.get_node_id()[:12]
@@ -60,12 +81,16 @@ class UnitActor:
         self.restarted = bool(ctx.was_current_actor_reconstructed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.ledger is not None:
+            import ray
+
+            ray.get([self.ledger.started.remote(unit_key(u)) for u in batch["unit"]])
         start = time.time()
         out = self.inner(batch)
         end = time.time()
         n = len(next(iter(out.values())))
         values = {"node": self.node, "actor": self.actor, "pid": self.pid, "restarted": self.restarted,
-                  "start": start, "end": end, "attempt": _attempt_number()}
+                  "start": start, "end": end}
         for name in FIELDS:
             out[PREFIX + name] = np.asarray([values[name]] * n, dtype=object if name in ("node", "actor") else None)
         return out
@@ -81,6 +106,7 @@ class UnitLog:
 
     def __init__(self) -> None:
         self.calls: dict[tuple[str, float], dict[str, Any]] = {}  # (actor, start) -> one call (one unit)
+        self.starts: dict[str, int] = {}  # unit key -> times started (from the ledger)
         self.stage_start = time.time()
 
     def add(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +140,7 @@ class UnitLog:
         wall = max((c["end"] for c in calls), default=self.stage_start) - self.stage_start
         return {
             "units": len(calls),
-            "retries": int(sum(c["attempt"] for c in calls)),
+            "retries": int(sum(n - 1 for n in self.starts.values() if n > 1)),
             "restarted_actors": sorted({c["actor"] for c in calls if c["restarted"]}),
             "wall_s": round(wall, 3),
             "first_unit_start_s": round(calls[0]["start"] - self.stage_start, 3) if calls else None,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ResourceConfig
-from .accounting import UnitLog, wrap
+from .accounting import UnitLog, ledger_actor, wrap
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     (``resources.actor_restarts``) and the tasks it held are retried (``resources.task_retries``);
     a unit writes its own output file, so a retried unit rewrites the same bytes.
     """
+    import ray
     import ray.data
 
     if not units:
@@ -96,19 +97,25 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     plan = pool_plan(resources, cluster, len(units))
     items = [{"unit": json.dumps(u, sort_keys=True)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ledger = ledger_actor()
     with warnings.catch_warnings():  # Ray 2.60 has no other way to pass these (deprecated for Ray 2.64)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(wrap(cls), fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
+        ds = ds.map_batches(wrap(cls), fn_constructor_kwargs={**constructor, "_ledger": ledger}, batch_size=1,
+                            batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=plan.size, max_tasks_in_flight_per_actor=1),
                             num_cpus=plan.num_cpus,
                             num_gpus=plan.num_gpus or None, zero_copy_batch=True,
                             max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries)
     log = log if log is not None else UnitLog()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        if progress is not None:
-            progress.update(1)
-        for i in range(len(next(iter(batch.values())))):
-            yield log.add({k: _plain(v[i]) for k, v in batch.items()})
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            if progress is not None:
+                progress.update(1)
+            for i in range(len(next(iter(batch.values())))):
+                yield log.add({k: _plain(v[i]) for k, v in batch.items()})
+        log.starts = ray.get(ledger.counts.remote())
+    finally:
+        ray.kill(ledger)
 
 
 def _plain(x: Any) -> Any:

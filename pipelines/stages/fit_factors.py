@@ -18,6 +18,7 @@ completion marker. The partials and ``_stage2/`` are removed at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import time
@@ -82,7 +83,8 @@ class _FitWorker:
         for u in units_of(batch):
             unit = Unit.from_json(u)
             doc_ids, batches, tokens = self._batches(unit)
-            extra = {"key": u["key"], "doc_ids": json.dumps(doc_ids), "unit_tokens": str(tokens)}
+            extra = {"key": u["key"], "doc_ids": json.dumps(doc_ids), "unit_tokens": str(tokens),
+                     "fingerprint": self.fingerprint}
             storage.write_bytes(u["partial"], self.fit(unit, batches, extra))
             out["index"].append(unit.index)
             out["tokens"].append(tokens)
@@ -186,6 +188,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     done = completion.completed(out, key)
     if done is not None:
         return {**done, "skipped": True}
+    completion.invalidate(out)  # an older fit's files may stay, but never look complete
+    storage.remove(storage.join(out, MANIFEST))
     start = time.perf_counter()
     f = cfg.factors
     units = plan_units(shards, sample_rows(shards, f.sample_sequences, f.sample_tokens, f.seed), f.unit_sequences)
@@ -216,9 +220,10 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     metas = [open_header(u).metadata for u in partials1]
     sample = [(u.index, json.loads(m["doc_ids"]), int(m["unit_tokens"])) for u, m in zip(units, metas)]
     sequences = sum(len(ids) for _, ids, _ in sample)
-    fingerprint = stage1["fingerprint"] or stage3["fingerprint"]
-    if fingerprint is None:  # every unit of both stages was already done: any actor can tell it
-        fingerprint = model_fingerprint(load_model(cfg.model).layers)
+    fingerprints = ({m.get("fingerprint") for m in metas} | {stage3["fingerprint"]}) - {None}
+    if len(fingerprints) != 1:
+        raise ValueError(f"fit-factors: partial sums of different models {sorted(fingerprints)} in {out}")
+    (fingerprint,) = fingerprints
     manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
                               f.blocks, {"pipeline_key": key, "config": cfg.to_dict()})
     storage.write_json(storage.join(out, MANIFEST), manifest)
@@ -238,5 +243,12 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
 
 
 def factors_digest(url: str) -> str:
-    """Hash of a factor folder's safetensors files and manifest."""
-    return storage.dir_digest(url)
+    """Hash of a factor folder: its manifest (model fingerprint, counts, the inputs key) and its files' sizes.
+
+    The tensors themselves are not read: that would pull every byte of the factors through the driver.
+    """
+    h = hashlib.sha256(storage.read_bytes(storage.join(url, MANIFEST)))
+    for f in storage.list_files(url, suffix=".safetensors"):
+        fs, path = storage.filesystem(f)
+        h.update(f"{f.rsplit('/', 1)[-1]}:{fs.size(path)}".encode())
+    return h.hexdigest()[:16]
