@@ -99,7 +99,7 @@ def tables(root: Path) -> dict[str, list[dict]]:
     return out
 
 
-def test_cluster_run_equals_local_run(ray_local, cluster_run, world, tmp_path_factory):
+def test_cluster_run_equals_local_run(cluster, ray_local, cluster_run, world, tmp_path_factory):
     local = tmp_path_factory.mktemp("local")
     run_job(config_from_dict(job(world, local, "")))
     got, want = tables(cluster_run), tables(local)
@@ -112,7 +112,8 @@ def test_cluster_run_equals_local_run(ray_local, cluster_run, world, tmp_path_fa
         assert (cluster_run / "out" / "factors" / name).read_bytes() == (local / "out" / "factors" / name).read_bytes()
     rec = record(cluster_run)
     units = rec["stages"]["score"]["units"]
-    assert units["units"] == SHARDS and len(units["nodes"]) == 3, units  # spread over the 3 worker nodes
+    workers = {n.node_id[:12] for n in cluster.worker_nodes}
+    assert units["units"] == SHARDS and len(units["nodes"]) >= 2 and set(units["nodes"]) <= workers, units
     assert sum(a["units"] for a in units["actors"].values()) == SHARDS
     assert all(a["busy_s"] > 0 for a in units["actors"].values())
     eigh = rec["stages"]["fit-factors"]["tasks"]["eigh"]
