@@ -38,6 +38,10 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     if score and score.get("tokens") and score.get("actor_seconds"):
         lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
                      f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per actor")
+    units = (score or {}).get("units")
+    if units:
+        lines.append(f"  score units ran on {len(units['nodes'])} nodes, {len(units['actors'])} actors; "
+                     f"{units['retries']} retried after a lost actor")
     lines.append(f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/scores/")
     lines.append(f"  record: {out}/runs/{record['run_id']}.json")
     return lines

@@ -30,7 +30,6 @@ from ..config import ConfigError, JobConfig, load_config
 from .jobfile import local_paths, to_toml
 
 ENTRYPOINT = "python -m pipelines.cli run job.toml -q"
-FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 ADDRESS = click.option("--address", envvar="RAY_API_SERVER_ADDRESS", required=True,
                        help="Ray dashboard address of the cluster, e.g. http://HEAD:8265 (or RAY_API_SERVER_ADDRESS).")
 
