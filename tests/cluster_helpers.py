@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def driver_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_driver(args: list[str], timeout: float = 400, **env: str) -> subprocess.CompletedProcess:
+def run_driver(args: list[str], timeout: float = 1200, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=driver_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -38,25 +39,35 @@ def start_driver(args: list[str], **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def actor_nodes(cluster: Any, name: str) -> list[Any]:
-    """Worker nodes of ``cluster`` where an actor of the stage callable ``name`` is running a unit now.
-
-    Ray titles an actor's process ``ray::MapWorker(MapBatches(<name>)).submit`` while it runs a
-    task (``...__init__`` while it starts, no suffix while idle).
-    """
+def _busy_actors(cluster: Any, name: str) -> dict[int, Any]:
+    """pid -> worker node, for actor processes of the stage callable ``name`` that are running a task."""
     import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
     import psutil
 
-    found = []
+    found = {}
     for node in list(cluster.worker_nodes):
-        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
         try:
-            titles = [" ".join(c.cmdline()) for c in raylet.children(recursive=True)]
+            for child in psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True):
+                if " ".join(child.cmdline()).strip().endswith(f"({name})).submit"):
+                    found[child.pid] = node
         except psutil.Error:
             continue
-        if any(t.strip().endswith(f"({name})).submit") for t in titles):
-            found.append(node)
     return found
+
+
+def actor_nodes(cluster: Any, name: str, settle: float = 0.5) -> list[Any]:
+    """Worker nodes of ``cluster`` where an actor of the stage callable ``name`` is inside a unit.
+
+    Ray titles an actor's process ``ray::MapWorker(MapBatches(<name>)).submit`` while it runs a
+    task (``...__init__`` while it starts, no suffix while idle). A process seen running a task
+    twice, ``settle`` seconds apart, is past the task's start and inside the unit.
+    """
+    first = _busy_actors(cluster, name)
+    if not first:
+        return []
+    time.sleep(settle)
+    second = _busy_actors(cluster, name)
+    return [node for pid, node in second.items() if pid in first]
 
 
 def table_rows(root: Path, sub: str, replace: dict[str, str]) -> dict[str, list[dict]]:

@@ -127,7 +127,7 @@ def test_node_lost_mid_score_gives_identical_tables(cluster, cluster_run):
         shutil.rmtree(out / sub)
     driver = start_driver(["run", str(cluster_run / "job.toml"), "-q"])
     removed = None
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while removed is None and driver.poll() is None and time.time() < deadline:
         done = len(list((out / "scores").glob("*.parquet"))) if (out / "scores").exists() else 0
         if 1 <= done < SHARDS - 2:
@@ -136,7 +136,7 @@ def test_node_lost_mid_score_gives_identical_tables(cluster, cluster_run):
                 removed = busy[0]
                 cluster.remove_node(removed, allow_graceful=False)
         time.sleep(0.05)
-    output, _ = driver.communicate(timeout=400)
+    output, _ = driver.communicate(timeout=1200)
     assert removed is not None, "no worker node with a scoring actor was found while scoring: " + output
     assert driver.returncode == 0, output
     assert tables(cluster_run) == before

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..config import ConfigError, JobConfig, load_config
 from .jobfile import local_paths, to_toml
 
 ENTRYPOINT = "python -m pipelines.cli run job.toml -q"
+AGENT_WAIT_S = 120  # how long a submission waits for a just-started head's job agent
 ADDRESS = click.option("--address", envvar="RAY_API_SERVER_ADDRESS", required=True,
                        help="Ray dashboard address of the cluster, e.g. http://HEAD:8265 (or RAY_API_SERVER_ADDRESS).")
 
@@ -79,11 +81,16 @@ def submit_job(cfg: JobConfig, job_file: str, address: str) -> str:
     jobs = client(address)
     with tempfile.TemporaryDirectory(prefix="influence-submit-") as tmp:
         staged = stage_working_dir(to_toml(cfg), Path(tmp))
-        try:
-            return jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env={"working_dir": str(staged)},
-                                   metadata={"job_file": Path(job_file).name, "run_id": cfg.run_id or ""})
-        except _errors() as err:
-            raise click.ClickException(f"submitting {job_file} to {address} failed: {err}") from err
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env={"working_dir": str(staged)},
+                                       metadata={"job_file": Path(job_file).name, "run_id": cfg.run_id or ""})
+            except _errors() as err:
+                if "No available agent" in str(err) and time.monotonic() < deadline:
+                    time.sleep(2)  # a head that just started: its job agent is not up yet
+                    continue
+                raise click.ClickException(f"submitting {job_file} to {address} failed: {err}") from err
 
 
 def _call(address: str, method: str, job_id: str) -> Any:
