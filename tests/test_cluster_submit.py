@@ -45,6 +45,7 @@ def head():
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--dashboard-agent-listen-port", str(_free_port()),  # the default 52365 may be taken by another Ray
          "--temp-dir", temp, "--num-cpus", "2", "--object-store-memory", str(300 * 2**20),
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dashboard}"
