@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-env clean
+.PHONY: venv test test-cluster demo bench-env clean
 
 venv: $(STAMP)
 
@@ -14,11 +14,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipelines,test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipelines,test,cluster]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Tests that start their own Ray clusters (multi-node, node loss, job submission): minutes on 2 cores.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
 
 demo: $(STAMP)
 	$(BIN)/influence demo --output demo_output

@@ -16,14 +16,29 @@ Memory: the scoring stage is run on a small corpus and on one 10x larger (10x th
 shards); the peak RSS each actor reports (``getrusage``) is compared.
 
     .venv/bin/python benchmarks/pipeline.py --out bench_output/pipeline.json
+
+Multi-node mode (``--nodes 1 2 3``): the scoring stage on a real Ray cluster on
+this machine (``pipelines.cluster.local``: a head with no CPUs and N worker
+raylets of 1 CPU each, one actor per node with 1 torch thread), N in the given
+order, repeated ``--rounds`` times (alternating N cancels slow drifts of the
+machine's load). Per run: tokens/s over the window from the first unit's start
+to the last unit's end (and over the whole stage, start-up included), each
+node's busy fraction (its actors' busy seconds / (window x actors)), and the
+scheduling overhead per unit (an actor's idle gap between finishing one unit and
+starting the next; plus the stage's start-up to the first unit).
+
+    .venv/bin/python benchmarks/pipeline.py --nodes 1 2 3 --shards 12 --rows 200 --out bench_output/multinode.json
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray loads: drivers reach nodes on 127.0.0.1
+
 import argparse
 import json
 import logging
-import os
 import shutil
 import statistics
 import time
@@ -113,6 +128,39 @@ def job(root: Path, corpus: str, output: str, threads: int, batch_size: int) -> 
                           "object_store_mb": 512}}
 
 
+def multinode(args, root: Path, vocab: int) -> dict:
+    """Scoring on local clusters of 1, 2, 3... worker nodes (``args.nodes``), ``args.rounds`` times each."""
+    import ray
+
+    from pipelines.cluster.local import local_cluster
+
+    runs = []
+    for round_ in range(args.rounds):
+        for nodes in args.nodes:
+            with local_cluster(workers=nodes, worker_cpus=1.0, store_mb=150) as cluster:
+                spec = job(root, str(root / "corpus"), str(root / "out"), 1, args.batch_size)
+                spec["resources"].update({"ray_address": cluster.address, "actors": nodes, "object_store_mb": 0})
+                shutil.rmtree(root / "out" / "scores", ignore_errors=True)
+                summary = score(config_from_dict(spec), queries_digest="bench")
+                ray.shutdown()
+            units = summary["units"]
+            window = units["wall_s"] - units["first_unit_start_s"]
+            run = {"nodes": nodes, "round": round_, "tokens": summary["tokens"], "stage_s": summary["seconds"],
+                   "window_s": round(window, 3), "tokens_per_s": summary["tokens"] / window,
+                   "tokens_per_s_with_startup": summary["tokens"] / summary["seconds"],
+                   "startup_to_first_unit_s": units["first_unit_start_s"],
+                   "gap_between_units_s": units["gap_between_units_s"],
+                   "unit_s_mean": sum(a["busy_s"] for a in units["actors"].values()) / units["units"],
+                   "node_busy_fraction": {k: round(v["busy_s"] / (window * v["actors"]), 3)
+                                          for k, v in units["nodes"].items()},
+                   "units_per_node": {k: v["units"] for k, v in units["nodes"].items()}, "retries": units["retries"]}
+            print("multinode:", json.dumps(run), flush=True)
+            runs.append(run)
+    by_nodes = {n: statistics.median(r["tokens_per_s"] for r in runs if r["nodes"] == n) for n in args.nodes}
+    return {"runs": runs, "median_tokens_per_s": by_nodes,
+            "speedup_vs_1_node": {n: v / by_nodes[args.nodes[0]] for n, v in by_nodes.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="bench_output/pipeline_work")
@@ -124,6 +172,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--rss-shards", type=int, default=4, help="shards of the small corpus of the memory check")
+    ap.add_argument("--nodes", type=int, nargs="*", help="multi-node mode: worker node counts to run (e.g. 1 2 3)")
+    ap.add_argument("--rounds", type=int, default=2, help="multi-node mode: repeats of the node counts")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = Path(args.root).resolve()
@@ -133,6 +183,14 @@ def main() -> None:
     make_corpus(root / "corpus", args.shards, args.rows, vocab, seed=1)
     cfg = config_from_dict(job(root, str(root / "corpus"), str(root / "out"), args.threads, args.batch_size))
     make_queries(cfg, root / "out", args.queries, rank=32, seed=2)
+    if args.nodes:
+        report = {"workload": {"shards": args.shards, "rows_per_shard": args.rows, "queries": args.queries,
+                               "rank": 32, "batch_size": args.batch_size, "threads_per_actor": 1,
+                               "cpus": os.cpu_count()}, **multinode(args, root, vocab)}
+        print(json.dumps(report, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        return
 
     report: dict = {"workload": {"shards": args.shards, "rows_per_shard": args.rows, "lengths": [64, 128],
                                  "queries": args.queries, "rank": 32, "batch_size": args.batch_size,

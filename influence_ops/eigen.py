@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .covariance import Covariances
+from .covariance import Covariances, LayerCovariance
 
 
 @dataclass
@@ -75,10 +75,12 @@ def eigendecompose(covariances: Covariances, blocks: int = 1) -> dict[str, Layer
     Returns:
         name -> LayerEigen (float64).
     """
-    out: dict[str, LayerEigen] = {}
-    for name, cov in covariances.layers.items():
-        a, s = cov.normalized()
-        e_a, q_a = symmetric_eigh(a, f"layer {name} activation factor A", blocks)
-        e_s, q_s = symmetric_eigh(s, f"layer {name} gradient factor S", blocks)
-        out[name] = LayerEigen(q_a=q_a, e_a=e_a, q_s=q_s, e_s=e_s)
-    return out
+    return {name: eigendecompose_layer(name, cov, blocks) for name, cov in covariances.layers.items()}
+
+
+def eigendecompose_layer(name: str, cov: LayerCovariance, blocks: int = 1) -> LayerEigen:
+    """Eigendecompose one layer's A and S (on the sums' device: a GPU runs float64 ``eigh`` there too)."""
+    a, s = cov.normalized()
+    e_a, q_a = symmetric_eigh(a, f"layer {name} activation factor A", blocks)
+    e_s, q_s = symmetric_eigh(s, f"layer {name} gradient factor S", blocks)
+    return LayerEigen(q_a=q_a, e_a=e_a, q_s=q_s, e_s=e_s)

@@ -26,8 +26,34 @@ from .version import FACTORS_FORMAT, __version__
 MANIFEST = "manifest.json"
 
 
-def _layer_file(index: int, name: str) -> str:
+def layer_file(index: int, name: str) -> str:
+    """File name of layer ``index`` (tracked-layer order) in a factor directory."""
     return f"{index:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
+
+
+def layer_tensors(lf: LayerFactors) -> dict[str, torch.Tensor]:
+    """The tensors of one layer file (on the CPU, contiguous)."""
+    tensors = {"a_sum": lf.a_sum, "s_sum": lf.s_sum, "lambda_sum": lf.lambda_sum,
+               "q_a": lf.eigen.q_a, "e_a": lf.eigen.e_a, "q_s": lf.eigen.q_s, "e_s": lf.eigen.e_s}
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def manifest_entry(name: str, file: str, shape: tuple[int, int], tokens: int, sequences: int,
+                   dtype: torch.dtype) -> dict[str, Any]:
+    return {"name": name, "file": file, "d_out": shape[0], "d_in_h": shape[1], "tokens": tokens,
+            "sequences": sequences, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def build_manifest(entries: list[dict[str, Any]], fingerprint: str, fisher: Fisher, covariance_sequences: int,
+                   lambda_sequences: int, blocks: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a factor directory whose layer files are described by ``entries`` (in layer order)."""
+    return {
+        "format": FACTORS_FORMAT, "library_version": __version__, "model_fingerprint": fingerprint,
+        "fisher": fisher.value, "covariance_sequences": covariance_sequences,
+        "tokens": entries[0]["tokens"], "lambda_sequences": lambda_sequences, "blocks": blocks,
+        "eigh_dtype": "float64", "damping_rule": "0.1 * mean(Lambda) per layer unless an absolute value is given",
+        "layers": entries, "extra": extra or {},
+    }
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -45,23 +71,11 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra: dic
         stale.unlink()  # the directory is incomplete until the new manifest lands
     entries = []
     for i, (name, lf) in enumerate(factors.layers.items()):
-        fname = _layer_file(i, name)
-        tensors = {
-            "a_sum": lf.a_sum, "s_sum": lf.s_sum, "lambda_sum": lf.lambda_sum,
-            "q_a": lf.eigen.q_a, "e_a": lf.eigen.e_a, "q_s": lf.eigen.q_s, "e_s": lf.eigen.e_s,
-        }
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(out / fname))
-        d_out, d_in_h = factors.shapes[name]
-        entries.append({"name": name, "file": fname, "d_out": d_out, "d_in_h": d_in_h,
-                        "tokens": lf.tokens, "sequences": lf.sequences,
-                        "dtype": str(lf.a_sum.dtype).removeprefix("torch.")})
-    manifest = {
-        "format": FACTORS_FORMAT, "library_version": __version__, "model_fingerprint": factors.fingerprint,
-        "fisher": factors.fisher.value, "covariance_sequences": factors.covariance_sequences,
-        "tokens": factors.tokens, "lambda_sequences": factors.lambda_sequences, "blocks": factors.blocks,
-        "eigh_dtype": "float64", "damping_rule": "0.1 * mean(Lambda) per layer unless an absolute value is given",
-        "layers": entries, "extra": extra or {},
-    }
+        fname = layer_file(i, name)
+        save_file(layer_tensors(lf), str(out / fname))
+        entries.append(manifest_entry(name, fname, factors.shapes[name], lf.tokens, lf.sequences, lf.a_sum.dtype))
+    manifest = build_manifest(entries, factors.fingerprint, factors.fisher, factors.covariance_sequences,
+                              factors.lambda_sequences, factors.blocks, extra)
     write_json_atomic(out / MANIFEST, manifest)
     return out
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from .cluster.submit import add_cluster_commands
 from .config import ConfigError, JobConfig, load_config
 from .results.commands import register as register_readers
 from .run import STAGES, StageFailed, run_job
@@ -38,10 +39,18 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     if score and score.get("tokens") and score.get("actor_seconds"):
         lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
                      f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per actor")
+    units = (score or {}).get("units")
+    if units:
+        lines.append(f"  score units ran on {_count(len(units['nodes']), 'node')}, "
+                     f"{_count(len(units['actors']), 'actor')}; {units['retries']} retried after a lost actor")
     lines.append(f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/layer_scores/, "
                  f"{out}/scores/, {out}/distribution/")
     lines.append(f"  record: {out}/runs/{record['run_id']}.json")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _stage_line(name: str, info: dict[str, Any]) -> str:
@@ -128,6 +137,7 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
 
 
 register_readers(main)  # influence show / sql / report / ddl (pipelines/results/)
+add_cluster_commands(main)  # submit, status, logs, stop (Ray Jobs API)
 
 if __name__ == "__main__":
     main()

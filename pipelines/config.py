@@ -39,6 +39,8 @@ Sections (every key optional unless marked required)::
     threads_per_actor = 0               # torch threads per actor, 0 = torch's default
     batch_size = 8                      # sequences per forward/backward
     object_store_mb = 0                 # local Ray only; 0 = min(1 GiB, 20% of RAM)
+    actor_restarts = -1                 # restarts of an actor whose node died (-1 = no limit)
+    task_retries = -1                   # retries of a unit whose actor died, -1 = until it is back (not errors it raised)
 
 Every value is checked when the config is built; errors name the key and the value.
 """
@@ -204,6 +206,8 @@ class ResourceConfig:
     threads_per_actor: int = 0
     batch_size: int = 8
     object_store_mb: int = 0
+    actor_restarts: int = -1
+    task_retries: int = -1
 
     def __post_init__(self) -> None:
         if not isinstance(self.ray_address, str):
@@ -215,6 +219,8 @@ class ResourceConfig:
         _check_int("resources.threads_per_actor", self.threads_per_actor, 0)
         _check_int("resources.batch_size", self.batch_size, 1)
         _check_int("resources.object_store_mb", self.object_store_mb, 0)
+        _check_int("resources.actor_restarts", self.actor_restarts, -1)
+        _check_int("resources.task_retries", self.task_retries, -1)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -202,7 +203,8 @@ def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, t
     from pipelines.stages.sampling import Unit
 
     path = write_shard(tmp_path / "s.parquet", [f"d{i}" for i in range(6)], [[1, 2, 3, 4]] * 3 + [[5, 6, 7]] * 3)
-    units = [Unit(i, path, rows).to_json() for i, rows in enumerate([(0, 1, 2), (3, 4), (5,)])]
+    units = [{**Unit(i, path, rows).to_json(), "partial": str(tmp_path / f"unit{i}.safetensors"), "key": "k"}
+             for i, rows in enumerate([(0, 1, 2), (3, 4), (5,)])]
     worker = CovarianceWorker(model=ModelConfig(path=str(tiny_world / "model")), fisher="sampled", seed=4,
                               batch_size=2)
 
@@ -210,8 +212,8 @@ def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, t
         merged = None
         for group in groups:
             out = worker({"unit": np.array([json.dumps(units[i]) for i in group], dtype=object)})
-            for payload in out["payload"]:
-                part = covariances_from_bytes(payload)
+            for i in out["index"]:  # each unit's partial sums are in its own file
+                part = covariances_from_bytes(Path(units[i]["partial"]).read_bytes())
                 merged = part if merged is None else merged.merge(part)
         return merged
 

@@ -37,10 +37,10 @@ def metadata_of(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + n]).get("__metadata__", {})
 
 
-def lambda_to_bytes(lam: LambdaSums) -> bytes:
+def lambda_to_bytes(lam: LambdaSums, extra: dict[str, str] | None = None) -> bytes:
     return st_save({f"{i}": s.cpu() for i, s in enumerate(lam.sums.values())},
                    metadata={"layers": json.dumps(list(lam.sums)), "sequences": str(lam.sequences),
-                             "fisher": lam.fisher.value})
+                             "fisher": lam.fisher.value, **(extra or {})})
 
 
 def lambda_from_bytes(data: bytes) -> LambdaSums:

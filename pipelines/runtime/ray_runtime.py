@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,20 +21,26 @@ from typing import Any
 import numpy as np
 
 from ..config import ResourceConfig
+from .accounting import UnitLog, ledger_actor, wrap
 
 log = logging.getLogger(__name__)
 
 
 def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float]:
-    """Join the configured cluster or start a local Ray (once); returns the cluster's resources."""
+    """Join the configured cluster or start a local Ray (once); returns the cluster's resources.
+
+    With no ``ray_address``, a job whose driver runs inside a Ray job (``RAY_ADDRESS``
+    set, e.g. by ``influence submit``) joins that cluster.
+    """
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR if quiet else logging.INFO,
                                   "log_to_driver": not quiet}
-        if resources.ray_address:
-            ray.init(address=resources.ray_address, **kwargs)
+        address = resources.ray_address or os.environ.get("RAY_ADDRESS", "")  # set inside a Ray job
+        if address:
+            ray.init(address=address, **kwargs)
         else:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             store = resources.object_store_mb * 2**20 or min(2**30, int(0.2 * total))
@@ -70,13 +77,19 @@ def pool_plan(resources: ResourceConfig, cluster: dict[str, float], units: int) 
 
 
 def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]],
-              resources: ResourceConfig, cluster: dict[str, float], progress: Any = None) -> Iterator[dict[str, Any]]:
+              resources: ResourceConfig, cluster: dict[str, float], progress: Any = None,
+              log: UnitLog | None = None) -> Iterator[dict[str, Any]]:
     """Run ``cls(**constructor)(batch)`` over ``units`` on an actor pool; yield result rows as dicts.
 
     Each unit is a JSON-able dict; the callable receives ``{"unit": array of JSON strings}``
     and returns a dict of equal-length arrays. ``progress`` (a tqdm) is advanced per returned batch
-    (one per unit, as each call gets one unit).
+    (one per unit, as each call gets one unit). ``log`` receives where and how long each unit ran
+    (``accounting.py``). An actor holds one unit at a time, so units spread over every actor
+    and a lost actor takes only its current unit with it. Node loss: an actor whose node dies is restarted elsewhere
+    (``resources.actor_restarts``) and the tasks it held are retried (``resources.task_retries``);
+    a unit writes its own output file, so a retried unit rewrites the same bytes.
     """
+    import ray
     import ray.data
 
     if not units:
@@ -84,14 +97,25 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     plan = pool_plan(resources, cluster, len(units))
     items = [{"unit": json.dumps(u, sort_keys=True)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(cls, fn_constructor_kwargs=constructor, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
-                        num_gpus=plan.num_gpus or None, zero_copy_batch=True)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        if progress is not None:
-            progress.update(1)
-        for i in range(len(next(iter(batch.values())))):
-            yield {k: _plain(v[i]) for k, v in batch.items()}
+    ledger = ledger_actor()
+    with warnings.catch_warnings():  # Ray 2.60 has no other way to pass these (deprecated for Ray 2.64)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(wrap(cls), fn_constructor_kwargs={**constructor, "_ledger": ledger}, batch_size=1,
+                            batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=plan.size, max_tasks_in_flight_per_actor=1),
+                            num_cpus=plan.num_cpus,
+                            num_gpus=plan.num_gpus or None, zero_copy_batch=True,
+                            max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries)
+    log = log if log is not None else UnitLog()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            if progress is not None:
+                progress.update(1)
+            for i in range(len(next(iter(batch.values())))):
+                yield log.add({k: _plain(v[i]) for k, v in batch.items()})
+        log.starts = ray.get(ledger.counts.remote())
+    finally:
+        ray.kill(ledger)
 
 
 def _plain(x: Any) -> Any:

@@ -1,58 +1,50 @@
-"""`fit-factors`: seeded corpus sample -> stage-1 sums (actors) -> eigh -> stage-3 Lambda (actors) -> factors/.
+"""`fit-factors`: seeded corpus sample -> stage-1 sums (actors) -> eigh per layer (actors) -> stage-3 Lambda
+(actors) -> factors/, with no factor tensor on the driver.
 
-Each unit of the sample (``sampling.py``) yields partial sums and counts; the
-driver adds them (``Covariances.merge`` / ``LambdaSums.merge``: exact up to the
-order of float additions), so the result equals ``influence_ops.fit_ekfac`` on
-the same sample whatever the number of actors. Sampled labels are drawn with a
-seed per (stage, unit), so a sampled-Fisher fit is reproducible too.
+Each unit of the sample (``sampling.py``) writes its partial sums and counts to
+``<factors>/_partials/stage{1,3}/unit-NNNNN.safetensors``; one task per layer
+(``factor_layers.py``) adds that layer's partials in unit order, eigendecomposes
+it, and writes the layer's file straight into the factor directory. The result
+equals ``influence_ops.fit_ekfac`` on the same sample (exact up to the order of
+float additions) whatever the number of actors, and is identical from run to
+run. Sampled labels are drawn with a seed per (stage, unit), so a
+sampled-Fisher fit is reproducible too. A unit whose partial file carries the
+current key is not redone, so an interrupted fit resumes unit by unit.
 
 Output folder ``<output>/factors``: the ``save_factors`` files (manifest.json
 last), ``sample.parquet`` (shard, doc_id of every fitted sequence) and the
-completion marker. ``_stage1.safetensors`` keeps the stage-1 sums, so an
-interrupted fit resumes at stage 3.
+completion marker. The partials and ``_stage2/`` are removed at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tempfile
+import resource
 import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from influence_ops import (
-    Covariances,
-    Fisher,
-    LambdaSums,
-    assemble_factors,
-    eigendecompose,
-    fit_covariances,
-    fit_lambda,
-    save_factors,
-)
+from influence_ops import Fisher, fit_covariances, fit_lambda, model_fingerprint
+from influence_ops.storage import MANIFEST, build_manifest, layer_file
 
 from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_model, model_identity, pick_device
-from ..io.payloads import (
-    covariances_from_bytes,
-    covariances_to_bytes,
-    eigen_from_bytes,
-    eigen_to_bytes,
-    lambda_from_bytes,
-    lambda_to_bytes,
-    metadata_of,
-)
+from ..io.payloads import covariances_to_bytes, lambda_to_bytes
 from ..io.shards import list_shards, read_rows
+from ..io.tensor_files import open_header
+from ..runtime.accounting import UnitLog
 from ..runtime.batching import token_batches
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
+from .factor_layers import LayerEigenWorker, LayerFinalWorker, load_layer_eigen
 from .sampling import Unit, plan_units, sample_rows
 
-STAGE1 = "_stage1.safetensors"
-EIGEN = "_eigen.safetensors"
+PARTIALS = "_partials"
+STAGE2 = "_stage2"
 
 
 def unit_seed(seed: int, stage: int, index: int) -> int:
@@ -60,7 +52,12 @@ def unit_seed(seed: int, stage: int, index: int) -> int:
 
 
 class _FitWorker:
-    """Shared part of the two fitting callables: the model, and a unit's batches."""
+    """Shared part of the two fitting callables: the model, and a unit's batches.
+
+    A unit is ``{index, shard, rows, partial, key}``: the callable writes the
+    unit's partial sums to ``partial`` (metadata: ``key``, the unit's doc ids and
+    tokens) and returns a small row (index, tokens, the model's fingerprint).
+    """
 
     stage = 0
 
@@ -69,6 +66,8 @@ class _FitWorker:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
         self.fisher, self.seed, self.batch_size = Fisher(fisher), seed, batch_size
+        self.fingerprint = model_fingerprint(self.m.layers)
+        self.layers = json.dumps([[l.name, list(l.shape)] for l in self.m.layers])
 
     def _batches(self, unit: Unit) -> tuple[list[str], list[Any], int]:
         seqs = read_rows(unit.shard, np.asarray(unit.rows), self.m.vocab_size)
@@ -76,42 +75,46 @@ class _FitWorker:
         tokens = int(sum(b.attention_mask.sum() for _, b in pairs))
         return [d for p, _ in pairs for d in p.doc_ids], [b for _, b in pairs], tokens
 
-    def fit(self, unit: Unit, batches: list[Any]) -> bytes:
+    def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"index": [], "payload": [], "doc_ids": [], "tokens": []}
+        out: dict[str, list] = {"index": [], "tokens": [], "fingerprint": [], "layers": []}
         for u in units_of(batch):
             unit = Unit.from_json(u)
             doc_ids, batches, tokens = self._batches(unit)
+            extra = {"key": u["key"], "doc_ids": json.dumps(doc_ids), "unit_tokens": str(tokens),
+                     "fingerprint": self.fingerprint}
+            storage.write_bytes(u["partial"], self.fit(unit, batches, extra))
             out["index"].append(unit.index)
-            out["payload"].append(self.fit(unit, batches))
-            out["doc_ids"].append(json.dumps(doc_ids))
             out["tokens"].append(tokens)
-        return {"index": np.asarray(out["index"]), "payload": np.asarray(out["payload"], dtype=object),
-                "doc_ids": np.asarray(out["doc_ids"], dtype=object), "tokens": np.asarray(out["tokens"])}
+            out["fingerprint"].append(self.fingerprint)
+            out["layers"].append(self.layers)
+        return {"index": np.asarray(out["index"]), "tokens": np.asarray(out["tokens"]),
+                "fingerprint": np.asarray(out["fingerprint"], dtype=object),
+                "layers": np.asarray(out["layers"], dtype=object)}
 
 
 class CovarianceWorker(_FitWorker):
     """Stage 1 on a unit: the stage-1 sums as safetensors bytes."""
 
-    def fit(self, unit: Unit, batches: list[Any]) -> bytes:
+    def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         cov = fit_covariances(self.m.model, self.m.layers, batches, self.fisher, unit_seed(self.seed, 1, unit.index),
                               autocast_dtype=self.m.autocast)
-        return covariances_to_bytes(cov)
+        return covariances_to_bytes(cov, extra)
 
 
 class LambdaWorker(_FitWorker):
-    """Stage 3 on a unit, given the eigenbases at ``eigen_url``: Lambda sums as bytes."""
+    """Stage 3 on a unit, given every layer's stage-2 file (in layer order): Lambda sums as bytes."""
 
-    def __init__(self, eigen_url: str, **kwargs: Any) -> None:
+    def __init__(self, stage2: list[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.eigen = eigen_from_bytes(storage.read_bytes(eigen_url))
+        self.eigen = {l.name: load_layer_eigen(url) for l, url in zip(self.m.layers, stage2)}
 
-    def fit(self, unit: Unit, batches: list[Any]) -> bytes:
+    def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         lam = fit_lambda(self.m.model, self.m.layers, self.eigen, batches, self.fisher,
                          unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast)
-        return lambda_to_bytes(lam)
+        return lambda_to_bytes(lam, extra)
 
 
 def factors_key(cfg: JobConfig, shards: list[str]) -> str:
@@ -119,75 +122,133 @@ def factors_key(cfg: JobConfig, shards: list[str]) -> str:
                                  cfg.resources.batch_size, completion.shard_fingerprints(shards))
 
 
-Sample = list[tuple[int, list[str], int]]  # per unit: (index, doc ids, tokens)
+def _partial_url(out: str, stage: int, index: int) -> str:
+    return storage.join(out, PARTIALS, f"stage{stage}", f"unit-{index:05d}.safetensors")
 
 
-def _stage1(jobs: list[dict], args: dict, cfg: JobConfig, cluster: dict, url: str, key: str,
-            show_progress: bool) -> tuple[Covariances, Sample]:
-    """Stage-1 sums over all units, resumed from ``url`` when it holds this key's sums."""
-    if storage.exists(url):
-        data = storage.read_bytes(url)
-        meta = metadata_of(data)
-        if meta.get("key") == key:
-            return covariances_from_bytes(data), [tuple(x) for x in json.loads(meta["sample"])]
-    cov: Covariances | None = None
-    sample: Sample = []
-    with bar(len(jobs), "fit-factors stage 1 (covariances)", show_progress) as progress:
-        for row in run_units(CovarianceWorker, args, jobs, cfg.resources, cluster, progress):
-            part = covariances_from_bytes(row["payload"])
-            cov = part if cov is None else cov.merge(part)
-            sample.append((row["index"], json.loads(row["doc_ids"]), row["tokens"]))
-    sample.sort(key=lambda x: x[0])
-    storage.write_bytes(url, covariances_to_bytes(cov, {"key": key, "sample": json.dumps(sample)}))
-    return cov, sample
+def _current(url: str, key: str) -> dict[str, str] | None:
+    """The metadata of the partial at ``url`` when it exists and carries ``key``."""
+    if not storage.exists(url):
+        return None
+    meta = open_header(url).metadata
+    return meta if meta.get("key") == key else None
 
 
-def _stage3(jobs: list[dict], args: dict, cfg: JobConfig, cluster: dict, show_progress: bool) -> LambdaSums:
-    lam: LambdaSums | None = None
-    with bar(len(jobs), "fit-factors stage 3 (Lambda)", show_progress) as progress:
-        for row in run_units(LambdaWorker, args, jobs, cfg.resources, cluster, progress):
-            part = lambda_from_bytes(row["payload"])
-            lam = part if lam is None else lam.merge(part)
-    return lam
+def _unit_stage(worker: type, stage: int, units: list[Unit], args: dict, out: str, key: str, cfg: JobConfig,
+                cluster: dict, show_progress: bool) -> dict[str, Any]:
+    """Run ``worker`` on every unit whose partial is not current; the unit sums stay in storage."""
+    todo, fingerprints, layers = [], set(), set()
+    for u in units:
+        url = _partial_url(out, stage, u.index)
+        if _current(url, key) is None:
+            todo.append({**u.to_json(), "partial": url, "key": key})
+    log = UnitLog()
+    with bar(len(todo), f"fit-factors stage {stage}", show_progress) as progress:
+        for row in run_units(worker, args, todo, cfg.resources, cluster, progress, log):
+            fingerprints.add(row["fingerprint"])
+            layers.add(row["layers"])
+    if len(fingerprints) > 1 or len(layers) > 1:
+        raise ValueError(f"fit-factors stage {stage}: actors loaded different models ({sorted(fingerprints)}); "
+                         "was model.path changed during the run?")
+    return {"done": len(todo), "resumed": len(units) - len(todo), "fingerprint": next(iter(fingerprints), None),
+            "layers": next(iter(layers), None), "units": log.summary()}
+
+
+def _layer_stage(worker: type, jobs: list[dict], cfg: JobConfig, cluster: dict, use_gpu: bool, name: str,
+                 show_progress: bool) -> tuple[dict[str, dict], dict[str, Any]]:
+    """One task per layer on the actor pool; returns name -> row, and the unit accounting."""
+    args = {"threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu}
+    rows: dict[str, dict] = {}
+    log = UnitLog()
+    with bar(len(jobs), f"fit-factors {name}", show_progress) as progress:
+        for row in run_units(worker, args, jobs, cfg.resources, cluster, progress, log):
+            rows[row["name"]] = row
+    return rows, log.summary()
+
+
+def _layer_names(out: str, units: list[Unit], stage_info: dict[str, Any]) -> list[tuple[str, list[int]]]:
+    """(name, shape) of the tracked layers, from the stage-1 actors or the first current partial."""
+    if stage_info["layers"] is not None:
+        return [tuple(x) for x in json.loads(stage_info["layers"])]
+    meta = open_header(_partial_url(out, 1, units[0].index)).metadata
+    return [(n, []) for n in json.loads(meta["layers"])]
 
 
 def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
-    """Run the stage (skipped when ``factors/`` is complete for these inputs); returns its summary."""
+    """Run the stage (skipped when ``factors/`` is complete for these inputs); returns its summary.
+
+    The summary's ``driver_peak_rss_mb`` is this process's peak resident memory
+    (``getrusage``), ``driver_peak_rss_at_start_mb`` the same once Ray was joined: the
+    difference is what the stage itself cost the driver (no factor tensor passes through
+    it, so it does not grow with the layers). ``tasks`` says where each step ran (``UnitLog``).
+    """
     out = storage.join(cfg.data.output, "factors")
     shards = list_shards(cfg.data.corpus)
     key = factors_key(cfg, shards)
     done = completion.completed(out, key)
     if done is not None:
         return {**done, "skipped": True}
+    completion.invalidate(out)  # an older fit's files may stay, but never look complete
+    storage.remove(storage.join(out, MANIFEST))
     start = time.perf_counter()
     f = cfg.factors
     units = plan_units(shards, sample_rows(shards, f.sample_sequences, f.sample_tokens, f.seed), f.unit_sequences)
-    jobs = [u.to_json() for u in units]
     cluster = ensure_ray(cfg.resources)
+    rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    use_gpu = cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0
     args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed, "batch_size": cfg.resources.batch_size,
-            "threads": cfg.resources.threads_per_actor,
-            "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
-    stage1_url, eigen_url = storage.join(out, STAGE1), storage.join(out, EIGEN)
-    cov, sample = _stage1(jobs, args, cfg, cluster, stage1_url, key, show_progress)
-    eigen = eigendecompose(cov, blocks=f.blocks)
-    storage.write_bytes(eigen_url, eigen_to_bytes(eigen))
-    lam = _stage3(jobs, {**args, "eigen_url": eigen_url}, cfg, cluster, show_progress)
-    layers = load_model(cfg.model).layers
-    with tempfile.TemporaryDirectory() as tmp:
-        save_factors(assemble_factors(layers, cov, eigen, lam, blocks=f.blocks), tmp,
-                     extra={"pipeline_key": key, "config": cfg.to_dict()})
-        storage.upload_dir(tmp, out, last=("manifest.json",))
+            "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu}
+    accounting: dict[str, Any] = {}
+    stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, key, cfg, cluster, show_progress)
+    accounting["stage1"] = stage1.pop("units")
+    layers = _layer_names(out, units, stage1)
+    partials1 = [_partial_url(out, 1, u.index) for u in units]
+    stage2_urls = [storage.join(out, STAGE2, layer_file(i, n)) for i, (n, _) in enumerate(layers)]
+    eig_jobs = [{"name": n, "partials": partials1, "out": url, "blocks": f.blocks, "key": key}
+                for (n, _), url in zip(layers, stage2_urls) if _current(url, key) is None]
+    eig_rows, accounting["eigh"] = _layer_stage(LayerEigenWorker, eig_jobs, cfg, cluster, use_gpu, "eigh (per layer)",
+                                                show_progress)
+    stage3 = _unit_stage(LambdaWorker, 3, units, {**args, "stage2": stage2_urls}, out, key, cfg, cluster,
+                         show_progress)
+    accounting["stage3"] = stage3.pop("units")
+    partials3 = [_partial_url(out, 3, u.index) for u in units]
+    final_jobs = [{"name": n, "stage2": s2, "partials": partials3, "out": storage.join(out, layer_file(i, n))}
+                  for i, ((n, _), s2) in enumerate(zip(layers, stage2_urls))]
+    final_rows, accounting["layers"] = _layer_stage(LayerFinalWorker, final_jobs, cfg, cluster, use_gpu,
+                                                    "layer files", show_progress)
+    entries = [json.loads(final_rows[n]["entry"]) for n, _ in layers]
+    metas = [open_header(u).metadata for u in partials1]
+    sample = [(u.index, json.loads(m["doc_ids"]), int(m["unit_tokens"])) for u, m in zip(units, metas)]
+    sequences = sum(len(ids) for _, ids, _ in sample)
+    fingerprints = ({m.get("fingerprint") for m in metas} | {stage3["fingerprint"]}) - {None}
+    if len(fingerprints) != 1:
+        raise ValueError(f"fit-factors: partial sums of different models {sorted(fingerprints)} in {out}")
+    (fingerprint,) = fingerprints
+    manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
+                              f.blocks, {"pipeline_key": key, "config": cfg.to_dict()})
+    storage.write_json(storage.join(out, MANIFEST), manifest)
     shard_of = {u.index: u.shard for u in units}
     storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({
         "shard": [shard_of[i] for i, ids, _ in sample for _ in ids],
         "doc_id": [d for _, ids, _ in sample for d in ids]}))
-    for stale in (stage1_url, eigen_url):
-        storage.remove(stale)
-    info = {"sequences": cov.sequences, "tokens": cov.tokens, "units": len(units), "layers": len(layers),
-            "seconds": round(time.perf_counter() - start, 3), "digest": factors_digest(out)}
+    for stale in (PARTIALS, STAGE2):
+        storage.remove(storage.join(out, stale))
+    info = {"sequences": sequences, "tokens": entries[0]["tokens"], "units": len(units), "layers": len(layers),
+            "resumed_units": stage1["resumed"], "eigh_device": sorted({r["device"] for r in eig_rows.values()}),
+            "seconds": round(time.perf_counter() - start, 3), "digest": factors_digest(out),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_peak_rss_at_start_mb": round(rss_at_start, 1),
+            "tasks": accounting}
     return {**completion.mark_complete(out, key, info), "skipped": False}
 
 
 def factors_digest(url: str) -> str:
-    """Hash of a factor folder's safetensors files and manifest."""
-    return storage.dir_digest(url)
+    """Hash of a factor folder: its manifest (model fingerprint, counts, the inputs key) and its files' sizes.
+
+    The tensors themselves are not read: that would pull every byte of the factors through the driver.
+    """
+    h = hashlib.sha256(storage.read_bytes(storage.join(url, MANIFEST)))
+    for f in storage.list_files(url, suffix=".safetensors"):
+        fs, path = storage.filesystem(f)
+        h.update(f"{f.rsplit('/', 1)[-1]}:{fs.size(path)}".encode())
+    return h.hexdigest()[:16]

@@ -35,6 +35,7 @@ from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_model, pick_device
 from ..io.shards import Sequences, ShardError, iter_shard, list_shards, shard_name
+from ..runtime.accounting import UnitLog
 from ..runtime.batching import prefetch, token_batches
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
@@ -139,7 +140,8 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     """Score every shard not already scored for these inputs; returns counts and timings.
 
     ``timeline`` lists (seconds since the stage started, tokens) as each shard
-    completed; ``peak_rss_mb`` is the largest peak RSS an actor reported.
+    completed; ``peak_rss_mb`` is the largest peak RSS an actor reported; ``units``
+    says where the units ran (nodes, actors, busy seconds, retries: ``UnitLog.summary``).
     """
     start = time.perf_counter()
     shards = list_shards(cfg.data.corpus)
@@ -159,8 +161,9 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
                 "sort_window": cfg.scoring.sort_window, "strategy": cfg.scoring.strategy.value,
                 "threads": cfg.resources.threads_per_actor,
                 "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
+        log = UnitLog()
         with bar(len(todo), "score (shards)", show_progress) as progress:
-            for row in run_units(ShardScorer, args, todo, cfg.resources, cluster, progress):
+            for row in run_units(ShardScorer, args, todo, cfg.resources, cluster, progress, log):
                 summary[row["status"]] += 1
                 summary["sequences"] += int(row["sequences"])
                 summary["tokens"] += int(row["tokens"])
@@ -169,6 +172,7 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
                 summary["timeline"].append((round(time.perf_counter() - start, 3), int(row["tokens"])))
                 if row["status"] == "failed":
                     summary["failures"].append(row["error"])
+        summary["units"] = log.summary()
     summary["seconds"] = round(time.perf_counter() - start, 3)
     summary["outputs"] = outputs
     return summary

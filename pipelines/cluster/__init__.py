@@ -1,0 +1,1 @@
+"""Running jobs on a Ray cluster: submission through the Ray Jobs API, and job operations."""

@@ -1,0 +1,154 @@
+"""Where each unit of work ran, how long it took, and how often it was retried.
+
+``run_units`` wraps every stage callable in a ``UnitActor`` subclass: the
+wrapped callable is unchanged (and can still be called directly on a dict
+batch), the wrapper adds a few ``_acct_*`` columns to each returned batch and
+the driver folds them into a ``UnitLog``:
+
+- node: the Ray node id of the actor (first 12 hex characters);
+- actor: the actor id (first 12 hex characters); an actor keeps its id when Ray
+  restarts it after its node died, ``restarted`` tells that incarnation apart;
+- start, end: wall-clock seconds (``time.time()``) around the call.
+
+Retries: before it works on a unit, the wrapper tells a small ``Ledger`` actor
+(no CPUs, on the driver's node) that the unit started; a unit that started
+more often than once was lost with its actor (node loss) and run again. Ray
+Data calls the stage callable in a thread of its own, where Ray's task
+attempt number is not visible, hence the ledger.
+
+``UnitLog.summary()`` is what the run record shows: units, per-node units and
+busy seconds, per-actor units and busy seconds, retries (unit starts beyond
+the first), restarted actors, and the gap an actor waited between finishing
+one unit and starting the next (the scheduling overhead per unit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+PREFIX = "_acct_"
+FIELDS = ("node", "actor", "pid", "restarted", "start", "end")
+
+
+def unit_key(unit_json: str) -> str:
+    return hashlib.sha1(str(unit_json).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """How often each unit was started (a Ray actor: ``ledger_actor()``)."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, int] = defaultdict(int)
+
+    def started(self, key: str) -> None:
+        self.starts[key] += 1
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.starts)
+
+
+def ledger_actor() -> Any:
+    """A ``Ledger`` actor on this (the driver's) node, asking for no CPU."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote()
+
+
+class UnitActor:
+    """Base of the per-stage wrapper classes ``run_units`` builds: ``_target`` is the stage callable."""
+
+    _target: type = object
+
+    def __init__(self, _ledger: Any = None, **kwargs: Any) -> None:
+        import os
+
+        import ray
+
+        self.ledger = _ledger
+        self.inner = self._target(**kwargs)
+        ctx = ray.get_runtime_context()
+        self.node = ctx.get_node_id()[:12]
+        self.actor = (ctx.get_actor_id() or "driver")[:12]
+        self.pid = os.getpid()
+        self.restarted = bool(ctx.was_current_actor_reconstructed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.ledger is not None:
+            import ray
+
+            ray.get([self.ledger.started.remote(unit_key(u)) for u in batch["unit"]])
+        start = time.time()
+        out = self.inner(batch)
+        end = time.time()
+        n = len(next(iter(out.values())))
+        values = {"node": self.node, "actor": self.actor, "pid": self.pid, "restarted": self.restarted,
+                  "start": start, "end": end}
+        for name in FIELDS:
+            out[PREFIX + name] = np.asarray([values[name]] * n, dtype=object if name in ("node", "actor") else None)
+        return out
+
+
+def wrap(cls: type) -> type:
+    """A ``UnitActor`` subclass named like ``cls`` (Ray shows ``MapBatches(<name>)``)."""
+    return type(cls.__name__, (UnitActor,), {"_target": cls, "__module__": __name__})
+
+
+class UnitLog:
+    """Accounting of one stage's units, folded from returned rows on the driver."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, float], dict[str, Any]] = {}  # (actor, start) -> one call (one unit)
+        self.starts: dict[str, int] = {}  # unit key -> times started (from the ledger)
+        self.stage_start = time.time()
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Record the accounting fields of ``row``; return the row without them."""
+        acct = {name: row.pop(PREFIX + name) for name in FIELDS if PREFIX + name in row}
+        if acct:
+            self.calls.setdefault((acct["actor"], acct["start"]), acct)
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        calls = sorted(self.calls.values(), key=lambda c: c["start"])
+        nodes: dict[str, dict[str, Any]] = defaultdict(lambda: {"units": 0, "busy_s": 0.0, "actors": set()})
+        actors: dict[str, dict[str, Any]] = defaultdict(lambda: {"units": 0, "busy_s": 0.0, "node": "",
+                                                                 "incarnations": set()})
+        gaps: list[float] = []
+        last_end: dict[tuple[str, int], float] = {}
+        for c in calls:
+            busy = c["end"] - c["start"]
+            n, a = nodes[c["node"]], actors[c["actor"]]
+            n["units"] += 1
+            n["busy_s"] += busy
+            n["actors"].add(c["actor"])
+            a["units"] += 1
+            a["busy_s"] += busy
+            a["node"] = c["node"]
+            a["incarnations"].add((c["node"], c["pid"]))
+            key = (c["actor"], c["pid"])
+            if key in last_end:
+                gaps.append(c["start"] - last_end[key])
+            last_end[key] = c["end"]
+        wall = max((c["end"] for c in calls), default=self.stage_start) - self.stage_start
+        return {
+            "units": len(calls),
+            "retries": int(sum(n - 1 for n in self.starts.values() if n > 1)),
+            "restarted_actors": sorted({c["actor"] for c in calls if c["restarted"]}),
+            "wall_s": round(wall, 3),
+            "first_unit_start_s": round(calls[0]["start"] - self.stage_start, 3) if calls else None,
+            "gap_between_units_s": {"mean": round(statistics.fmean(gaps), 4) if gaps else None,
+                                    "median": round(statistics.median(gaps), 4) if gaps else None,
+                                    "count": len(gaps)},
+            "nodes": {k: {"units": v["units"], "busy_s": round(v["busy_s"], 3), "actors": len(v["actors"])}
+                      for k, v in sorted(nodes.items())},
+            "actors": {k: {"node": v["node"], "units": v["units"], "busy_s": round(v["busy_s"], 3),
+                           "incarnations": len(v["incarnations"])} for k, v in sorted(actors.items())},
+        }
