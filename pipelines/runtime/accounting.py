@@ -11,10 +11,12 @@ the driver folds them into a ``UnitLog``:
 - start, end: wall-clock seconds (``time.time()``) around the call.
 
 Retries: before it works on a unit, the wrapper tells a small ``Ledger`` actor
-(no CPUs, on the driver's node) that the unit started; a unit that started
-more often than once was lost with its actor (node loss) and run again. Ray
-Data calls the stage callable in a thread of its own, where Ray's task
-attempt number is not visible, hence the ledger.
+(no CPUs, on the head node, whose loss ends the cluster anyway) that the unit
+started; a unit that started more often than once was lost with its actor
+(node loss) and run again. Ray Data calls the stage callable in a thread of
+its own, where Ray's task attempt number is not visible, hence the ledger.
+The ledger is bookkeeping only: if it is lost, units go on and the run record
+shows the retries as unknown.
 
 ``UnitLog.summary()`` is what the run record shows: units, per-node units and
 busy seconds, per-actor units and busy seconds, retries (unit starts beyond
@@ -53,13 +55,37 @@ class Ledger:
         return dict(self.starts)
 
 
+def head_node_id() -> str:
+    """The Ray head node's id (the driver's own node when no head is marked)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def ledger_actor() -> Any:
-    """A ``Ledger`` actor on this (the driver's) node, asking for no CPU."""
+    """A ``Ledger`` actor on the head node, asking for no CPU.
+
+    Not the driver's node: a driver started on a machine that runs several
+    raylets may be attached to a worker node, which can be lost mid-stage.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote()
+    head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=True)
+    return ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=head).remote()
+
+
+def ledger_counts(ledger: Any) -> dict[str, int] | None:
+    """The ledger's counts, or None when the ledger was lost."""
+    import ray
+
+    try:
+        return dict(ray.get(ledger.counts.remote()))
+    except ray.exceptions.RayActorError:
+        return None
 
 
 class UnitActor:
@@ -84,7 +110,10 @@ class UnitActor:
         if self.ledger is not None:
             import ray
 
-            ray.get([self.ledger.started.remote(unit_key(u)) for u in batch["unit"]])
+            try:
+                ray.get([self.ledger.started.remote(unit_key(u)) for u in batch["unit"]])
+            except ray.exceptions.RayActorError:
+                self.ledger = None  # bookkeeping only: the unit goes on
         start = time.time()
         out = self.inner(batch)
         end = time.time()
@@ -106,7 +135,7 @@ class UnitLog:
 
     def __init__(self) -> None:
         self.calls: dict[tuple[str, float], dict[str, Any]] = {}  # (actor, start) -> one call (one unit)
-        self.starts: dict[str, int] = {}  # unit key -> times started (from the ledger)
+        self.starts: dict[str, int] | None = {}  # unit key -> times started (None: ledger lost)
         self.stage_start = time.time()
 
     def add(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +169,7 @@ class UnitLog:
         wall = max((c["end"] for c in calls), default=self.stage_start) - self.stage_start
         return {
             "units": len(calls),
-            "retries": int(sum(n - 1 for n in self.starts.values() if n > 1)),
+            "retries": None if self.starts is None else int(sum(n - 1 for n in self.starts.values() if n > 1)),
             "restarted_actors": sorted({c["actor"] for c in calls if c["restarted"]}),
             "wall_s": round(wall, 3),
             "first_unit_start_s": round(calls[0]["start"] - self.stage_start, 3) if calls else None,

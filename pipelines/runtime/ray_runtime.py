@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ResourceConfig
-from .accounting import UnitLog, ledger_actor, wrap
+from .accounting import UnitLog, ledger_actor, ledger_counts, wrap
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
                 progress.update(1)
             for i in range(len(next(iter(batch.values())))):
                 yield log.add({k: _plain(v[i]) for k, v in batch.items()})
-        log.starts = ray.get(ledger.counts.remote())
+        log.starts = ledger_counts(ledger)
     finally:
         ray.kill(ledger)
 
