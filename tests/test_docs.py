@@ -57,7 +57,7 @@ def test_readme_links_every_docs_page():
 
 
 def test_no_file_points_outside_the_repository():
-    """No tracked file mentions ../shared (notes that live beside the repository, not in a clone)."""
+    """No file of the repository points at the notes folder beside the checkout (a clone lacks it)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     needle = "../" + "shared"
