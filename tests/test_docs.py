@@ -70,3 +70,47 @@ def test_no_file_points_outside_the_repository():
         if needle in text:
             hits.append(name)
     assert not hits, f"files mentioning {needle}: {hits}"
+
+
+def _byte_level_bpe():
+    """A small byte-level BPE (the kind GPT-2 uses) trained here, as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["The library that detects encodings is Chardet. Chardet is old."] * 50 + ["the cat sat on the mat"] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_tokenization_doc_leading_space(tmp_path):
+    """docs/tokenization.md: queries tokenize prompt and completion apart, so the space must lead the completion;
+    the page's check catches both wrong forms."""
+    import json
+
+    from pipelines.stages.build_queries import tokenize_queries
+
+    tok = _byte_level_bpe()
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sentence = "The library that detects encodings is Chardet."
+    prompt = "The library that detects encodings is"
+    rows = [{"query_id": "space", "prompt": prompt, "completion": " Chardet."},
+            {"query_id": "nospace", "prompt": prompt, "completion": "Chardet."},
+            {"query_id": "trailing", "prompt": prompt + " ", "completion": "Chardet."}]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = tokenize_queries(str(queries), tok, vocab_size=len(tok), context=None)
+    sequences = [p + c for p, c in zip(got.prompt_ids, got.completion_ids)]
+    assert sequences[0] == ids(sentence)  # the right form: exactly the sentence's tokens
+    assert sequences[1] != ids(sentence) and sequences[2] != ids(sentence)  # the wrong forms: silently different
+    assert tok.convert_ids_to_tokens(got.completion_ids[0]) == ["ĠChardet", "."]
+    assert tok.convert_ids_to_tokens(got.completion_ids[1]) == ["Ch", "ardet", "."]
+    assert tok.convert_ids_to_tokens(got.prompt_ids[2])[-1] == "Ġ"
+
+    def passes(p: str, c: str) -> bool:  # the check of docs/tokenization.md
+        return p + c == sentence and ids(p) + ids(c) == ids(sentence)
+
+    assert [passes(r["prompt"], r["completion"]) for r in rows] == [True, False, False]
