@@ -1,6 +1,6 @@
 """Scoring throughput of ``influence_ops.score_batch`` relative to a plain training step.
 
-DESIGN.md section 2 ("Floor"): scoring a token cannot cost much less than one training
+docs/design.md section 2 ("Floor"): scoring a token cannot cost much less than one training
 step on it, so the headline number is
 
     ratio = (tokens/s of score_batch) / (tokens/s of a training step)

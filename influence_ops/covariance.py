@@ -1,4 +1,4 @@
-"""Stage 1: Kronecker factors A and S as mergeable sums (DESIGN.md section 2).
+"""Stage 1: Kronecker factors A and S as mergeable sums (docs/design.md section 2).
 
 Symbols: N_tok counted tokens, d_in' homogeneous input width, d_out.
 

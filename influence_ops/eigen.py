@@ -1,4 +1,4 @@
-"""Stage 2: eigendecomposition of the Kronecker factors (DESIGN.md section 2).
+"""Stage 2: eigendecomposition of the Kronecker factors (docs/design.md section 2).
 
     A = Q_A diag(e_A) Q_A^T,   S = Q_S diag(e_S) Q_S^T
 

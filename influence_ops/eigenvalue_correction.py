@@ -1,4 +1,4 @@
-"""Stage 3: eigenvalue correction Lambda as mergeable sums (DESIGN.md section 2).
+"""Stage 3: eigenvalue correction Lambda as mergeable sums (docs/design.md section 2).
 
 Symbols: N_seq sequences, d_out, d_in'.
 

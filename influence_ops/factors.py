@@ -2,7 +2,7 @@
 
 Symbols: d_out, d_in' per layer; N_tok tokens (stage 1), N_seq sequences (stage 3).
 
-Damping (DESIGN.md section 2): ``None`` means lambda = 0.1 x mean(Lambda) per
+Damping (docs/design.md section 2): ``None`` means lambda = 0.1 x mean(Lambda) per
 layer (the heuristic of the paper's reference code); a float is an absolute value.
 """
 

@@ -2,7 +2,7 @@
 
 Symbols: B sequences, T tokens, d_out, d_in' (homogeneous input width).
 
-Per-sequence gradient (DESIGN.md section 2): G_n = sum_t g_t a_t^T, [d_out, d_in'],
+Per-sequence gradient (docs/design.md section 2): G_n = sum_t g_t a_t^T, [d_out, d_in'],
 with g_t = dL_n / ds_t and a_t the homogeneous input. Since the loss of a batch is
 the sum of per-sequence summed losses and sequences do not interact, g_t of the
 batch loss equals that of the sequence's own loss.

@@ -1,4 +1,4 @@
-"""Damped inverse-Hessian-vector products with EK-FAC (DESIGN.md section 2).
+"""Damped inverse-Hessian-vector products with EK-FAC (docs/design.md section 2).
 
 For V of shape [..., d_out, d_in']:
 

@@ -8,7 +8,7 @@ The query measurement is the same sum over completion tokens only (prompt
 tokens carry label -100), so the query gradient is grad of -log p(completion |
 prompt).
 
-Fisher modes (DESIGN.md section 2): ``SAMPLED`` draws every label from the
+Fisher modes (docs/design.md section 2): ``SAMPLED`` draws every label from the
 model's own predictive distribution with a seeded generator (the true Fisher /
 Gauss-Newton form, the default for fitting factors); ``EMPIRICAL`` uses the
 data's labels (deterministic, used for comparisons and always for scoring).

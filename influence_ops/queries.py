@@ -1,4 +1,4 @@
-"""Preconditioned queries (DESIGN.md section 2, "Query" and "Low-rank queries").
+"""Preconditioned queries (docs/design.md section 2, "Query" and "Low-rank queries").
 
 Symbols: Q queries, L tracked layers, d_out, d_in', r rank.
 

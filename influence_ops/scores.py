@@ -1,4 +1,4 @@
-"""Influence scores of training sequences on preconditioned queries (DESIGN.md section 2).
+"""Influence scores of training sequences on preconditioned queries (docs/design.md section 2).
 
 Symbols: Q queries, B training sequences, T tokens, L layers, d_out, d_in', r rank.
 

@@ -1,4 +1,4 @@
-"""Cost model that picks how a layer's scores are computed (DESIGN.md section 2).
+"""Cost model that picks how a layer's scores are computed (docs/design.md section 2).
 
 Symbols: B sequences of T tokens, Q queries, r rank (None = dense), layer
 [d_out, d_in']. Counts are multiply-adds.

@@ -27,7 +27,7 @@ Sections (every key optional unless marked required)::
     unit_sequences = 256                # sequences per unit of work (fixes the sampled labels)
     [scoring]
     top_k = 10
-    rank = 32                           # omit (or 0) for dense queries
+    rank = 32                           # 0 = dense queries (leaving the key out means 32)
     per_token = true                    # token_scores/ for the merged top-k rows
     strategy = "auto"                   # auto | materialize | per_token
     sort_window = 512                   # rows sorted by length together (limits padding)

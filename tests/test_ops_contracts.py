@@ -63,7 +63,7 @@ from influence_ops.storage import MANIFEST
 FULL_RANK_RTOL = 1e-9
 # Relative truncation error of a full-rank SVD.
 FULL_RANK_ERROR_ATOL = 1e-12
-# Modules a pure-math import must not load (STYLE.md "One direction of imports"). Not tqdm:
+# Modules a pure-math import must not load (docs/contributing.md, "One direction of imports"). Not tqdm:
 # torch itself imports it (torch.hub).
 FORBIDDEN_IMPORTS = ("ray", "pyarrow", "fsspec", "s3fs", "click", "duckdb", "transformers")
 

@@ -1,4 +1,4 @@
-"""Brute-force checks of every formula in DESIGN.md section 2 (float64, tiny models).
+"""Brute-force checks of every formula in docs/design.md section 2 (float64, tiny models).
 
 Each reference is computed independently of the engine's capture path:
 per-sequence gradients with ``loss.backward()`` on one sequence at a time,

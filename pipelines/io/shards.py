@@ -1,4 +1,4 @@
-"""Training shards: reading and checking the contract (DESIGN.md section 3).
+"""Training shards: reading and checking the contract (docs/design.md section 3).
 
 A shard is one Parquet file with ``doc_id: string`` (unique), ``input_ids:
 list<int32>`` (non-empty), optional ``loss_mask: list<int8>`` (same length,

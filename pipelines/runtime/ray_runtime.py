@@ -5,7 +5,7 @@ object store capped, no dashboard). Every stage hands Ray Data a list of small
 JSON "units" (a shard, or rows of a shard); actors (``__init__`` loads the model
 once) turn each unit into result rows that stream back to the driver. Actors
 take fractional CPUs when the pool would otherwise hold every CPU, so that Ray
-Data's own tasks can still run (see ENVIRONMENT.md: the actor-pool deadlock).
+Data's own tasks can still run (the actor-pool deadlock: docs/contributing.md).
 """
 
 from __future__ import annotations
