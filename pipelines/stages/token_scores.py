@@ -86,7 +86,8 @@ class TokenScorer(ShardScorer):
         wanted: dict[str, list[str]] = defaultdict(list)
         for qid, doc in unit["pairs"]:
             wanted[doc].append(qid)
-        seqs = read_rows(unit["shard"], None, self.m.vocab_size, doc_ids=set(wanted))
+        seqs = read_rows(unit["shard"], None, self.m.vocab_size, doc_ids=set(wanted), context=self.m.context,
+                         too_long=self.too_long)
         texts = read_texts(unit["shard"], set(wanted))
         for part, tb in token_batches(seqs, self.batch_size, device=self.m.device):
             result = score_batch(self.m.model, self.queries, tb, per_layer=True, per_token=self.per_token,
@@ -162,7 +163,7 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
             "top_k": cfg.scoring.top_k, "batch_size": cfg.resources.batch_size,
             "sort_window": cfg.scoring.sort_window, "threads": cfg.resources.threads_per_actor,
             "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0,
-            "per_token": cfg.scoring.per_token}
+            "per_token": cfg.scoring.per_token, "too_long": cfg.data.too_long.value}
     docs, tokens = [], []
     with bar(len(units), "merge (details)", show_progress) as progress:
         for row in run_units(TokenScorer, args, units, cfg.resources, cluster, progress):
