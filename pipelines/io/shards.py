@@ -33,9 +33,9 @@ SHARD_COLUMNS = ("doc_id", "input_ids", "loss_mask")
 class ShardError(ValueError):
     """A shard that breaks the contract."""
 
-    def __init__(self, shard: str, row: int | None, field: str, problem: str) -> None:
+    def __init__(self, shard: str, row: int | None, field: str | None, problem: str) -> None:
         where = f"row {row}" if row is not None else "schema"
-        super().__init__(f"{shard}: {where}, field {field!r}: {problem}")
+        super().__init__(f"{shard}: {problem}" if field is None else f"{shard}: {where}, field {field!r}: {problem}")
         self.shard, self.row, self.field = shard, row, field
 
 
@@ -66,7 +66,7 @@ class Sequences:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
-def _check_schema(shard: str, schema: pa.Schema) -> None:
+def check_schema(shard: str, schema: pa.Schema) -> None:
     for name, kinds in (("doc_id", (pa.types.is_string, pa.types.is_large_string)),
                         ("input_ids", (pa.types.is_list, pa.types.is_large_list))):
         if name not in schema.names:
@@ -117,7 +117,7 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
 
     ``context`` (the model's longest sequence; None: no limit) and ``too_long``: see ``fit_context``.
     """
-    _check_schema(shard, batch.schema)
+    check_schema(shard, batch.schema)
     n = batch.num_rows
     doc_col = batch.column("doc_id")
     if doc_col.null_count:
@@ -163,7 +163,7 @@ def iter_shard(shard: str, vocab_size: int | None, rows_per_read: int = 4096, co
     fs, path = storage.filesystem(shard)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        _check_schema(shard, pf.schema_arrow)
+        check_schema(shard, pf.schema_arrow)
         cols = [c for c in SHARD_COLUMNS if c in pf.schema_arrow.names]
         seen: set[str] = set()
         row = 0

@@ -137,6 +137,16 @@ def _keys(table: pa.Table) -> list[tuple[str, str]]:
     return list(zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist()))
 
 
+def attach_details(table: pa.Table, docs: pa.Table) -> pa.Table:
+    """One query's merged rows with ``tokens`` and ``text`` appended from DOC_SCHEMA rows, matched by (doc_id, shard).
+
+    ``docs`` holds each sequence once; a sequence can be both a top and a bottom row of a small corpus.
+    """
+    by_key = {key: i for i, key in enumerate(_keys(docs))}
+    matched = docs.take([by_key[key] for key in _keys(table)])
+    return table.append_column("tokens", matched.column("tokens")).append_column("text", matched.column("text"))
+
+
 def _max_sum_error(parts: pa.Table, value: str, tables: dict[str, pa.Table], qid: str) -> float:
     """Largest |sum over a row's parts - its score| / largest |score| of the query (rows keyed by (doc_id, shard))."""
     sums: dict[tuple[str, str], float] = defaultdict(float)
@@ -179,11 +189,8 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
     enriched = {}
     for qid, table in sorted(tables.items()):
         mine = docs_t.filter(pc.equal(docs_t.column("query_id"), qid))
-        by_key = {key: i for i, key in enumerate(_keys(mine))}
-        order = [by_key[key] for key in _keys(table)]
-        unique, mine = mine, mine.take(order)  # a doc can be both a top and a bottom row of a small corpus
-        enriched[qid] = table.append_column("tokens", mine.column("tokens")).append_column("text", mine.column("text"))
-        layers = _layer_table(unique, layer_names, factor_tokens)
+        enriched[qid] = attach_details(table, mine)
+        layers = _layer_table(mine, layer_names, factor_tokens)
         storage.write_parquet(partition(cfg.data.output, "layer_scores", qid), layers)
         info["layer_rows"] += layers.num_rows
         info["max_relative_layer_sum_error"] = max(info["max_relative_layer_sum_error"],
