@@ -114,7 +114,7 @@ def test_good_job_passes_quickly_with_a_summary(world):
     tokens = sum(len(x) for p in world.shards.glob("*.parquet") for x in pq.read_table(p).column("input_ids").to_pylist())
     assert ": ok, 0 warnings" in proc.stdout
     assert f"3 shards, 3 row groups, {rows} rows, {tokens} tokens; doc_ids unique" in proc.stdout
-    assert "queries  3" in proc.stdout and "2 tracked layers" in proc.stdout
+    assert "queries  3" in proc.stdout and "4 tracked layers" in proc.stdout
     assert seconds < 60, f"validate took {seconds:.1f} s"  # about 5 s here when the machine is quiet
 
 
@@ -374,8 +374,6 @@ def test_read_path_applies_too_long(tmp_path, policy):
 
 def test_shard_scorer_follows_too_long(tmp_path):
     """Scoring (called directly, no Ray): a long row fails the shard under "error" and is truncated under "truncate"."""
-    from test_pipeline_contracts import VOCAB
-
     from influence_ops import Fisher, collate, fit_ekfac, precondition_queries, query_batch, save_queries
     from pipelines.config import ModelConfig
     from pipelines.io.model_loading import load_model
@@ -399,7 +397,6 @@ def test_shard_scorer_follows_too_long(tmp_path):
                           too_long="truncate")
     out = lenient(unit)
     assert list(out["status"]) == ["scored"] and int(out["tokens"][0]) == 2 + 4
-    assert VOCAB > 6
 
 
 def make_short_lm():
