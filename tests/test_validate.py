@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +104,11 @@ def passed(result) -> str:
 
 def test_good_job_passes_quickly_with_a_summary(world):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(world.job)], capture_output=True,
                           text=True, env=env, timeout=300)
-    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # wall time depends on the load
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in world.shards.glob("*.parquet"))
@@ -115,7 +116,7 @@ def test_good_job_passes_quickly_with_a_summary(world):
     assert ": ok, 0 warnings" in proc.stdout
     assert f"3 shards, 3 row groups, {rows} rows, {tokens} tokens; doc_ids unique" in proc.stdout
     assert "queries  3" in proc.stdout and "4 tracked layers" in proc.stdout
-    assert seconds < 60, f"validate took {seconds:.1f} s"  # about 5 s here when the machine is quiet
+    assert cpu < 30, f"validate took {cpu:.1f} s of CPU"  # about 7 s here, 6 of them importing torch and transformers
 
 
 # --- shards ------------------------------------------------------------------------------------------------
