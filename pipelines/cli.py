@@ -18,6 +18,7 @@ from .cluster.submit import add_cluster_commands
 from .config import ConfigError, JobConfig, load_config
 from .results.commands import register as register_readers
 from .run import STAGES, StageFailed, run_job
+from .validate.command import register as register_validate
 
 
 def _load(path: str) -> JobConfig:
@@ -137,6 +138,7 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
 
 
 register_readers(main)  # influence show / sql / report / ddl (pipelines/results/)
+register_validate(main)  # influence validate (pipelines/validate/)
 add_cluster_commands(main)  # submit, status, logs, stop (Ray Jobs API)
 
 if __name__ == "__main__":

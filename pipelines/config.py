@@ -18,6 +18,10 @@ Sections (every key optional unless marked required)::
     corpus = "s3://bucket/shards/"      # required: prefix or glob of Parquet shards
     queries = "queries.jsonl"           # required: JSONL or Parquet queries
     output = "s3://bucket/out"          # required: output prefix
+    too_long = "error"                  # a shard sequence longer than the model's context:
+                                        # error (stop, naming file and row) | truncate (keep its
+                                        # first tokens) | chunk (cut into pieces of the context,
+                                        # doc_id "<doc_id>#<piece>"); applied wherever shards are read
     [factors]
     sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
     fisher = "sampled"                  # sampled | empirical
@@ -43,6 +47,7 @@ Sections (every key optional unless marked required)::
     task_retries = -1                   # retries of a unit whose actor died, -1 = until it is back (not errors it raised)
 
 Every value is checked when the config is built; errors name the key and the value.
+``influence validate job.toml`` checks the rest before anything runs (``pipelines/validate/``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,14 @@ class DType(str, enum.Enum):
     FLOAT32 = "float32"
     FLOAT64 = "float64"
     BFLOAT16 = "bfloat16"
+
+
+class TooLong(str, enum.Enum):
+    """What a shard sequence longer than the model's context becomes."""
+
+    ERROR = "error"
+    TRUNCATE = "truncate"
+    CHUNK = "chunk"
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -143,12 +156,14 @@ class DataConfig:
     raw: str | None = None
     text_column: str = "text"
     id_column: str = "id"
+    too_long: TooLong = TooLong.ERROR
 
     def __post_init__(self) -> None:
         for key in ("corpus", "queries", "output"):
             _check_str(f"data.{key}", getattr(self, key), required=True)
         for key in ("raw", "text_column", "id_column"):
             _check_str(f"data.{key}", getattr(self, key))
+        object.__setattr__(self, "too_long", _enum("data.too_long", TooLong, self.too_long))
 
 
 @dataclass(frozen=True)

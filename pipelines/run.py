@@ -25,6 +25,7 @@ from .stages.fit_factors import fit_factors
 from .stages.merge import merge
 from .stages.score import score, score_outputs
 from .stages.tokenize import tokenize
+from .validate import preflight, preflight_corpus
 
 STAGES = ("tokenize", "fit-factors", "build-queries", "score", "merge")
 
@@ -52,7 +53,13 @@ def run_id_of(cfg: JobConfig) -> str:
 
 
 def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    """Run the stages in order; returns (and writes) the run record."""
+    """Run the stages in order; returns (and writes) the run record.
+
+    The inputs are checked first (``validate.preflight``: model, raw files,
+    queries, before Ray starts) and, before the corpus is read, its shards and
+    doc_ids (``validate.preflight_corpus``); the first problem raises with one line.
+    """
+    preflight(cfg, stages)
     write_resolved_config(cfg)
     record: dict[str, Any] = {"run_id": run_id_of(cfg), "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                               "config": cfg.to_dict(), "versions": versions(), "stages": {}}
@@ -60,6 +67,8 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
     try:
         if "tokenize" in stages and cfg.data.raw is not None:
             record["stages"]["tokenize"] = tokenize(cfg, show_progress)
+        if set(stages) & {"fit-factors", "score", "merge"}:
+            record["preflight"] = {**preflight_corpus(cfg), "too_long": cfg.data.too_long.value}
         if "fit-factors" in stages:
             record["stages"]["fit-factors"] = fit_factors(cfg, show_progress)
         if set(stages) & {"build-queries", "score", "merge"}:

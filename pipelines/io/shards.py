@@ -5,6 +5,12 @@ list<int32>`` (non-empty), optional ``loss_mask: list<int8>`` (same length,
 1 = the token counts in the loss), optional ``text: string`` and any extra
 columns (ignored here, passed through by ``tokenize``). A violation is a
 ``ShardError`` naming the shard file, the row and the field.
+
+A sequence longer than the model's context follows ``data.too_long``
+(``fit_context``): ``error`` (a ``ShardError``), ``truncate`` (its first
+``context`` tokens) or ``chunk`` (pieces of at most ``context`` tokens, doc_id
+``"<doc_id>#<piece>"``, all with the row number of the file row). Every reader
+of shards (fitting, scoring, the merge's details) applies the same policy.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..config import TooLong
 from . import storage
 
 SHARD_COLUMNS = ("doc_id", "input_ids", "loss_mask")
@@ -26,9 +33,9 @@ SHARD_COLUMNS = ("doc_id", "input_ids", "loss_mask")
 class ShardError(ValueError):
     """A shard that breaks the contract."""
 
-    def __init__(self, shard: str, row: int | None, field: str, problem: str) -> None:
+    def __init__(self, shard: str, row: int | None, field: str | None, problem: str) -> None:
         where = f"row {row}" if row is not None else "schema"
-        super().__init__(f"{shard}: {where}, field {field!r}: {problem}")
+        super().__init__(f"{shard}: {problem}" if field is None else f"{shard}: {where}, field {field!r}: {problem}")
         self.shard, self.row, self.field = shard, row, field
 
 
@@ -59,7 +66,7 @@ class Sequences:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
-def _check_schema(shard: str, schema: pa.Schema) -> None:
+def check_schema(shard: str, schema: pa.Schema) -> None:
     for name, kinds in (("doc_id", (pa.types.is_string, pa.types.is_large_string)),
                         ("input_ids", (pa.types.is_list, pa.types.is_large_list))):
         if name not in schema.names:
@@ -75,10 +82,42 @@ def _check_schema(shard: str, schema: pa.Schema) -> None:
             raise ShardError(shard, None, "loss_mask", f"has type {t}, expected list<int8>")
 
 
+def fit_context(shard: str, seqs: Sequences, context: int | None, too_long: TooLong | str) -> Sequences:
+    """Apply the ``data.too_long`` policy to the sequences longer than ``context`` tokens (None: no limit)."""
+    if context is None:
+        return seqs
+    lengths = seqs.lengths
+    long = np.flatnonzero(lengths > context)
+    if not long.size:
+        return seqs
+    policy = TooLong(too_long)
+    if policy is TooLong.ERROR:
+        i = int(long[0])
+        raise ShardError(shard, int(seqs.rows[i]), "input_ids",
+                         f"{int(lengths[i])} tokens, more than the model's context of {context} "
+                         "(set data.too_long = \"truncate\" or \"chunk\")")
+    doc_ids, ids, masks, rows = [], [], [] if seqs.loss_masks is not None else None, []
+    for i in range(len(seqs)):
+        cut = [(0, int(lengths[i]))] if lengths[i] <= context else (
+            [(0, context)] if policy is TooLong.TRUNCATE
+            else [(lo, min(lo + context, int(lengths[i]))) for lo in range(0, int(lengths[i]), context)])
+        for piece, (lo, hi) in enumerate(cut):
+            doc_ids.append(seqs.doc_ids[i] if len(cut) == 1 else f"{seqs.doc_ids[i]}#{piece}")
+            ids.append(seqs.input_ids[i][lo:hi])
+            if masks is not None:
+                masks.append(seqs.loss_masks[i][lo:hi])
+            rows.append(int(seqs.rows[i]))
+    return Sequences(doc_ids, ids, masks, np.asarray(rows, dtype=np.int64))
+
+
 def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vocab_size: int | None,
-                seen: set[str] | None = None) -> Sequences:
-    """Check rows of a shard and convert them; ``first_row`` is the file row of the batch's row 0."""
-    _check_schema(shard, batch.schema)
+                seen: set[str] | None = None, context: int | None = None,
+                too_long: TooLong | str = TooLong.ERROR) -> Sequences:
+    """Check rows of a shard and convert them; ``first_row`` is the file row of the batch's row 0.
+
+    ``context`` (the model's longest sequence; None: no limit) and ``too_long``: see ``fit_context``.
+    """
+    check_schema(shard, batch.schema)
     n = batch.num_rows
     doc_col = batch.column("doc_id")
     if doc_col.null_count:
@@ -114,28 +153,34 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
         if d in seen:
             raise ShardError(shard, first_row + i, "doc_id", f"duplicate doc_id {d!r} within the shard")
         seen.add(d)
-    return Sequences(doc_ids, input_ids, masks, np.arange(first_row, first_row + n))
+    return fit_context(shard, Sequences(doc_ids, input_ids, masks, np.arange(first_row, first_row + n)), context,
+                       too_long)
 
 
-def iter_shard(shard: str, vocab_size: int | None, rows_per_read: int = 4096) -> Iterator[Sequences]:
-    """Stream a shard in checked pieces of at most ``rows_per_read`` rows (memory stays bounded)."""
+def iter_shard(shard: str, vocab_size: int | None, rows_per_read: int = 4096, context: int | None = None,
+               too_long: TooLong | str = TooLong.ERROR) -> Iterator[Sequences]:
+    """Stream a shard in checked pieces of at most ``rows_per_read`` file rows (memory stays bounded)."""
     fs, path = storage.filesystem(shard)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        _check_schema(shard, pf.schema_arrow)
+        check_schema(shard, pf.schema_arrow)
         cols = [c for c in SHARD_COLUMNS if c in pf.schema_arrow.names]
         seen: set[str] = set()
         row = 0
         for batch in pf.iter_batches(batch_size=rows_per_read, columns=cols):
-            yield check_batch(shard, batch, row, vocab_size, seen)
+            yield check_batch(shard, batch, row, vocab_size, seen, context, too_long)
             row += batch.num_rows
 
 
 def read_rows(shard: str, rows: np.ndarray | None, vocab_size: int | None,
-              doc_ids: set[str] | None = None) -> Sequences:
-    """Checked rows of a shard selected by row number or by doc_id (all rows if both are None)."""
+              doc_ids: set[str] | None = None, context: int | None = None,
+              too_long: TooLong | str = TooLong.ERROR) -> Sequences:
+    """Checked rows of a shard selected by row number or by doc_id (all rows if both are None).
+
+    With ``too_long = "chunk"``, ``doc_ids`` selects pieces by their piece ids.
+    """
     parts = []
-    for piece in iter_shard(shard, vocab_size):
+    for piece in iter_shard(shard, vocab_size, context=context, too_long=too_long):
         if rows is not None:
             keep = np.flatnonzero(np.isin(piece.rows, rows))
         elif doc_ids is not None:

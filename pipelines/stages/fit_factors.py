@@ -62,15 +62,17 @@ class _FitWorker:
     stage = 0
 
     def __init__(self, model: ModelConfig, fisher: str, seed: int, batch_size: int, threads: int = 0,
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool = False, too_long: str = "error") -> None:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
         self.fisher, self.seed, self.batch_size = Fisher(fisher), seed, batch_size
+        self.too_long = too_long  # data.too_long: sequences longer than the model's context
         self.fingerprint = model_fingerprint(self.m.layers)
         self.layers = json.dumps([[l.name, list(l.shape)] for l in self.m.layers])
 
     def _batches(self, unit: Unit) -> tuple[list[str], list[Any], int]:
-        seqs = read_rows(unit.shard, np.asarray(unit.rows), self.m.vocab_size)
+        seqs = read_rows(unit.shard, np.asarray(unit.rows), self.m.vocab_size, context=self.m.context,
+                         too_long=self.too_long)
         pairs = list(token_batches(seqs, self.batch_size, device=self.m.device))
         tokens = int(sum(b.attention_mask.sum() for _, b in pairs))
         return [d for p, _ in pairs for d in p.doc_ids], [b for _, b in pairs], tokens
@@ -118,8 +120,9 @@ class LambdaWorker(_FitWorker):
 
 
 def factors_key(cfg: JobConfig, shards: list[str]) -> str:
+    too_long = () if cfg.data.too_long.value == "error" else (cfg.data.too_long.value,)  # "error" keeps old keys
     return completion.inputs_key("factors", cfg.model.__dict__, model_identity(cfg.model), cfg.factors.__dict__,
-                                 cfg.resources.batch_size, completion.shard_fingerprints(shards))
+                                 cfg.resources.batch_size, completion.shard_fingerprints(shards), *too_long)
 
 
 def _partial_url(out: str, stage: int, index: int) -> str:
@@ -197,7 +200,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     use_gpu = cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0
     args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed, "batch_size": cfg.resources.batch_size,
-            "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu}
+            "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value}
     accounting: dict[str, Any] = {}
     stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, key, cfg, cluster, show_progress)
     accounting["stage1"] = stage1.pop("units")

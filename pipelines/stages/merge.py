@@ -6,6 +6,10 @@ Each shard file holds its shard's top-k and bottom-k, so their union holds the
 global ones: the result equals scoring every sequence in one process and
 sorting (ties broken by doc_id).
 
+Rows are keyed by (doc_id, shard), never by doc_id alone: even if the corpus
+check for unique doc_ids were bypassed, a row's score, shard and details all
+belong to one sequence, and one sequence appears at most once per side.
+
 ``<output>/topk/query_id=<id>/part-0.parquet`` (hive partitioning; the
 ``query_id`` column comes from the folder name, so read it with hive
 partitioning on: DuckDB ``read_parquet('.../topk/*/*.parquet',
@@ -39,31 +43,46 @@ MERGED_SCHEMA = pa.schema([("doc_id", pa.string()), ("score", pa.float64()), ("s
 TOPK_SCHEMA = MERGED_SCHEMA.append(pa.field("tokens", pa.int32())).append(pa.field("text", pa.string()))
 
 
+SEP = "\x00"  # (doc_id, shard) as one string that sorts like the pair: ties stay broken by doc_id first
+
+
+def row_key(doc_id: str, shard: str) -> str:
+    """The key of one sequence of the corpus: its doc_id and its shard."""
+    return f"{doc_id}{SEP}{shard}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    doc_id, _, shard = key.partition(SEP)
+    return doc_id, shard
+
+
 class QueryMerge:
-    """Global top/bottom-k of one query, folded from per-shard candidates."""
+    """Global top/bottom-k of one query, folded from per-shard candidates (rows keyed by (doc_id, shard))."""
 
     def __init__(self, k: int) -> None:
         self.acc = TopKAccumulator(1, k)
-        self.where: dict[str, tuple[str, float]] = {}  # doc_id -> (shard, score_normalized) of kept rows
+        self.normalized: dict[str, float] = {}  # row_key -> score_normalized of kept rows
 
     def add(self, doc_ids: np.ndarray, scores: np.ndarray, normalized: np.ndarray, shards: np.ndarray) -> None:
-        _, first = np.unique(doc_ids, return_index=True)  # a doc can be in a shard's top and bottom lists
-        self.acc.update(scores[first][None, :], list(doc_ids[first]))
+        keys = np.asarray([row_key(d, s) for d, s in zip(doc_ids, shards)], dtype=object)
+        _, first = np.unique(keys, return_index=True)  # a row can be in a shard's top and bottom lists
+        self.acc.update(scores[first][None, :], list(keys[first]))
         for i in first:
-            self.where[doc_ids[i]] = (shards[i], float(normalized[i]))
+            self.normalized[keys[i]] = float(normalized[i])
         kept = set(self.acc.top.ids[0]) | set(self.acc.bottom.ids[0])
-        self.where = {d: v for d, v in self.where.items() if d in kept}
+        self.normalized = {d: v for d, v in self.normalized.items() if d in kept}
 
     def table(self) -> pa.Table:
         cols: dict[str, list] = {name: [] for name in MERGED_SCHEMA.names}
         for sign, side in (("top", self.acc.top), ("bottom", self.acc.bottom)):
-            for rank, (doc, s) in enumerate(zip(side.ids[0], side.scores[0]), start=1):
-                cols["doc_id"].append(str(doc))
+            for rank, (key, s) in enumerate(zip(side.ids[0], side.scores[0]), start=1):
+                doc, shard = split_key(str(key))
+                cols["doc_id"].append(doc)
                 cols["score"].append(float(s))
-                cols["score_normalized"].append(self.where[doc][1])
+                cols["score_normalized"].append(self.normalized[key])
                 cols["rank"].append(rank)
                 cols["sign"].append(sign)
-                cols["shard"].append(self.where[doc][0])
+                cols["shard"].append(shard)
         return pa.table(cols, schema=MERGED_SCHEMA)
 
 
@@ -94,7 +113,7 @@ def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard score files are missing (run `score` first), e.g. {missing[0]}")
     keys = [storage.parquet_metadata(u).get(KEY) for u in score_files]
-    key = completion.inputs_key("merge-v2", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
+    key = completion.inputs_key("merge-v3", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
     topk_dir = storage.join(cfg.data.output, "topk")
     done = completion.completed(topk_dir, key)
     if done is not None:

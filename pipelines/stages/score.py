@@ -67,7 +67,7 @@ class ShardScorer:
     """Ray Data callable: ``{"unit": [JSON {shard, output, key}]}`` -> one summary row per shard."""
 
     def __init__(self, model: ModelConfig, queries_url: str, top_k: int, batch_size: int, sort_window: int,
-                 strategy: str = "auto", threads: int = 0, use_gpu: bool = False) -> None:
+                 strategy: str = "auto", threads: int = 0, use_gpu: bool = False, too_long: str = "error") -> None:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
         local = storage.local_copy(queries_url)
@@ -76,9 +76,11 @@ class ShardScorer:
         self.queries.check_model(self.m.layers)  # once per actor: queries built on another model are refused
         self.top_k, self.batch_size, self.sort_window = top_k, batch_size, sort_window
         self.strategy = Strategy(strategy)
+        self.too_long = too_long  # data.too_long: sequences longer than the model's context
 
     def batches(self, shard: str) -> Iterator[tuple[Sequences, TokenBatch]]:
-        for window in iter_shard(shard, self.m.vocab_size, rows_per_read=self.sort_window):
+        for window in iter_shard(shard, self.m.vocab_size, rows_per_read=self.sort_window, context=self.m.context,
+                                 too_long=self.too_long):
             yield from token_batches(window, self.batch_size, device=self.m.device)
 
     def score_shard(self, shard: str) -> tuple[TopKAccumulator, int]:
@@ -120,8 +122,9 @@ class ShardScorer:
                 for k, v in rows.items()}
 
 
-def score_file_key(queries_digest: str, top_k: int, shard: tuple[str, int]) -> str:
-    return completion.inputs_key("scores", queries_digest, top_k, shard)
+def score_file_key(queries_digest: str, top_k: int, shard: tuple[str, int], too_long: str = "error") -> str:
+    parts = (queries_digest, top_k, shard) + (() if too_long == "error" else (too_long,))  # "error" keeps old keys
+    return completion.inputs_key("scores", *parts)
 
 
 def score_outputs(cfg: JobConfig, shards: list[str]) -> list[str]:
@@ -148,7 +151,7 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     outputs = score_outputs(cfg, shards)
     todo = []
     for (shard, size), out in zip(completion.shard_fingerprints(shards), outputs):
-        key = score_file_key(queries_digest, cfg.scoring.top_k, (shard, size))
+        key = score_file_key(queries_digest, cfg.scoring.top_k, (shard, size), cfg.data.too_long.value)
         if not is_current(out, key):
             todo.append({"shard": shard, "output": out, "key": key})
     summary: dict[str, Any] = {"shards": len(shards), "skipped": len(shards) - len(todo), "scored": 0, "failed": 0,
@@ -159,7 +162,7 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
         args = {"model": cfg.model, "queries_url": storage.join(cfg.data.output, "queries"),
                 "top_k": cfg.scoring.top_k, "batch_size": cfg.resources.batch_size,
                 "sort_window": cfg.scoring.sort_window, "strategy": cfg.scoring.strategy.value,
-                "threads": cfg.resources.threads_per_actor,
+                "threads": cfg.resources.threads_per_actor, "too_long": cfg.data.too_long.value,
                 "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
         log = UnitLog()
         with bar(len(todo), "score (shards)", show_progress) as progress:

@@ -13,13 +13,16 @@ Text: the shard's ``text`` column when present, else the ids decoded with the
 model's tokenizer (``io.token_text``); with neither, null.
 
 ``<output>/token_scores/query_id=<id>/part-0.parquet`` (hive partitioning).
-Columns: doc_id string, token_index int32, token_id int32, token string (the
-token's text, with the whitespace before it: a sequence's tokens concatenated
-give its decoded text; null without a tokenizer), score float64.
+Columns: doc_id string, shard string, token_index int32, token_id int32, token
+string (the token's text, with the whitespace before it: a sequence's tokens
+concatenated give its decoded text; null without a tokenizer), score float64.
 
 ``<output>/layer_scores/query_id=<id>/part-0.parquet``. Columns: doc_id string,
-layer_index int32, layer string (module name), score float64, score_normalized
-float64; a row's layers sum to its score.
+shard string, layer_index int32, layer string (module name), score float64,
+score_normalized float64; a row's layers sum to its score.
+
+Every row is keyed by (doc_id, shard), like topk/: the details of two
+sequences that share a doc_id in different shards are never mixed.
 """
 
 from __future__ import annotations
@@ -44,12 +47,12 @@ from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, units_of
 from .score import ShardScorer
 
-TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("token_index", pa.int32()), ("token_id", pa.int32()),
-                          ("token", pa.string()), ("score", pa.float64())])
-LAYER_SCHEMA = pa.schema([("doc_id", pa.string()), ("layer_index", pa.int32()), ("layer", pa.string()),
-                          ("score", pa.float64()), ("score_normalized", pa.float64())])
-DOC_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("tokens", pa.int32()),
-                        ("text", pa.string()), ("layer_scores", pa.list_(pa.float64()))])
+TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("shard", pa.string()), ("token_index", pa.int32()),
+                          ("token_id", pa.int32()), ("token", pa.string()), ("score", pa.float64())])
+LAYER_SCHEMA = pa.schema([("doc_id", pa.string()), ("shard", pa.string()), ("layer_index", pa.int32()),
+                          ("layer", pa.string()), ("score", pa.float64()), ("score_normalized", pa.float64())])
+DOC_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("shard", pa.string()),
+                        ("tokens", pa.int32()), ("text", pa.string()), ("layer_scores", pa.list_(pa.float64()))])
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -83,7 +86,8 @@ class TokenScorer(ShardScorer):
         wanted: dict[str, list[str]] = defaultdict(list)
         for qid, doc in unit["pairs"]:
             wanted[doc].append(qid)
-        seqs = read_rows(unit["shard"], None, self.m.vocab_size, doc_ids=set(wanted))
+        seqs = read_rows(unit["shard"], None, self.m.vocab_size, doc_ids=set(wanted), context=self.m.context,
+                         too_long=self.too_long)
         texts = read_texts(unit["shard"], set(wanted))
         for part, tb in token_batches(seqs, self.batch_size, device=self.m.device):
             result = score_batch(self.m.model, self.queries, tb, per_layer=True, per_token=self.per_token,
@@ -95,12 +99,14 @@ class TokenScorer(ShardScorer):
                 pieces = token_pieces(self.tokenizer, ids) if self.tokenizer is not None else None
                 text = texts.get(doc, "".join(pieces) if pieces is not None else None)
                 for qid in wanted[doc]:
-                    for name, value in (("query_id", qid), ("doc_id", doc), ("tokens", len(ids)), ("text", text),
+                    for name, value in (("query_id", qid), ("doc_id", doc), ("shard", unit["shard"]),
+                                        ("tokens", len(ids)), ("text", text),
                                         ("layer_scores", per_layer[q_index[qid], b].tolist())):
                         docs[name].append(value)
                     if per_token is not None:
                         toks["query_id"] += [qid] * len(ids)
                         toks["doc_id"] += [doc] * len(ids)
+                        toks["shard"] += [unit["shard"]] * len(ids)
                         toks["token_index"] += range(len(ids))
                         toks["token_id"] += ids.tolist()
                         toks["token"] += pieces if pieces is not None else [None] * len(ids)
@@ -126,12 +132,27 @@ def token_units(tables: dict[str, pa.Table]) -> list[dict[str, Any]]:
     return [{"shard": s, "pairs": sorted(p)} for s, p in sorted(by_shard.items())]
 
 
+def _keys(table: pa.Table) -> list[tuple[str, str]]:
+    """(doc_id, shard) of each row: the key of a sequence."""
+    return list(zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist()))
+
+
+def attach_details(table: pa.Table, docs: pa.Table) -> pa.Table:
+    """One query's merged rows with ``tokens`` and ``text`` appended from DOC_SCHEMA rows, matched by (doc_id, shard).
+
+    ``docs`` holds each sequence once; a sequence can be both a top and a bottom row of a small corpus.
+    """
+    by_key = {key: i for i, key in enumerate(_keys(docs))}
+    matched = docs.take([by_key[key] for key in _keys(table)])
+    return table.append_column("tokens", matched.column("tokens")).append_column("text", matched.column("text"))
+
+
 def _max_sum_error(parts: pa.Table, value: str, tables: dict[str, pa.Table], qid: str) -> float:
-    """Largest |sum over a doc's parts - its score| / largest |score| of the query."""
-    sums: dict[str, float] = defaultdict(float)
-    for doc, s in zip(parts.column("doc_id").to_pylist(), parts.column(value).to_pylist()):
-        sums[doc] += s
-    ref = dict(zip(tables[qid].column("doc_id").to_pylist(), tables[qid].column("score").to_pylist()))
+    """Largest |sum over a row's parts - its score| / largest |score| of the query (rows keyed by (doc_id, shard))."""
+    sums: dict[tuple[str, str], float] = defaultdict(float)
+    for key, s in zip(_keys(parts), parts.column(value).to_pylist()):
+        sums[key] += s
+    ref = dict(zip(_keys(tables[qid]), tables[qid].column("score").to_pylist()))
     scale = max(abs(v) for v in ref.values()) or 1.0
     return max(abs(sums[d] - ref[d]) / scale for d in ref)
 
@@ -152,7 +173,7 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
             "top_k": cfg.scoring.top_k, "batch_size": cfg.resources.batch_size,
             "sort_window": cfg.scoring.sort_window, "threads": cfg.resources.threads_per_actor,
             "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0,
-            "per_token": cfg.scoring.per_token}
+            "per_token": cfg.scoring.per_token, "too_long": cfg.data.too_long.value}
     docs, tokens = [], []
     with bar(len(units), "merge (details)", show_progress) as progress:
         for row in run_units(TokenScorer, args, units, cfg.resources, cluster, progress):
@@ -168,18 +189,15 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
     enriched = {}
     for qid, table in sorted(tables.items()):
         mine = docs_t.filter(pc.equal(docs_t.column("query_id"), qid))
-        by_doc = {d: i for i, d in enumerate(mine.column("doc_id").to_pylist())}
-        order = [by_doc[d] for d in table.column("doc_id").to_pylist()]
-        unique, mine = mine, mine.take(order)  # a doc can be both a top and a bottom row of a small corpus
-        enriched[qid] = table.append_column("tokens", mine.column("tokens")).append_column("text", mine.column("text"))
-        layers = _layer_table(unique, layer_names, factor_tokens)
+        enriched[qid] = attach_details(table, mine)
+        layers = _layer_table(mine, layer_names, factor_tokens)
         storage.write_parquet(partition(cfg.data.output, "layer_scores", qid), layers)
         info["layer_rows"] += layers.num_rows
         info["max_relative_layer_sum_error"] = max(info["max_relative_layer_sum_error"],
                                                    _max_sum_error(layers, "score", tables, qid))
         if tokens_t is not None:
             t = tokens_t.filter(pc.equal(tokens_t.column("query_id"), qid)).drop_columns(["query_id"])
-            t = t.sort_by([("doc_id", "ascending"), ("token_index", "ascending")])
+            t = t.sort_by([("doc_id", "ascending"), ("shard", "ascending"), ("token_index", "ascending")])
             storage.write_parquet(partition(cfg.data.output, "token_scores", qid), t)
             info["rows"] += t.num_rows
             info["max_relative_sum_error"] = max(info["max_relative_sum_error"],
@@ -191,9 +209,9 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
 def _layer_table(docs: pa.Table, layer_names: list[str], factor_tokens: int) -> pa.Table:
     """LAYER_SCHEMA rows (doc order, then layer order) from DOC_SCHEMA rows."""
     cols: dict[str, list] = {n: [] for n in LAYER_SCHEMA.names}
-    for doc, scores in zip(docs.column("doc_id").to_pylist(), docs.column("layer_scores").to_pylist()):
+    for (doc, shard), scores in zip(_keys(docs), docs.column("layer_scores").to_pylist()):
         for i, (name, s) in enumerate(zip(layer_names, scores)):
-            for key, value in (("doc_id", doc), ("layer_index", i), ("layer", name), ("score", s),
+            for key, value in (("doc_id", doc), ("shard", shard), ("layer_index", i), ("layer", name), ("score", s),
                                ("score_normalized", s / factor_tokens)):
                 cols[key].append(value)
     return pa.table(cols, schema=LAYER_SCHEMA)

@@ -1,0 +1,141 @@
+"""The checks put together: ``validate`` (every check, problems collected) and the stages' preflight.
+
+``validate(cfg)`` runs every check and collects the problems in a ``Report``
+(``influence validate`` prints it): the model folder, the raw files, each
+shard's footer and schema, doc_id uniqueness across the corpus, every row of
+every shard (token ids within the vocabulary, lengths against the context
+under ``data.too_long``) and the queries file.
+
+The stages run the same checks before Ray starts (``preflight``: the model,
+the raw files for ``tokenize``, the queries for ``build-queries``) and before
+they read the corpus (``preflight_corpus``: footers, schemas and doc_id
+uniqueness; remembered in ``<output>/preflight/corpus.json`` for the same
+shard files, so a re-run does not read the doc_ids again). Token ids and
+lengths are checked by the stages as they read each row. The first problem
+raises (a ``ConfigError``, ``ShardError`` or ``ValueError`` with one line).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..config import ConfigError, JobConfig
+from ..io import completion, storage
+from .doc_ids import check_unique_doc_ids
+from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
+from .queries import check_queries, has_text
+from .report import USER_ERRORS, Report
+from .shards import check_footers, find_shards, scan_shard
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CORPUS_STAGES = ("fit-factors", "score", "merge")
+RAW_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def raw_files(cfg: JobConfig) -> list[str]:
+    """The raw text files of ``data.raw``; ConfigError when there is none."""
+    found = [u for u in storage.list_files(cfg.data.raw) if u.endswith(RAW_SUFFIXES)]
+    if not found:
+        raise ConfigError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
+    return found
+
+
+def _step(report: Report, check: Callable[[], T]) -> T | None:
+    """Run one check; a user error goes into the report (and the check's result is None)."""
+    try:
+        return check()
+    except USER_ERRORS as err:
+        report.errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
+
+
+def validate(cfg: JobConfig, job: str = "") -> Report:
+    """Every check of the job's inputs; the problems are in the report, nothing is raised for them."""
+    start = time.perf_counter()
+    report = Report(job=job, too_long=cfg.data.too_long.value)
+    text = cfg.data.raw is not None or has_text(cfg.data.queries)
+    info = _step(report, lambda: check_model(cfg.model, needs_tokenizer=text))
+    if info is not None:
+        report.model = info.description
+    if cfg.data.raw is not None:
+        found = _step(report, lambda: raw_files(cfg))
+        report.raw_files = len(found) if found is not None else None
+    shards = _corpus_shards(cfg, report)
+    footers = _step(report, lambda: check_footers(shards)) if shards else None
+    if footers is not None:
+        report.shards, report.rows = len(footers), sum(f.rows for f in footers)
+        report.row_groups = sum(f.row_groups for f in footers)
+        errors = len(report.errors)
+        _step(report, lambda: check_unique_doc_ids(shards, report.rows))
+        report.doc_ids_unique = len(report.errors) == errors
+        if info is not None:
+            report.tokens = 0
+            for url in shards:
+                scan = _step(report, lambda: scan_shard(url, info.vocab_size, info.context, cfg.data.too_long))
+                if scan is None:
+                    report.tokens = None
+                    break
+                report.tokens += scan.tokens
+                report.too_long_rows += scan.too_long
+    if report.too_long_rows:
+        report.warnings.append(f"{report.too_long_rows} rows are longer than the model's context of {info.context} "
+                               f"tokens: data.too_long = {cfg.data.too_long.value!r} applies to them")
+    if info is not None or not text:
+        checked = _step(report, lambda: check_queries(cfg.data.queries, info.tokenizer if info else None,
+                                                      info.vocab_size if info else None,
+                                                      info.context if info else None,
+                                                      info.byte_level if info else False))
+        if checked is not None:
+            report.queries = checked.queries
+            report.warnings += checked.warnings
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _corpus_shards(cfg: JobConfig, report: Report) -> list[str] | None:
+    """The shards; with ``data.raw`` set, a corpus that `tokenize` has not written yet is only a warning."""
+    try:
+        return find_shards(cfg.data.corpus)
+    except ConfigError as err:
+        if cfg.data.raw is None:
+            report.errors.append(str(err))
+        else:
+            report.warnings.append(f"{err}; `tokenize` writes them from data.raw")
+        return None
+
+
+def preflight(cfg: JobConfig, stages: tuple[str, ...]) -> ModelInfo:
+    """The checks of the inputs of ``stages`` that need no corpus: model, raw files, queries. Raises the first."""
+    tokenize = "tokenize" in stages and cfg.data.raw is not None
+    queries = "build-queries" in stages
+    info = check_model(cfg.model, needs_tokenizer=tokenize)
+    if tokenize:
+        raw_files(cfg)
+    if queries:
+        tokenizer = check_tokenizer(cfg.model) if has_text(cfg.data.queries) else None
+        checked = check_queries(cfg.data.queries, tokenizer, info.vocab_size, info.context,
+                                tokenizer is not None and is_byte_level(tokenizer))
+        for warning in checked.warnings:
+            log.warning(warning)
+    return info
+
+
+def preflight_corpus(cfg: JobConfig) -> dict[str, Any]:
+    """Footers, schemas and corpus-wide doc_id uniqueness (skipped when checked before for the same files)."""
+    shards = find_shards(cfg.data.corpus)
+    key = completion.inputs_key("corpus-check-v1", completion.shard_fingerprints(shards))
+    folder = storage.join(cfg.data.output, "preflight")
+    done = completion.completed(folder, key)
+    if done is not None:
+        return {**done, "skipped": True}
+    start = time.perf_counter()
+    footers = check_footers(shards)
+    rows = sum(f.rows for f in footers)
+    check_unique_doc_ids(shards, rows)
+    info = {"shards": len(shards), "rows": rows, "doc_ids_unique": True,
+            "seconds": round(time.perf_counter() - start, 3)}
+    return {**completion.mark_complete(folder, key, info), "skipped": False}

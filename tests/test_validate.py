@@ -1,0 +1,442 @@
+"""`influence validate` and the stages' preflight: one kind of bad input per test, one line each, no traceback.
+
+Every CLI case asserts the exit status, the one-line message (naming the file,
+row, field or job key) and the absence of a traceback. The good job passes in
+seconds. Also here: the merge keys rows by (doc_id, shard), and the
+``data.too_long`` policy in the read path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from pipelines.io.shards import ShardError, read_rows
+
+CONTEXT = 16  # the tiny_world model's context
+
+
+@pytest.fixture(scope="module")
+def good_shards(tiny_world, tmp_path_factory):
+    """The tiny world's raw files tokenized into three shards (no Ray: the tokenize callable directly)."""
+    from pipelines.config import ModelConfig
+    from pipelines.stages.tokenize import Tokenizer
+
+    out = tmp_path_factory.mktemp("shards")
+    tok = Tokenizer(ModelConfig(path=str(tiny_world / "model")), max_length=CONTEXT, text_column="text",
+                    id_column="id")
+    for raw in sorted((tiny_world / "raw").glob("*.jsonl")):
+        pq.write_table(tok.tokenize_file(str(raw)), out / f"{raw.stem}.parquet")
+    return out
+
+
+class World:
+    """A job in ``tmp_path`` over copies of the good inputs, each of which a test may break."""
+
+    def __init__(self, tiny_world: Path, good_shards: Path, tmp_path: Path) -> None:
+        self.root = tmp_path
+        self.model = tmp_path / "model"
+        self.shards = tmp_path / "shards"
+        self.queries = tmp_path / "queries.jsonl"
+        shutil.copytree(tiny_world / "model", self.model)
+        shutil.copytree(good_shards, self.shards)
+        shutil.copy(tiny_world / "queries.jsonl", self.queries)
+        self.job = self.write_job()
+
+    def write_job(self, data: str = "", model: str = "", corpus: str | None = None) -> Path:
+        corpus = corpus if corpus is not None else str(self.shards)
+        text = (f'[model]\npath = "{self.model}"\n{model}\n[data]\ncorpus = "{corpus}"\n'
+                f'queries = "{self.queries}"\noutput = "{self.root / "out"}"\n{data}\n')
+        job = self.root / "job.toml"
+        job.write_text(text)
+        return job
+
+    def shard(self, name: str = "part1") -> Path:
+        return self.shards / f"{name}.parquet"
+
+    def rewrite(self, name: str, change) -> Path:
+        """Apply ``change(rows) -> rows`` to a shard's rows (list of dicts) and write it back."""
+        path = self.shard(name)
+        table = pq.read_table(path)
+        pq.write_table(pa.Table.from_pylist(change(table.to_pylist()), schema=table.schema), path)
+        return path
+
+
+@pytest.fixture
+def world(tiny_world, good_shards, tmp_path):
+    return World(tiny_world, good_shards, tmp_path)
+
+
+def validate(job: Path):
+    return CliRunner().invoke(main, ["validate", str(job)])
+
+
+def first_error(result) -> str:
+    """The first error line, after checking the exit status and that no exception escaped."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors, result.output
+    return errors[0]
+
+
+def passed(result) -> str:
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+# --- the good job ------------------------------------------------------------------------------------------
+
+
+def test_good_job_passes_quickly_with_a_summary(world):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(world.job)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # wall time depends on the load
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in world.shards.glob("*.parquet"))
+    tokens = sum(len(x) for p in world.shards.glob("*.parquet") for x in pq.read_table(p).column("input_ids").to_pylist())
+    assert ": ok, 0 warnings" in proc.stdout
+    assert f"3 shards, 3 row groups, {rows} rows, {tokens} tokens; doc_ids unique" in proc.stdout
+    assert "queries  3" in proc.stdout and "4 tracked layers" in proc.stdout
+    assert cpu < 30, f"validate took {cpu:.1f} s of CPU"  # about 7 s here, 6 of them importing torch and transformers
+
+
+# --- shards ------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_shard_is_named(world):
+    world.shard("part1").write_bytes(b"this is not parquet at all" * 10)
+    line = first_error(validate(world.job))
+    assert str(world.shard("part1")) in line and "not a readable Parquet file" in line
+
+
+def test_truncated_shard_is_named(world):
+    path = world.shard("part2")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    line = first_error(validate(world.job))
+    assert str(path) in line and "truncated" in line
+
+
+def test_missing_column_is_named(world):
+    path = world.shard("part0")
+    pq.write_table(pq.read_table(path).drop_columns(["input_ids"]), path)
+    line = first_error(validate(world.job))
+    assert str(path) in line and "field 'input_ids'" in line and "missing" in line
+
+
+def test_wrong_column_type_is_named(world):
+    path = world.shard("part0")
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(0, "doc_id", pa.array(range(t.num_rows), pa.int64())), path)
+    line = first_error(validate(world.job))
+    assert str(path) in line and "field 'doc_id'" in line and "expected string" in line
+
+
+def test_token_id_outside_vocabulary_names_file_and_row(world):
+    def change(rows):
+        rows[3]["input_ids"] = rows[3]["input_ids"][:-1] + [10_000]
+        return rows
+
+    path = world.rewrite("part1", change)
+    line = first_error(validate(world.job))
+    assert str(path) in line and "row 3, field 'input_ids'" in line and "token id 10000" in line
+
+
+def _make_long(world) -> Path:
+    def change(rows):
+        rows[2]["input_ids"] = [5] * (CONTEXT + 7)
+        return rows
+
+    return world.rewrite("part2", change)
+
+
+def test_too_long_is_an_error_by_default_naming_file_and_row(world):
+    path = _make_long(world)
+    line = first_error(validate(world.job))
+    assert str(path) in line and "row 2, field 'input_ids'" in line and f"context of {CONTEXT}" in line
+    assert 'data.too_long = "truncate"' in line
+
+
+@pytest.mark.parametrize("policy", ["truncate", "chunk"])
+def test_too_long_with_truncate_or_chunk_passes_with_a_warning(world, policy):
+    _make_long(world)
+    out = passed(validate(world.write_job(data=f'too_long = "{policy}"')))
+    assert f"1 longer than the context (data.too_long = '{policy}')" in out
+    assert f"data.too_long = '{policy}' applies to them" in out
+
+
+def test_bad_too_long_value_names_the_key(world):
+    line = first_error(validate(world.write_job(data='too_long = "drop"')))
+    assert "data.too_long = 'drop'" in line and "truncate" in line
+
+
+def test_duplicate_doc_id_across_files_names_both(world):
+    other = pq.read_table(world.shard("part0")).column("doc_id")[4].as_py()
+
+    def change(rows):
+        rows[6]["doc_id"] = other
+        return rows
+
+    path = world.rewrite("part2", change)
+    line = first_error(validate(world.job))
+    assert f"{world.shard('part0')}: row 4, field 'doc_id'" in line
+    assert f"{other!r} is also in {path} row 6" in line and "unique across the corpus" in line
+
+
+def test_duplicate_doc_ids_found_through_spilled_buckets(world):
+    from pipelines.validate.doc_ids import check_unique_doc_ids
+
+    shards = sorted(str(p) for p in world.shards.glob("*.parquet"))
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
+    check_unique_doc_ids(shards, total, bucket_rows=3)  # many buckets, on disk: no false alarm
+    first = pq.read_table(shards[0]).column("doc_id")[0].as_py()
+    world.rewrite("part1", lambda rows: rows[:5] + [{**rows[5], "doc_id": first}] + rows[6:])
+    with pytest.raises(ShardError, match=rf"part0.parquet: row 0, field 'doc_id'.*part1.parquet row 5"):
+        check_unique_doc_ids(shards, total, bucket_rows=3)
+
+
+@pytest.mark.parametrize("corpus", ["{root}/shards/*.jsonl", "{root}/nothing-here/"])
+def test_empty_shard_set_names_data_corpus(world, corpus):
+    corpus = corpus.format(root=world.root)
+    line = first_error(validate(world.write_job(corpus=corpus)))
+    assert f"data.corpus = {corpus!r}" in line and ("matches no file" in line or "does not exist" in line)
+
+
+# --- queries -----------------------------------------------------------------------------------------------
+
+
+def test_bad_json_line_names_the_line(world):
+    lines = world.queries.read_text().splitlines()
+    lines[1] = lines[1][:-3]
+    world.queries.write_text("\n".join(lines) + "\n")
+    line = first_error(validate(world.job))
+    assert f"{world.queries}: line 2: not JSON" in line
+
+
+def test_non_utf8_queries_file_names_the_line(world):
+    world.queries.write_bytes(world.queries.read_bytes() + '{"query_id": "q-x", "prompt": "caf\u00e9"'.encode("latin-1"))
+    line = first_error(validate(world.job))
+    assert f"{world.queries}: line 4: not UTF-8" in line
+
+
+def test_missing_query_field_is_named(world):
+    rows = [json.loads(x) for x in world.queries.read_text().splitlines()]
+    del rows[2]["completion"]
+    world.queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = first_error(validate(world.job))
+    assert f"{world.queries}: line 3, field 'completion': missing" in line
+
+
+def test_duplicate_query_id_names_both_lines(world):
+    rows = [json.loads(x) for x in world.queries.read_text().splitlines()]
+    rows[2]["query_id"] = rows[0]["query_id"]
+    world.queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = first_error(validate(world.job))
+    assert f"line 3, field 'query_id': duplicate {rows[0]['query_id']!r} (first at line 1)" in line
+
+
+def test_leading_space_warning_shows_both_tokenizations(tmp_path):
+    """A byte-level BPE tokenizer (GPT-2 style): 'Chardet.' after 'is' is not ' Chardet.'."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from pipelines.demo.model import save_model, tiny_gpt2
+
+    texts = ["The capital of Velmora is Chardet.", "Chardet is a city. The river is long."] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
+    model = tmp_path / "model"
+    tok.save_pretrained(str(model))
+    save_model(tiny_gpt2(len(tok), context=32, width=8, layers=1, heads=1), model)
+    pq.write_table(pa.table({"doc_id": ["a", "b"], "input_ids": pa.array([[1, 2, 3], [4, 5]], pa.list_(pa.int32()))}),
+                   tmp_path / "s.parquet")
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"query_id": "glued", "prompt": "The capital of Velmora is",
+                                   "completion": "Chardet."}) + "\n"
+                       + json.dumps({"query_id": "spaced", "prompt": "The capital of Velmora is",
+                                     "completion": " Chardet."}) + "\n")
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\npath = "{model}"\n[data]\ncorpus = "{tmp_path}/s.parquet"\nqueries = "{queries}"\n'
+                   f'output = "{tmp_path}/out"\n')
+    result = validate(job)
+    assert passed(result)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "query 'glued'" in warnings[0], result.stderr
+    glued = tok("Chardet.", add_special_tokens=False)["input_ids"]
+    spaced = tok(" Chardet.", add_special_tokens=False)["input_ids"]
+    assert glued != spaced
+    assert str(tok.convert_ids_to_tokens(glued)) in warnings[0] and str(tok.convert_ids_to_tokens(spaced)) in warnings[0]
+    assert "' Chardet.'" in warnings[0]
+
+
+# --- model -------------------------------------------------------------------------------------------------
+
+
+def test_missing_weights_name_model_path(world):
+    (world.model / "model.safetensors").rename(world.model / "pytorch_model.bin")
+    line = first_error(validate(world.job))
+    assert f"model.path = {str(world.model)!r}" in line and "pytorch_model.bin" in line and "safetensors" in line
+
+
+def test_tracked_layers_not_found_names_layer_pattern(world):
+    line = first_error(validate(world.write_job(model='layer_pattern = "no_such_layer"')))
+    assert "model.layer_pattern = 'no_such_layer': tracked layers not found" in line
+
+
+def test_model_without_tokenizer_names_the_key(world):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (world.model / name).unlink(missing_ok=True)
+    line = first_error(validate(world.job))
+    assert f"model.path = {str(world.model)!r}: no tokenizer in this folder" in line and "model.tokenizer" in line
+
+
+def test_missing_model_folder_is_named(world):
+    shutil.rmtree(world.model)
+    line = first_error(validate(world.job))
+    assert f"model.path = {str(world.model)!r}: does not exist" in line
+
+
+def test_bad_job_key_is_named(world):
+    world.job.write_text(world.job.read_text() + "[scoring]\ntopk = 3\n")
+    line = first_error(validate(world.job))
+    assert "scoring.topk = 3: unknown key" in line
+
+
+# --- the stages' preflight ---------------------------------------------------------------------------------
+
+
+def test_score_stage_refuses_duplicate_doc_ids_before_ray_starts(world):
+    """The stage command stops at its preflight, naming both files; Ray is never started."""
+    first = pq.read_table(world.shard("part0")).column("doc_id")[1].as_py()
+    path = world.rewrite("part1", lambda rows: [{**rows[0], "doc_id": first}] + rows[1:])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "score", "-q", str(world.job)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(world.shard("part0")) in proc.stderr and f"{path} row 0" in proc.stderr
+    assert not (world.root / "out" / "scores").exists()
+
+
+def test_preflight_corpus_is_remembered_for_the_same_files(world):
+    from pipelines import load_config
+    from pipelines.validate import preflight_corpus
+
+    cfg = load_config(world.job)
+    first = preflight_corpus(cfg)
+    assert first["skipped"] is False and first["doc_ids_unique"] and first["shards"] == 3
+    assert preflight_corpus(cfg)["skipped"] is True
+    world.rewrite("part1", lambda rows: rows[:-1])  # a changed shard is checked again
+    assert preflight_corpus(cfg)["skipped"] is False
+
+
+# --- data.too_long in the read path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["error", "truncate", "chunk"])
+def test_read_path_applies_too_long(tmp_path, policy):
+    ids = [list(range(1, 4)), list(range(1, 12)), list(range(1, 6))]
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"doc_id": ["a", "b", "c"], "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                             "loss_mask": pa.array([[1] * len(x) for x in ids], pa.list_(pa.int8()))}), path)
+    if policy == "error":
+        with pytest.raises(ShardError, match=r"row 1, field 'input_ids': 11 tokens, more than the model's context of 4"):
+            read_rows(str(path), None, 20, context=4, too_long=policy)
+        return
+    seqs = read_rows(str(path), None, 20, context=4, too_long=policy)
+    got = [(d, x.tolist(), int(r)) for d, x, r in zip(seqs.doc_ids, seqs.input_ids, seqs.rows)]
+    if policy == "truncate":
+        assert got == [("a", [1, 2, 3], 0), ("b", [1, 2, 3, 4], 1), ("c", [1, 2, 3, 4], 2)]
+    else:
+        assert got == [("a", [1, 2, 3], 0), ("b#0", [1, 2, 3, 4], 1), ("b#1", [5, 6, 7, 8], 1),
+                       ("b#2", [9, 10, 11], 1), ("c#0", [1, 2, 3, 4], 2), ("c#1", [5], 2)]
+    assert [len(m) for m in seqs.loss_masks] == [len(x) for _, x, _ in got]
+    picked = read_rows(str(path), None, 20, doc_ids={"b#1"}, context=4, too_long=policy)
+    assert picked.doc_ids == (["b#1"] if policy == "chunk" else [])
+
+
+def test_shard_scorer_follows_too_long(tmp_path):
+    """Scoring (called directly, no Ray): a long row fails the shard under "error" and is truncated under "truncate"."""
+    from influence_ops import Fisher, collate, fit_ekfac, precondition_queries, query_batch, save_queries
+    from pipelines.config import ModelConfig
+    from pipelines.io.model_loading import load_model
+    from pipelines.stages.score import ShardScorer
+
+    model_cfg = ModelConfig(factory=f"{__name__}:make_short_lm", layer_pattern=r"^mlp\.")
+    m = load_model(model_cfg)
+    assert m.context == 4
+    factors = fit_ekfac(m.model, m.layers, [collate([[1, 2, 3], [4, 5]])], fisher=Fisher.EMPIRICAL)
+    queries = precondition_queries(m.model, factors, [query_batch([[1, 2]], [[3]])], rank=2, query_ids=["q1"])
+    save_queries(queries, tmp_path / "queries")
+    shard = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"doc_id": ["a", "b"], "input_ids": pa.array([[1, 2], [1, 2, 3, 4, 5, 6]],
+                                                                          pa.list_(pa.int32()))}), shard)
+    unit = {"unit": np.array([json.dumps({"shard": str(shard), "output": str(tmp_path / "o.parquet"), "key": "k"})],
+                             dtype=object)}
+    strict = ShardScorer(model_cfg, str(tmp_path / "queries"), top_k=2, batch_size=2, sort_window=8)
+    out = strict(unit)
+    assert list(out["status"]) == ["failed"] and "row 1, field 'input_ids': 6 tokens" in out["error"][0]
+    lenient = ShardScorer(model_cfg, str(tmp_path / "queries"), top_k=2, batch_size=2, sort_window=8,
+                          too_long="truncate")
+    out = lenient(unit)
+    assert list(out["status"]) == ["scored"] and int(out["tokens"][0]) == 2 + 4
+
+
+def make_short_lm():
+    """The contracts' tiny LM with a context of 4 tokens."""
+    from test_pipeline_contracts import TinyLM
+
+    model = TinyLM()
+    model.context = 4
+    return model
+
+
+# --- the merge keys rows by (doc_id, shard) ----------------------------------------------------------------
+
+
+def test_merge_keys_rows_by_doc_id_and_shard():
+    """The same doc_id in two shards: two rows, each with its own score, normalized score and shard."""
+    from pipelines.stages.merge import QueryMerge
+
+    merge = QueryMerge(k=3)
+    for shard, score in (("A.parquet", 5.0), ("B.parquet", -3.0)):
+        merge.add(np.array(["x", "y"], dtype=object), np.array([score, score / 10]), np.array([score / 100, 0.0]),
+                  np.array([shard, shard], dtype=object))
+    rows = merge.table().to_pylist()
+    top = [(r["doc_id"], r["shard"], r["score"], r["score_normalized"]) for r in rows if r["sign"] == "top"]
+    assert top == [("x", "A.parquet", 5.0, 0.05), ("y", "A.parquet", 0.5, 0.0), ("y", "B.parquet", -0.3, 0.0)]
+    bottom = [(r["doc_id"], r["shard"], r["score"]) for r in rows if r["sign"] == "bottom"]
+    assert bottom == [("x", "B.parquet", -3.0), ("y", "B.parquet", -0.3), ("y", "A.parquet", 0.5)]
+
+
+def test_merge_details_match_rows_by_doc_id_and_shard():
+    from pipelines.stages.merge import MERGED_SCHEMA
+    from pipelines.stages.token_scores import DOC_SCHEMA, _layer_table, attach_details
+
+    table = pa.table({"doc_id": ["x", "x"], "score": [5.0, -3.0], "score_normalized": [0.5, -0.3],
+                      "rank": [1, 1], "sign": ["top", "bottom"], "shard": ["A", "B"]}, schema=MERGED_SCHEMA)
+    docs = pa.table({"query_id": ["q", "q"], "doc_id": ["x", "x"], "shard": ["B", "A"], "tokens": [7, 3],
+                     "text": ["from B", "from A"], "layer_scores": [[-1.0, -2.0], [2.0, 3.0]]}, schema=DOC_SCHEMA)
+    got = attach_details(table, docs).to_pylist()
+    assert [(r["shard"], r["tokens"], r["text"]) for r in got] == [("A", 3, "from A"), ("B", 7, "from B")]
+    layers = _layer_table(docs, ["l0", "l1"], factor_tokens=10).to_pylist()
+    by_shard = {s: sum(r["score"] for r in layers if r["shard"] == s) for s in ("A", "B")}
+    assert by_shard == {"A": 5.0, "B": -3.0}
