@@ -8,7 +8,8 @@ it, and writes the layer's file straight into the factor directory. The result
 equals ``influence_ops.fit_ekfac`` on the same sample (exact up to the order of
 float additions) whatever the number of actors, and is identical from run to
 run. Sampled labels are drawn with a seed per (stage, unit), so a
-sampled-Fisher fit is reproducible too. A unit whose partial file carries the
+sampled-Fisher fit is reproducible too; ``factors.fisher_samples = k`` draws k
+label sets per position from that unit's generator and averages them. A unit whose partial file carries the
 current key is not redone, so an interrupted fit resumes unit by unit.
 
 Output folder ``<output>/factors``: the ``save_factors`` files (manifest.json
@@ -62,10 +63,10 @@ class _FitWorker:
     stage = 0
 
     def __init__(self, model: ModelConfig, fisher: str, seed: int, batch_size: int, threads: int = 0,
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool = False, samples: int = 1) -> None:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
-        self.fisher, self.seed, self.batch_size = Fisher(fisher), seed, batch_size
+        self.fisher, self.seed, self.batch_size, self.samples = Fisher(fisher), seed, batch_size, samples
         self.fingerprint = model_fingerprint(self.m.layers)
         self.layers = json.dumps([[l.name, list(l.shape)] for l in self.m.layers])
 
@@ -100,7 +101,7 @@ class CovarianceWorker(_FitWorker):
 
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         cov = fit_covariances(self.m.model, self.m.layers, batches, self.fisher, unit_seed(self.seed, 1, unit.index),
-                              autocast_dtype=self.m.autocast)
+                              autocast_dtype=self.m.autocast, samples=self.samples)
         return covariances_to_bytes(cov, extra)
 
 
@@ -113,7 +114,7 @@ class LambdaWorker(_FitWorker):
 
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         lam = fit_lambda(self.m.model, self.m.layers, self.eigen, batches, self.fisher,
-                         unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast)
+                         unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast, samples=self.samples)
         return lambda_to_bytes(lam, extra)
 
 
@@ -197,7 +198,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     use_gpu = cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0
     args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed, "batch_size": cfg.resources.batch_size,
-            "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu}
+            "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "samples": f.fisher_samples}
     accounting: dict[str, Any] = {}
     stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, key, cfg, cluster, show_progress)
     accounting["stage1"] = stage1.pop("units")
@@ -225,7 +226,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         raise ValueError(f"fit-factors: partial sums of different models {sorted(fingerprints)} in {out}")
     (fingerprint,) = fingerprints
     manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
-                              f.blocks, {"pipeline_key": key, "config": cfg.to_dict()})
+                              f.blocks, {"pipeline_key": key, "config": cfg.to_dict()},
+                              samples=f.fisher_samples if f.fisher == Fisher.SAMPLED else 1)
     storage.write_json(storage.join(out, MANIFEST), manifest)
     shard_of = {u.index: u.shard for u in units}
     storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({
