@@ -59,7 +59,8 @@ def test_rank_metrics_on_a_hand_computed_case():
     b = torch.tensor([[10.0, 20.0, 40.0, 30.0], [1.0, 2.0, 3.0, 4.0]])
     assert ranks(torch.tensor([[3.0, 1.0, 3.0]])).tolist() == [[1.5, 0.0, 1.5]]
     assert_close(spearman(a, b), torch.tensor([0.8, -1.0], dtype=torch.float64), name="spearman")
-    assert top_overlap(a, b, 2).tolist() == [0.5, 0.0]
+    assert top_overlap(a, b, 2).tolist() == [1.0, 0.0]  # {2, 3} both; {0, 1} vs {2, 3}
+    assert top_overlap(a, b, 1).tolist() == [0.0, 0.0]  # 3 vs 2
 
 
 def _run(suite: str, out) -> None:

@@ -63,10 +63,10 @@ class Setup:
 
 
 def classifier_setup(quick: bool) -> Setup:
-    n, d, hidden, classes, q = (16, 4, 6, 3, 4) if quick else (64, 6, 40, 5, 8)
+    n, d, hidden, classes, q = (16, 4, 6, 3, 4) if quick else (256, 6, 32, 5, 8)
     x, y = classifier_data(n + q, d, classes, seed=0)
     model = mlp_classifier(d, hidden, classes, seed=0)
-    train_classifier(model, x[:n], y[:n], steps=30 if quick else 300)
+    train_classifier(model, x[:n], y[:n], steps=30 if quick else 100)
     layers = ops.find_mlp_layers(model, pattern=r"^(0|2|4)$")
     ce = nn.functional.cross_entropy
     train_grads = torch.stack([flat_gradient(ce(model(x[i:i + 1]), y[i:i + 1], reduction="sum"), layers)

@@ -90,7 +90,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def pattern_sequences(n: int, vocab: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
@@ -129,4 +129,4 @@ def train_lm(model: nn.Module, sequences: list[list[int]], steps: int, lr: float
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
