@@ -70,7 +70,8 @@ class EKFACFactors:
         fisher: label mode used for fitting.
         covariance_sequences: sequences seen in stage 1.
         blocks: diagonal blocks per factor (1 = exact).
-        samples: sampled label draws per position (1 unless fisher is SAMPLED).
+        samples: sampled label draws per position in stage 1 (1 unless fisher is SAMPLED).
+        lambda_samples: the same in stage 3 (Lambda).
     """
 
     layers: dict[str, LayerFactors]
@@ -80,6 +81,7 @@ class EKFACFactors:
     covariance_sequences: int
     blocks: int = 1
     samples: int = 1
+    lambda_samples: int = 1
 
     @property
     def tokens(self) -> int:
@@ -98,8 +100,6 @@ class EKFACFactors:
 def assemble_factors(layers: Sequence[TrackedLayer], covariances: Covariances,
                      eigen: dict[str, LayerEigen], lambdas: LambdaSums, blocks: int = 1) -> EKFACFactors:
     """Combine the three stages' results into ``EKFACFactors``."""
-    if covariances.samples != lambdas.samples:
-        raise ValueError(f"covariances of {covariances.samples} and Lambda of {lambdas.samples} label samples")
     return EKFACFactors(
         layers={l.name: LayerFactors(
             a_sum=covariances.layers[l.name].a_sum, s_sum=covariances.layers[l.name].s_sum,
@@ -111,6 +111,7 @@ def assemble_factors(layers: Sequence[TrackedLayer], covariances: Covariances,
         covariance_sequences=covariances.sequences,
         blocks=blocks,
         samples=covariances.samples,
+        lambda_samples=lambdas.samples,
     )
 
 
@@ -125,6 +126,7 @@ def fit_ekfac(
     blocks: int = 1,
     autocast_dtype: torch.dtype | None = None,
     samples: int = 1,
+    lambda_samples: int | None = None,
     same_lambda_draws: bool = False,
 ) -> EKFACFactors:
     """Stage 1 (covariances), stage 2 (eigh), stage 3 (Lambda) in one call.
@@ -134,7 +136,10 @@ def fit_ekfac(
             stage 1 and, unless ``lambda_batches`` is given, stage 3 read it.
         lambda_batches: optional separate batches for stage 3.
         blocks: diagonal blocks per factor (paper Appendix A).
-        samples: k sampled label draws per position in both stages (SAMPLED only).
+        samples: k sampled label draws per position in stage 1 (SAMPLED only).
+        lambda_samples: draws per position in stage 3; None = ``samples``. Lambda's
+            estimate is the noisier one (a square per sequence), so more draws help
+            it most (``influence eval stability``).
         same_lambda_draws: stage 3 reuses stage 1's label draws (its generator
             seed); by default it draws independent labels (seed + 1).
         Others as ``fit_covariances``.
@@ -147,6 +152,7 @@ def fit_ekfac(
     log.info("stage 1: %d sequences, %d tokens", covariances.sequences, covariances.tokens)
     eigen = eigendecompose(covariances, blocks=blocks)
     lam_seed = None if seed is None else seed + (0 if same_lambda_draws else 1)
-    lambdas = fit_lambda(model, layers, eigen, lambda_batches, fisher, lam_seed, objective, autocast_dtype, samples)
+    lam_k = samples if lambda_samples is None else lambda_samples
+    lambdas = fit_lambda(model, layers, eigen, lambda_batches, fisher, lam_seed, objective, autocast_dtype, lam_k)
     log.info("stage 3: %d sequences", lambdas.sequences)
     return assemble_factors(layers, covariances, eigen, lambdas, blocks)

@@ -21,7 +21,8 @@ Sections (every key optional unless marked required)::
     [factors]
     sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
     fisher = "sampled"                  # sampled | empirical | expected (tiny models only: T x V passes)
-    fisher_samples = 1                  # sampled label draws per position, averaged (one forward, k backward)
+    fisher_samples = 1                  # sampled label draws per position in stage 1 (one forward, k backward)
+    lambda_samples = 4                  # the same in stage 3 (Lambda, the noisier estimate); see README "Accuracy"
     damping = 0.001                     # absolute; omit for 0.1 x mean(Lambda) per layer
     seed = 0
     blocks = 1
@@ -158,6 +159,7 @@ class FactorConfig:
     sample_tokens: int | None = None
     fisher: Fisher = Fisher.SAMPLED
     fisher_samples: int = 1
+    lambda_samples: int = 4
     damping: float | None = None
     seed: int = 0
     blocks: int = 1
@@ -173,6 +175,7 @@ class FactorConfig:
             _check_int("factors.sample_tokens", self.sample_tokens, 1)
         object.__setattr__(self, "fisher", _enum("factors.fisher", Fisher, self.fisher))
         _check_int("factors.fisher_samples", self.fisher_samples, 1)
+        _check_int("factors.lambda_samples", self.lambda_samples, 1)
         if self.damping is not None:
             _check_number("factors.damping", self.damping, 0.0)
         _check_int("factors.seed", self.seed, 0)

@@ -8,8 +8,9 @@ it, and writes the layer's file straight into the factor directory. The result
 equals ``influence_ops.fit_ekfac`` on the same sample (exact up to the order of
 float additions) whatever the number of actors, and is identical from run to
 run. Sampled labels are drawn with a seed per (stage, unit), so a
-sampled-Fisher fit is reproducible too; ``factors.fisher_samples = k`` draws k
-label sets per position from that unit's generator and averages them. A unit whose partial file carries the
+sampled-Fisher fit is reproducible too; ``factors.fisher_samples = k`` (stage 1)
+and ``factors.lambda_samples`` (stage 3) draw k label sets per position from
+that unit's generator and average them. A unit whose partial file carries the
 current key is not redone, so an interrupted fit resumes unit by unit.
 
 Output folder ``<output>/factors``: the ``save_factors`` files (manifest.json
@@ -108,8 +109,9 @@ class CovarianceWorker(_FitWorker):
 class LambdaWorker(_FitWorker):
     """Stage 3 on a unit, given every layer's stage-2 file (in layer order): Lambda sums as bytes."""
 
-    def __init__(self, stage2: list[str], **kwargs: Any) -> None:
+    def __init__(self, stage2: list[str], lambda_samples: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.samples = lambda_samples
         self.eigen = {l.name: load_layer_eigen(url) for l, url in zip(self.m.layers, stage2)}
 
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
@@ -209,8 +211,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
                 for (n, _), url in zip(layers, stage2_urls) if _current(url, key) is None]
     eig_rows, accounting["eigh"] = _layer_stage(LayerEigenWorker, eig_jobs, cfg, cluster, use_gpu, "eigh (per layer)",
                                                 show_progress)
-    stage3 = _unit_stage(LambdaWorker, 3, units, {**args, "stage2": stage2_urls}, out, key, cfg, cluster,
-                         show_progress)
+    stage3 = _unit_stage(LambdaWorker, 3, units, {**args, "stage2": stage2_urls, "lambda_samples": f.lambda_samples},
+                         out, key, cfg, cluster, show_progress)
     accounting["stage3"] = stage3.pop("units")
     partials3 = [_partial_url(out, 3, u.index) for u in units]
     final_jobs = [{"name": n, "stage2": s2, "partials": partials3, "out": storage.join(out, layer_file(i, n))}
@@ -227,7 +229,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     (fingerprint,) = fingerprints
     manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
                               f.blocks, {"pipeline_key": key, "config": cfg.to_dict()},
-                              samples=f.fisher_samples if f.fisher == Fisher.SAMPLED else 1)
+                              samples=f.fisher_samples if f.fisher == Fisher.SAMPLED else 1,
+                              lambda_samples=f.lambda_samples if f.fisher == Fisher.SAMPLED else 1)
     storage.write_json(storage.join(out, MANIFEST), manifest)
     shard_of = {u.index: u.shard for u in units}
     storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({
