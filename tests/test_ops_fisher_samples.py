@@ -22,7 +22,7 @@ from tests.ops_helpers import assert_close, batches_of, random_sequences, tiny_g
 def setup():
     model = tiny_gpt2(seed=1)
     layers = ops.find_mlp_layers(model)
-    batches = batches_of(random_sequences(6, min_len=3, max_len=6, seed=4), 3)
+    batches = batches_of(random_sequences(4, min_len=3, max_len=5, seed=4), 2)
     cov = ops.fit_covariances(model, layers, batches, fisher=ops.Fisher.EMPIRICAL)
     return model, layers, batches, ops.eigendecompose(cov)
 
@@ -98,15 +98,15 @@ def test_two_workers_merge_to_the_explicit_sums_of_their_units(setup):
     for l in layers:
         assert_close(merged.layers[l.name].s_sum, refs[0][0][l.name] + refs[1][0][l.name], name="merged S")
         assert_close(merged_lam.sums[l.name], refs[0][2][l.name] + refs[1][2][l.name], name="merged Lambda")
-    assert merged.sequences == 6 and merged.samples == 2
+    assert merged.sequences == 4 and merged.samples == 2
     other = ops.fit_covariances(model, layers, [batches[0]], fisher=ops.Fisher.SAMPLED, seed=1, samples=3)
     with pytest.raises(ValueError, match="2 and 3 label samples"):
         merged.merge(other)
 
 
 def test_expected_fisher_equals_the_probability_weighted_sum_over_labels(setup):
-    model, layers, batches, eigen = setup
-    batch = batches[0]
+    model, layers, _, eigen = setup
+    batch = ops.collate([[3, 9, 4], [7, 2]])  # 3 label positions x 48 labels
     cov = ops.fit_covariances(model, layers, [batch], fisher=ops.Fisher.EXPECTED)
     lam = ops.fit_lambda(model, layers, eigen, [batch], fisher=ops.Fisher.EXPECTED)
     with torch.no_grad():
@@ -137,3 +137,19 @@ def test_bad_sample_counts_are_refused(setup):
     model, layers, batches, _ = setup
     with pytest.raises(ValueError, match="fisher samples must be an integer >= 1, got 0"):
         ops.fit_covariances(model, layers, batches, fisher=ops.Fisher.SAMPLED, samples=0)
+
+
+def test_fit_ekfac_draws_stage_3_separately_and_saves_both_counts(setup, tmp_path):
+    model, layers, batches, _ = setup
+    f = ops.fit_ekfac(model, layers, batches, fisher=ops.Fisher.SAMPLED, seed=4, samples=1, lambda_samples=3)
+    cov = ops.fit_covariances(model, layers, batches, fisher=ops.Fisher.SAMPLED, seed=4, samples=1)
+    lam = ops.fit_lambda(model, layers, ops.eigendecompose(cov), batches, fisher=ops.Fisher.SAMPLED, seed=5,
+                         samples=3)
+    for l in layers:
+        assert torch.equal(f.layers[l.name].lambda_sum, lam.sums[l.name])
+    ops.save_factors(f, tmp_path)
+    loaded = ops.load_factors(tmp_path, layers)
+    assert (loaded.samples, loaded.lambda_samples) == (1, 3)
+    same = ops.fit_ekfac(model, layers, batches, fisher=ops.Fisher.SAMPLED, seed=4, same_lambda_draws=True)
+    lam_same = ops.fit_lambda(model, layers, ops.eigendecompose(cov), batches, fisher=ops.Fisher.SAMPLED, seed=4)
+    assert torch.equal(same.layers[layers[0].name].lambda_sum, lam_same.sums[layers[0].name])
