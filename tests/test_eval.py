@@ -96,3 +96,16 @@ def test_stability_suite_quick_writes_its_table(tmp_path):
     assert rows["sampled k=1"]["cost_vs_k1"] == 1.0
     assert rows["sampled k=1"]["spearman_mean"] < 1.0  # different seeds do differ
     assert (tmp_path / "stability.md").exists()
+
+
+def test_fisher_samples_config_keys():
+    from pipelines.config import ConfigError, config_from_dict
+
+    base = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl", "output": "/o"}}
+    cfg = config_from_dict(base)
+    assert (cfg.factors.fisher_samples, cfg.factors.lambda_samples) == (1, 4)  # the default chosen in README
+    cfg = config_from_dict({**base, "factors": {"fisher": "expected", "fisher_samples": 2, "lambda_samples": 8}})
+    assert cfg.factors.fisher == ops.Fisher.EXPECTED and cfg.factors.lambda_samples == 8
+    for key in ("fisher_samples", "lambda_samples"):
+        with pytest.raises(ConfigError, match=f"factors.{key} = 0"):
+            config_from_dict({**base, "factors": {key: 0}})
