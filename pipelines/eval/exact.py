@@ -149,13 +149,13 @@ def factor_scores(s: Setup, factors: ops.EKFACFactors, damping: dict[str, float]
     return total
 
 
-def _methods(seeds: int) -> list[tuple[str, ops.Fisher, int, int]]:
+def _methods(seeds: int, quick: bool = False) -> list[tuple[str, ops.Fisher, int, int]]:
     """(label, fisher, samples, seeds)."""
-    return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k, seeds) for k in SAMPLES]
+    return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k, seeds) for k in (SAMPLES[:2] if quick else SAMPLES)]
             + [("EK-FAC expected", ops.Fisher.EXPECTED, 1, 1), ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1, 1)])
 
 
-def evaluate(s: Setup, seeds: int, progress: Progress) -> list[dict[str, Any]]:
+def evaluate(s: Setup, seeds: int, progress: Progress, quick: bool = False) -> list[dict[str, Any]]:
     start = time.perf_counter()
     n = len(s.examples)
     ggn = exact_ggn(s.examples, s.layers) / n
@@ -171,7 +171,7 @@ def evaluate(s: Setup, seeds: int, progress: Progress) -> list[dict[str, Any]]:
                      "fit_seconds": round(seconds / len(scores), 3)})
 
     expected = None
-    for label, fisher, k, reps in _methods(seeds):
+    for label, fisher, k, reps in _methods(seeds, quick):
         t0 = time.perf_counter()
         scores = []
         for seed in range(reps):
@@ -206,11 +206,11 @@ def run_exact(out: str | Path, quick: bool = False, command: str = "influence ev
               echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     started = time.perf_counter()
     seeds = 1 if quick else 3
-    progress = Progress(2 * (len(_methods(seeds)) + 2), echo)
+    progress = Progress(2 * (len(_methods(seeds, quick)) + 2), echo)
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     for make in (classifier_setup, lm_setup):
-        rows += evaluate(make(quick), seeds, progress)
+        rows += evaluate(make(quick), seeds, progress, quick)
     parquet, md = write_table(out, "exact", rows, command, NOTES, started)
     echo(f"wrote {md} and {parquet}")
     return rows
