@@ -104,9 +104,15 @@ def test_two_workers_merge_to_the_explicit_sums_of_their_units(setup):
         merged.merge(other)
 
 
-def test_expected_fisher_equals_the_probability_weighted_sum_over_labels(setup):
-    model, layers, _, eigen = setup
-    batch = ops.collate([[3, 9, 4], [7, 2]])  # 3 label positions x 48 labels
+def test_expected_fisher_equals_the_probability_weighted_sum_over_labels():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=2, n_head=2, n_inner=12,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double().eval()
+    layers = ops.find_mlp_layers(model)
+    batch = ops.collate([[3, 6, 4, 1], [7, 2]])  # 4 label positions x 8 labels, with padding
+    eigen = ops.eigendecompose(ops.fit_covariances(model, layers, [batch], fisher=ops.Fisher.EMPIRICAL))
     cov = ops.fit_covariances(model, layers, [batch], fisher=ops.Fisher.EXPECTED)
     lam = ops.fit_lambda(model, layers, eigen, [batch], fisher=ops.Fisher.EXPECTED)
     with torch.no_grad():
