@@ -38,6 +38,7 @@ class Captured:
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     output_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     _outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    _done: set[str] = field(default_factory=set)  # layers whose activations are already homogeneous
 
     def _record(self, layer: TrackedLayer, inputs: tuple, output: torch.Tensor) -> None:
         if layer.name in self._outputs:
@@ -48,11 +49,13 @@ class Captured:
         self.activations[layer.name] = x
         self._outputs[layer.name] = output
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """Fill ``output_grads`` with d loss / d s for every tracked layer.
 
         Args:
             loss: scalar (the sum of per-sequence losses).
+            retain_graph: keep the forward graph for another ``backward`` (label
+                draws of the same forward pass); each call replaces ``output_grads``.
         """
         if loss.ndim != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
@@ -66,13 +69,16 @@ class Captured:
                 f"outputs of layers {no_graph} do not require grad; the tracked layers' weights "
                 "must have requires_grad=True"
             )
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=retain_graph)
         for layer, out, grad in zip(self.layers, outputs, grads):
             if grad is None:
                 grad = torch.zeros_like(out)
             self.output_grads[layer.name] = self._finish(grad.detach())
-            self.activations[layer.name] = self._homogeneous(layer, self.activations[layer.name])
-        self._outputs.clear()
+            if layer.name not in self._done:
+                self.activations[layer.name] = self._homogeneous(layer, self.activations[layer.name])
+                self._done.add(layer.name)
+        if not retain_graph:
+            self._outputs.clear()
 
     def _finish(self, t: torch.Tensor) -> torch.Tensor:
         t = t if t.dtype == torch.float64 else t.float()

@@ -8,6 +8,10 @@ Symbols: N_tok counted tokens, d_in' homogeneous input width, d_out.
 (paper Eq. 17-18, tokens treated as independent). Only sums and counts are kept,
 so results of many workers add exactly; ``normalized()`` divides at the end.
 Labels are sampled from the model (true Fisher) unless ``fisher=EMPIRICAL``.
+With ``samples = k`` sampled draws per position, the g g^T term is the mean over
+the k draws, (1/k) sum_j g_tj g_tj^T (one forward, k backward passes); A does
+not depend on labels and is summed once. ``EXPECTED`` sums the exact
+expectation over the softmax instead (objectives.py).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gradients import backward_pass, model_device
+from .gradients import draw_passes, model_device
 from .layers import TrackedLayer
-from .objectives import Fisher, LanguageModelObjective, Objective
+from .objectives import Fisher, LanguageModelObjective, Objective, check_samples
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Covariances:
     layers: dict[str, LayerCovariance]
     sequences: int
     fisher: Fisher
+    samples: int = 1  # sampled label draws per position (1 unless fisher is SAMPLED)
 
     def merge(self, other: Covariances) -> Covariances:
         """Exact sum of two partial results over disjoint data."""
@@ -62,8 +67,10 @@ class Covariances:
             raise ValueError(f"cannot merge covariances of layers {list(self.layers)} and {list(other.layers)}")
         if self.fisher != other.fisher:
             raise ValueError(f"cannot merge {self.fisher.value} and {other.fisher.value} covariances")
+        if self.samples != other.samples:
+            raise ValueError(f"cannot merge covariances of {self.samples} and {other.samples} label samples")
         return Covariances({n: c.merge(other.layers[n]) for n, c in self.layers.items()},
-                           self.sequences + other.sequences, self.fisher)
+                           self.sequences + other.sequences, self.fisher, self.samples)
 
     @property
     def tokens(self) -> int:
@@ -71,13 +78,18 @@ class Covariances:
 
 
 def empty_covariances(layers: Sequence[TrackedLayer], fisher: Fisher, dtype: torch.dtype,
-                      device: torch.device | str = "cpu") -> Covariances:
+                      device: torch.device | str = "cpu", samples: int = 1) -> Covariances:
     return Covariances(
         {l.name: LayerCovariance(torch.zeros(l.d_in_h, l.d_in_h, dtype=dtype, device=device),
                                  torch.zeros(l.d_out, l.d_out, dtype=dtype, device=device), 0)
          for l in layers},
-        sequences=0, fisher=fisher,
+        sequences=0, fisher=fisher, samples=samples,
     )
+
+
+def effective_samples(fisher: Fisher, samples: int) -> int:
+    """k for SAMPLED, 1 otherwise (``samples`` only applies to sampled labels)."""
+    return check_samples(samples) if fisher == Fisher.SAMPLED else 1
 
 
 def accumulation_dtype(model: nn.Module) -> torch.dtype:
@@ -102,6 +114,7 @@ def fit_covariances(
     seed: int | None = 0,
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
+    samples: int = 1,
 ) -> Covariances:
     """Sum a a^T and g g^T over every counted token of ``batches``.
 
@@ -113,6 +126,7 @@ def fit_covariances(
         seed: seed of the label-sampling generator.
         objective: defaults to ``LanguageModelObjective``.
         autocast_dtype: optional bf16/fp16 autocast; sums stay float32.
+        samples: k label draws per position (SAMPLED only), averaged into g g^T.
 
     Returns:
         Covariances with per-layer sums and token counts (sequences counted too).
@@ -120,20 +134,23 @@ def fit_covariances(
     objective = objective or LanguageModelObjective()
     device = model_device(model)
     dtype = accumulation_dtype(model)
+    samples = effective_samples(fisher, samples)
     generator = make_generator(seed, device) if fisher == Fisher.SAMPLED else None
-    result = empty_covariances(layers, fisher, dtype, device)
+    result = empty_covariances(layers, fisher, dtype, device, samples)
     for batch in batches:
-        out = backward_pass(model, layers, objective, batch, fisher, generator, autocast_dtype)
         tokens = int(objective.token_mask(batch).sum())
-        for layer in layers:
-            a = out.captured.activations[layer.name].to(dtype)  # (B, T, d_in')
-            g = out.captured.output_grads[layer.name].to(dtype)  # (B, T, d_out)
-            a2 = a.reshape(-1, a.shape[-1])  # (B*T, d_in')
-            g2 = g.reshape(-1, g.shape[-1])  # (B*T, d_out)
-            cov = result.layers[layer.name]
-            cov.a_sum += a2.T @ a2
-            cov.s_sum += g2.T @ g2
-            cov.tokens += tokens
+        for i, (captured, weight) in enumerate(draw_passes(model, layers, objective, batch, fisher, generator,
+                                                           samples, autocast_dtype)):
+            for layer in layers:
+                cov = result.layers[layer.name]
+                g = captured.output_grads[layer.name].to(dtype)  # (B, T, d_out)
+                g2 = g.reshape(-1, g.shape[-1])  # (B*T, d_out)
+                cov.s_sum += g2.T @ g2 if weight == 1.0 else weight * (g2.T @ g2)
+                if i == 0:  # activations do not depend on the labels
+                    a = captured.activations[layer.name].to(dtype)  # (B, T, d_in')
+                    a2 = a.reshape(-1, a.shape[-1])  # (B*T, d_in')
+                    cov.a_sum += a2.T @ a2
+                    cov.tokens += tokens
         result.sequences += objective.batch_size(batch)
     if result.sequences == 0:
         raise ValueError("fit_covariances got no batches")

@@ -8,7 +8,9 @@ Symbols: N_seq sequences, d_out, d_in'.
 gradient with (by default) sampled labels, so token correlations within a
 sequence are kept. Computed without materializing G_n in the original basis:
 rotate first, g' = g Q_S [B, T, d_out], a' = a Q_A [B, T, d_in'], then
-G'_n = sum_t g'_t a'_t^T.
+G'_n = sum_t g'_t a'_t^T. With ``samples = k`` sampled draws, the squared
+rotated gradient is averaged over the k draws of the same forward pass:
+Lambda = (1/N_seq) sum_n (1/k) sum_j (Q_S^T G_nj Q_A) ** 2.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .covariance import accumulation_dtype, make_generator
+from .covariance import accumulation_dtype, effective_samples, make_generator
 from .eigen import LayerEigen
-from .gradients import backward_pass, model_device, sequence_gradient
+from .gradients import draw_passes, model_device, sequence_gradient
 from .layers import TrackedLayer
 from .objectives import Fisher, LanguageModelObjective, Objective
 
@@ -34,6 +36,7 @@ class LambdaSums:
     sums: dict[str, torch.Tensor]
     sequences: int
     fisher: Fisher
+    samples: int = 1  # sampled label draws per position (1 unless fisher is SAMPLED)
 
     def merge(self, other: LambdaSums) -> LambdaSums:
         """Exact sum of two partial results over disjoint data."""
@@ -41,8 +44,10 @@ class LambdaSums:
             raise ValueError(f"cannot merge Lambda of layers {list(self.sums)} and {list(other.sums)}")
         if self.fisher != other.fisher:
             raise ValueError(f"cannot merge {self.fisher.value} and {other.fisher.value} Lambda sums")
+        if self.samples != other.samples:
+            raise ValueError(f"cannot merge Lambda sums of {self.samples} and {other.samples} label samples")
         return LambdaSums({n: s + other.sums[n].to(s) for n, s in self.sums.items()},
-                          self.sequences + other.sequences, self.fisher)
+                          self.sequences + other.sequences, self.fisher, self.samples)
 
     def normalized(self) -> dict[str, torch.Tensor]:
         """name -> Lambda = sums / N_seq."""
@@ -71,10 +76,11 @@ def fit_lambda(
     seed: int | None = 0,
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
+    samples: int = 1,
 ) -> LambdaSums:
     """Sum the squared rotated per-sequence gradients over ``batches``.
 
-    Args: as ``fit_covariances``, plus ``eigen`` from ``eigendecompose``.
+    Args: as ``fit_covariances`` (``samples``: k draws averaged), plus ``eigen`` from ``eigendecompose``.
 
     Returns:
         LambdaSums (sums and N_seq).
@@ -82,6 +88,7 @@ def fit_lambda(
     objective = objective or LanguageModelObjective()
     device = model_device(model)
     dtype = accumulation_dtype(model)
+    samples = effective_samples(fisher, samples)
     generator = make_generator(seed, device) if fisher == Fisher.SAMPLED else None
     sums = {l.name: torch.zeros(l.d_out, l.d_in_h, dtype=dtype, device=device) for l in layers}
     missing = [l.name for l in layers if l.name not in eigen]
@@ -89,13 +96,15 @@ def fit_lambda(
         raise ValueError(f"no eigendecomposition for layers {missing}")
     sequences = 0
     for batch in batches:
-        out = backward_pass(model, layers, objective, batch, fisher, generator, autocast_dtype)
-        for layer in layers:
-            a = out.captured.activations[layer.name].to(dtype)
-            g = out.captured.output_grads[layer.name].to(dtype)
-            rotated = rotated_sequence_gradient(a, g, eigen[layer.name])  # (B, d_out, d_in')
-            sums[layer.name] += (rotated ** 2).sum(dim=0)
+        for captured, weight in draw_passes(model, layers, objective, batch, fisher, generator, samples,
+                                            autocast_dtype):
+            for layer in layers:
+                a = captured.activations[layer.name].to(dtype)
+                g = captured.output_grads[layer.name].to(dtype)
+                rotated = rotated_sequence_gradient(a, g, eigen[layer.name])  # (B, d_out, d_in')
+                square = (rotated ** 2).sum(dim=0)  # (d_out, d_in')
+                sums[layer.name] += square if weight == 1.0 else weight * square
         sequences += objective.batch_size(batch)
     if sequences == 0:
         raise ValueError("fit_lambda got no batches")
-    return LambdaSums(sums, sequences, fisher)
+    return LambdaSums(sums, sequences, fisher, samples)

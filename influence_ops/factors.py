@@ -70,6 +70,8 @@ class EKFACFactors:
         fisher: label mode used for fitting.
         covariance_sequences: sequences seen in stage 1.
         blocks: diagonal blocks per factor (1 = exact).
+        samples: sampled label draws per position in stage 1 (1 unless fisher is SAMPLED).
+        lambda_samples: the same in stage 3 (Lambda).
     """
 
     layers: dict[str, LayerFactors]
@@ -78,6 +80,8 @@ class EKFACFactors:
     fisher: Fisher
     covariance_sequences: int
     blocks: int = 1
+    samples: int = 1
+    lambda_samples: int = 1
 
     @property
     def tokens(self) -> int:
@@ -106,6 +110,8 @@ def assemble_factors(layers: Sequence[TrackedLayer], covariances: Covariances,
         fisher=covariances.fisher,
         covariance_sequences=covariances.sequences,
         blocks=blocks,
+        samples=covariances.samples,
+        lambda_samples=lambdas.samples,
     )
 
 
@@ -119,6 +125,9 @@ def fit_ekfac(
     lambda_batches: Iterable[Any] | None = None,
     blocks: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    samples: int = 1,
+    lambda_samples: int | None = None,
+    same_lambda_draws: bool = False,
 ) -> EKFACFactors:
     """Stage 1 (covariances), stage 2 (eigh), stage 3 (Lambda) in one call.
 
@@ -127,16 +136,23 @@ def fit_ekfac(
             stage 1 and, unless ``lambda_batches`` is given, stage 3 read it.
         lambda_batches: optional separate batches for stage 3.
         blocks: diagonal blocks per factor (paper Appendix A).
+        samples: k sampled label draws per position in stage 1 (SAMPLED only).
+        lambda_samples: draws per position in stage 3; None = ``samples``. Lambda's
+            estimate is the noisier one (a square per sequence), so more draws help
+            it most (``influence eval stability``).
+        same_lambda_draws: stage 3 reuses stage 1's label draws (its generator
+            seed); by default it draws independent labels (seed + 1).
         Others as ``fit_covariances``.
     """
     if lambda_batches is None:
         if iter(batches) is batches:
             raise TypeError("batches is a one-shot iterator; fit_ekfac reads it twice: pass a list")
         lambda_batches = batches
-    covariances = fit_covariances(model, layers, batches, fisher, seed, objective, autocast_dtype)
+    covariances = fit_covariances(model, layers, batches, fisher, seed, objective, autocast_dtype, samples)
     log.info("stage 1: %d sequences, %d tokens", covariances.sequences, covariances.tokens)
     eigen = eigendecompose(covariances, blocks=blocks)
-    lam_seed = None if seed is None else seed + 1
-    lambdas = fit_lambda(model, layers, eigen, lambda_batches, fisher, lam_seed, objective, autocast_dtype)
+    lam_seed = None if seed is None else seed + (0 if same_lambda_draws else 1)
+    lam_k = samples if lambda_samples is None else lambda_samples
+    lambdas = fit_lambda(model, layers, eigen, lambda_batches, fisher, lam_seed, objective, autocast_dtype, lam_k)
     log.info("stage 3: %d sequences", lambdas.sequences)
     return assemble_factors(layers, covariances, eigen, lambdas, blocks)

@@ -11,7 +11,7 @@ batch loss equals that of the sequence's own loss.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from .capture import Captured, capture
 from .layers import TrackedLayer
-from .objectives import Fisher, Objective
+from .objectives import Fisher, Objective, check_samples, draw_weight
 
 
 @dataclass
@@ -83,13 +83,61 @@ def backward_pass(
     with capture(layers, token_mask=mask) as cap:
         with _autocast(device, autocast_dtype):
             losses = objective.sequence_losses(model, batch, fisher, generator)
-        if losses.ndim != 1:
-            raise ValueError(f"objective returned losses of shape {tuple(losses.shape)}, expected [B]")
-        if not torch.isfinite(losses).all():
-            bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-            raise FloatingPointError(f"non-finite loss for sequences at batch rows {bad}")
+        _check_losses(losses)
         cap.backward(losses.float().sum() if losses.dtype != torch.float64 else losses.sum())
     return BackwardResult(captured=cap, losses=losses.detach())
+
+
+def _check_losses(losses: torch.Tensor) -> None:
+    if losses.ndim != 1:
+        raise ValueError(f"objective returned losses of shape {tuple(losses.shape)}, expected [B]")
+    if not torch.isfinite(losses).all():
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+        raise FloatingPointError(f"non-finite loss for sequences at batch rows {bad}")
+
+
+def draw_passes(
+    model: nn.Module,
+    layers: Sequence[TrackedLayer],
+    objective: Objective,
+    batch: Any,
+    fisher: Fisher,
+    generator: torch.Generator | None,
+    samples: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[Captured, float]]:
+    """One forward pass, then one backward pass per label draw through the retained graph.
+
+    Yields ``(captured, weight)`` per draw: the activations are the same for every
+    draw, ``output_grads`` hold that draw's g; a draw's statistics count with
+    ``weight`` (1/k for k sampled draws, 1 for EMPIRICAL and for each of the
+    (T-1) x V terms of EXPECTED). The ``captured`` object is reused: read it
+    before advancing the iterator.
+
+    Cost: one forward + (number of draws) backward passes down to the first
+    tracked layer (no weight gradients). With one sampled or empirical draw
+    this is exactly ``backward_pass``.
+    """
+    check_samples(samples)
+    if fisher != Fisher.EXPECTED and (samples == 1 or fisher == Fisher.EMPIRICAL):
+        yield backward_pass(model, layers, objective, batch, fisher, generator, autocast_dtype).captured, 1.0
+        return
+    if not hasattr(objective, "draw_losses"):
+        raise TypeError(f"{type(objective).__name__} has no draw_losses(); it supports only one sampled draw")
+    check_deterministic(model)
+    device = model_device(model)
+    weight = draw_weight(fisher, samples)
+    with capture(layers, token_mask=objective.token_mask(batch)) as cap:
+        with _autocast(device, autocast_dtype):
+            draws = objective.draw_losses(model, batch, fisher, generator, samples)
+    pending = next(draws, None)
+    while pending is not None:
+        _check_losses(pending)
+        following = next(draws, None)
+        cap.backward(pending.float().sum() if pending.dtype != torch.float64 else pending.sum(),
+                     retain_graph=following is not None)
+        yield cap, weight
+        pending = following
 
 
 def sequence_gradient(activations: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:

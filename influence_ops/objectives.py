@@ -11,12 +11,26 @@ prompt).
 Fisher modes (docs/design.md section 2): ``SAMPLED`` draws every label from the
 model's own predictive distribution with a seeded generator (the true Fisher /
 Gauss-Newton form, the default for fitting factors); ``EMPIRICAL`` uses the
-data's labels (deterministic, used for comparisons and always for scoring).
+data's labels (deterministic, used for comparisons and always for scoring);
+``EXPECTED`` is the exact expectation over the softmax (a reference for tiny
+models: T x V backward passes per batch).
+
+Label draws (``draw_losses``): one forward pass, then one summed loss [B] per
+draw, all sharing the forward graph. SAMPLED with k samples: k independent label
+sets; the fitting stages average the k draws' statistics (weight 1/k each), so
+k = 1 is exactly the single-draw sampled Fisher. EXPECTED: for every label
+position t and vocabulary entry v, the loss sqrt(p_tv) * NLL_t(v) (sqrt(p_tv)
+held constant), weight 1. Its logit gradient is r_tv = sqrt(p_tv) (p_t - e_v),
+and sum_v r_tv r_tv^T = diag(p_t) - p_t p_t^T, the Hessian of the NLL in the
+logits; with independent labels across positions, the cross terms of the
+expectation vanish, so the sums over (t, v) of the draws' statistics equal the
+expectations of the sampled statistics exactly.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -31,6 +45,18 @@ class Fisher(str, enum.Enum):
 
     SAMPLED = "sampled"
     EMPIRICAL = "empirical"
+    EXPECTED = "expected"
+
+
+def draw_weight(fisher: Fisher, samples: int) -> float:
+    """The weight of one draw's statistics: 1/k for k sampled draws, else 1."""
+    return 1.0 / samples if fisher == Fisher.SAMPLED else 1.0
+
+
+def check_samples(samples: int) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"fisher samples must be an integer >= 1, got {samples!r}")
+    return samples
 
 
 class Objective(Protocol):
@@ -45,6 +71,14 @@ class Objective(Protocol):
 
     def batch_size(self, batch: Any) -> int:
         """B."""
+
+
+class DrawObjective(Objective, Protocol):
+    """An objective that also yields several label draws from one forward pass."""
+
+    def draw_losses(self, model: nn.Module, batch: Any, fisher: Fisher, generator: torch.Generator | None,
+                    samples: int) -> Iterator[torch.Tensor]:
+        """Run the forward pass now; return an iterator of [B] summed losses, one per draw."""
 
 
 def model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,16 +134,54 @@ def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.G
     return sampled
 
 
+def expected_label_losses(logits: torch.Tensor, labels: torch.Tensor) -> Iterator[torch.Tensor]:
+    """[B] losses sqrt(p_tv) * NLL_t(v), one per label position t and vocabulary entry v.
+
+    Args:
+        logits: [B, T, V]; position t - 1 predicts the label at t.
+        labels: [B, T] data labels (only their -100 pattern is kept).
+
+    Yields:
+        (T - 1) * V tensors [B], 0 for sequences whose label at t is -100.
+    """
+    shift = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    with torch.no_grad():
+        root_p = torch.softmax(shift, dim=-1).sqrt()  # (B, T-1, V)
+    log_p = torch.log_softmax(shift, dim=-1)  # (B, T-1, V)
+    for t in range(shift.shape[1]):
+        if not bool(keep[:, t].any()):
+            continue
+        for v in range(shift.shape[2]):
+            yield -(root_p[:, t, v] * log_p[:, t, v]) * keep[:, t].to(log_p.dtype)  # (B,)
+
+
 class LanguageModelObjective:
     """Summed next-token NLL of a causal LM on ``TokenBatch`` batches."""
 
     def sequence_losses(self, model: nn.Module, batch: TokenBatch, fisher: Fisher,
                         generator: torch.Generator | None) -> torch.Tensor:
+        if fisher == Fisher.EXPECTED:
+            raise ValueError("the expected Fisher is a sum over many label draws: fit it through draw_passes "
+                             "(fit_covariances / fit_lambda), not sequence_losses")
         logits = model_logits(model, batch.input_ids, batch.attention_mask)
         labels = batch.labels
         if fisher == Fisher.SAMPLED:
             labels = sample_labels(logits, labels, generator)
         return token_nll(logits, labels).sum(dim=1)  # (B,)
+
+    def draw_losses(self, model: nn.Module, batch: TokenBatch, fisher: Fisher, generator: torch.Generator | None,
+                    samples: int) -> Iterator[torch.Tensor]:
+        logits = model_logits(model, batch.input_ids, batch.attention_mask)  # the one forward pass
+        if fisher == Fisher.EXPECTED:
+            return expected_label_losses(logits, batch.labels)
+        if fisher == Fisher.EMPIRICAL:
+            return iter([token_nll(logits, batch.labels).sum(dim=1)])
+
+        def draws() -> Iterator[torch.Tensor]:
+            for _ in range(samples):  # draw j uses the generator after j draws: k = 1 is today's single draw
+                yield token_nll(logits, sample_labels(logits, batch.labels, generator)).sum(dim=1)  # (B,)
+        return draws()
 
     def token_mask(self, batch: TokenBatch) -> torch.Tensor:
         return batch.token_mask

@@ -45,11 +45,13 @@ def manifest_entry(name: str, file: str, shape: tuple[int, int], tokens: int, se
 
 
 def build_manifest(entries: list[dict[str, Any]], fingerprint: str, fisher: Fisher, covariance_sequences: int,
-                   lambda_sequences: int, blocks: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   lambda_sequences: int, blocks: int, extra: dict[str, Any] | None = None,
+                   samples: int = 1, lambda_samples: int = 1) -> dict[str, Any]:
     """The manifest of a factor directory whose layer files are described by ``entries`` (in layer order)."""
     return {
         "format": FACTORS_FORMAT, "library_version": __version__, "model_fingerprint": fingerprint,
-        "fisher": fisher.value, "covariance_sequences": covariance_sequences,
+        "fisher": fisher.value, "fisher_samples": samples, "lambda_samples": lambda_samples,
+        "covariance_sequences": covariance_sequences,
         "tokens": entries[0]["tokens"], "lambda_sequences": lambda_sequences, "blocks": blocks,
         "eigh_dtype": "float64", "damping_rule": "0.1 * mean(Lambda) per layer unless an absolute value is given",
         "layers": entries, "extra": extra or {},
@@ -75,7 +77,8 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra: dic
         save_file(layer_tensors(lf), str(out / fname))
         entries.append(manifest_entry(name, fname, factors.shapes[name], lf.tokens, lf.sequences, lf.a_sum.dtype))
     manifest = build_manifest(entries, factors.fingerprint, factors.fisher, factors.covariance_sequences,
-                              factors.lambda_sequences, factors.blocks, extra)
+                              factors.lambda_sequences, factors.blocks, extra, factors.samples,
+                              factors.lambda_samples)
     write_json_atomic(out / MANIFEST, manifest)
     return out
 
@@ -114,7 +117,8 @@ def load_factors(directory: str | os.PathLike, layers: Sequence[TrackedLayer] | 
         shapes[entry["name"]] = shape
     factors = EKFACFactors(layers=out, shapes=shapes, fingerprint=manifest["model_fingerprint"],
                            fisher=Fisher(manifest["fisher"]),
-                           covariance_sequences=manifest["covariance_sequences"], blocks=manifest["blocks"])
+                           covariance_sequences=manifest["covariance_sequences"], blocks=manifest["blocks"],
+                           samples=manifest.get("fisher_samples", 1), lambda_samples=manifest.get("lambda_samples", 1))
     if layers is not None:
         factors.check_model(layers)
     return factors

@@ -137,6 +137,19 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
         click.echo(line)
 
 
+@main.command(name="eval")
+@click.argument("suite", type=click.Choice(["exact", "stability"]))
+@click.option("--out", default="benchmarks/eval", show_default=True, help="Folder for <suite>.parquet and <suite>.md.")
+@click.option("--quick", is_flag=True, help="Very small settings (seconds; for tests), not the reported sizes.")
+def eval_command(suite: str, out: str, quick: bool) -> None:
+    """Accuracy suites: `exact` (against exact influence on tiny models), `stability` (seed to seed)."""
+    from .eval import SUITES
+
+    command = "influence eval " + suite + (f" --out {out}" if out != "benchmarks/eval" else "") + \
+        (" --quick" if quick else "")
+    SUITES[suite](out=out, quick=quick, command=command, echo=click.echo)
+
+
 register_readers(main)  # influence show / sql / report / ddl (pipelines/results/)
 register_validate(main)  # influence validate (pipelines/validate/)
 add_cluster_commands(main)  # submit, status, logs, stop (Ray Jobs API)

@@ -24,7 +24,9 @@ Sections (every key optional unless marked required)::
                                         # doc_id "<doc_id>#<piece>"); applied wherever shards are read
     [factors]
     sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
-    fisher = "sampled"                  # sampled | empirical
+    fisher = "sampled"                  # sampled | empirical | expected (tiny models only: T x V passes)
+    fisher_samples = 1                  # sampled label draws per position in stage 1 (one forward, k backward)
+    lambda_samples = 4                  # the same in stage 3 (Lambda, the noisier estimate); see README "Accuracy"
     damping = 0.001                     # absolute; omit for 0.1 x mean(Lambda) per layer
     seed = 0
     blocks = 1
@@ -171,6 +173,8 @@ class FactorConfig:
     sample_sequences: int | None = None
     sample_tokens: int | None = None
     fisher: Fisher = Fisher.SAMPLED
+    fisher_samples: int = 1
+    lambda_samples: int = 4
     damping: float | None = None
     seed: int = 0
     blocks: int = 1
@@ -185,6 +189,8 @@ class FactorConfig:
         if self.sample_tokens is not None:
             _check_int("factors.sample_tokens", self.sample_tokens, 1)
         object.__setattr__(self, "fisher", _enum("factors.fisher", Fisher, self.fisher))
+        _check_int("factors.fisher_samples", self.fisher_samples, 1)
+        _check_int("factors.lambda_samples", self.lambda_samples, 1)
         if self.damping is not None:
             _check_number("factors.damping", self.damping, 0.0)
         _check_int("factors.seed", self.seed, 0)

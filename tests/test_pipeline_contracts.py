@@ -258,3 +258,25 @@ def test_shard_output_names(corpus, shard, name):
     from pipelines.io.shards import shard_name
 
     assert shard_name(shard, corpus) == name
+
+
+def test_fit_worker_draws_k_labels_from_its_unit_seed(tiny_world, tmp_path):
+    """A unit's stage-1 partial with fisher_samples = 3 equals fit_covariances on that unit, seed per unit."""
+    from influence_ops import fit_covariances
+    from pipelines.io.payloads import covariances_from_bytes
+    from pipelines.stages.fit_factors import CovarianceWorker, unit_seed
+    from pipelines.stages.sampling import Unit
+
+    path = write_shard(tmp_path / "s.parquet", ["a", "b", "c"], [[1, 2, 3, 4], [5, 6, 7], [2, 3]])
+    unit = {**Unit(2, path, (0, 1, 2)).to_json(), "partial": str(tmp_path / "unit.safetensors"), "key": "k"}
+    cfg = ModelConfig(path=str(tiny_world / "model"))
+    worker = CovarianceWorker(model=cfg, fisher="sampled", seed=4, batch_size=2, samples=3)
+    worker({"unit": np.array([json.dumps(unit)], dtype=object)})
+    got = covariances_from_bytes(Path(unit["partial"]).read_bytes())
+    _, batches, _ = worker._batches(Unit.from_json(unit))  # the worker's own batching (sorted by length)
+    want = fit_covariances(worker.m.model, worker.m.layers, batches, Fisher.SAMPLED, unit_seed(4, 1, 2), samples=3)
+    one = fit_covariances(worker.m.model, worker.m.layers, batches, Fisher.SAMPLED, unit_seed(4, 1, 2), samples=1)
+    assert got.samples == want.samples == 3
+    for name, cov in want.layers.items():
+        torch.testing.assert_close(got.layers[name].s_sum, cov.s_sum, rtol=1e-5, atol=1e-8)
+        assert not torch.allclose(got.layers[name].s_sum, one.layers[name].s_sum)

@@ -20,7 +20,7 @@ def covariances_to_bytes(cov: Covariances, extra: dict[str, str] | None = None) 
     for i, c in enumerate(cov.layers.values()):
         tensors[f"{i}.a_sum"], tensors[f"{i}.s_sum"] = c.a_sum.cpu(), c.s_sum.cpu()
     meta = {"layers": json.dumps(list(cov.layers)), "tokens": json.dumps([c.tokens for c in cov.layers.values()]),
-            "sequences": str(cov.sequences), "fisher": cov.fisher.value, **(extra or {})}
+            "sequences": str(cov.sequences), "fisher": cov.fisher.value, "samples": str(cov.samples), **(extra or {})}
     return st_save(tensors, metadata=meta)
 
 
@@ -28,7 +28,7 @@ def covariances_from_bytes(data: bytes) -> Covariances:
     meta, t = metadata_of(data), st_load(data)
     names, tokens = json.loads(meta["layers"]), json.loads(meta["tokens"])
     return Covariances({n: LayerCovariance(t[f"{i}.a_sum"], t[f"{i}.s_sum"], tokens[i]) for i, n in enumerate(names)},
-                       int(meta["sequences"]), Fisher(meta["fisher"]))
+                       int(meta["sequences"]), Fisher(meta["fisher"]), int(meta.get("samples", 1)))
 
 
 def metadata_of(data: bytes) -> dict[str, str]:
@@ -40,13 +40,13 @@ def metadata_of(data: bytes) -> dict[str, str]:
 def lambda_to_bytes(lam: LambdaSums, extra: dict[str, str] | None = None) -> bytes:
     return st_save({f"{i}": s.cpu() for i, s in enumerate(lam.sums.values())},
                    metadata={"layers": json.dumps(list(lam.sums)), "sequences": str(lam.sequences),
-                             "fisher": lam.fisher.value, **(extra or {})})
+                             "fisher": lam.fisher.value, "samples": str(lam.samples), **(extra or {})})
 
 
 def lambda_from_bytes(data: bytes) -> LambdaSums:
     meta, t = metadata_of(data), st_load(data)
     return LambdaSums({n: t[str(i)] for i, n in enumerate(json.loads(meta["layers"]))}, int(meta["sequences"]),
-                      Fisher(meta["fisher"]))
+                      Fisher(meta["fisher"]), int(meta.get("samples", 1)))
 
 
 def eigen_to_bytes(eigen: dict[str, LayerEigen]) -> bytes:

@@ -8,7 +8,9 @@ it, and writes the layer's file straight into the factor directory. The result
 equals ``influence_ops.fit_ekfac`` on the same sample (exact up to the order of
 float additions) whatever the number of actors, and is identical from run to
 run. Sampled labels are drawn with a seed per (stage, unit), so a
-sampled-Fisher fit is reproducible too. A unit whose partial file carries the
+sampled-Fisher fit is reproducible too; ``factors.fisher_samples = k`` (stage 1)
+and ``factors.lambda_samples`` (stage 3) draw k label sets per position from
+that unit's generator and average them. A unit whose partial file carries the
 current key is not redone, so an interrupted fit resumes unit by unit.
 
 Output folder ``<output>/factors``: the ``save_factors`` files (manifest.json
@@ -62,10 +64,10 @@ class _FitWorker:
     stage = 0
 
     def __init__(self, model: ModelConfig, fisher: str, seed: int, batch_size: int, threads: int = 0,
-                 use_gpu: bool = False, too_long: str = "error") -> None:
+                 use_gpu: bool = False, too_long: str = "error", samples: int = 1) -> None:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
-        self.fisher, self.seed, self.batch_size = Fisher(fisher), seed, batch_size
+        self.fisher, self.seed, self.batch_size, self.samples = Fisher(fisher), seed, batch_size, samples
         self.too_long = too_long  # data.too_long: sequences longer than the model's context
         self.fingerprint = model_fingerprint(self.m.layers)
         self.layers = json.dumps([[l.name, list(l.shape)] for l in self.m.layers])
@@ -102,20 +104,21 @@ class CovarianceWorker(_FitWorker):
 
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         cov = fit_covariances(self.m.model, self.m.layers, batches, self.fisher, unit_seed(self.seed, 1, unit.index),
-                              autocast_dtype=self.m.autocast)
+                              autocast_dtype=self.m.autocast, samples=self.samples)
         return covariances_to_bytes(cov, extra)
 
 
 class LambdaWorker(_FitWorker):
     """Stage 3 on a unit, given every layer's stage-2 file (in layer order): Lambda sums as bytes."""
 
-    def __init__(self, stage2: list[str], **kwargs: Any) -> None:
+    def __init__(self, stage2: list[str], lambda_samples: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.samples = lambda_samples
         self.eigen = {l.name: load_layer_eigen(url) for l, url in zip(self.m.layers, stage2)}
 
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         lam = fit_lambda(self.m.model, self.m.layers, self.eigen, batches, self.fisher,
-                         unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast)
+                         unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast, samples=self.samples)
         return lambda_to_bytes(lam, extra)
 
 
@@ -200,7 +203,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     use_gpu = cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0
     args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed, "batch_size": cfg.resources.batch_size,
-            "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value}
+            "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value,
+            "samples": f.fisher_samples}
     accounting: dict[str, Any] = {}
     stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, key, cfg, cluster, show_progress)
     accounting["stage1"] = stage1.pop("units")
@@ -211,8 +215,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
                 for (n, _), url in zip(layers, stage2_urls) if _current(url, key) is None]
     eig_rows, accounting["eigh"] = _layer_stage(LayerEigenWorker, eig_jobs, cfg, cluster, use_gpu, "eigh (per layer)",
                                                 show_progress)
-    stage3 = _unit_stage(LambdaWorker, 3, units, {**args, "stage2": stage2_urls}, out, key, cfg, cluster,
-                         show_progress)
+    stage3 = _unit_stage(LambdaWorker, 3, units, {**args, "stage2": stage2_urls, "lambda_samples": f.lambda_samples},
+                         out, key, cfg, cluster, show_progress)
     accounting["stage3"] = stage3.pop("units")
     partials3 = [_partial_url(out, 3, u.index) for u in units]
     final_jobs = [{"name": n, "stage2": s2, "partials": partials3, "out": storage.join(out, layer_file(i, n))}
@@ -228,7 +232,9 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         raise ValueError(f"fit-factors: partial sums of different models {sorted(fingerprints)} in {out}")
     (fingerprint,) = fingerprints
     manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
-                              f.blocks, {"pipeline_key": key, "config": cfg.to_dict()})
+                              f.blocks, {"pipeline_key": key, "config": cfg.to_dict()},
+                              samples=f.fisher_samples if f.fisher == Fisher.SAMPLED else 1,
+                              lambda_samples=f.lambda_samples if f.fisher == Fisher.SAMPLED else 1)
     storage.write_json(storage.join(out, MANIFEST), manifest)
     shard_of = {u.index: u.shard for u in units}
     storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({

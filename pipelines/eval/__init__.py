@@ -1,0 +1,31 @@
+"""`influence eval SUITE`: accuracy suites that measure how far the engine's numbers can be trusted.
+
+Each suite writes ``<out>/<suite>.parquet`` and ``<out>/<suite>.md`` (the table,
+the machine, the versions and the command that produced it) and prints progress.
+
+- ``exact``: EK-FAC variants, K-FAC and the plain gradient dot product against
+  exact influence (the exact damped Gauss-Newton matrix, inverted) on tiny models.
+- ``stability``: seed-to-seed agreement of the scores for k = 1, 2, 4, 8 sampled
+  label draws (``factors.fisher_samples``), and the fitting cost of each k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _exact(**kwargs: Any) -> Any:
+    from .exact import run_exact
+
+    return run_exact(**kwargs)
+
+
+def _stability(**kwargs: Any) -> Any:
+    from .stability import run_stability
+
+    return run_stability(**kwargs)
+
+
+# suite name -> runner(out, quick, command, echo) -> the result table (a list of rows)
+SUITES: dict[str, Callable[..., Any]] = {"exact": _exact, "stability": _stability}

@@ -1,0 +1,45 @@
+"""Agreement measures between score matrices [Q, N] (one row per query)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last axis (average ranks for ties), float64."""
+    x = x.to(torch.float64)
+    order = torch.argsort(x, dim=-1, stable=True)
+    r = torch.empty_like(x)
+    r.scatter_(-1, order, torch.arange(x.shape[-1], dtype=torch.float64).expand_as(x).contiguous())
+    # average ties: equal values get the mean of their ranks
+    out = torch.empty_like(r)
+    for i in range(x.shape[0]):
+        _, inverse, counts = torch.unique(x[i], return_inverse=True, return_counts=True)
+        sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, r[i])
+        out[i] = (sums / counts)[inverse]
+    return out
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[Q] Pearson correlation of the rows of a and b ([Q, N] each)."""
+    a = a.to(torch.float64) - a.to(torch.float64).mean(-1, keepdim=True)
+    b = b.to(torch.float64) - b.to(torch.float64).mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[Q] Spearman rank correlation of the rows."""
+    return pearson(ranks(a), ranks(b))
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """[Q] |top-k(a) & top-k(b)| / k per row."""
+    k = min(k, a.shape[-1])
+    ta, tb = torch.topk(a, k, dim=-1).indices, torch.topk(b, k, dim=-1).indices
+    return torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(ta, tb)], dtype=torch.float64)
+
+
+def per_query_correlations(scores: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+    p, s = pearson(scores, exact), spearman(scores, exact)
+    return {"pearson": float(p.mean()), "spearman": float(s.mean()), "pearson_min": float(p.min()),
+            "spearman_min": float(s.min())}
