@@ -25,7 +25,7 @@ from torch import nn
 
 from .gradients import draw_passes, model_device
 from .layers import TrackedLayer
-from .objectives import Fisher, LanguageModelObjective, Objective, check_samples
+from .objectives import Fisher, LanguageModelObjective, Objective, check_samples, is_random
 
 
 @dataclass
@@ -88,8 +88,8 @@ def empty_covariances(layers: Sequence[TrackedLayer], fisher: Fisher, dtype: tor
 
 
 def effective_samples(fisher: Fisher, samples: int) -> int:
-    """k for SAMPLED, 1 otherwise (``samples`` only applies to sampled labels)."""
-    return check_samples(samples) if fisher == Fisher.SAMPLED else 1
+    """k for SAMPLED and GAUSSIAN, 1 otherwise (``samples`` only applies to random draws)."""
+    return check_samples(samples) if is_random(fisher) else 1
 
 
 def accumulation_dtype(model: nn.Module) -> torch.dtype:
@@ -135,7 +135,7 @@ def fit_covariances(
     device = model_device(model)
     dtype = accumulation_dtype(model)
     samples = effective_samples(fisher, samples)
-    generator = make_generator(seed, device) if fisher == Fisher.SAMPLED else None
+    generator = make_generator(seed, device) if is_random(fisher) else None
     result = empty_covariances(layers, fisher, dtype, device, samples)
     for batch in batches:
         tokens = int(objective.token_mask(batch).sum())

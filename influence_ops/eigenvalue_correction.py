@@ -26,7 +26,7 @@ from .covariance import accumulation_dtype, effective_samples, make_generator
 from .eigen import LayerEigen
 from .gradients import draw_passes, model_device, sequence_gradient
 from .layers import TrackedLayer
-from .objectives import Fisher, LanguageModelObjective, Objective
+from .objectives import Fisher, LanguageModelObjective, Objective, is_random
 
 
 @dataclass
@@ -89,7 +89,7 @@ def fit_lambda(
     device = model_device(model)
     dtype = accumulation_dtype(model)
     samples = effective_samples(fisher, samples)
-    generator = make_generator(seed, device) if fisher == Fisher.SAMPLED else None
+    generator = make_generator(seed, device) if is_random(fisher) else None
     sums = {l.name: torch.zeros(l.d_out, l.d_in_h, dtype=dtype, device=device) for l in layers}
     missing = [l.name for l in layers if l.name not in eigen]
     if missing:

@@ -13,7 +13,11 @@ model's own predictive distribution with a seeded generator (the true Fisher /
 Gauss-Newton form, the default for fitting factors); ``EMPIRICAL`` uses the
 data's labels (deterministic, used for comparisons and always for scoring);
 ``EXPECTED`` is the exact expectation over the softmax (a reference for tiny
-models: T x V backward passes per batch).
+models: T x V backward passes per batch); ``GAUSSIAN`` replaces the one-hot
+label draw by a Gaussian probe of the logit gradient with the same covariance,
+diag(p) - p p^T (``gaussian_probe``): the same expectation as SAMPLED, with a
+lighter-tailed estimator (measured: more stable across seeds, see the README's
+Accuracy section).
 
 Label draws (``draw_losses``): one forward pass, then one summed loss [B] per
 draw, all sharing the forward graph. SAMPLED with k samples: k independent label
@@ -46,11 +50,52 @@ class Fisher(str, enum.Enum):
     SAMPLED = "sampled"
     EMPIRICAL = "empirical"
     EXPECTED = "expected"
+    GAUSSIAN = "gaussian"
+
+
+def is_random(fisher: Fisher) -> bool:
+    """True for the modes that draw from a seeded generator (SAMPLED, GAUSSIAN)."""
+    return fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN)
 
 
 def draw_weight(fisher: Fisher, samples: int) -> float:
-    """The weight of one draw's statistics: 1/k for k sampled draws, else 1."""
-    return 1.0 / samples if fisher == Fisher.SAMPLED else 1.0
+    """The weight of one draw's statistics: 1/k for k random draws, else 1."""
+    return 1.0 / samples if is_random(fisher) else 1.0
+
+
+def gaussian_probe(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A random logit gradient u with E[u u^T] = diag(p) - p p^T per position (no gradient flows).
+
+    u = sqrt(p) * z - p (sqrt(p) . z) with z ~ N(0, I_V): its covariance is
+    diag(p) - p p^T, the same as that of the sampled-label gradient p - e_y, so a
+    loss ``(u * logits).sum()`` gives pseudo-gradients whose second moments equal
+    the true Fisher's in expectation, without the heavy tail of one-hot draws.
+
+    Args:
+        logits: [..., V] (float32 or float64).
+        generator: seeded generator on the logits' device (None: global RNG).
+
+    Returns:
+        [..., V] probe, same dtype as ``logits``.
+    """
+    with torch.no_grad():
+        p = torch.softmax(logits, dim=-1)
+        z = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        root_p = p.sqrt()
+        return root_p * z - p * (root_p * z).sum(dim=-1, keepdim=True)
+
+
+def gaussian_losses(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[B] sum over label positions of u_t . logits_t (u from ``gaussian_probe``; 0 where label == -100).
+
+    Args:
+        logits: [B, T, V]; position t - 1 predicts the label at t.
+        labels: [B, T] data labels (only their -100 pattern is kept).
+    """
+    shift = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    keep = (labels[:, 1:] != IGNORE_INDEX).to(shift.dtype)  # (B, T-1)
+    u = gaussian_probe(shift, generator)  # (B, T-1, V)
+    return ((u * shift).sum(dim=-1) * keep).sum(dim=1)  # (B,)
 
 
 def check_samples(samples: int) -> int:
@@ -166,6 +211,8 @@ class LanguageModelObjective:
                              "(fit_covariances / fit_lambda), not sequence_losses")
         logits = model_logits(model, batch.input_ids, batch.attention_mask)
         labels = batch.labels
+        if fisher == Fisher.GAUSSIAN:
+            return gaussian_losses(logits, labels, generator)
         if fisher == Fisher.SAMPLED:
             labels = sample_labels(logits, labels, generator)
         return token_nll(logits, labels).sum(dim=1)  # (B,)
@@ -177,6 +224,8 @@ class LanguageModelObjective:
             return expected_label_losses(logits, batch.labels)
         if fisher == Fisher.EMPIRICAL:
             return iter([token_nll(logits, batch.labels).sum(dim=1)])
+        if fisher == Fisher.GAUSSIAN:
+            return (gaussian_losses(logits, batch.labels, generator) for _ in range(samples))
 
         def draws() -> Iterator[torch.Tensor]:
             for _ in range(samples):  # draw j uses the generator after j draws: k = 1 is today's single draw

@@ -24,7 +24,7 @@ Sections (every key optional unless marked required)::
                                         # doc_id "<doc_id>#<piece>"); applied wherever shards are read
     [factors]
     sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
-    fisher = "sampled"                  # sampled | empirical | expected (tiny models only: T x V passes)
+    fisher = "sampled"                  # sampled | gaussian | empirical | expected (tiny models only: T x V passes)
     fisher_samples = 1                  # sampled label draws per position in stage 1 (one forward, k backward)
     lambda_samples = 4                  # the same in stage 3 (Lambda, the noisier estimate); see README "Accuracy"
     damping = 0.001                     # absolute; omit for 0.1 x mean(Lambda) per layer

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from influence_ops import Fisher
+from influence_ops.objectives import gaussian_probe
 
 
 @dataclass
@@ -43,6 +44,8 @@ class ClassifierObjective:
     def sequence_losses(self, model: nn.Module, batch: ClassBatch, fisher: Fisher,
                         generator: torch.Generator | None) -> torch.Tensor:
         logits = model(batch.x)  # (B, C)
+        if fisher == Fisher.GAUSSIAN:
+            return (gaussian_probe(logits, generator) * logits).sum(dim=-1)
         return F.cross_entropy(logits, self._labels(logits, batch, fisher, generator), reduction="none")
 
     def draw_losses(self, model: nn.Module, batch: ClassBatch, fisher: Fisher, generator: torch.Generator | None,
@@ -55,6 +58,8 @@ class ClassifierObjective:
             return (-(root_p[:, v] * log_p[:, v]) for v in range(logits.shape[1]))
         if fisher == Fisher.EMPIRICAL:
             return iter([F.cross_entropy(logits, batch.y, reduction="none")])
+        if fisher == Fisher.GAUSSIAN:
+            return ((gaussian_probe(logits, generator) * logits).sum(dim=-1) for _ in range(samples))
         return (F.cross_entropy(logits, self._labels(logits, batch, fisher, generator), reduction="none")
                 for _ in range(samples))
 

@@ -233,8 +233,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     (fingerprint,) = fingerprints
     manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
                               f.blocks, {"pipeline_key": key, "config": cfg.to_dict()},
-                              samples=f.fisher_samples if f.fisher == Fisher.SAMPLED else 1,
-                              lambda_samples=f.lambda_samples if f.fisher == Fisher.SAMPLED else 1)
+                              samples=f.fisher_samples if f.fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN) else 1,
+                              lambda_samples=f.lambda_samples if f.fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN) else 1)
     storage.write_json(storage.join(out, MANIFEST), manifest)
     shard_of = {u.index: u.shard for u in units}
     storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({
