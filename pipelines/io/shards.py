@@ -30,6 +30,7 @@ class ShardError(ValueError):
         where = f"row {row}" if row is not None else "schema"
         super().__init__(f"{shard}: {where}, field {field!r}: {problem}")
         self.shard, self.row, self.field = shard, row, field
+        self.doc_id: str | None = None
 
 
 def shard_schema() -> pa.Schema:
@@ -117,6 +118,20 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
     return Sequences(doc_ids, input_ids, masks, np.arange(first_row, first_row + n))
 
 
+def check_context(shard: str, seqs: Sequences, context: int | None) -> Sequences:
+    """``seqs`` unchanged, or a ``ShardError`` (with the row's ``doc_id``) for a row longer than ``context``."""
+    if context is None or not len(seqs):
+        return seqs
+    lengths = seqs.lengths
+    if (lengths > context).any():
+        i = int(np.flatnonzero(lengths > context)[0])
+        err = ShardError(shard, int(seqs.rows[i]), "input_ids",
+                         f"{int(lengths[i])} tokens, longer than the model's context of {context}")
+        err.doc_id = seqs.doc_ids[i]
+        raise err
+    return seqs
+
+
 def iter_shard(shard: str, vocab_size: int | None, rows_per_read: int = 4096) -> Iterator[Sequences]:
     """Stream a shard in checked pieces of at most ``rows_per_read`` rows (memory stays bounded)."""
     fs, path = storage.filesystem(shard)
@@ -153,12 +168,13 @@ def read_rows(shard: str, rows: np.ndarray | None, vocab_size: int | None,
 
 def row_counts(shards: list[str]) -> list[int]:
     """Rows of each shard, from the Parquet footers only."""
-    out = []
-    for shard in shards:
-        fs, path = storage.filesystem(shard)
-        with fs.open(path, "rb") as f:
-            out.append(pq.ParquetFile(f).metadata.num_rows)
-    return out
+    return [storage.retry(shard, "footer read", _row_count, shard) for shard in shards]
+
+
+def _row_count(shard: str) -> int:
+    fs, path = storage.filesystem(shard)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def list_shards(corpus: str) -> list[str]:
