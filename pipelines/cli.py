@@ -69,7 +69,9 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
         return (f"{info.get('files', 0)} files{failed}, {info.get('sequences', 0)} new sequences, "
                 f"{info.get('tokens', 0)} tokens")
     if name == "fit-factors":
-        return f"{info.get('sequences')} sequences, {info.get('tokens')} tokens, {info.get('layers')} layers"
+        skipped = (info.get("rows") or {}).get("skipped")
+        return (f"{info.get('sequences')} sequences{f' (+{skipped} skipped)' if skipped else ''}, "
+                f"{info.get('tokens')} tokens, {info.get('layers')} layers")
     if name == "build-queries":
         return f"{info.get('queries')} queries, rank {info.get('rank') or 'dense'}"
     if name == "score":

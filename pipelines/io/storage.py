@@ -8,8 +8,9 @@ a file that exists under its final name is complete.
 Every call here on an object store goes through ``retry``: transient errors
 (5xx, SlowDown and other throttling, connection resets and refusals, truncated
 responses) are retried with bounded exponential backoff (``RETRIES`` tries,
-``BACKOFF_S`` doubling up to ``MAX_BACKOFF_S``, with jitter), on top of the
-retries s3fs and botocore make themselves; then ``StorageError`` says in one
+``BACKOFF_S`` doubling up to ``MAX_BACKOFF_S``, with jitter; both can be set
+with ``INFLUENCE_STORAGE_RETRIES`` and ``INFLUENCE_STORAGE_BACKOFF_S``), on top of
+the retries s3fs and botocore make themselves; then ``StorageError`` says in one
 line which URL failed and why. Other errors (missing file, denied) are raised
 at once.
 """
@@ -35,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 CACHE_ENV = "INFLUENCE_CACHE_DIR"
-RETRIES = 5
-BACKOFF_S = 0.2
+RETRIES = int(os.environ.get("INFLUENCE_STORAGE_RETRIES", "5"))  # tries per call (environment: for tests)
+BACKOFF_S = float(os.environ.get("INFLUENCE_STORAGE_BACKOFF_S", "0.2"))  # first wait; doubles each try
 MAX_BACKOFF_S = 4.0
 log = logging.getLogger(__name__)
 T = TypeVar("T")
