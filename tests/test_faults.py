@@ -115,6 +115,7 @@ def test_driver_killed_mid_score_resumes_to_identical_tables(kill_world, tmp_pat
     root, job = kill_world["root"], kill_world["job"]
     out = tmp_path / "out"
     shutil.copytree(root / "prep", out)
+    shutil.rmtree(out / "runs")
     (tmp_path / "job.toml").write_text(toml(job(out)))
     proc = start_cli(["score", str(tmp_path / "job.toml"), "-q"], cli_env(tmp_path))
     done: list[Path] = []
@@ -208,6 +209,7 @@ def test_store_gone_mid_run_one_line_then_rerun_completes(s3_world):
     proc = start_cli(["run", str(job), "-q"], env)
     deadline = time.time() + 400
     while proc.poll() is None and time.time() < deadline:
+        fs.invalidate_cache()
         if fs.exists("faults/proxied/scores") and [p for p in fs.ls("faults/proxied/scores", refresh=True)
                                                     if p.endswith(".parquet")]:
             break

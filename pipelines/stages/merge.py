@@ -93,7 +93,8 @@ def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -
     missing = [u for u in score_files if not storage.exists(u)]
     if missing and (cfg.on_error != "skip" or len(missing) == len(score_files)):
         raise FileNotFoundError(f"{len(missing)} shard score files are missing (run `score` first), e.g. {missing[0]}")
-    score_files = [u for u in score_files if u not in set(missing)]  # on_error = "skip": shards that failed
+    gone = set(missing)
+    score_files = [u for u in score_files if u not in gone]  # on_error = "skip": shards that failed
     keys = [storage.parquet_metadata(u).get(KEY) for u in score_files]
     key = completion.inputs_key("merge-v2", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
     topk_dir = storage.join(cfg.data.output, "topk")
