@@ -82,6 +82,87 @@ def local_tables(output: Path) -> dict[str, bytes]:
             if p.is_file() and not p.name.startswith((".", "_"))}
 
 
+# --- without Ray: retries, completeness, the run record -------------------------------------------------------
+
+
+def test_retry_backs_off_on_transient_errors_then_names_the_url(monkeypatch):
+    from pipelines.io import storage
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
+    calls = []
+
+    def flaky(errors):
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return "ok"
+
+    slowdown = OSError("An error occurred (SlowDown) when calling the GetObject operation: reduce your request rate")
+    assert storage.retry("s3://b/k", "read", flaky, [ConnectionResetError("reset"), slowdown]) == "ok"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(storage.StorageError, match=r"^s3://b/k: read failed after 5 tries: ConnectionResetError"):
+        storage.retry("s3://b/k", "read", flaky, [ConnectionResetError("reset")] * 9)
+    assert len(calls) == storage.RETRIES == 5
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # not transient: at once
+        storage.retry("s3://b/k", "read", flaky, [FileNotFoundError("s3://b/k")])
+    calls.clear()
+    with pytest.raises(ConnectionResetError):  # local paths: no retries
+        storage.retry("/tmp/x", "read", flaky, [ConnectionResetError("reset")])
+    assert len(calls) == 1
+
+
+def test_truncated_or_foreign_outputs_are_not_complete(tmp_path, caplog):
+    from pipelines.io import completion, storage
+    from pipelines.stages.score import KEY, is_current
+
+    url = str(tmp_path / "scores" / "s0.parquet")
+    storage.write_parquet(url, pa.table({"a": [1, 2, 3]}).replace_schema_metadata({KEY: "k1"}))
+    assert is_current(url, "k1") and not is_current(url, "k2")
+    data = Path(url).read_bytes()
+    Path(url).write_bytes(data[: len(data) // 2])
+    assert not is_current(url, "k1")
+    assert f"{url}: unreadable" in caplog.text
+    pq.write_table(pa.table({"a": [1]}), url)  # foreign: no key
+    assert not is_current(url, "k1")
+
+    folder = str(tmp_path / "factors")
+    storage.write_bytes(f"{folder}/layer.safetensors", b"x" * 100)
+    completion.mark_complete(folder, "k", {"digest": "d"})
+    assert completion.completed(folder, "k") == {"key": "k", "digest": "d"}
+    Path(folder, "layer.safetensors").write_bytes(b"x" * 50)  # truncated
+    assert completion.completed(folder, "k") is None and "50 bytes, 100 when written" in caplog.text
+    Path(folder, "layer.safetensors").write_bytes(b"x" * 100)
+    Path(folder, "other.bin").write_bytes(b"y")  # foreign
+    assert completion.completed(folder, "k") is None and "not written by this stage" in caplog.text
+    Path(folder, "other.bin").unlink()
+    Path(folder, "_pipeline.json").write_bytes(b'{"key": "k", "dig')  # a marker cut short
+    assert completion.completed(folder, "k") is None
+
+
+def test_run_record_failure_never_masks_the_error(tmp_path, monkeypatch, caplog):
+    from pipelines.io import storage
+    from pipelines.run import StageFailed
+
+    cfg = config_from_dict({"model": {"path": str(tmp_path / "m")}, "run_id": "r",
+                            "data": {"corpus": str(tmp_path / "c"), "queries": "q.jsonl", "output": str(tmp_path / "o")}})
+    real = storage.write_json
+
+    def write_json(url, payload):
+        if "/runs/" in url:
+            raise storage.StorageError(f"{url}: write failed after 5 tries: EndpointConnectionError")
+        real(url, payload)
+
+    monkeypatch.setattr(storage, "write_json", write_json)
+    with pytest.raises(ValueError, match="is not complete: run `fit-factors` first"):  # the run's own error
+        run_job(cfg, stages=("score",))
+    assert "the run record" in caplog.text and "runs/r.json was not written" in caplog.text
+    with pytest.raises(storage.StorageError):  # with no error on its way, the record's failure is the error
+        run_job(cfg, stages=())
+    assert StageFailed.__module__ == "pipelines.runtime.failures"
+
+
 # --- (a) kill -9 of the driver mid-score ---------------------------------------------------------------------
 
 
@@ -205,7 +286,7 @@ def test_store_gone_mid_run_one_line_then_rerun_completes(s3_world):
             fs.rm(f"faults/proxied/{sub}", recursive=True)
     proxy.disarm()
     env = cli_env(root, AWS_ENDPOINT_URL=proxy.endpoint, INFLUENCE_STORAGE_RETRIES="2",
-                  INFLUENCE_STORAGE_BACKOFF_S="0.05")
+                  INFLUENCE_STORAGE_BACKOFF_S="0.05", AWS_MAX_ATTEMPTS="2")
     proc = start_cli(["run", str(job), "-q"], env)
     deadline = time.time() + 400
     while proc.poll() is None and time.time() < deadline:
