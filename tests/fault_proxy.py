@@ -82,6 +82,10 @@ class FaultProxy:
         with self.lock:
             conns, self.open = list(self.open), set()
         for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the handler blocked on the next request
+            except OSError:
+                pass
             _reset(conn)
 
     def disarm(self) -> None:
