@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fault_proxy import FaultProxy
+from prepared import prepare_output
 from pipelines import config_from_dict
 from pipelines.run import run_job
 
@@ -185,7 +186,7 @@ def kill_world(ray_local, tiny_world, tmp_path_factory):
                 "scoring": {"top_k": 3, "rank": 4, "per_token": True},
                 "resources": {"actors": 1, "batch_size": 1, "object_store_mb": 200}}
 
-    run_job(config_from_dict(job(root / "prep")), stages=("fit-factors", "build-queries"))
+    prepare_output(config_from_dict(job(root / "prep")))
     shutil.copytree(root / "prep", root / "ref")
     record = run_job(config_from_dict(job(root / "ref")), stages=("score", "merge"))
     assert record["counts"]["scored"] == 8

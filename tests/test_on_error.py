@@ -72,13 +72,9 @@ def world(ray_local, tiny_world, tmp_path_factory):
     ``build-queries`` stage, which runs on the driver): the CLI runs of the cases are
     the only Ray work here.
     """
-    from influence_ops import Fisher, collate, fit_ekfac, save_factors
     from pipelines.config import ModelConfig
-    from pipelines.io import completion
-    from pipelines.io.model_loading import load_model
-    from pipelines.io.shards import read_rows
-    from pipelines.stages.build_queries import build_queries
     from pipelines.stages.tokenize import Tokenizer
+    from prepared import prepare_output
 
     root = tmp_path_factory.mktemp("on_error")
     shards, good = root / "shards", root / "good"
@@ -93,13 +89,7 @@ def world(ray_local, tiny_world, tmp_path_factory):
         "model": {"path": str(tiny_world / "model")},
         "data": {"corpus": str(good), "queries": str(tiny_world / "queries.jsonl"), "output": str(root / "base")},
         "factors": {"fisher": "empirical"}, "scoring": {"top_k": 2, "rank": 4}, "resources": {"batch_size": 4}})
-    m = load_model(cfg.model)
-    seqs = [x for name in GOOD for x in read_rows(str(good / name), None, m.vocab_size).input_ids]
-    factors = fit_ekfac(m.model, m.layers, [collate(seqs[i:i + 4]) for i in range(0, len(seqs), 4)],
-                        fisher=Fisher.EMPIRICAL)
-    save_factors(factors, root / "base" / "factors")
-    completion.mark_complete(str(root / "base" / "factors"), "in-process", {"digest": "in-process"})
-    build_queries(cfg, "in-process")
+    prepare_output(cfg)
     return {"tiny": tiny_world, "root": root, "shards": shards, "good": good, "base_out": root / "base"}
 
 
