@@ -197,7 +197,7 @@ def test_driver_killed_mid_score_resumes_to_identical_tables(kill_world, tmp_pat
     root, job = kill_world["root"], kill_world["job"]
     out = tmp_path / "out"
     shutil.copytree(root / "prep", out)
-    shutil.rmtree(out / "runs")
+    shutil.rmtree(out / "runs", ignore_errors=True)
     (tmp_path / "job.toml").write_text(toml(job(out)))
     proc = start_cli(["score", str(tmp_path / "job.toml"), "-q"], cli_env(tmp_path))
     done: list[Path] = []
