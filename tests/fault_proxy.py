@@ -61,7 +61,10 @@ class FaultProxy:
                     pass
 
             def do_GET(self) -> None:
-                proxy.handle(self)
+                try:
+                    proxy.handle(self)
+                except OSError:  # the client went away (or stop() closed it)
+                    self.close_connection = True
 
             do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
 

@@ -226,6 +226,7 @@ def test_driver_killed_mid_score_resumes_to_identical_tables(kill_world, tmp_pat
 def s3_tables(fs, prefix: str, corpus_from: str, corpus_to: str) -> dict[str, list]:
     """Every table of an output prefix as rows, the corpus prefix in them renamed (the two runs read two copies)."""
     out = {}
+    fs.invalidate_cache()  # this process listed the prefix while the run wrote it
     for sub in TABLES + ("queries",):
         for path in sorted(fs.find(f"{prefix}/{sub}")):
             name = path.rsplit("/", 1)[-1]
@@ -302,6 +303,7 @@ def test_store_gone_mid_run_one_line_then_rerun_completes(s3_world):
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and "s3://faults/" in lines[0], err[-3000:]
+    print("the store gone:", code, err, sep="\n")
 
     proxy.start()  # same port: the store is back
     code, out, err = finish(start_cli(["run", str(job), "-q"], {**env, "INFLUENCE_STORAGE_RETRIES": "5"}), 600)
