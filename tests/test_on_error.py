@@ -131,7 +131,7 @@ def good_rows(world) -> int:
     return sum(pq.ParquetFile(world["good"] / g).metadata.num_rows for g in GOOD)
 
 
-SCORE_PROBLEMS = {"corrupt": "magic bytes", "truncated": "", "too-long": "longer than the model's context of 16"}
+SCORE_PROBLEMS = {"corrupt": "magic bytes", "truncated": "", "too-long": "the model's context of 16"}
 
 
 @pytest.mark.parametrize("kind", sorted(SCORE_PROBLEMS))
