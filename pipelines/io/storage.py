@@ -61,8 +61,8 @@ def is_transient(err: BaseException) -> bool:
     seen = 0
     while err is not None and seen < 8:
         if isinstance(err, (StorageError, FileNotFoundError, PermissionError, IsADirectoryError,
-                            NotADirectoryError)):
-            return False
+                            NotADirectoryError)) or type(err).__name__ in ("ShardError", "ConfigError"):
+            return False  # (a shard's own contents, e.g. a doc_id, may hold any words)
         if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__name__ in _TRANSIENT_TYPES:
             return True
         if any(w in str(err) for w in _TRANSIENT_WORDS):
