@@ -40,6 +40,16 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     if score and score.get("tokens") and score.get("actor_seconds"):
         lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
                      f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per actor")
+    rows = (score or {}).get("rows")
+    if rows:
+        unreadable = (f" ({_count(rows['unreadable_shards'], 'unreadable shard')}, rows unknown)"
+                      if rows["unreadable_shards"] else "")
+        lines.append(f"  corpus rows: {rows['rows']} = {rows['scored']} scored + {rows['skipped']} skipped{unreadable}")
+    errors = record.get("errors") or {}
+    if errors.get("units"):
+        by_stage = ", ".join(f"{n} in {s}" for s, n in errors["by_stage"].items())
+        lines.append(f"  skipped after errors (on_error = 'skip'): {_count(errors['units'], 'unit')} ({by_stage}); "
+                     f"reasons: {errors['table']}")
     units = (score or {}).get("units")
     if units:
         lines.append(f"  score units ran on {_count(len(units['nodes']), 'node')}, "
@@ -56,9 +66,13 @@ def _count(n: int, noun: str) -> str:
 
 def _stage_line(name: str, info: dict[str, Any]) -> str:
     if name == "tokenize":
-        return f"{info.get('files', 0)} files, {info.get('sequences', 0)} new sequences, {info.get('tokens', 0)} tokens"
+        failed = f", {info['failed']} failed" if info.get("failed") else ""
+        return (f"{info.get('files', 0)} files{failed}, {info.get('sequences', 0)} new sequences, "
+                f"{info.get('tokens', 0)} tokens")
     if name == "fit-factors":
-        return f"{info.get('sequences')} sequences, {info.get('tokens')} tokens, {info.get('layers')} layers"
+        skipped = (info.get("rows") or {}).get("skipped")
+        return (f"{info.get('sequences')} sequences{f' (+{skipped} skipped)' if skipped else ''}, "
+                f"{info.get('tokens')} tokens, {info.get('layers')} layers")
     if name == "build-queries":
         return f"{info.get('queries')} queries, rank {info.get('rank') or 'dense'}"
     if name == "score":
@@ -74,7 +88,7 @@ def _execute(config: str, stages: tuple[str, ...], quiet: bool) -> None:
     started = time.perf_counter()
     try:
         record = run_job(cfg, show_progress=not quiet, stages=stages)
-    except (StageFailed, ValueError, FileNotFoundError) as err:
+    except (StageFailed, ValueError, OSError) as err:  # OSError: FileNotFoundError, storage.StorageError
         raise click.ClickException(f"{err} (after {time.perf_counter() - started:.1f} s)") from err
     for line in summarize(cfg, record):
         click.echo(line)

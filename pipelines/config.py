@@ -3,6 +3,10 @@
 Sections (every key optional unless marked required)::
 
     run_id = "my-run"                  # default: derived from the config hash
+    on_error = "fail"                  # a bad shard / unit of work: "fail" stops the run with one line
+                                       # naming the file; "skip" leaves it out, writes it with its reason
+                                       # to <output>/errors/<run_id>.parquet, counts it in the run record
+                                       # and goes on (tokenize, fit-factors and score follow it)
     [model]
     path = "s3://bucket/models/tiny"    # Hugging Face directory, local or object storage
     factory = "pkg.module:make_model"   # or a plain torch model (exactly one of path/factory)
@@ -252,8 +256,11 @@ class JobConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     run_id: str | None = None
+    on_error: str = "fail"
 
     def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            _fail("on_error", self.on_error, f"must be one of {list(ON_ERROR)}")
         if self.run_id is not None:
             _check_str("run_id", self.run_id)
             if not all(c.isalnum() or c in "-_." for c in self.run_id):
@@ -273,6 +280,8 @@ class JobConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+ON_ERROR = ("fail", "skip")
+TOP_LEVEL = ("run_id", "on_error")
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "factors": FactorConfig,
              "scoring": ScoringConfig, "resources": ResourceConfig}
 
@@ -293,9 +302,9 @@ def _section(name: str, raw: Any) -> Any:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> JobConfig:
     """Build and validate a JobConfig; relative local paths are resolved against ``base_dir``."""
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"run_id"})
+    unknown = sorted(set(raw) - set(_SECTIONS) - set(TOP_LEVEL))
     if unknown:
-        _fail(unknown[0], raw[unknown[0]], f"unknown key; known: {sorted(_SECTIONS) + ['run_id']}")
+        _fail(unknown[0], raw[unknown[0]], f"unknown key; known: {sorted(_SECTIONS) + list(TOP_LEVEL)}")
     for required in ("model", "data"):
         if required not in raw:
             raise ConfigError(f"[{required}] section is missing")
@@ -305,7 +314,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> JobCo
             k: _resolve(getattr(parts["data"], k), base_dir) for k in ("corpus", "queries", "output", "raw")})
         parts["model"] = dataclasses.replace(parts["model"], path=_resolve(parts["model"].path, base_dir),
                                              tokenizer=_resolve(parts["model"].tokenizer, base_dir))
-    return JobConfig(run_id=raw.get("run_id"), **parts)
+    return JobConfig(**{k: raw[k] for k in TOP_LEVEL if k in raw}, **parts)
 
 
 def _resolve(url: str | None, base_dir: Path) -> str | None:

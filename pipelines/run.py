@@ -4,13 +4,19 @@ Stages (each skips complete outputs, so a re-run is a no-op and an
 interrupted run resumes where it stopped): tokenize (when ``data.raw`` is set)
 -> fit-factors -> build-queries -> score -> merge. The resolved config is
 written to ``<output>/resolved_config.json``; the run record holds the config,
-library versions, counts (scored, skipped, failed), timings, and the hashes of
-the factors and queries.
+library versions, counts (scored, skipped, failed, and the corpus rows: scored +
+skipped == rows), the units each stage skipped under ``on_error = "skip"``,
+timings, and the hashes of the factors and queries. The skipped units are also
+written, with their reasons, to ``<output>/errors/<run_id>.parquet``
+(``runtime/failures.py``). The record is written whatever happens; if that
+write fails while an error is on its way up, the write's failure is logged and
+the original error goes on.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import platform
 import time
 from importlib import metadata
@@ -20,6 +26,7 @@ from .config import JobConfig
 from .io import storage
 from .io.completion import digest_of
 from .io.shards import list_shards
+from .runtime.failures import StageFailed, errors_table
 from .stages.build_queries import build_queries
 from .stages.fit_factors import fit_factors
 from .stages.merge import merge
@@ -28,10 +35,8 @@ from .stages.tokenize import tokenize
 from .validate import preflight, preflight_corpus
 
 STAGES = ("tokenize", "fit-factors", "build-queries", "score", "merge")
-
-
-class StageFailed(RuntimeError):
-    """A stage finished with failed units (named in the message); the run record lists them."""
+__all__ = ["STAGES", "StageFailed", "run_job"]
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -63,36 +68,63 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
     write_resolved_config(cfg)
     record: dict[str, Any] = {"run_id": run_id_of(cfg), "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                               "config": cfg.to_dict(), "versions": versions(), "stages": {}}
+    errors: list[dict[str, Any]] = []
+
+    def ran(name: str, info: dict[str, Any]) -> dict[str, Any]:
+        errors.extend(info.pop("errors", None) or [])
+        record["stages"][name] = info
+        return info
+
     start = time.perf_counter()
+    failed: BaseException | None = None
     try:
         if "tokenize" in stages and cfg.data.raw is not None:
-            record["stages"]["tokenize"] = tokenize(cfg, show_progress)
+            ran("tokenize", tokenize(cfg, show_progress))
         if set(stages) & {"fit-factors", "score", "merge"}:
             record["preflight"] = {**preflight_corpus(cfg), "too_long": cfg.data.too_long.value}
         if "fit-factors" in stages:
-            record["stages"]["fit-factors"] = fit_factors(cfg, show_progress)
+            ran("fit-factors", fit_factors(cfg, show_progress))
         if set(stages) & {"build-queries", "score", "merge"}:
             record["factors_hash"] = digest_of(storage.join(cfg.data.output, "factors"), "fit-factors")
         if "build-queries" in stages:
-            record["stages"]["build-queries"] = build_queries(cfg, record["factors_hash"], show_progress)
+            ran("build-queries", build_queries(cfg, record["factors_hash"], show_progress))
         if set(stages) & {"score", "merge"}:
             record["queries_hash"] = digest_of(storage.join(cfg.data.output, "queries"), "build-queries")
         if "score" in stages:
             scored = score(cfg, record["queries_hash"], show_progress)
-            record["stages"]["score"] = {k: v for k, v in scored.items() if k not in ("outputs", "timeline")}
-            record["counts"] = {k: scored[k] for k in ("scored", "skipped", "failed", "sequences", "tokens")}
-            if scored["failed"]:
-                raise StageFailed(f"score: {scored['failed']} shards failed; first: {scored['failures'][0]}")
+            ran("score", {k: v for k, v in scored.items() if k not in ("outputs", "timeline")})
+            record["counts"] = {k: scored[k] for k in ("scored", "skipped", "failed", "sequences", "tokens", "rows")}
         if "merge" in stages:
             outputs = score_outputs(cfg, list_shards(cfg.data.corpus))
-            record["stages"]["merge"] = merge(cfg, outputs, show_progress)
+            ran("merge", merge(cfg, outputs, show_progress))
         record["status"] = "ok"
-    except StageFailed as err:
-        record["status"] = f"failed: {err}"
+    except BaseException as err:
+        failed = err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        record["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else f"failed: {first}"
         raise
     finally:
         record["seconds"] = round(time.perf_counter() - start, 3)
         record["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
         record.setdefault("status", "interrupted")
-        storage.write_json(storage.join(cfg.data.output, "runs", f"{record['run_id']}.json"), record)
+        record["errors"] = {"units": len(errors), "by_stage": {s: sum(e["stage"] == s for e in errors)
+                                                                for s in dict.fromkeys(e["stage"] for e in errors)}}
+        if errors:
+            record["errors"]["table"] = storage.join(cfg.data.output, "errors", f"{record['run_id']}.parquet")
+        _write_record(cfg, record, errors, failed)
     return record
+
+
+def _write_record(cfg: JobConfig, record: dict[str, Any], errors: list[dict[str, Any]],
+                  failed: BaseException | None) -> None:
+    """The errors table and the run record; a failure to write them never hides ``failed``."""
+    url = storage.join(cfg.data.output, "runs", f"{record['run_id']}.json")
+    try:
+        if errors:
+            storage.write_parquet(record["errors"]["table"], errors_table(errors, record["run_id"]))
+        storage.write_json(url, record)
+    except Exception as err:
+        if failed is None:
+            raise
+        log.error("the run record %s was not written (%s); the run's own error follows",
+                  url, (str(err).splitlines() or [type(err).__name__])[0])

@@ -132,7 +132,8 @@ def test_demo_command_runs_end_to_end(ray_local, tmp_path):
 
 
 def test_bad_shard_fails_only_itself_and_is_named(local_run, tmp_path):
-    """Through Ray: a shard breaking the contract is reported by file, row and field; the others are scored."""
+    """Through Ray, on_error = "skip": a shard breaking the contract is reported by file, row and field; the others
+    are scored."""
     import shutil
 
     import pyarrow as pa
@@ -149,10 +150,12 @@ def test_bad_shard_fails_only_itself_and_is_named(local_run, tmp_path):
                    corpus / "bad.parquet")
     shutil.copytree(Path(cfg.data.output) / "queries", tmp_path / "out" / "queries")
     bad_cfg = config_from_dict({**job(Path("/unused"), str(tmp_path / "out"), str(corpus)),
-                                "model": {"path": cfg.model.path}})
+                                "model": {"path": cfg.model.path}, "on_error": "skip"})
     summary = score(bad_cfg, queries_digest="q")
     assert (summary["scored"], summary["failed"]) == (1, 1)
     assert summary["failures"] == [f"{corpus / 'bad.parquet'}: row 2, field 'doc_id': duplicate doc_id 'a' "
                                    "within the shard"]
+    assert [(e["file"], e["stage"]) for e in summary["errors"]] == [(str(corpus / "bad.parquet"), "score")]
+    assert summary["rows"]["skipped"] == 3 and summary["rows"]["scored"] + 3 == summary["rows"]["rows"]
     assert (tmp_path / "out" / "scores" / "good.parquet").exists()
     assert not (tmp_path / "out" / "scores" / "bad.parquet").exists()

@@ -37,6 +37,7 @@ class ShardError(ValueError):
         where = f"row {row}" if row is not None else "schema"
         super().__init__(f"{shard}: {problem}" if field is None else f"{shard}: {where}, field {field!r}: {problem}")
         self.shard, self.row, self.field = shard, row, field
+        self.doc_id: str | None = None
 
 
 def shard_schema() -> pa.Schema:
@@ -93,9 +94,11 @@ def fit_context(shard: str, seqs: Sequences, context: int | None, too_long: TooL
     policy = TooLong(too_long)
     if policy is TooLong.ERROR:
         i = int(long[0])
-        raise ShardError(shard, int(seqs.rows[i]), "input_ids",
+        err = ShardError(shard, int(seqs.rows[i]), "input_ids",
                          f"{int(lengths[i])} tokens, more than the model's context of {context} "
                          "(set data.too_long = \"truncate\" or \"chunk\")")
+        err.doc_id = seqs.doc_ids[i]
+        raise err
     doc_ids, ids, masks, rows = [], [], [] if seqs.loss_masks is not None else None, []
     for i in range(len(seqs)):
         cut = [(0, int(lengths[i]))] if lengths[i] <= context else (
@@ -198,12 +201,13 @@ def read_rows(shard: str, rows: np.ndarray | None, vocab_size: int | None,
 
 def row_counts(shards: list[str]) -> list[int]:
     """Rows of each shard, from the Parquet footers only."""
-    out = []
-    for shard in shards:
-        fs, path = storage.filesystem(shard)
-        with fs.open(path, "rb") as f:
-            out.append(pq.ParquetFile(f).metadata.num_rows)
-    return out
+    return [storage.retry(shard, "footer read", _row_count, shard) for shard in shards]
+
+
+def _row_count(shard: str) -> int:
+    fs, path = storage.filesystem(shard)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def list_shards(corpus: str) -> list[str]:

@@ -13,6 +13,14 @@ and ``factors.lambda_samples`` (stage 3) draw k label sets per position from
 that unit's generator and average them. A unit whose partial file carries the
 current key is not redone, so an interrupted fit resumes unit by unit.
 
+A unit that fails (a contract violation, a sequence longer than the model's
+context, storage errors after retries) and a shard whose Parquet footer does
+not read follow the job's ``on_error`` (``runtime/failures.py``): "fail" stops
+the stage with one line naming the file; "skip" leaves them out of the sums
+(the factors are those of the remaining sample; ``sample.parquet`` lists it)
+and reports them. Every sampled row is accounted for: fitted + skipped ==
+sampled.
+
 Output folder ``<output>/factors``: the ``save_factors`` files (manifest.json
 last), ``sample.parquet`` (shard, doc_id of every fitted sequence) and the
 completion marker. The partials and ``_stage2/`` are removed at the end.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import resource
 import time
 from typing import Any
@@ -36,15 +45,17 @@ from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_model, model_identity, pick_device
 from ..io.payloads import covariances_to_bytes, lambda_to_bytes
-from ..io.shards import list_shards, read_rows
+from ..io.shards import list_shards, read_rows, row_counts
 from ..io.tensor_files import open_header
 from ..runtime.accounting import UnitLog
 from ..runtime.batching import token_batches
+from ..runtime.failures import FailureLog, StageFailed, guard, one_line, row_range
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .factor_layers import LayerEigenWorker, LayerFinalWorker, load_layer_eigen
 from .sampling import Unit, plan_units, sample_rows
 
+log = logging.getLogger(__name__)
 PARTIALS = "_partials"
 STAGE2 = "_stage2"
 
@@ -82,21 +93,28 @@ class _FitWorker:
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         raise NotImplementedError
 
+    def fit_unit(self, u: dict[str, Any]) -> int:
+        """Fit one unit and write its partial sums; returns its tokens."""
+        unit = Unit.from_json(u)
+        doc_ids, batches, tokens = self._batches(unit)
+        extra = {"key": u["key"], "doc_ids": json.dumps(doc_ids), "unit_tokens": str(tokens),
+                 "fingerprint": self.fingerprint}
+        storage.write_bytes(u["partial"], self.fit(unit, batches, extra))
+        return tokens
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"index": [], "tokens": [], "fingerprint": [], "layers": []}
+        out: dict[str, list] = {"index": [], "tokens": [], "fingerprint": [], "layers": [], "error": [],
+                                "doc_id": []}
         for u in units_of(batch):
-            unit = Unit.from_json(u)
-            doc_ids, batches, tokens = self._batches(unit)
-            extra = {"key": u["key"], "doc_ids": json.dumps(doc_ids), "unit_tokens": str(tokens),
-                     "fingerprint": self.fingerprint}
-            storage.write_bytes(u["partial"], self.fit(unit, batches, extra))
-            out["index"].append(unit.index)
-            out["tokens"].append(tokens)
+            tokens, failure = guard(u["shard"], self.fit_unit, u)
+            out["index"].append(int(u["index"]))
+            out["tokens"].append(tokens or 0)
             out["fingerprint"].append(self.fingerprint)
             out["layers"].append(self.layers)
+            out["error"].append(failure["error"] if failure else "")
+            out["doc_id"].append((failure or {}).get("doc_id") or "")
         return {"index": np.asarray(out["index"]), "tokens": np.asarray(out["tokens"]),
-                "fingerprint": np.asarray(out["fingerprint"], dtype=object),
-                "layers": np.asarray(out["layers"], dtype=object)}
+                **{k: np.asarray(out[k], dtype=object) for k in ("fingerprint", "layers", "error", "doc_id")}}
 
 
 class CovarianceWorker(_FitWorker):
@@ -133,31 +151,65 @@ def _partial_url(out: str, stage: int, index: int) -> str:
 
 
 def _current(url: str, key: str) -> dict[str, str] | None:
-    """The metadata of the partial at ``url`` when it exists and carries ``key``."""
+    """The metadata of the partial at ``url`` when it exists, its header reads and it carries ``key``."""
     if not storage.exists(url):
         return None
-    meta = open_header(url).metadata
+    try:
+        meta = open_header(url).metadata
+    except (ValueError, OSError) as err:
+        if isinstance(err, storage.StorageError):
+            raise
+        log.warning("%s: unreadable (%s); it will be written again", url, str(err).splitlines()[0])
+        return None
     return meta if meta.get("key") == key else None
 
 
 def _unit_stage(worker: type, stage: int, units: list[Unit], args: dict, out: str, key: str, cfg: JobConfig,
-                cluster: dict, show_progress: bool) -> dict[str, Any]:
-    """Run ``worker`` on every unit whose partial is not current; the unit sums stay in storage."""
-    todo, fingerprints, layers = [], set(), set()
+                cluster: dict, show_progress: bool, failures: FailureLog) -> dict[str, Any]:
+    """Run ``worker`` on every unit whose partial is not current; the unit sums stay in storage.
+
+    ``failed`` holds the indices of the units that failed (``failures`` has them; with
+    ``on_error = "fail"`` the first one raised).
+    """
+    todo, fingerprints, layers, failed = [], set(), set(), set()
     for u in units:
         url = _partial_url(out, stage, u.index)
         if _current(url, key) is None:
             todo.append({**u.to_json(), "partial": url, "key": key})
+    by_index = {u.index: u for u in units}
     log = UnitLog()
     with bar(len(todo), f"fit-factors stage {stage}", show_progress) as progress:
         for row in run_units(worker, args, todo, cfg.resources, cluster, progress, log):
+            if row["error"]:
+                unit = by_index[int(row["index"])]
+                failures.add(unit.shard, row["error"], row_range(unit.rows), row["doc_id"] or None)
+                failed.add(unit.index)
+                continue
             fingerprints.add(row["fingerprint"])
             layers.add(row["layers"])
     if len(fingerprints) > 1 or len(layers) > 1:
         raise ValueError(f"fit-factors stage {stage}: actors loaded different models ({sorted(fingerprints)}); "
                          "was model.path changed during the run?")
-    return {"done": len(todo), "resumed": len(units) - len(todo), "fingerprint": next(iter(fingerprints), None),
-            "layers": next(iter(layers), None), "units": log.summary()}
+    return {"done": len(todo) - len(failed), "resumed": len(units) - len(todo),
+            "fingerprint": next(iter(fingerprints), None), "layers": next(iter(layers), None),
+            "units": log.summary(), "failed": failed}
+
+
+def readable_shards(shards: list[str], failures: FailureLog) -> list[str]:
+    """The shards whose Parquet footer reads; the others go to ``failures`` (which raises under "fail")."""
+    from ..io.storage import StorageError
+
+    ok = []
+    for shard in shards:
+        try:
+            row_counts([shard])
+        except StorageError:
+            raise
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            failures.add(shard, one_line(shard, err))
+            continue
+        ok.append(shard)
+    return ok
 
 
 def _layer_stage(worker: type, jobs: list[dict], cfg: JobConfig, cluster: dict, use_gpu: bool, name: str,
@@ -198,7 +250,12 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     storage.remove(storage.join(out, MANIFEST))
     start = time.perf_counter()
     f = cfg.factors
-    units = plan_units(shards, sample_rows(shards, f.sample_sequences, f.sample_tokens, f.seed), f.unit_sequences)
+    failures = FailureLog("fit-factors", cfg.on_error)
+    readable = readable_shards(shards, failures)
+    if not readable:
+        raise StageFailed(f"fit-factors: no shard of the corpus {cfg.data.corpus} could be read")
+    sampled = sample_rows(readable, f.sample_sequences, f.sample_tokens, f.seed)
+    units = plan_units(readable, sampled, f.unit_sequences)
     cluster = ensure_ray(cfg.resources)
     rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     use_gpu = cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0
@@ -206,27 +263,36 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value,
             "samples": f.fisher_samples}
     accounting: dict[str, Any] = {}
-    stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, key, cfg, cluster, show_progress)
+    stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, key, cfg, cluster, show_progress, failures)
     accounting["stage1"] = stage1.pop("units")
-    layers = _layer_names(out, units, stage1)
-    partials1 = [_partial_url(out, 1, u.index) for u in units]
+    fitted = [u for u in units if u.index not in stage1["failed"]]
+    if not fitted:
+        raise StageFailed(f"fit-factors: every unit failed; first: {failures.first()}")
+    layers = _layer_names(out, fitted, stage1)
+    partials1 = [_partial_url(out, 1, u.index) for u in fitted]
     stage2_urls = [storage.join(out, STAGE2, layer_file(i, n)) for i, (n, _) in enumerate(layers)]
-    eig_jobs = [{"name": n, "partials": partials1, "out": url, "blocks": f.blocks, "key": key}
-                for (n, _), url in zip(layers, stage2_urls) if _current(url, key) is None]
+    key2 = completion.inputs_key(key, [u.index for u in fitted])  # stage 2 and 3 depend on the units fitted
+    eig_jobs = [{"name": n, "partials": partials1, "out": url, "blocks": f.blocks, "key": key2}
+                for (n, _), url in zip(layers, stage2_urls) if _current(url, key2) is None]
     eig_rows, accounting["eigh"] = _layer_stage(LayerEigenWorker, eig_jobs, cfg, cluster, use_gpu, "eigh (per layer)",
                                                 show_progress)
-    stage3 = _unit_stage(LambdaWorker, 3, units, {**args, "stage2": stage2_urls, "lambda_samples": f.lambda_samples},
-                         out, key, cfg, cluster, show_progress)
+    stage3 = _unit_stage(LambdaWorker, 3, fitted, {**args, "stage2": stage2_urls, "lambda_samples": f.lambda_samples},
+                         out, key2, cfg, cluster, show_progress, failures)
     accounting["stage3"] = stage3.pop("units")
-    partials3 = [_partial_url(out, 3, u.index) for u in units]
+    partials3 = [_partial_url(out, 3, u.index) for u in fitted if u.index not in stage3["failed"]]
+    if not partials3:
+        raise StageFailed(f"fit-factors: every unit failed in stage 3; first: {failures.first()}")
     final_jobs = [{"name": n, "stage2": s2, "partials": partials3, "out": storage.join(out, layer_file(i, n))}
                   for i, ((n, _), s2) in enumerate(zip(layers, stage2_urls))]
     final_rows, accounting["layers"] = _layer_stage(LayerFinalWorker, final_jobs, cfg, cluster, use_gpu,
                                                     "layer files", show_progress)
     entries = [json.loads(final_rows[n]["entry"]) for n, _ in layers]
     metas = [open_header(u).metadata for u in partials1]
-    sample = [(u.index, json.loads(m["doc_ids"]), int(m["unit_tokens"])) for u, m in zip(units, metas)]
+    sample = [(u.index, json.loads(m["doc_ids"]), int(m["unit_tokens"])) for u, m in zip(fitted, metas)]
     sequences = sum(len(ids) for _, ids, _ in sample)
+    skipped = sum(len(u.rows) for u in units if u.index in stage1["failed"])
+    if sequences + skipped != len(sampled):
+        raise StageFailed(f"fit-factors: {sequences} sequences fitted + {skipped} skipped != {len(sampled)} sampled")
     fingerprints = ({m.get("fingerprint") for m in metas} | {stage3["fingerprint"]}) - {None}
     if len(fingerprints) != 1:
         raise ValueError(f"fit-factors: partial sums of different models {sorted(fingerprints)} in {out}")
@@ -244,11 +310,15 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         storage.remove(storage.join(out, stale))
     info = {"sequences": sequences, "tokens": entries[0]["tokens"], "units": len(units), "layers": len(layers),
             "resumed_units": stage1["resumed"], "eigh_device": sorted({r["device"] for r in eig_rows.values()}),
+            "rows": {"sampled": len(sampled), "fitted": sequences, "skipped": skipped,
+                     "lambda_skipped": sum(len(u.rows) for u in fitted if u.index in stage3["failed"]),
+                     "unreadable_shards": len(shards) - len(readable)},
+            "failed_units": len(failures),
             "seconds": round(time.perf_counter() - start, 3), "digest": factors_digest(out),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "driver_peak_rss_at_start_mb": round(rss_at_start, 1),
             "tasks": accounting}
-    return {**completion.mark_complete(out, key, info), "skipped": False}
+    return {**completion.mark_complete(out, key, info), "skipped": False, "errors": failures.rows}
 
 
 def factors_digest(url: str) -> str:

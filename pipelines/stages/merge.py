@@ -110,8 +110,10 @@ def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -
 
     start = time.perf_counter()
     missing = [u for u in score_files if not storage.exists(u)]
-    if missing:
+    if missing and (cfg.on_error != "skip" or len(missing) == len(score_files)):
         raise FileNotFoundError(f"{len(missing)} shard score files are missing (run `score` first), e.g. {missing[0]}")
+    gone = set(missing)
+    score_files = [u for u in score_files if u not in gone]  # on_error = "skip": shards that failed
     keys = [storage.parquet_metadata(u).get(KEY) for u in score_files]
     key = completion.inputs_key("merge-v3", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
     topk_dir = storage.join(cfg.data.output, "topk")
@@ -124,6 +126,7 @@ def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -
     merges = merge_scores(score_files, cfg.scoring.top_k)
     tables = {qid: m.table() for qid, m in merges.items()}
     info: dict[str, Any] = {"queries": len(tables), "rows": sum(t.num_rows for t in tables.values()),
+                            "shards_without_scores": len(missing),
                             "fold_seconds": round(time.perf_counter() - start, 3)}
     tables, info["details"] = write_token_scores(cfg, tables, show_progress)  # text, tokens, layer/token scores
     for qid, table in tables.items():

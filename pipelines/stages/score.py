@@ -9,7 +9,14 @@ doc_id, so the union of shard results holds the exact global top-k).
 
 Output ``<output>/scores/<shard name>.parquet``, one file per input shard,
 written atomically, with the key of its inputs in the Parquet metadata (a file
-with the current key is complete and is skipped on re-runs). Columns:
+whose footer reads and carries the current key is complete and is skipped on
+re-runs; a truncated or foreign file is named in a warning and written again),
+and the shard's rows and the sequences scored (``influence.rows``,
+``influence.sequences``). A shard that fails (unreadable Parquet, a contract
+violation, a sequence longer than the model's context, storage errors after
+retries) follows the job's ``on_error`` (``runtime/failures.py``). The stage
+accounts for every row of the corpus: rows scored (now or in an earlier run)
++ rows of skipped shards == rows, or the stage fails. Columns:
 
     query_id string, doc_id string, score float64 (raw influence, paper sign:
     positive = training on the sequence makes the completion more likely),
@@ -34,8 +41,9 @@ from influence_ops import Strategy, TokenBatch, TopKAccumulator, load_queries, s
 from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_model, pick_device
-from ..io.shards import Sequences, ShardError, iter_shard, list_shards, shard_name
+from ..io.shards import Sequences, iter_shard, list_shards, row_counts, shard_name
 from ..runtime.accounting import UnitLog
+from ..runtime.failures import FailureLog, StageFailed, guard
 from ..runtime.batching import prefetch, token_batches
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
@@ -45,6 +53,7 @@ SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("
                           ("score_normalized", pa.float64()), ("sign", pa.string()), ("shard_rank", pa.int32()),
                           ("shard", pa.string())])
 KEY = "influence.key"
+ROWS, SEQUENCES = "influence.rows", "influence.sequences"
 
 
 def topk_rows(acc: TopKAccumulator, query_ids: list[str], factor_tokens: int, shard: str) -> pa.Table:
@@ -81,13 +90,14 @@ class ShardScorer:
     def batches(self, shard: str) -> Iterator[tuple[Sequences, TokenBatch]]:
         for window in iter_shard(shard, self.m.vocab_size, rows_per_read=self.sort_window, context=self.m.context,
                                  too_long=self.too_long):
+            self.rows_read += len(np.unique(window.rows))  # file rows (chunked pieces of a row count once)
             yield from token_batches(window, self.batch_size, device=self.m.device)
 
     def score_shard(self, shard: str) -> tuple[TopKAccumulator, int]:
         """Top/bottom-k of every query over the shard, and the number of tokens scored."""
         acc = TopKAccumulator(self.queries.num_queries, self.top_k)
         self.histogram = ScoreHistogram(self.queries.num_queries, self.queries.factor_tokens)
-        tokens = 0
+        tokens, self.rows_read = 0, 0
         for part, batch in prefetch(self.batches(shard)):
             result = score_batch(self.m.model, self.queries, batch, strategy=self.strategy,
                                  autocast_dtype=self.m.autocast)
@@ -96,30 +106,36 @@ class ShardScorer:
             tokens += int(part.lengths.sum())  # from the CPU copy: no device sync
         return acc, tokens
 
+    def score_unit(self, unit: dict[str, str]) -> tuple[int, int, int]:
+        """Score a shard and write its files; returns (sequences scored, tokens, rows of the shard)."""
+        acc, tokens = self.score_shard(unit["shard"])
+        rows = row_counts([unit["shard"]])[0]
+        table = topk_rows(acc, self.queries.query_ids, self.queries.factor_tokens, unit["shard"])
+        storage.write_parquet(distribution_url(unit["output"]),  # before the scores file that marks it done
+                              self.histogram.table(self.queries.query_ids, unit["shard"]))
+        storage.write_parquet(unit["output"], table.replace_schema_metadata(
+            {KEY: unit["key"], ROWS: str(rows), SEQUENCES: str(self.rows_read)}))
+        return self.rows_read, tokens, rows
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows: dict[str, list] = {"shard": [], "status": [], "sequences": [], "tokens": [], "seconds": [], "error": [],
-                                 "peak_rss_mb": []}
+        rows: dict[str, list] = {"shard": [], "status": [], "sequences": [], "tokens": [], "rows": [], "seconds": [],
+                                 "error": [], "doc_id": [], "peak_rss_mb": []}
         for unit in units_of(batch):
             start = time.perf_counter()
-            acc, tokens, error = None, 0, ""
-            try:
-                acc, tokens = self.score_shard(unit["shard"])
-            except ShardError as err:  # a contract violation fails this shard only; others go on
-                error = str(err)
-            if acc is not None:
-                table = topk_rows(acc, self.queries.query_ids, self.queries.factor_tokens, unit["shard"])
-                storage.write_parquet(distribution_url(unit["output"]),  # before the scores file that marks it done
-                                      self.histogram.table(self.queries.query_ids, unit["shard"]))
-                storage.write_parquet(unit["output"], table.replace_schema_metadata({KEY: unit["key"]}))
+            done, failure = guard(unit["shard"], self.score_unit, unit)
+            if failure is not None:
+                counted, _ = guard(unit["shard"], row_counts, [unit["shard"]])
+                done = (0, 0, counted[0] if counted else -1)  # -1: the shard's footer does not read
             rows["shard"].append(unit["shard"])
-            rows["status"].append("failed" if error else "scored")
-            rows["error"].append(error)
-            rows["sequences"].append(0 if acc is None else acc.seen)
-            rows["tokens"].append(tokens)
+            rows["status"].append("failed" if failure else "scored")
+            rows["error"].append(failure["error"] if failure else "")
+            rows["doc_id"].append((failure or {}).get("doc_id") or "")
+            for name, value in zip(("sequences", "tokens", "rows"), done):
+                rows[name].append(value)
             rows["seconds"].append(time.perf_counter() - start)
             rows["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return {k: np.asarray(v, dtype=object if k in ("shard", "status", "error") else None)
-                for k, v in rows.items()}
+        text = ("shard", "status", "error", "doc_id")
+        return {k: np.asarray(v, dtype=object if k in text else None) for k, v in rows.items()}
 
 
 def score_file_key(queries_digest: str, top_k: int, shard: tuple[str, int], too_long: str = "error") -> str:
@@ -136,7 +152,9 @@ def score_outputs(cfg: JobConfig, shards: list[str]) -> list[str]:
 
 
 def is_current(url: str, key: str) -> bool:
-    return storage.exists(url) and storage.parquet_metadata(url).get(KEY) == key
+    """The file exists, its footer reads, and it carries ``key``."""
+    meta = storage.footer_metadata(url)
+    return meta is not None and meta.get(KEY) == key
 
 
 def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> dict[str, Any]:
@@ -145,18 +163,29 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     ``timeline`` lists (seconds since the stage started, tokens) as each shard
     completed; ``peak_rss_mb`` is the largest peak RSS an actor reported; ``units``
     says where the units ran (nodes, actors, busy seconds, retries: ``UnitLog.summary``).
+    ``rows`` counts the corpus: ``rows`` (of the shards whose footer reads), ``scored`` (rows
+    in current score files), ``skipped`` (rows of failed shards), ``unreadable_shards``;
+    ``errors`` holds the failed shards (``on_error = "skip"``; with "fail" the first one raises
+    ``StageFailed``).
     """
     start = time.perf_counter()
     shards = list_shards(cfg.data.corpus)
     outputs = score_outputs(cfg, shards)
     todo = []
+    rows = {"rows": 0, "scored": 0, "skipped": 0, "unreadable_shards": 0}
     for (shard, size), out in zip(completion.shard_fingerprints(shards), outputs):
         key = score_file_key(queries_digest, cfg.scoring.top_k, (shard, size), cfg.data.too_long.value)
-        if not is_current(out, key):
+        meta = storage.footer_metadata(out)
+        if meta is not None and meta.get(KEY) == key:
+            done = int(meta[SEQUENCES]) if SEQUENCES in meta else row_counts([shard])[0]
+            rows["rows"] += int(meta[ROWS]) if ROWS in meta else done
+            rows["scored"] += done
+        else:
             todo.append({"shard": shard, "output": out, "key": key})
     summary: dict[str, Any] = {"shards": len(shards), "skipped": len(shards) - len(todo), "scored": 0, "failed": 0,
                                "sequences": 0, "tokens": 0, "failures": [], "actor_seconds": 0.0,
                                "peak_rss_mb": 0.0, "timeline": []}
+    failures = FailureLog("score", cfg.on_error)
     if todo:
         cluster = ensure_ray(cfg.resources)
         args = {"model": cfg.model, "queries_url": storage.join(cfg.data.output, "queries"),
@@ -173,9 +202,22 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
                 summary["actor_seconds"] += float(row["seconds"])
                 summary["peak_rss_mb"] = max(summary["peak_rss_mb"], float(row["peak_rss_mb"]))
                 summary["timeline"].append((round(time.perf_counter() - start, 3), int(row["tokens"])))
+                if int(row["rows"]) >= 0:
+                    rows["rows"] += int(row["rows"])
+                else:
+                    rows["unreadable_shards"] += 1
                 if row["status"] == "failed":
                     summary["failures"].append(row["error"])
+                    failures.add(row["shard"], row["error"], "all", row["doc_id"] or None)
+                    rows["skipped"] += max(0, int(row["rows"]))
+                else:
+                    rows["scored"] += int(row["sequences"])
         summary["units"] = log.summary()
+    if rows["scored"] + rows["skipped"] != rows["rows"]:
+        raise StageFailed(f"score: {rows['scored']} rows scored + {rows['skipped']} skipped != {rows['rows']} rows "
+                          f"in the corpus {cfg.data.corpus}")
+    summary["rows"] = rows
+    summary["errors"] = failures.rows
     summary["seconds"] = round(time.perf_counter() - start, 3)
     summary["outputs"] = outputs
     return summary

@@ -195,7 +195,7 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
         info["layer_rows"] += layers.num_rows
         info["max_relative_layer_sum_error"] = max(info["max_relative_layer_sum_error"],
                                                    _max_sum_error(layers, "score", tables, qid))
-        if tokens_t is not None:
+        if tokens_t is not None and cfg.scoring.per_token:
             t = tokens_t.filter(pc.equal(tokens_t.column("query_id"), qid)).drop_columns(["query_id"])
             t = t.sort_by([("doc_id", "ascending"), ("shard", "ascending"), ("token_index", "ascending")])
             storage.write_parquet(partition(cfg.data.output, "token_scores", qid), t)

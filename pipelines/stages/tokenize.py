@@ -9,6 +9,11 @@ the model's context is cut into chunks of at most ``max_length`` tokens
 gets ``doc_id = "<id>:<c>"``, and ``text`` holds the chunk's own characters
 (from the tokenizer's offsets). Chunks of fewer than 2 tokens are dropped
 (nothing in them can be predicted). Other input columns are passed through.
+A file that fails (unreadable, a missing column, a row that is not text,
+storage errors after retries) follows the job's ``on_error``
+(``runtime/failures.py``): "fail" stops with one line naming the file, "skip"
+writes no shard for it and reports it. A shard counts as done only when its
+footer reads and carries the current key.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
 from ..io.shards import corpus_root
+from ..runtime.failures import FailureLog, guard
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, units_of
 
@@ -77,16 +83,22 @@ class Tokenizer:
                            + [table.schema.field(c) for c in extra])
         return pa.table(out, schema=schema)
 
+    def tokenize_unit(self, unit: dict[str, str]) -> tuple[int, int]:
+        """Tokenize one file and write its shard; returns (sequences, tokens)."""
+        table = self.tokenize_file(unit["input"])
+        storage.write_parquet(unit["output"], table.replace_schema_metadata({"influence.key": unit["key"]}))
+        return table.num_rows, int(sum(len(x) for x in table.column("input_ids").to_pylist()))
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, sequences, tokens = [], [], []
+        names, sequences, tokens, errors = [], [], [], []
         for unit in units_of(batch):
-            table = self.tokenize_file(unit["input"])
-            storage.write_parquet(unit["output"], table.replace_schema_metadata({"influence.key": unit["key"]}))
+            done, failure = guard(unit["input"], self.tokenize_unit, unit)
             names.append(unit["output"])
-            sequences.append(table.num_rows)
-            tokens.append(int(sum(len(x) for x in table.column("input_ids").to_pylist())))
+            sequences.append(done[0] if done else 0)
+            tokens.append(done[1] if done else 0)
+            errors.append(failure["error"] if failure else "")
         return {"output": np.asarray(names, dtype=object), "sequences": np.asarray(sequences),
-                "tokens": np.asarray(tokens)}
+                "tokens": np.asarray(tokens), "error": np.asarray(errors, dtype=object)}
 
 
 def context_length(model: ModelConfig) -> int:
@@ -120,16 +132,23 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         key = completion.inputs_key("tokenize", url, size, max_length, tokenizer_id, cfg.data.text_column,
                                     cfg.data.id_column)
         out = storage.join(root, f"{stem}.parquet")
-        if not (storage.exists(out) and storage.parquet_metadata(out).get("influence.key") == key):
+        if (storage.footer_metadata(out) or {}).get("influence.key") != key:
             units.append({"input": url, "output": out, "key": key})
-    summary = {"files": len(inputs), "skipped": len(inputs) - len(units), "sequences": 0, "tokens": 0}
+    summary: dict[str, Any] = {"files": len(inputs), "skipped": len(inputs) - len(units), "failed": 0,
+                               "sequences": 0, "tokens": 0}
+    failures = FailureLog("tokenize", cfg.on_error)
+    by_output = {u["output"]: u["input"] for u in units}
     if units:
         cluster = ensure_ray(cfg.resources)
         args = {"model": cfg.model, "max_length": max_length, "text_column": cfg.data.text_column,
                 "id_column": cfg.data.id_column}
         with bar(len(units), "tokenize (files)", show_progress) as progress:
             for row in run_units(Tokenizer, args, units, cfg.resources, cluster, progress):
+                if row["error"]:
+                    failures.add(by_output[row["output"]], row["error"])
+                    summary["failed"] += 1
                 summary["sequences"] += int(row["sequences"])
                 summary["tokens"] += int(row["tokens"])
     summary["seconds"] = round(time.perf_counter() - start, 3)
+    summary["errors"] = failures.rows
     return summary

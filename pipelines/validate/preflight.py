@@ -28,7 +28,8 @@ from .doc_ids import check_unique_doc_ids
 from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
 from .queries import check_queries, has_text
 from .report import USER_ERRORS, Report
-from .shards import check_footers, find_shards, scan_shard
+from ..io.shards import ShardError
+from .shards import check_footer, check_footers, find_shards, scan_shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,9 +134,16 @@ def preflight_corpus(cfg: JobConfig) -> dict[str, Any]:
     if done is not None:
         return {**done, "skipped": True}
     start = time.perf_counter()
-    footers = check_footers(shards)
+    footers, unreadable = [], []
+    for url in shards:
+        try:
+            footers.append(check_footer(url))
+        except ShardError as err:
+            if cfg.on_error != "skip":
+                raise
+            unreadable.append(str(err))  # on_error = "skip": the stages skip this shard and record why
     rows = sum(f.rows for f in footers)
-    check_unique_doc_ids(shards, rows)
-    info = {"shards": len(shards), "rows": rows, "doc_ids_unique": True,
+    check_unique_doc_ids([f.url for f in footers], rows)
+    info = {"shards": len(shards), "rows": rows, "doc_ids_unique": True, "unreadable": unreadable,
             "seconds": round(time.perf_counter() - start, 3)}
     return {**completion.mark_complete(folder, key, info), "skipped": False}
