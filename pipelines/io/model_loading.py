@@ -1,20 +1,36 @@
 """Loading the model (and its tokenizer) on a driver or an actor.
 
 Two kinds of model:
-- a Hugging Face directory (local, or in object storage: copied once per node
-  into the local cache), loaded with ``AutoModelForCausalLM`` from safetensors
-  only, ``trust_remote_code`` off unless the job turns it on;
+- a Hugging Face folder (``config.json`` and weights), given as
+  - a local folder;
+  - an object-storage folder (``s3://``, ``gs://``): copied once per node into
+    the local cache (``storage.local_copy``);
+  - a Hub name (``org/model``) that is already in the local Hugging Face cache
+    (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``).
+    Nothing is ever downloaded: a name that is not cached is an error that says
+    so (and that the machine is offline when ``HF_HUB_OFFLINE`` is set);
+  weights in safetensors (preferred) or ``pytorch_model.bin``, which
+  transformers reads with ``torch.load(weights_only=True)``: a ``.bin`` that
+  holds pickled Python objects other than tensors is refused, never unpickled.
+  ``trust_remote_code`` is off unless the job turns it on.
 - ``module:factory``, a function returning a plain ``torch.nn.Module`` whose
   ``forward(input_ids)`` returns logits [B, T, V].
 
-The model is always put in ``eval()`` mode (the engine refuses active dropout).
+``check_model_folder`` finds a missing folder, config, weights or tokenizer
+before any stage starts (errors name the job key and the folder). The model is
+always put in ``eval()`` mode (the engine refuses active dropout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +38,8 @@ from torch import nn
 
 from influence_ops import TrackedLayer, find_mlp_layers
 
-from ..config import DType, ModelConfig
+from ..config import HUB_NAME, DType, ModelConfig
+from ..errors import UserError
 from . import storage
 
 log = logging.getLogger(__name__)
@@ -78,11 +95,165 @@ def import_factory(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"model.factory = {spec!r}: cannot import {module_name!r}: {err}") from err
+        raise UserError(f"model.factory = {spec!r}: cannot import {module_name!r}: {err}") from err
     try:
         return getattr(module, attr)
     except AttributeError as err:
-        raise ValueError(f"model.factory = {spec!r}: {module_name!r} has no attribute {attr!r}") from err
+        raise UserError(f"model.factory = {spec!r}: {module_name!r} has no attribute {attr!r}") from err
+
+
+CONFIG = "config.json"
+SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+VERBOSE_ENV = "INFLUENCE_VERBOSE"  # "1": let transformers print its progress bars and warnings
+
+
+def hub_cache() -> Path:
+    """The Hugging Face Hub cache folder, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def cached_snapshot(name: str) -> Path | None:
+    """The folder of Hub model ``name`` in the local cache (its ``main`` snapshot), or None; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True, cache_dir=str(hub_cache())))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        return None
+
+
+def model_source(path: str, key: str = "model.path") -> str:
+    """Where the folder named by ``path`` is: a local path or an object-storage URL.
+
+    A local path is returned as given, an object-storage URL too (its contents
+    are checked by ``check_model_folder``); a Hub name becomes its snapshot
+    folder in the local Hugging Face cache.
+
+    Raises:
+        UserError: no such folder, or a Hub name that is not in the cache.
+    """
+    if not storage.is_local(path):
+        return path
+    local = Path(path.removeprefix("file://"))
+    if local.is_dir():
+        return path
+    if local.exists():
+        raise UserError(f"{key} '{path}' is a file, not a model folder")
+    if not local.is_absolute() and HUB_NAME.match(path):
+        snapshot = cached_snapshot(path)
+        if snapshot is not None:
+            return str(snapshot)
+        why = ("the machine is offline (HF_HUB_OFFLINE is set)" if offline()
+               else "jobs never download models")
+        raise UserError(f"{key} '{path}' is not a folder and not in the Hugging Face cache ({hub_cache()}); "
+                        f"{why}: download it first (hf download {path}) or set {key} to a model folder")
+    raise UserError(f"{key} '{path}' does not exist")
+
+
+def _names(url: str) -> set[str]:
+    """Names of the files directly in the folder ``url`` (empty when there is none)."""
+    fs, path = storage.filesystem(url)
+    try:
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _tokenizer_check(cfg: ModelConfig) -> None:
+    if cfg.tokenizer_path is None:
+        raise UserError("model.tokenizer is not set: a factory model needs a tokenizer folder to tokenize text")
+    key = "model.tokenizer" if cfg.tokenizer is not None else "model.path"
+    source = model_source(cfg.tokenizer_path, key)
+    names = _names(source)
+    if not names:
+        raise UserError(f"{key} '{cfg.tokenizer_path}' does not exist")
+    if not names & set(TOKENIZER_FILES):
+        hint = "" if cfg.tokenizer is not None else "; set model.tokenizer to a folder that has one"
+        raise UserError(f"no tokenizer in {key} '{cfg.tokenizer_path}' (none of {', '.join(TOKENIZER_FILES[:4])}, "
+                        f"...){hint}")
+
+
+def has_tokenizer(cfg: ModelConfig) -> bool:
+    """Whether the job names a tokenizer folder that holds a tokenizer (listing only)."""
+    try:
+        _tokenizer_check(cfg)
+    except UserError:
+        return False
+    return True
+
+
+def check_model_folder(cfg: ModelConfig, tokenizer: bool = False) -> None:
+    """Check, before any work starts, that the model (and, with ``tokenizer``, its tokenizer) can be loaded.
+
+    Reads folder listings only. A factory model is checked by importing its module.
+
+    Raises:
+        UserError: naming the job key and the folder: missing folder, no ``config.json``,
+            no weights in a supported format, no tokenizer.
+    """
+    if cfg.factory is not None:
+        import_factory(cfg.factory)
+    else:
+        source = model_source(cfg.path)
+        names = _names(source)
+        if not names:
+            raise UserError(f"model.path '{cfg.path}' does not exist")
+        if CONFIG not in names:
+            raise UserError(f"model.path '{cfg.path}': no {CONFIG}, not a Hugging Face model folder "
+                            "(for a plain torch model, set model.factory instead)")
+        if not names & set(SAFETENSORS + TORCH_BIN) and not any(n.endswith(".safetensors") for n in names):
+            raise UserError(f"model.path '{cfg.path}': no weights (model.safetensors or pytorch_model.bin)")
+    if tokenizer:
+        _tokenizer_check(cfg)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars and warnings off (unless INFLUENCE_VERBOSE=1), restored afterwards."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(cfg: ModelConfig, local: Path) -> nn.Module:
+    """``AutoModelForCausalLM`` from a local folder: safetensors when present, else ``pytorch_model.bin``."""
+    from transformers import AutoModelForCausalLM
+
+    safetensors = any(local.glob("*.safetensors"))
+    try:
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=safetensors,
+                                                        trust_remote_code=cfg.trust_remote_code,
+                                                        local_files_only=True)
+    except (pickle.UnpicklingError, OSError) as err:
+        if safetensors or "weights_only" not in str(err) and not isinstance(err, pickle.UnpicklingError):
+            raise
+        raise UserError(f"model.path '{cfg.path}': pytorch_model.bin holds pickled Python objects, not only "
+                        "tensors; it is not unpickled (torch.load weights_only=True): convert it to safetensors"
+                        ) from err
 
 
 def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
@@ -95,11 +266,8 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
         if not isinstance(model, nn.Module):
             raise TypeError(f"model.factory = {cfg.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     else:
-        from transformers import AutoModelForCausalLM
-
-        local = storage.local_copy(cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=True,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        check_model_folder(cfg)
+        model = _from_pretrained(cfg, storage.local_copy(model_source(cfg.path)))
     model = model.to(device=device, dtype=weight_dtype).eval()
     for p in model.parameters():
         p.requires_grad_(True)  # activations need a graph; no .grad is ever written
@@ -110,12 +278,13 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model's Hugging Face tokenizer (a fast tokenizer is needed for chunk offsets)."""
-    if cfg.tokenizer_path is None:
-        raise ValueError("model.tokenizer is not set: a factory model needs a tokenizer path to tokenize text")
+    _tokenizer_check(cfg)
     from transformers import AutoTokenizer
 
-    local = storage.local_copy(cfg.tokenizer_path)
-    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
+    local = storage.local_copy(model_source(cfg.tokenizer_path, "model.tokenizer" if cfg.tokenizer else "model.path"))
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code,
+                                             local_files_only=True)
 
 
 def model_identity(cfg: ModelConfig) -> str:
@@ -129,4 +298,4 @@ def model_identity(cfg: ModelConfig) -> str:
         from influence_ops import model_fingerprint
 
         return model_fingerprint(load_model(cfg).layers)
-    return storage.folder_identity(cfg.path)
+    return storage.folder_identity(model_source(cfg.path))

@@ -28,7 +28,7 @@ from influence_ops import PreconditionedQueries, load_factors, precondition_quer
 
 from ..config import JobConfig
 from ..io import completion, storage
-from ..io.model_loading import LoadedModel, load_model, load_tokenizer, pick_device
+from ..io.model_loading import LoadedModel, has_tokenizer, load_model, load_tokenizer, pick_device
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -100,7 +100,7 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
         return {**done, "skipped": True}
     start = time.perf_counter()
     loaded = load_model(cfg.model, pick_device(True))
-    tokenizer = load_tokenizer(cfg.model) if cfg.model.tokenizer_path else None
+    tokenizer = load_tokenizer(cfg.model) if has_tokenizer(cfg.model) else None
     rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
     factors_dir = storage.local_copy(storage.join(cfg.data.output, "factors"))
     factors = load_factors(factors_dir, loaded.layers, device=loaded.device)

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
-from ..io.model_loading import load_tokenizer
+from ..io.model_loading import load_tokenizer, model_source
 from ..io.shards import corpus_root
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, units_of
@@ -94,7 +94,7 @@ def context_length(model: ModelConfig) -> int:
     if model.max_length is not None:
         return model.max_length
     if model.path is not None:
-        cfg = json.loads(storage.read_bytes(storage.join(model.path, "config.json")))
+        cfg = json.loads(storage.read_bytes(storage.join(model_source(model.path), "config.json")))
         for key in ("n_positions", "max_position_embeddings", "n_ctx"):
             if cfg.get(key):
                 return int(cfg[key])
@@ -113,7 +113,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
     if len(set(stems)) != len(stems):
         raise ValueError(f"data.raw = {cfg.data.raw!r}: two input files share a name")
-    tokenizer_id = storage.folder_identity(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else ""
+    tokenizer_id = storage.folder_identity(model_source(cfg.model.tokenizer_path)) if cfg.model.tokenizer_path else ""
     root = corpus_root(cfg.data.corpus)
     units = []
     for url, stem, (_, size) in zip(inputs, stems, completion.shard_fingerprints(inputs)):
