@@ -80,9 +80,19 @@ def root_cause(err: BaseException) -> BaseException:
         err = inner
 
 
-def one_line(err: BaseException) -> str:
-    """The root cause as one line: its message (the type name for a bare or internal error)."""
+def _under(path: str, output: str) -> bool:
+    out = output.removeprefix("file://").rstrip("/")
+    return str(path) == out or str(path).startswith(out + "/")
+
+
+def one_line(err: BaseException, output: str | None = None) -> str:
+    """The root cause as one line: its message (with its type name when it is not a plain user error).
+
+    ``output`` is the job's ``data.output``: a permission error under it says the output is not writable.
+    """
     root = root_cause(err)
+    if isinstance(root, PermissionError) and output and root.filename and _under(root.filename, output):
+        return f"data.output '{output}' is not writable ({root.strerror or 'permission denied'}: {root.filename})"
     text = str(root).strip()
     if isinstance(root, (UserError, FileNotFoundError, PermissionError, ValueError, TypeError, KeyError)) and text:
         first = text.splitlines()[0]
@@ -95,7 +105,7 @@ def one_line(err: BaseException) -> str:
 
 def log_folder(output: str | None) -> Path:
     """``<output>/logs`` for a local, writable output; else a folder under the system's temp folder."""
-    if output and "://" not in output or (output or "").startswith("file://"):
+    if output and ("://" not in output or output.startswith("file://")):
         folder = Path(output.removeprefix("file://")) / "logs"
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,9 @@ from importlib import metadata
 from typing import Any
 
 from .config import JobConfig
+from .errors import UserError
 from .io import storage
+from .io.model_loading import check_model_folder
 from .io.completion import digest_of
 from .io.shards import list_shards
 from .stages.build_queries import build_queries
@@ -51,8 +53,27 @@ def run_id_of(cfg: JobConfig) -> str:
     return cfg.run_id or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{cfg.digest()[:8]}"
 
 
+def needs_tokenizer(cfg: JobConfig, stages: tuple[str, ...]) -> bool:
+    """Whether these stages tokenize text: raw documents, or queries given as text (not as token ids)."""
+    if "tokenize" in stages and cfg.data.raw is not None:
+        return True
+    if "build-queries" not in stages:
+        return False
+    if not storage.exists(cfg.data.queries):
+        raise UserError(f"data.queries '{cfg.data.queries}' does not exist")
+    columns = storage.read_table(cfg.data.queries).column_names
+    return not {"prompt_ids", "completion_ids"} <= set(columns)
+
+
+def check_model(cfg: JobConfig, stages: tuple[str, ...]) -> None:
+    """Before any stage starts: the model folder (and its tokenizer when text is tokenized) can be loaded."""
+    if set(stages) & {"tokenize", "fit-factors", "build-queries", "score"}:
+        check_model_folder(cfg.model, tokenizer=needs_tokenizer(cfg, stages))
+
+
 def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
     """Run the stages in order; returns (and writes) the run record."""
+    check_model(cfg, stages)
     write_resolved_config(cfg)
     record: dict[str, Any] = {"run_id": run_id_of(cfg), "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                               "config": cfg.to_dict(), "versions": versions(), "stages": {}}

@@ -116,8 +116,11 @@ def write_parquet(url: str, table: pa.Table) -> None:
 
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except pa.ArrowInvalid as err:  # truncated, or not Parquet
+        raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
 
 
 def read_table(url: str) -> pa.Table:
@@ -125,7 +128,11 @@ def read_table(url: str) -> pa.Table:
     if url.endswith(".parquet"):
         return read_parquet(url)
     rows = []
-    for n, line in enumerate(read_bytes(url).decode().splitlines()):
+    for n, raw in enumerate(read_bytes(url).splitlines()):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{url}: line {n + 1} is not UTF-8 text (byte {err.start} of the line)") from err
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -137,8 +144,11 @@ def read_table(url: str) -> pa.Table:
 def parquet_metadata(url: str) -> dict[str, str]:
     """The key-value metadata of a Parquet file's schema (decoded)."""
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except pa.ArrowInvalid as err:  # truncated, or not Parquet
+        raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
     return {k.decode(): v.decode() for k, v in meta.items()}
 
 

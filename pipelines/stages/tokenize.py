@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
@@ -89,6 +90,39 @@ class Tokenizer:
                 "tokens": np.asarray(tokens)}
 
 
+def raw_columns(url: str) -> list[str]:
+    """The columns of a raw file: a Parquet file's schema, or the keys of a JSONL file's first row."""
+    if url.endswith(".parquet"):
+        fs, path = storage.filesystem(url)
+        try:
+            with fs.open(path, "rb") as f:
+                return list(pq.read_schema(f).names)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        for n, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{url}: line {n + 1} is not a JSON object in UTF-8 ({err})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{url}: line {n + 1} is not a JSON object")
+            return list(row)
+    return []
+
+
+def check_raw_columns(urls: list[str], text_column: str, id_column: str) -> None:
+    """Before Ray starts: every raw file has the text and id columns (ValueError naming the file and the key)."""
+    for url in urls:
+        columns = raw_columns(url)
+        for key, col in (("data.text_column", text_column), ("data.id_column", id_column)):
+            if col not in columns:
+                raise ValueError(f"{url}: no column {col!r} ({key}); its columns: {columns}")
+
+
 def context_length(model: ModelConfig) -> int:
     """model.max_length, else the context of the model's config (read without loading weights)."""
     if model.max_length is not None:
@@ -124,6 +158,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             units.append({"input": url, "output": out, "key": key})
     summary = {"files": len(inputs), "skipped": len(inputs) - len(units), "sequences": 0, "tokens": 0}
     if units:
+        check_raw_columns([u["input"] for u in units], cfg.data.text_column, cfg.data.id_column)
         cluster = ensure_ray(cfg.resources)
         args = {"model": cfg.model, "max_length": max_length, "text_column": cfg.data.text_column,
                 "id_column": cfg.data.id_column}
