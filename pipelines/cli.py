@@ -136,7 +136,11 @@ def _execute(config: str, stages: tuple[str, ...], quiet: bool) -> None:
 def _version() -> str:
     try:
         return metadata.version("corpus-influence")
-    except metadata.PackageNotFoundError:
+    except metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH: the version in pyproject.toml
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        for line in pyproject.read_text().splitlines() if pyproject.exists() else []:
+            if line.startswith("version = "):
+                return line.split("=", 1)[1].strip().strip('"')
         return "unknown"
 
 

@@ -65,7 +65,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
-HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")  # "gpt2", "org/model"
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # "org/model"
 
 
 class ConfigError(ValueError):
@@ -301,7 +301,7 @@ def _resolve(url: str | None, base_dir: Path) -> str | None:
 
 
 def _resolve_model(url: str | None, base_dir: Path) -> str | None:
-    """Like ``_resolve``, but a name like ``org/model`` with no such folder stays a Hugging Face Hub name."""
+    """Like ``_resolve``, but ``org/model`` with no such folder next to the job file stays a Hub name."""
     resolved = _resolve(url, base_dir)
     if url is not None and resolved != url and not Path(resolved).exists() and HUB_NAME.match(url):
         return url

@@ -54,15 +54,18 @@ def run_id_of(cfg: JobConfig) -> str:
 
 
 def needs_tokenizer(cfg: JobConfig, stages: tuple[str, ...]) -> bool:
-    """Whether these stages tokenize text: raw documents, or queries given as text (not as token ids)."""
-    if "tokenize" in stages and cfg.data.raw is not None:
-        return True
-    if "build-queries" not in stages:
-        return False
-    if not storage.exists(cfg.data.queries):
-        raise UserError(f"data.queries '{cfg.data.queries}' does not exist")
-    columns = storage.read_table(cfg.data.queries).column_names
-    return not {"prompt_ids", "completion_ids"} <= set(columns)
+    """Whether these stages tokenize text: raw documents, or queries given as text (not as token ids).
+
+    Reads the queries file when ``build-queries`` is among the stages, so that a missing or unreadable
+    file is reported before any stage starts.
+    """
+    text_queries = False
+    if "build-queries" in stages:
+        if not storage.exists(cfg.data.queries):
+            raise UserError(f"data.queries '{cfg.data.queries}' does not exist")
+        columns = storage.read_table(cfg.data.queries).column_names
+        text_queries = not {"prompt_ids", "completion_ids"} <= set(columns)
+    return text_queries or ("tokenize" in stages and cfg.data.raw is not None)
 
 
 def check_model(cfg: JobConfig, stages: tuple[str, ...]) -> None:
