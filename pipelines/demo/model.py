@@ -78,6 +78,9 @@ def train(model, sequences: Sequence[Sequence[int]], epochs: int, max_seconds: f
 
 def save_model(model, directory: str | Path) -> Path:
     """save_pretrained with safetensors."""
+    from ..io.model_loading import quiet_transformers
+
     Path(directory).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    with quiet_transformers():  # no "Writing model shards" bar
+        model.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)

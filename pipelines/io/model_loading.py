@@ -248,6 +248,11 @@ def _from_pretrained(cfg: ModelConfig, local: Path) -> nn.Module:
             return AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=safetensors,
                                                         trust_remote_code=cfg.trust_remote_code,
                                                         local_files_only=True)
+    except ValueError as err:
+        if cfg.trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise UserError(f"model.path '{cfg.path}' ships its own code (auto_map in config.json), which is not run: "
+                        "set model.trust_remote_code = true only for a model you trust") from err
     except (pickle.UnpicklingError, OSError) as err:
         if safetensors or "weights_only" not in str(err) and not isinstance(err, pickle.UnpicklingError):
             raise
