@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -26,63 +28,65 @@ class UserError(ValueError):
 
 
 def _ray_wrappers() -> tuple[type, ...]:
-    try:
-        from ray.exceptions import RayActorError, RayTaskError
-    except ImportError:
+    """Ray's exception types that wrap another exception (empty when Ray was never imported)."""
+    if "ray" not in sys.modules:
         return ()
-    out: list[type] = [RayTaskError, RayActorError]
-    try:
-        from ray.exceptions import UserCodeException
+    from ray.exceptions import RayActorError, RayTaskError, UserCodeException
 
-        out.append(UserCodeException)
-    except ImportError:
-        pass
-    try:
-        from ray.data.exceptions import UserCodeException as DataUserCodeException
-
-        out.append(DataUserCodeException)
-    except ImportError:
-        pass
-    return tuple(out)
+    return (RayTaskError, RayActorError, UserCodeException)
 
 
 def _inner(err: BaseException) -> BaseException | None:
-    """The exception ``err`` wraps, when it is a Ray wrapper (else None)."""
-    import sys
+    """The exception ``err`` wraps, when it is a Ray wrapper that still holds it (else None).
 
-    if "ray" not in sys.modules:
+    A ``RayTaskError`` holds the task's exception as ``cause``. An ``ActorDiedError``
+    holds only the text of its constructor's error (its ``__cause__`` is Ray Data's
+    internal ``SystemException``): it is a root, read by ``one_line``.
+    """
+    wrappers = _ray_wrappers()
+    if not wrappers:
         return None
     from ray.exceptions import RayActorError, RayTaskError
 
     if isinstance(err, RayTaskError):
         cause = getattr(err, "cause", None)
-        return cause if isinstance(cause, BaseException) and cause is not err else err.__cause__
+        return cause if isinstance(cause, BaseException) and cause is not err else None
     if isinstance(err, RayActorError):
-        # an actor whose constructor raised: Ray keeps the constructor's RayTaskError
-        for attr in ("_creation_task_error", "creation_task_error", "cause"):
-            cause = getattr(err, attr, None)
-            if isinstance(cause, BaseException) and cause is not err:
-                return cause
-        return err.__cause__
-    if isinstance(err, _ray_wrappers()):
+        return None
+    if isinstance(err, wrappers):
         return err.__cause__
     return None
 
 
+def chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it wraps, outermost first."""
+    out = [err]
+    while True:
+        inner = _inner(out[-1])
+        if inner is None or any(inner is e for e in out):
+            return out
+        out.append(inner)
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The innermost exception behind Ray's wrappers (``err`` itself when it is not wrapped)."""
-    seen = {id(err)}
-    while True:
-        inner = _inner(err)
-        if inner is None or id(inner) in seen:
-            return err
-        seen.add(id(inner))
-        err = inner
+    return chain(err)[-1]
 
 
-def _under(path: str, output: str) -> bool:
-    out = output.removeprefix("file://").rstrip("/")
-    return str(path) == out or str(path).startswith(out + "/")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
+
+
+def _from_traceback_text(text: str) -> str | None:
+    """``Type: message`` of the last exception named in a traceback's text (Ray keeps only the text of some)."""
+    found = None
+    for line in text.splitlines():
+        match = _RAISED.match(line.strip())
+        if match and not match.group(1).startswith("ray."):
+            found = match
+    if found is None:
+        return None
+    name, message = found.group(1).rsplit(".", 1)[-1], found.group(2)
+    return message if name in ("UserError", "ConfigError", "ShardError", "ValueError") else f"{name}: {message}"
 
 
 def one_line(err: BaseException, output: str | None = None) -> str:
@@ -90,9 +94,15 @@ def one_line(err: BaseException, output: str | None = None) -> str:
 
     ``output`` is the job's ``data.output``: a permission error under it says the output is not writable.
     """
-    root = root_cause(err)
+    wrapped = chain(err)
+    root = wrapped[-1]
     if isinstance(root, PermissionError) and output and root.filename and _under(root.filename, output):
         return f"data.output '{output}' is not writable ({root.strerror or 'permission denied'}: {root.filename})"
+    if _is_ray_wrapper(root):  # the exception itself did not survive the trip to the driver: its text did
+        for e in reversed(wrapped):
+            found = _from_traceback_text(str(e))
+            if found is not None:
+                return _cut(found)
     text = str(root).strip()
     if isinstance(root, (UserError, FileNotFoundError, PermissionError, ValueError, TypeError, KeyError)) and text:
         first = text.splitlines()[0]
@@ -100,7 +110,15 @@ def one_line(err: BaseException, output: str | None = None) -> str:
         first = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
     if isinstance(root, OSError) and root.filename and str(root.filename) not in first:
         first = f"{first} ({root.filename})"
-    return first if len(first) <= MAX_LINE else first[:MAX_LINE - 3] + "..."
+    return _cut(first)
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
+
+
+def _is_ray_wrapper(err: BaseException) -> bool:
+    return isinstance(err, _ray_wrappers())
 
 
 def log_folder(output: str | None) -> Path:

@@ -267,3 +267,87 @@ def test_init_writes_a_template_load_config_accepts(tmp_path):
                 assert getattr(getattr(cfg, section), f.name) == f.default, f"{section}.{f.name} is not the default"
     again = cli("init", str(tmp_path / "job.toml"))
     assert again.exit_code == 1 and "exists" in stderr_of(again)
+
+
+# --- Ray's wrappers ----------------------------------------------------------------------------------------
+
+def test_ray_wrappers_are_unwrapped_to_the_cause():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from pipelines.errors import UserError, one_line, root_cause
+
+    cause = UserError("/out/queries: queries were built on a different model")
+    wrapped = RayTaskError("ShardScorer.__call__", "Traceback (most recent call last):\n  ...", cause)
+    assert root_cause(wrapped) is cause and one_line(wrapped) == str(cause)
+    # an actor whose constructor raised: only the text of its error reaches the driver
+    text = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in __init__\n"
+            "pipelines.errors.UserError: model.path '/m' does not exist\n")
+    died = ActorDiedError(RayTaskError("MapWorker.__init__", text, RuntimeError("lost")))
+    assert one_line(died) == "model.path '/m' does not exist"
+    boom = RayTaskError("f", "Traceback ...\nKeyError: 'x'\n", KeyError("x"))
+    assert one_line(boom) == "'x'"
+
+
+def test_permission_error_under_the_output_names_the_output():
+    from pipelines.errors import one_line
+
+    err = PermissionError(13, "Permission denied", "/data/out/runs/r.json")
+    assert one_line(err, "/data/out") == ("data.output '/data/out' is not writable "
+                                          "(Permission denied: /data/out/runs/r.json)")
+    assert one_line(err, "/elsewhere").startswith("Permission denied")
+
+
+# --- whole runs, as a user starts them (a subprocess with its own Ray) -------------------------------------
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INFLUENCE_"))}
+    env.update({"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+                "INFLUENCE_CACHE_DIR": str(cwd / "cache")})
+    try:
+        return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+NOISE = re.compile(r"error|warn|traceback|\] E |core_worker|deprecat", re.I)
+
+
+@pytest.fixture(scope="module")
+def finished_job(tiny_world, tmp_path_factory):
+    """`influence run` of a tiny job in a subprocess; (job file, completed process)."""
+    root = tmp_path_factory.mktemp("quiet")
+    job = write_job(root, tiny_world)
+    return job, run_cli("run", str(job), cwd=root)
+
+
+def test_successful_run_is_quiet(finished_job):
+    job, done = finished_job
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run t: ok" in done.stdout
+    noisy = [line for line in done.stderr.splitlines() if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy[:20])
+
+
+def test_queries_built_on_another_model(finished_job, tmp_path, tiny_world):
+    """The scoring actors' constructor refuses the queries: one line naming the queries folder."""
+    from pipelines.demo.model import save_model, tiny_gpt2
+
+    job, done = finished_job
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(job.parent / "out", tmp_path / "out")
+    shutil.copytree(job.parent / "shards", tmp_path / "shards")
+    shutil.rmtree(tmp_path / "out" / "scores")
+    other = copy_model(tiny_world, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    save_model(tiny_gpt2(config["vocab_size"], context=16, width=16, layers=2, heads=2, seed=99), other)
+    job2 = write_job(tmp_path, tiny_world, model={"path": str(other)})
+    failed = run_cli("score", str(job2), cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr and "Traceback" not in failed.stdout, failed.stderr[-3000:]
+    lines = [l for l in failed.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and str(tmp_path / "out" / "queries") in lines[0], failed.stderr[-3000:]
+    assert "different model" in lines[0] and "influence build-queries" in lines[0]
+    assert not [l for l in failed.stderr.splitlines() if re.search(r"\] E |core_worker|ERROR", l)], failed.stderr
+    assert list((tmp_path / "out" / "logs").glob("*.log"))

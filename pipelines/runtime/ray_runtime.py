@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,12 +48,54 @@ def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float
             ray.init(num_cpus=os.cpu_count(), object_store_memory=store, **kwargs)
     from ray.data import DataContext
 
-    if quiet:  # per-dataset "execution finished" lines; our own progress bars say the same
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if quiet:  # per-dataset lines, and Ray Data's own report of a failed run (the CLI reports it, once)
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # a stage's own exception reaches the driver, not a UserCodeException
+    spend_restart_warning()
     return dict(ray.cluster_resources())
+
+
+class _Probe:
+    def __init__(self, arg: Any) -> None:
+        pass
+
+
+_SPENT = False
+
+
+def spend_restart_warning() -> None:
+    """Spend, away from the terminal, the error-level line Ray prints once per process for restartable actors.
+
+    Ray's core worker logs ``... has constructor arguments in the object store and
+    max_restarts > 0 ...`` (ray-project/ray#53727) the first time a process creates
+    an actor that may restart and whose constructor arguments are object references.
+    Ray Data's actor pools are always such actors (it passes the map function by
+    reference) and the caveat does not hold for them (the driver holds those
+    references while the pool lives), but turning restarts off would lose node-loss
+    recovery. So the driver creates one such actor itself, with its stderr pointed
+    at /dev/null for that one synchronous call, and kills it: the line is spent.
+    """
+    global _SPENT
+    import ray
+
+    if _SPENT or ray.util.client.ray.is_connected():  # a Ray Client driver has no core worker of its own
+        return
+    _SPENT = True
+    ref = ray.put(b"")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        probe = ray.remote(_Probe).options(num_cpus=0, max_restarts=1).remote([ref])
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    ray.kill(probe)
 
 
 @dataclass(frozen=True)
