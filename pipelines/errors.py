@@ -73,6 +73,11 @@ def root_cause(err: BaseException) -> BaseException:
     return chain(err)[-1]
 
 
+def _under(path: str, output: str) -> bool:
+    out = output.removeprefix("file://").rstrip("/")
+    return str(path) == out or str(path).startswith(out + "/")
+
+
 _RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
 
 
@@ -104,7 +109,9 @@ def one_line(err: BaseException, output: str | None = None) -> str:
             if found is not None:
                 return _cut(found)
     text = str(root).strip()
-    if isinstance(root, (UserError, FileNotFoundError, PermissionError, ValueError, TypeError, KeyError)) and text:
+    if isinstance(root, OSError) and root.strerror and root.filename:  # "[Errno 13] ...: '/x'" -> "...: /x"
+        text = f"{root.strerror}: {root.filename}"
+    if isinstance(root, (UserError, OSError, ValueError, TypeError, KeyError)) and text:
         first = text.splitlines()[0]
     else:
         first = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
