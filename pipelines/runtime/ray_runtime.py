@@ -46,16 +46,28 @@ def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             store = resources.object_store_mb * 2**20 or min(2**30, int(0.2 * total))
             ray.init(num_cpus=os.cpu_count(), object_store_memory=store, **kwargs)
-    from ray.data import DataContext
-
     if quiet:  # per-dataset lines, and Ray Data's own report of a failed run (the CLI reports it, once)
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    ctx = DataContext.get_current()
+    ctx = data_context()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True  # a stage's own exception reaches the driver, not a UserCodeException
     spend_restart_warning()
     return dict(ray.cluster_resources())
+
+
+def data_context() -> Any:
+    """Ray Data's ``DataContext.get_current()``, without the DeprecationWarnings Ray 2.60 emits making it.
+
+    ``DataContext()`` itself assigns its deprecated fields (``use_push_based_shuffle``,
+    ``use_polars``, ``use_arrow_tensor_v2``) and warns about each; no call of ours can avoid
+    that, so the warnings of that one construction are dropped (only those, only there).
+    """
+    from ray.data import DataContext
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray.data.context")
+        return DataContext.get_current()
 
 
 class _Probe:
