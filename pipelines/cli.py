@@ -156,6 +156,9 @@ def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by model loading, here and in Ray workers started from here
+    else:  # transformers' warnings and progress bars, in this process and the Ray workers it starts
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command()
