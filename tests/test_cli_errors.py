@@ -311,7 +311,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
-NOISE = re.compile(r"error|warn|traceback|\] E |core_worker|deprecat", re.I)
+NOISE = re.compile(r"error|warn|traceback|\] E |core_worker|deprecat|Loading weights|Writing model|\dit/s\]", re.I)
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +351,9 @@ def test_queries_built_on_another_model(finished_job, tmp_path, tiny_world):
     assert "different model" in lines[0] and "influence build-queries" in lines[0]
     assert not [l for l in failed.stderr.splitlines() if re.search(r"\] E |core_worker|ERROR", l)], failed.stderr
     assert list((tmp_path / "out" / "logs").glob("*.log"))
+
+
+def test_corpus_without_shards(tmp_path, tiny_world, no_ray):
+    (tmp_path / "shards").mkdir()
+    job = write_job(tmp_path, tiny_world, data={"raw": None})
+    assert_one_line(cli("fit-factors", str(job)), f"data.corpus = '{tmp_path / 'shards'}'", "no Parquet shards")
