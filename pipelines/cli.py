@@ -25,8 +25,7 @@ import click
 
 from . import errors
 from .cluster.submit import add_cluster_commands
-from .config import JobConfig, load_config
-from .io.model_loading import VERBOSE_ENV
+from .config import VERBOSE_ENV, JobConfig, load_config
 from .job_template import TEMPLATE
 from .results.commands import register as register_readers
 from .run import STAGES, run_job

@@ -65,6 +65,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
+VERBOSE_ENV = "INFLUENCE_VERBOSE"  # "1" (set by `influence --verbose`): Ray's and transformers' messages shown
 HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # "org/model"
 
 

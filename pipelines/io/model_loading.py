@@ -38,7 +38,7 @@ from torch import nn
 
 from influence_ops import TrackedLayer, find_mlp_layers
 
-from ..config import HUB_NAME, DType, ModelConfig
+from ..config import HUB_NAME, VERBOSE_ENV, DType, ModelConfig
 from ..errors import UserError
 from . import storage
 
@@ -107,7 +107,6 @@ SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
-VERBOSE_ENV = "INFLUENCE_VERBOSE"  # "1": let transformers print its progress bars and warnings
 
 
 def hub_cache() -> Path:

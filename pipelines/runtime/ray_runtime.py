@@ -21,19 +21,23 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ResourceConfig
+from ..config import VERBOSE_ENV, ResourceConfig
 from .accounting import UnitLog, ledger_actor, ledger_counts, wrap
 
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float]:
+def ensure_ray(resources: ResourceConfig, quiet: bool | None = None) -> dict[str, float]:
     """Join the configured cluster or start a local Ray (once); returns the cluster's resources.
 
     With no ``ray_address``, a job whose driver runs inside a Ray job (``RAY_ADDRESS``
-    set, e.g. by ``influence submit``) joins that cluster.
+    set, e.g. by ``influence submit``) joins that cluster. ``quiet`` (default: unless
+    ``INFLUENCE_VERBOSE=1``) keeps Ray's own messages off the terminal.
     """
     import ray
+
+    if quiet is None:
+        quiet = os.environ.get(VERBOSE_ENV) != "1"
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
