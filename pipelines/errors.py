@@ -111,7 +111,7 @@ def one_line(err: BaseException, output: str | None = None) -> str:
     text = str(root).strip()
     if isinstance(root, OSError) and root.strerror and root.filename:  # "[Errno 13] ...: '/x'" -> "...: /x"
         text = f"{root.strerror}: {root.filename}"
-    if isinstance(root, (UserError, OSError, ValueError, TypeError, KeyError)) and text:
+    if isinstance(root, (UserError, OSError, ValueError, TypeError)) and text:
         first = text.splitlines()[0]
     else:
         first = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__

@@ -285,7 +285,7 @@ def test_ray_wrappers_are_unwrapped_to_the_cause():
     died = ActorDiedError(RayTaskError("MapWorker.__init__", text, RuntimeError("lost")))
     assert one_line(died) == "model.path '/m' does not exist"
     boom = RayTaskError("f", "Traceback ...\nKeyError: 'x'\n", KeyError("x"))
-    assert one_line(boom) == "'x'"
+    assert one_line(boom) == "KeyError: 'x'"
 
 
 def test_permission_error_under_the_output_names_the_output():

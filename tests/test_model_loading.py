@@ -150,3 +150,27 @@ def test_missing_folder_file_and_weights(tmp_path, tiny_world):
     with_tok = ModelConfig(path=str(bare), tokenizer=str(tiny_world / "model"))
     check_model_folder(with_tok, tokenizer=True)
     assert load_tokenizer(with_tok)("the cat")["input_ids"]
+
+
+def test_object_storage_folder_is_checked_and_copied_once(s3_server, tiny_world, tmp_path, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("models-6a")
+    for f in (tiny_world / "model").iterdir():
+        fs.put(str(f), f"models-6a/tiny/{f.name}")
+        if f.name != "config.json":
+            fs.put(str(f), f"models-6a/noconfig/{f.name}")
+    cfg = ModelConfig(path="s3://models-6a/tiny")
+    check_model_folder(cfg, tokenizer=True)
+    got = params(load_model(cfg).model)
+    want = params(load_model(from_folder_cfg(tiny_world)).model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    copies = list((tmp_path / "cache").iterdir())
+    load_model(cfg)
+    assert len(copies) == 1 and list((tmp_path / "cache").iterdir()) == copies  # one copy per node
+    with pytest.raises(UserError, match=r"model.path 's3://models-6a/nope' does not exist"):
+        check_model_folder(ModelConfig(path="s3://models-6a/nope"))
+    with pytest.raises(UserError, match=r"model.path 's3://models-6a/noconfig': no config.json"):
+        load_model(ModelConfig(path="s3://models-6a/noconfig"))
