@@ -51,7 +51,10 @@ def ensure_ray(resources: ResourceConfig, quiet: bool | None = None) -> dict[str
             store = resources.object_store_mb * 2**20 or min(2**30, int(0.2 * total))
             ray.init(num_cpus=os.cpu_count(), object_store_memory=store, **kwargs)
     if quiet:  # per-dataset lines, and Ray Data's own report of a failed run (the CLI reports it, once)
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        # Ray Data re-reads its logging config (e.g. when a dataset's context is set), and its
+        # RAY_DATA_LOG_LEVEL variable then wins over any level set here: set both
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
+        logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
     ctx = data_context()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
