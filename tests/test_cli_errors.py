@@ -301,6 +301,22 @@ def test_permission_error_under_the_output_names_the_output():
     assert one_line(err, "/elsewhere").startswith("Permission denied")
 
 
+def test_log_of_a_remote_or_unwritable_output_goes_to_the_temp_folder(tmp_path):
+    from pipelines.errors import log_folder, write_log
+
+    temp = Path(tempfile.gettempdir()) / "influence-logs"
+    assert log_folder("s3://bucket/out") == temp and log_folder(None) == temp
+    (tmp_path / "file").write_text("x")
+    assert log_folder(str(tmp_path / "file" / "out")) == temp  # cannot hold a logs/ folder
+    try:
+        raise ValueError("boom")
+    except ValueError as err:
+        log = write_log(err, str(tmp_path / "out"), ["influence", "run", "job.toml"])
+    assert log.parent == tmp_path / "out" / "logs"
+    text = log.read_text()
+    assert "influence run job.toml" in text and "ValueError: boom" in text and "Traceback" in text
+
+
 # --- whole runs, as a user starts them (a subprocess with its own Ray) -------------------------------------
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
