@@ -19,7 +19,7 @@ from typing import Any
 from .config import JobConfig
 from .errors import UserError
 from .io import storage
-from .io.model_loading import check_model_folder
+from .io.model_source import check_model_folder
 from .io.completion import digest_of
 from .io.shards import list_shards
 from .stages.build_queries import build_queries

@@ -16,7 +16,8 @@ import torch
 
 from pipelines.config import ModelConfig, config_from_dict
 from pipelines.errors import UserError
-from pipelines.io.model_loading import check_model_folder, load_model, load_tokenizer, model_identity, model_source
+from pipelines.io.model_loading import load_model, load_tokenizer, model_identity
+from pipelines.io.model_source import check_model_folder, model_source
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -29,7 +29,8 @@ from influence_ops import PreconditionedQueries, load_factors, precondition_quer
 from ..config import JobConfig
 from ..errors import UserError
 from ..io import completion, storage
-from ..io.model_loading import LoadedModel, has_tokenizer, load_model, load_tokenizer, pick_device
+from ..io.model_loading import LoadedModel, load_model, load_tokenizer, pick_device
+from ..io.model_source import has_tokenizer
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 

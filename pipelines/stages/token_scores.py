@@ -36,7 +36,8 @@ from influence_ops import score_batch
 
 from ..config import JobConfig
 from ..io import storage
-from ..io.model_loading import has_tokenizer, load_tokenizer
+from ..io.model_loading import load_tokenizer
+from ..io.model_source import has_tokenizer
 from ..io.shards import read_rows
 from ..io.token_text import read_texts, token_pieces
 from ..runtime.batching import token_batches

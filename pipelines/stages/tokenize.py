@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
-from ..io.model_loading import load_tokenizer, model_source
+from ..io.model_loading import load_tokenizer
+from ..io.model_source import model_source
 from ..io.shards import corpus_root
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, units_of
