@@ -181,6 +181,25 @@ def test_queries_file_missing(tmp_path, tiny_world, no_ray):
     assert_one_line(cli("build-queries", str(job)), f"data.queries '{tmp_path / 'nope.jsonl'}' does not exist")
 
 
+def test_factors_of_another_model_name_the_factors_folder(tmp_path, tiny_world, no_ray):
+    """build-queries on the driver: factors fitted on model A, the job's model is B (same layers, new weights)."""
+    from influence_ops import Fisher, collate, fit_ekfac, save_factors
+    from pipelines.config import ModelConfig
+    from pipelines.demo.model import save_model, tiny_gpt2
+    from pipelines.io.model_loading import load_model
+
+    m = load_model(ModelConfig(path=str(tiny_world / "model")))
+    factors = fit_ekfac(m.model, m.layers, [collate([[1, 2, 3, 4], [3, 4, 5]])], fisher=Fisher.EMPIRICAL)
+    folder = tmp_path / "out" / "factors"
+    save_factors(factors, folder)
+    (folder / "_pipeline.json").write_text(json.dumps({"key": "k", "digest": "d"}))
+    other = copy_model(tiny_world, tmp_path / "other")
+    save_model(tiny_gpt2(m.vocab_size, context=16, width=16, layers=2, heads=2, seed=99), other)
+    job = write_job(tmp_path, tiny_world, model={"path": str(other)}, data={"raw": None})
+    assert_one_line(cli("build-queries", str(job)), f"{folder}: factors were fitted on a different model",
+                    "influence fit-factors")
+
+
 # --- outputs -----------------------------------------------------------------------------------------------
 
 def test_output_not_writable(tmp_path, tiny_world, no_ray, monkeypatch):
