@@ -71,6 +71,7 @@ def report_failure(err: BaseException, state: dict[str, Any]) -> None:
         line += f" (after {time.perf_counter() - state['started']:.1f} s)"
     if state.get("debug"):
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        sys.stderr.flush()  # before click's own stream writes the closing line
         click.echo(f"error: {line}", err=True)
         return
     try:

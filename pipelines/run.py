@@ -19,7 +19,7 @@ from typing import Any
 from .config import JobConfig
 from .errors import UserError
 from .io import storage
-from .io.model_source import check_model_folder
+from .io.model_source import check_model_folder, check_tokenizer
 from .io.completion import digest_of
 from .io.shards import list_shards
 from .stages.build_queries import build_queries
@@ -71,7 +71,9 @@ def needs_tokenizer(cfg: JobConfig, stages: tuple[str, ...]) -> bool:
 def check_model(cfg: JobConfig, stages: tuple[str, ...]) -> None:
     """Before any stage starts: the model folder (and its tokenizer when text is tokenized) can be loaded."""
     if set(stages) & {"tokenize", "fit-factors", "build-queries", "score"}:
-        check_model_folder(cfg.model, tokenizer=needs_tokenizer(cfg, stages))
+        check_model_folder(cfg.model)
+        if needs_tokenizer(cfg, stages):
+            check_tokenizer(cfg.model)
 
 
 def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
