@@ -1,31 +1,87 @@
-"""The ``influence`` command: one subcommand per stage, ``run`` for the whole job, ``demo``.
+"""The ``influence`` command: one subcommand per stage, ``run`` for the whole job, ``demo``, ``init``.
 
 Every stage subcommand takes the job's TOML file; each skips outputs that are
 already complete, so any of them can be re-run safely. A short summary ends
 every command: where the tables are, counts, time and tokens/s.
+
+A failure prints one line, ``error: <what to fix>`` (the root cause, unwrapped
+from Ray's wrappers: ``errors.py``), and the path of a log file with the full
+traceback (``<output>/logs/``, or the temp folder); ``--debug`` prints the
+traceback instead. Exit status 1 for a failed command, 2 for a usage error.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import traceback
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import click
 
+from . import errors
 from .cluster.submit import add_cluster_commands
-from .config import ConfigError, JobConfig, load_config
+from .config import VERBOSE_ENV, JobConfig, load_config
+from .job_template import TEMPLATE
 from .results.commands import register as register_readers
-from .run import STAGES, StageFailed, run_job
+from .run import STAGES, run_job
 from .validate.command import register as register_validate
 
 
+def _state() -> dict[str, Any]:
+    """The command's shared state (``debug``, ``output`` once the job file is read, ``started``)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {}
+    return root.obj
+
+
 def _load(path: str) -> JobConfig:
+    cfg = load_config(path)
+    _state()["output"] = cfg.data.output
+    return cfg
+
+
+class InfluenceGroup(click.Group):
+    """The ``influence`` group: every failure below it ends as one line and a log file (``--debug``: a traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, click.UsageError):
+            raise
+        except click.ClickException as err:  # a message by design: no log needed
+            click.echo(f"error: {err.format_message()}", err=True)
+            ctx.exit(err.exit_code)
+        except Exception as err:  # noqa: BLE001 -- the top of the program: nothing may escape as a traceback
+            report_failure(err, _state())
+            ctx.exit(1)
+
+
+def report_failure(err: BaseException, state: dict[str, Any]) -> None:
+    """Print ``error: <root cause>`` and where the traceback went (or the traceback, with ``--debug``)."""
+    line = errors.one_line(err, state.get("output"))
+    if state.get("started") is not None:
+        line += f" (after {time.perf_counter() - state['started']:.1f} s)"
+    if state.get("debug"):
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        sys.stderr.flush()  # before click's own stream writes the closing line
+        click.echo(f"error: {line}", err=True)
+        return
     try:
-        return load_config(path)
-    except (ConfigError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+        log = errors.write_log(err, state.get("output"), sys.argv)
+    except OSError:
+        log = None
+    click.echo(f"error: {line}", err=True)
+    if log is not None:
+        click.echo(f"  full traceback: {log} (or run with --debug)", err=True)
 
 
 def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
@@ -85,21 +141,51 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
 
 def _execute(config: str, stages: tuple[str, ...], quiet: bool) -> None:
     cfg = _load(config)
-    started = time.perf_counter()
-    try:
-        record = run_job(cfg, show_progress=not quiet, stages=stages)
-    except (StageFailed, ValueError, OSError) as err:  # OSError: FileNotFoundError, storage.StorageError
-        raise click.ClickException(f"{err} (after {time.perf_counter() - started:.1f} s)") from err
+    _state()["started"] = time.perf_counter()
+    record = run_job(cfg, show_progress=not quiet, stages=stages)
+    _state().pop("started", None)
     for line in summarize(cfg, record):
         click.echo(line)
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
-def main(verbose: bool) -> None:
+def _version() -> str:
+    try:
+        return metadata.version("corpus-influence")
+    except metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH: the version in pyproject.toml
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        for line in pyproject.read_text().splitlines() if pyproject.exists() else []:
+            if line.startswith("version = "):
+                return line.split("=", 1)[1].strip().strip('"')
+        return "unknown"
+
+
+@click.group(cls=InfluenceGroup)
+@click.version_option(_version(), "--version", prog_name="influence", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level; show third-party progress bars and warnings.")
+@click.option("--debug", is_flag=True, help="On a failure, print the full traceback instead of one line.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
     """EK-FAC influence functions over a corpus, as Ray Data jobs."""
+    ctx.ensure_object(dict)["debug"] = debug
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by model loading, here and in Ray workers started from here
+    else:  # transformers' warnings and progress bars, in this process and the Ray workers it starts
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@main.command()
+@click.argument("path", default="job.toml", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path: str, force: bool) -> None:
+    """Write a commented job file (every key, with its default) to PATH (default: job.toml)."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise click.ClickException(f"{target} exists; use --force to overwrite it")
+    target.write_text(TEMPLATE)
+    click.echo(f"wrote {target}: set model.path and the [data] paths, then `influence run {target}`")
 
 
 def _stage_command(stage: str, help_text: str) -> None:

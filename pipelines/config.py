@@ -8,7 +8,8 @@ Sections (every key optional unless marked required)::
                                        # to <output>/errors/<run_id>.parquet, counts it in the run record
                                        # and goes on (tokenize, fit-factors and score follow it)
     [model]
-    path = "s3://bucket/models/tiny"    # Hugging Face directory, local or object storage
+    path = "s3://bucket/models/tiny"    # Hugging Face folder (local or object storage), or a Hub name
+                                        # ("org/model") already in the local Hugging Face cache
     factory = "pkg.module:make_model"   # or a plain torch model (exactly one of path/factory)
     tokenizer = "..."                   # default: the model path
     layer_pattern = "..."               # regex over module names; default: per architecture
@@ -62,6 +63,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,10 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+
+VERBOSE_ENV = "INFLUENCE_VERBOSE"  # "1" (set by `influence --verbose`): Ray's and transformers' messages shown
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # "org/model"
 
 
 class ConfigError(ValueError):
@@ -294,10 +300,12 @@ def _section(name: str, raw: Any) -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         _fail(f"{name}.{unknown[0]}", raw[unknown[0]], f"unknown key; known keys: {sorted(known)}")
-    try:
-        return cls(**raw)
-    except TypeError as err:  # a required key is missing
-        raise ConfigError(f"[{name}]: {err}") from err
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise ConfigError(f"{name}.{missing[0]} is missing: [{name}] needs {', '.join(required)}")
+    return cls(**raw)
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> JobConfig:
@@ -312,8 +320,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> JobCo
     if base_dir is not None:
         parts["data"] = dataclasses.replace(parts["data"], **{
             k: _resolve(getattr(parts["data"], k), base_dir) for k in ("corpus", "queries", "output", "raw")})
-        parts["model"] = dataclasses.replace(parts["model"], path=_resolve(parts["model"].path, base_dir),
-                                             tokenizer=_resolve(parts["model"].tokenizer, base_dir))
+        parts["model"] = dataclasses.replace(parts["model"], path=_resolve_model(parts["model"].path, base_dir),
+                                             tokenizer=_resolve_model(parts["model"].tokenizer, base_dir))
     return JobConfig(**{k: raw[k] for k in TOP_LEVEL if k in raw}, **parts)
 
 
@@ -323,11 +331,21 @@ def _resolve(url: str | None, base_dir: Path) -> str | None:
     return str((base_dir / url).resolve())
 
 
+def _resolve_model(url: str | None, base_dir: Path) -> str | None:
+    """Like ``_resolve``, but ``org/model`` with no such folder next to the job file stays a Hub name."""
+    resolved = _resolve(url, base_dir)
+    if url is not None and resolved != url and not Path(resolved).exists() and HUB_NAME.match(url):
+        return url
+    return resolved
+
+
 def load_config(path: str | Path) -> JobConfig:
     """Read a TOML job file (relative paths are relative to the file's folder)."""
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {err.start})") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{p}: not valid TOML: {err}") from err
     return config_from_dict(raw, base_dir=p.resolve().parent)

@@ -67,7 +67,8 @@ def s3_server():
 def ray_local(s3_server):
     """A local Ray for the session (started after the S3 variables are set)."""
     import ray
-    from ray.data import DataContext
+
+    from pipelines.runtime.ray_runtime import data_context
 
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
     cache = tempfile.mkdtemp(prefix="infl-cache-")
@@ -75,7 +76,7 @@ def ray_local(s3_server):
     os.environ["INFLUENCE_CACHE_DIR"] = cache
     ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, _temp_dir=temp,
              logging_level=logging.ERROR, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
+    data_context().enable_progress_bars = False
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -292,9 +292,9 @@ def test_leading_space_warning_shows_both_tokenizations(tmp_path):
 
 
 def test_missing_weights_name_model_path(world):
-    (world.model / "model.safetensors").rename(world.model / "pytorch_model.bin")
+    (world.model / "model.safetensors").rename(world.model / "model.ckpt")
     line = first_error(validate(world.job))
-    assert f"model.path = {str(world.model)!r}" in line and "pytorch_model.bin" in line and "safetensors" in line
+    assert f"model.path = {str(world.model)!r}" in line and "model.ckpt" in line and "safetensors" in line
 
 
 def test_tracked_layers_not_found_names_layer_pattern(world):

@@ -41,7 +41,9 @@ def tiny_gpt2(vocab_size: int, context: int = 64, width: int = 64, layers: int =
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=2)
-    return GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval()
+    model.loss_type = "ForCausalLM"  # the class name maps to no loss: transformers would warn, then use this one
+    return model
 
 
 def train(model, sequences: Sequence[Sequence[int]], epochs: int, max_seconds: float = float("inf"),
@@ -78,6 +80,9 @@ def train(model, sequences: Sequence[Sequence[int]], epochs: int, max_seconds: f
 
 def save_model(model, directory: str | Path) -> Path:
     """save_pretrained with safetensors."""
+    from ..io.model_loading import quiet_transformers
+
     Path(directory).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    with quiet_transformers():  # no "Writing model shards" bar
+        model.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)

@@ -1,20 +1,31 @@
 """Loading the model (and its tokenizer) on a driver or an actor.
 
 Two kinds of model:
-- a Hugging Face directory (local, or in object storage: copied once per node
-  into the local cache), loaded with ``AutoModelForCausalLM`` from safetensors
-  only, ``trust_remote_code`` off unless the job turns it on;
+- a Hugging Face folder (a local folder, an object-storage folder copied once
+  per node into the local cache, or a Hub name from the local Hugging Face
+  cache: ``model_source.py``, which also checks the folder before any stage
+  starts), loaded with ``AutoModelForCausalLM``: weights in safetensors
+  (preferred) or ``pytorch_model.bin``, which transformers reads with
+  ``torch.load(weights_only=True)``, so a ``.bin`` that holds pickled Python
+  objects other than tensors is refused, never unpickled; ``trust_remote_code``
+  off unless the job turns it on;
 - ``module:factory``, a function returning a plain ``torch.nn.Module`` whose
   ``forward(input_ids)`` returns logits [B, T, V].
 
-The model is always put in ``eval()`` mode (the engine refuses active dropout).
+transformers' progress bars and warnings are off while loading unless
+``INFLUENCE_VERBOSE=1`` (``influence --verbose``). The model is always put in
+``eval()`` mode (the engine refuses active dropout).
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import logging
+import os
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +33,10 @@ from torch import nn
 
 from influence_ops import TrackedLayer, find_mlp_layers
 
-from ..config import DType, ModelConfig
+from ..config import VERBOSE_ENV, DType, ModelConfig
+from ..errors import UserError
 from . import storage
+from .model_source import check_model_folder, check_tokenizer, import_factory, model_source
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +86,46 @@ def _context(model: nn.Module) -> int | None:
     return getattr(model, "context", None)
 
 
-def import_factory(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars and warnings off (unless INFLUENCE_VERBOSE=1), restored afterwards."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"model.factory = {spec!r}: cannot import {module_name!r}: {err}") from err
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(cfg: ModelConfig, local: Path) -> nn.Module:
+    """``AutoModelForCausalLM`` from a local folder: safetensors when present, else ``pytorch_model.bin``."""
+    from transformers import AutoModelForCausalLM
+
+    safetensors = any(local.glob("*.safetensors"))
     try:
-        return getattr(module, attr)
-    except AttributeError as err:
-        raise ValueError(f"model.factory = {spec!r}: {module_name!r} has no attribute {attr!r}") from err
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=safetensors,
+                                                        trust_remote_code=cfg.trust_remote_code,
+                                                        local_files_only=True)
+    except ValueError as err:
+        if cfg.trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise UserError(f"model.path '{cfg.path}' ships its own code (auto_map in config.json), which is not run: "
+                        "set model.trust_remote_code = true only for a model you trust") from err
+    except (pickle.UnpicklingError, OSError) as err:
+        if safetensors or ("weights_only" not in str(err) and not isinstance(err, pickle.UnpicklingError)):
+            raise
+        raise UserError(f"model.path '{cfg.path}': pytorch_model.bin holds pickled Python objects, not only "
+                        "tensors; it is not unpickled (torch.load weights_only=True): convert it to safetensors"
+                        ) from err
 
 
 def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
@@ -95,11 +138,8 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
         if not isinstance(model, nn.Module):
             raise TypeError(f"model.factory = {cfg.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     else:
-        from transformers import AutoModelForCausalLM
-
-        local = storage.local_copy(cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=True,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        check_model_folder(cfg)
+        model = _from_pretrained(cfg, storage.local_copy(model_source(cfg.path)))
     model = model.to(device=device, dtype=weight_dtype).eval()
     for p in model.parameters():
         p.requires_grad_(True)  # activations need a graph; no .grad is ever written
@@ -110,12 +150,13 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model's Hugging Face tokenizer (a fast tokenizer is needed for chunk offsets)."""
-    if cfg.tokenizer_path is None:
-        raise ValueError("model.tokenizer is not set: a factory model needs a tokenizer path to tokenize text")
+    check_tokenizer(cfg)
     from transformers import AutoTokenizer
 
-    local = storage.local_copy(cfg.tokenizer_path)
-    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
+    local = storage.local_copy(model_source(cfg.tokenizer_path, "model.tokenizer" if cfg.tokenizer else "model.path"))
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code,
+                                             local_files_only=True)
 
 
 def model_identity(cfg: ModelConfig) -> str:
@@ -129,4 +170,4 @@ def model_identity(cfg: ModelConfig) -> str:
         from influence_ops import model_fingerprint
 
         return model_fingerprint(load_model(cfg).layers)
-    return storage.folder_identity(cfg.path)
+    return storage.folder_identity(model_source(cfg.path))

@@ -214,7 +214,7 @@ def list_shards(corpus: str) -> list[str]:
     """The shard files of a corpus prefix or glob (sorted); ValueError when there is none."""
     found = storage.list_files(corpus, suffix=".parquet")
     if not found:
-        raise ValueError(f"corpus {corpus!r}: no Parquet shards found")
+        raise ValueError(f"data.corpus = {corpus!r}: no Parquet shards found")
     return found
 
 

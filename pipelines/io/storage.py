@@ -206,7 +206,10 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = filesystem(url)
         with fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
-    return retry(url, "read", read)
+    try:
+        return retry(url, "read", read)
+    except pa.ArrowInvalid as err:  # truncated, or not Parquet
+        raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
 
 
 def read_table(url: str) -> pa.Table:
@@ -214,7 +217,11 @@ def read_table(url: str) -> pa.Table:
     if url.endswith(".parquet"):
         return read_parquet(url)
     rows = []
-    for n, line in enumerate(read_bytes(url).decode().splitlines()):
+    for n, raw in enumerate(read_bytes(url).splitlines()):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{url}: line {n + 1} is not UTF-8 text (byte {err.start} of the line)") from err
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -229,7 +236,11 @@ def parquet_metadata(url: str) -> dict[str, str]:
         fs, path = filesystem(url)
         with fs.open(path, "rb") as f:
             return pq.read_schema(f).metadata or {}
-    return {k.decode(): v.decode() for k, v in retry(url, "footer read", read).items()}
+    try:
+        meta = retry(url, "footer read", read)
+    except pa.ArrowInvalid as err:  # truncated, or not Parquet
+        raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
+    return {k.decode(): v.decode() for k, v in meta.items()}
 
 
 def footer_metadata(url: str) -> dict[str, str] | None:

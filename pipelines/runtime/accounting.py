@@ -18,6 +18,14 @@ its own, where Ray's task attempt number is not visible, hence the ledger.
 The ledger is bookkeeping only: if it is lost, units go on and the run record
 shows the retries as unknown.
 
+Constructor errors: an exception raised by the stage callable's ``__init__``
+(a model that does not load, queries built on another model) is kept and
+raised again on the actor's first unit. Ray then hands the exception itself
+to the driver (a task error, not retried), where ``errors.root_cause`` finds
+it; raised in ``__init__``, it would kill the actor, and the driver would get
+only an ``ActorDiedError`` holding its text, after Ray's retries of the actor's
+first call.
+
 ``UnitLog.summary()`` is what the run record shows: units, per-node units and
 busy seconds, per-actor units and busy seconds, retries (unit starts beyond
 the first), restarted actors, and the gap an actor waited between finishing
@@ -99,7 +107,11 @@ class UnitActor:
         import ray
 
         self.ledger = _ledger
-        self.inner = self._target(**kwargs)
+        self.init_error: Exception | None = None
+        try:
+            self.inner = self._target(**kwargs)
+        except Exception as err:  # noqa: BLE001 -- not swallowed: raised again on the first unit (see below)
+            self.init_error = err
         ctx = ray.get_runtime_context()
         self.node = ctx.get_node_id()[:12]
         self.actor = (ctx.get_actor_id() or "driver")[:12]
@@ -107,6 +119,8 @@ class UnitActor:
         self.restarted = bool(ctx.was_current_actor_reconstructed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.init_error is not None:
+            raise self.init_error
         if self.ledger is not None:
             import ray
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,19 +21,23 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ResourceConfig
+from ..config import VERBOSE_ENV, ResourceConfig
 from .accounting import UnitLog, ledger_actor, ledger_counts, wrap
 
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float]:
+def ensure_ray(resources: ResourceConfig, quiet: bool | None = None) -> dict[str, float]:
     """Join the configured cluster or start a local Ray (once); returns the cluster's resources.
 
     With no ``ray_address``, a job whose driver runs inside a Ray job (``RAY_ADDRESS``
-    set, e.g. by ``influence submit``) joins that cluster.
+    set, e.g. by ``influence submit``) joins that cluster. ``quiet`` (default: unless
+    ``INFLUENCE_VERBOSE=1``) keeps Ray's own messages off the terminal.
     """
     import ray
+
+    if quiet is None:
+        quiet = os.environ.get(VERBOSE_ENV) != "1"
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -45,14 +50,71 @@ def ensure_ray(resources: ResourceConfig, quiet: bool = True) -> dict[str, float
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             store = resources.object_store_mb * 2**20 or min(2**30, int(0.2 * total))
             ray.init(num_cpus=os.cpu_count(), object_store_memory=store, **kwargs)
-    from ray.data import DataContext
-
-    if quiet:  # per-dataset "execution finished" lines; our own progress bars say the same
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ctx = DataContext.get_current()
+    if quiet:  # per-dataset lines, and Ray Data's own report of a failed run (the CLI reports it, once)
+        # Ray Data re-reads its logging config (e.g. when a dataset's context is set), and its
+        # RAY_DATA_LOG_LEVEL variable then wins over any level set here: set both
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
+        logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+    ctx = data_context()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # a stage's own exception reaches the driver, not a UserCodeException
+    spend_restart_warning()
     return dict(ray.cluster_resources())
+
+
+def data_context() -> Any:
+    """Ray Data's ``DataContext.get_current()``, without the DeprecationWarnings Ray 2.60 emits making it.
+
+    ``DataContext()`` itself assigns its deprecated fields (``use_push_based_shuffle``,
+    ``use_polars``, ``use_arrow_tensor_v2``) and warns about each; no call of ours can avoid
+    that, so the warnings of that one construction are dropped (only those, only there).
+    """
+    from ray.data import DataContext
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray.data.context")
+        return DataContext.get_current()
+
+
+class _Probe:
+    def __init__(self, arg: Any) -> None:
+        pass
+
+
+_SPENT = False
+
+
+def spend_restart_warning() -> None:
+    """Spend, away from the terminal, the error-level line Ray prints once per process for restartable actors.
+
+    Ray's core worker logs ``... has constructor arguments in the object store and
+    max_restarts > 0 ...`` (ray-project/ray#53727) the first time a process creates
+    an actor that may restart and whose constructor arguments are object references.
+    Ray Data's actor pools are always such actors (it passes the map function by
+    reference) and the caveat does not hold for them (the driver holds those
+    references while the pool lives), but turning restarts off would lose node-loss
+    recovery. So the driver creates one such actor itself, with its stderr pointed
+    at /dev/null for that one synchronous call, and kills it: the line is spent.
+    """
+    global _SPENT
+    import ray
+
+    if _SPENT or ray.util.client.ray.is_connected():  # a Ray Client driver has no core worker of its own
+        return
+    _SPENT = True
+    ref = ray.put(b"")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        probe = ray.remote(_Probe).options(num_cpus=0, max_restarts=1).remote([ref])
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    ray.kill(probe)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,10 @@ import pyarrow as pa
 from influence_ops import PreconditionedQueries, load_factors, precondition_queries, query_batch, save_queries
 
 from ..config import JobConfig
+from ..errors import UserError
 from ..io import completion, storage
 from ..io.model_loading import LoadedModel, load_model, load_tokenizer, pick_device
+from ..io.model_source import has_tokenizer
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -100,10 +102,13 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
         return {**done, "skipped": True}
     start = time.perf_counter()
     loaded = load_model(cfg.model, pick_device(True))
-    tokenizer = load_tokenizer(cfg.model) if cfg.model.tokenizer_path else None
+    tokenizer = load_tokenizer(cfg.model) if has_tokenizer(cfg.model) else None
     rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
-    factors_dir = storage.local_copy(storage.join(cfg.data.output, "factors"))
-    factors = load_factors(factors_dir, loaded.layers, device=loaded.device)
+    factors_url = storage.join(cfg.data.output, "factors")
+    try:
+        factors = load_factors(storage.local_copy(factors_url), loaded.layers, device=loaded.device)
+    except ValueError as err:
+        raise UserError(f"{factors_url}: {err}; refit them (influence fit-factors) for model.path") from err
     pq = precondition(loaded, factors, rows, cfg.scoring.rank, cfg.factors.damping, cfg.resources.batch_size)
     table = pa.table({
         "query_id": pa.array(rows.ids, pa.string()),

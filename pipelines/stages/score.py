@@ -39,6 +39,7 @@ import torch
 from influence_ops import Strategy, TokenBatch, TopKAccumulator, load_queries, score_batch
 
 from ..config import JobConfig, ModelConfig
+from ..errors import UserError
 from ..io import completion, storage
 from ..io.model_loading import load_model, pick_device
 from ..io.shards import Sequences, iter_shard, list_shards, row_counts, shard_name
@@ -82,7 +83,10 @@ class ShardScorer:
         local = storage.local_copy(queries_url)
         dtype = torch.float64 if next(self.m.model.parameters()).dtype == torch.float64 else torch.float32
         self.queries = load_queries(local).to(self.m.device, dtype)
-        self.queries.check_model(self.m.layers)  # once per actor: queries built on another model are refused
+        try:  # once per actor: queries built on another model are refused
+            self.queries.check_model(self.m.layers)
+        except ValueError as err:
+            raise UserError(f"{queries_url}: {err}; rebuild them (influence build-queries) for model.path") from err
         self.top_k, self.batch_size, self.sort_window = top_k, batch_size, sort_window
         self.strategy = Strategy(strategy)
         self.too_long = too_long  # data.too_long: sequences longer than the model's context

@@ -40,6 +40,7 @@ from influence_ops import score_batch
 from ..config import JobConfig
 from ..io import storage
 from ..io.model_loading import load_tokenizer
+from ..io.model_source import has_tokenizer
 from ..io.shards import read_rows
 from ..io.token_text import read_texts, token_pieces
 from ..runtime.batching import token_batches
@@ -76,7 +77,7 @@ class TokenScorer(ShardScorer):
     def __init__(self, *args: Any, per_token: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.per_token = per_token
-        self.tokenizer = load_tokenizer(kwargs["model"]) if kwargs["model"].tokenizer_path else None
+        self.tokenizer = load_tokenizer(kwargs["model"]) if has_tokenizer(kwargs["model"]) else None
 
     def detail(self, unit: dict[str, Any]) -> tuple[pa.Table, pa.Table]:
         """(doc rows, token rows) of one unit."""

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
+from ..io.model_source import model_source
 from ..io.shards import corpus_root
 from ..runtime.failures import FailureLog, guard
 from ..runtime.progress import bar
@@ -101,12 +103,45 @@ class Tokenizer:
                 "tokens": np.asarray(tokens), "error": np.asarray(errors, dtype=object)}
 
 
+def raw_columns(url: str) -> list[str]:
+    """The columns of a raw file: a Parquet file's schema, or the keys of a JSONL file's first row."""
+    if url.endswith(".parquet"):
+        fs, path = storage.filesystem(url)
+        try:
+            with fs.open(path, "rb") as f:
+                return list(pq.read_schema(f).names)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        for n, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{url}: line {n + 1} is not a JSON object in UTF-8 ({err})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{url}: line {n + 1} is not a JSON object")
+            return list(row)
+    return []
+
+
+def check_raw_columns(urls: list[str], text_column: str, id_column: str) -> None:
+    """Before Ray starts: every raw file has the text and id columns (ValueError naming the file and the key)."""
+    for url in urls:
+        columns = raw_columns(url)
+        for key, col in (("data.text_column", text_column), ("data.id_column", id_column)):
+            if col not in columns:
+                raise ValueError(f"{url}: no column {col!r} ({key}); its columns: {columns}")
+
+
 def context_length(model: ModelConfig) -> int:
     """model.max_length, else the context of the model's config (read without loading weights)."""
     if model.max_length is not None:
         return model.max_length
     if model.path is not None:
-        cfg = json.loads(storage.read_bytes(storage.join(model.path, "config.json")))
+        cfg = json.loads(storage.read_bytes(storage.join(model_source(model.path), "config.json")))
         for key in ("n_positions", "max_position_embeddings", "n_ctx"):
             if cfg.get(key):
                 return int(cfg[key])
@@ -125,7 +160,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
     if len(set(stems)) != len(stems):
         raise ValueError(f"data.raw = {cfg.data.raw!r}: two input files share a name")
-    tokenizer_id = storage.folder_identity(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else ""
+    tokenizer_id = storage.folder_identity(model_source(cfg.model.tokenizer_path)) if cfg.model.tokenizer_path else ""
     root = corpus_root(cfg.data.corpus)
     units = []
     for url, stem, (_, size) in zip(inputs, stems, completion.shard_fingerprints(inputs)):
@@ -139,6 +174,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     failures = FailureLog("tokenize", cfg.on_error)
     by_output = {u["output"]: u["input"] for u in units}
     if units:
+        check_raw_columns([u["input"] for u in units], cfg.data.text_column, cfg.data.id_column)
         cluster = ensure_ray(cfg.resources)
         args = {"model": cfg.model, "max_length": max_length, "text_column": cfg.data.text_column,
                 "id_column": cfg.data.id_column}

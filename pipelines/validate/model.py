@@ -18,10 +18,13 @@ from typing import Any
 
 from ..config import ConfigError, ModelConfig
 from ..io import storage
+from ..io.model_source import model_source
 
-# Weights the loader reads (``io.model_loading.load_model``: safetensors only, never pickles).
+# Weights the loader reads (``io.model_loading.load_model``): safetensors, or pytorch_model.bin through
+# torch.load(weights_only=True) (never unpickling arbitrary objects).
 WEIGHT_SUFFIXES = (".safetensors",)
 WEIGHT_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # Files that hold a tokenizer's vocabulary (one is enough): fast, BPE, WordPiece, SentencePiece.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model")
@@ -76,18 +79,20 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def _check_weights(path: str, names: list[str]) -> None:
-    if WEIGHT_INDEX in names or any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+    if WEIGHT_INDEX in names or any(n.endswith(WEIGHT_SUFFIXES) or n in TORCH_WEIGHTS for n in names):
         return
     others = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"))]
     found = f"found only {others}" if others else "found no weight file"
     raise ConfigError(f"model.path = {path!r}: {found}; weights must be safetensors (model.safetensors or "
-                      f"{WEIGHT_INDEX} with its shards): convert with save_pretrained(..., safe_serialization=True)")
+                      f"{WEIGHT_INDEX} with its shards) or pytorch_model.bin")
 
 
 def check_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer (loaded); ConfigError when there is none where the job says."""
     url = cfg.tokenizer_path
     key = "model.tokenizer" if cfg.tokenizer else "model.path"
+    if url is not None:
+        url = model_source(url, key)
     if url is None:
         raise ConfigError("model.tokenizer is not set: a factory model needs a tokenizer folder for text "
                           "(data.raw or text queries)")
@@ -162,8 +167,9 @@ def check_model(cfg: ModelConfig, needs_tokenizer: bool) -> ModelInfo:
         model, config = _factory_model(cfg), {}
         description = f"factory {cfg.factory}"
     else:
-        names = _files("model.path", cfg.path)
-        config = _read_config(cfg.path)
+        source = model_source(cfg.path)  # a folder, an object-storage URL, or a Hub name's cached snapshot
+        names = _files("model.path", source)
+        config = _read_config(source)
         _check_weights(cfg.path, names)
         try:
             model = _meta_model(config, cfg.trust_remote_code)

@@ -1,0 +1,62 @@
+"""The commented job file ``influence init`` writes: every key of ``config.py``, with its default.
+
+Keys without a default value are commented out (``# key = ...``); the four
+paths every job needs hold placeholders. ``load_config`` accepts the file as
+written (tests/test_cli_errors.py checks that every config key is in it).
+"""
+
+TEMPLATE = """\
+# An influence job (EK-FAC influence functions over a corpus). Relative local paths are
+# relative to this file's folder; s3:// and gs:// URLs work wherever a path does.
+# Run it with `influence run job.toml`; each stage can also run alone (influence --help).
+
+# run_id = "my-run"               # default: the UTC time and a hash of this config
+
+[model]
+path = "model"                    # a Hugging Face model folder (config.json + model.safetensors or
+                                  # pytorch_model.bin), local or s3://, or a Hub name ("org/model")
+                                  # already in the local Hugging Face cache (nothing is downloaded)
+# factory = "pkg.module:make"     # instead of path: a function returning a torch.nn.Module
+# tokenizer = "tokenizer"         # folder of the tokenizer; default: model.path
+# layer_pattern = "mlp"           # regex over module names; default: the MLP layers of the architecture
+dtype = "float32"                 # float32 | float64 | bfloat16
+# max_length = 128                # chunk length of `tokenize`; default: the model's context
+trust_remote_code = false         # true runs Python code shipped with the model: only for models you trust
+
+[data]
+# raw = "raw"                     # raw text for `tokenize`: JSONL or Parquet files (a folder or a glob)
+text_column = "text"              # column of the raw text
+id_column = "id"                  # column of the document ids
+corpus = "shards"                 # required: folder (prefix) or glob of the tokenized Parquet shards
+queries = "queries.jsonl"         # required: JSONL or Parquet, one query a row: query_id, prompt, completion
+                                  # (give the completion its leading space, e.g. " Paris") or
+                                  # prompt_ids + completion_ids
+output = "output"                 # required: folder of every result (factors, queries, scores, tables)
+
+[factors]
+# sample_sequences = 1000         # sequences the factors are fitted on; default: the whole corpus
+# sample_tokens = 100000          # or a token budget (not both)
+fisher = "sampled"                # sampled | empirical
+# damping = 0.001                 # absolute damping; default: 0.1 x mean eigenvalue, per layer
+seed = 0                          # seed of the sample and of the sampled labels
+blocks = 1                        # block-diagonal blocks per factor (more: less memory, coarser)
+unit_sequences = 256              # sequences per unit of work
+
+[scoring]
+top_k = 10                        # sequences kept per query and side (top and bottom)
+rank = 32                         # rank of the preconditioned queries; 0 = dense
+per_token = true                  # per-token scores of the top-k rows (token_scores/)
+strategy = "auto"                 # auto | materialize | per_token
+sort_window = 512                 # rows sorted by length together (less padding)
+
+[resources]
+ray_address = ""                  # "" = a local Ray sized for this machine; or "ray://host:10001", "auto"
+actors = 1                        # actors that hold the model
+gpus_per_actor = "auto"           # "auto" (1 when the cluster has GPUs) or a number
+cpus_per_actor = 1.0
+threads_per_actor = 0             # torch threads per actor; 0 = torch's default
+batch_size = 8                    # sequences per forward/backward pass
+object_store_mb = 0               # local Ray only; 0 = min(1 GiB, 20% of RAM)
+actor_restarts = -1               # restarts of an actor whose node died (-1 = no limit)
+task_retries = -1                 # retries of a unit whose actor died (-1 = until it is back)
+"""

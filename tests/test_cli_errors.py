@@ -1,0 +1,398 @@
+"""Bad inputs against the real ``influence`` command: one line that names what to fix, no traceback.
+
+Each case asserts the exit status, the ``error:`` line (it names the job key,
+the file, the row or the field), that no traceback reaches the terminal, and
+that the full traceback went to a log file whose path is printed. Most cases
+fail before Ray starts (``ensure_ray`` is patched to fail the test if it is
+reached); the few that need Ray share one finished job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.job_template import TEMPLATE
+
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def stderr_of(result) -> str:
+    return getattr(result, "stderr", None) or result.output
+
+
+def assert_one_line(result, *words: str, code: int = 1) -> str:
+    """The command failed with ``code``, one ``error:`` line holding ``words``, no traceback; returns the line."""
+    err = stderr_of(result)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    log = re.search(r"full traceback: (\S+)", err)
+    assert log and Path(log.group(1)).is_file() and "Traceback" in Path(log.group(1)).read_text(), err
+    return lines[0]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if a stage reaches Ray (the error must come before)."""
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started before the error was found")
+
+    for mod in ("tokenize", "fit_factors", "score", "token_scores"):
+        monkeypatch.setattr(f"pipelines.stages.{mod}.ensure_ray", refuse, raising=False)
+
+
+def write_job(folder: Path, world: Path, model: dict | None = None, data: dict | None = None,
+              extra: str = "") -> Path:
+    model = model if model is not None else {"path": str(world / "model")}
+    data = {"raw": str(world / "raw"), "corpus": str(folder / "shards"), "queries": str(world / "queries.jsonl"),
+            "output": str(folder / "out"), **(data or {})}
+    lines = ['run_id = "t"', "[model]"] + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
+    lines += ["[data]"] + [f"{k} = {json.dumps(v)}" for k, v in data.items() if v is not None]
+    lines += ["[factors]", "sample_sequences = 12", "unit_sequences = 6", "[scoring]", "top_k = 2", "rank = 2",
+              "[resources]", "actors = 1", "batch_size = 4", "cpus_per_actor = 0.5", "object_store_mb = 256", extra]
+    path = folder / "job.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def copy_model(world: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
+    dest.mkdir(parents=True)
+    for f in (world / "model").iterdir():
+        if f.name not in skip:
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+# --- job files ---------------------------------------------------------------------------------------------
+
+def test_missing_data_key_names_the_key(tmp_path, tiny_world, no_ray):
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\npath = "{tiny_world / "model"}"\n[data]\ncorpus = "c"\noutput = "o"\n')
+    line = assert_one_line(cli("run", str(job)), "data.queries is missing")
+    assert "__init__" not in line and "positional" not in line
+
+
+def test_bad_toml_and_unknown_key(tmp_path, no_ray):
+    job = tmp_path / "job.toml"
+    job.write_text('[model\npath = "m"\n')
+    assert_one_line(cli("fit-factors", str(job)), str(job), "not valid TOML")
+    job.write_text('[model]\npath = "m"\nlayer = "x"\n[data]\ncorpus = "c"\nqueries = "q"\noutput = "o"\n')
+    assert_one_line(cli("score", str(job)), "model.layer", "unknown key")
+
+
+def test_job_file_not_utf8(tmp_path, no_ray):
+    job = tmp_path / "job.toml"
+    job.write_bytes(b'[model]\npath = "m\xff"\n')
+    assert_one_line(cli("run", str(job)), str(job), "not UTF-8")
+
+
+def test_usage_error_exits_2(tmp_path):
+    result = cli("run", str(tmp_path / "nope.toml"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+def test_mistyped_model_path(tmp_path, tiny_world, no_ray):
+    job = write_job(tmp_path, tiny_world, model={"path": str(tmp_path / "modl")})
+    assert_one_line(cli("run", str(job)), f"model.path '{tmp_path / 'modl'}' does not exist")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["logs"]  # found before anything else was written
+
+
+def test_relative_mistyped_model_path_is_not_a_repo_id_riddle(tmp_path, tiny_world, no_ray, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    job = write_job(tmp_path, tiny_world, model={"path": "modl"})
+    line = assert_one_line(cli("fit-factors", str(job)), f"model.path '{tmp_path / 'modl'}' does not exist")
+    assert "Repo id" not in line
+    job = write_job(tmp_path, tiny_world, model={"path": "org/modl"})  # could be either: both are said
+    line = assert_one_line(cli("fit-factors", str(job)), "model.path 'org/modl' is not a folder",
+                           "not in the Hugging Face cache", "jobs never download models")
+
+
+def test_hub_name_not_cached_offline(tmp_path, tiny_world, no_ray, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    job = write_job(tmp_path, tiny_world, model={"path": "someorg/some-model"})
+    assert_one_line(cli("run", str(job)), "model.path 'someorg/some-model'", "not in the Hugging Face cache",
+                    "offline", "set model.path to a model folder")
+
+
+def test_model_folder_without_tokenizer_fails_before_fitting(tmp_path, tiny_world, no_ray):
+    model = copy_model(tiny_world, tmp_path / "bare", skip=("tokenizer.json", "tokenizer_config.json",
+                                                             "special_tokens_map.json"))
+    job = write_job(tmp_path, tiny_world, model={"path": str(model)}, data={"raw": None})
+    assert_one_line(cli("run", str(job)), f"no tokenizer in model.path '{model}'", "set model.tokenizer")
+    assert not (tmp_path / "out" / "factors").exists()
+
+
+def test_model_folder_without_config_or_weights(tmp_path, tiny_world, no_ray):
+    no_config = copy_model(tiny_world, tmp_path / "a", skip=("config.json",))
+    job = write_job(tmp_path, tiny_world, model={"path": str(no_config)})
+    assert_one_line(cli("run", str(job)), f"model.path '{no_config}'", "no config.json")
+    no_weights = copy_model(tiny_world, tmp_path / "b", skip=("model.safetensors",))
+    job = write_job(tmp_path, tiny_world, model={"path": str(no_weights)})
+    assert_one_line(cli("run", str(job)), f"model.path '{no_weights}'", "no weights")
+
+
+def test_factory_that_does_not_import(tmp_path, tiny_world, no_ray):
+    job = write_job(tmp_path, tiny_world, model={"factory": "no_such_module_xyz:make", "tokenizer": "t"})
+    assert_one_line(cli("fit-factors", str(job)), "model.factory = 'no_such_module_xyz:make'", "cannot import")
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+def test_raw_file_without_text_column(tmp_path, tiny_world, no_ray):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text(json.dumps({"id": "x", "body": "the cat"}) + "\n")
+    job = write_job(tmp_path, tiny_world, data={"raw": str(raw)})
+    assert_one_line(cli("tokenize", str(job)), str(raw / "a.jsonl"), "no column 'text'", "data.text_column")
+
+
+def test_queries_file_not_utf8_names_file_and_line(tmp_path, tiny_world, no_ray):
+    queries = tmp_path / "q.jsonl"
+    queries.write_bytes(b'{"query_id": "a", "prompt": "the", "completion": "cat"}\n'
+                        b'{"query_id": "b", "prompt": "the \xe9", "completion": "dog"}\n')
+    job = write_job(tmp_path, tiny_world, data={"queries": str(queries)})
+    assert_one_line(cli("run", str(job)), str(queries), "line 2", "not UTF-8")
+
+
+def test_queries_file_missing(tmp_path, tiny_world, no_ray):
+    job = write_job(tmp_path, tiny_world, data={"queries": str(tmp_path / "nope.jsonl")})
+    assert_one_line(cli("build-queries", str(job)), f"data.queries '{tmp_path / 'nope.jsonl'}' does not exist")
+
+
+def test_factors_of_another_model_name_the_factors_folder(tmp_path, tiny_world, no_ray):
+    """build-queries on the driver: factors fitted on model A, the job's model is B (same layers, new weights)."""
+    from influence_ops import Fisher, collate, fit_ekfac, save_factors
+    from pipelines.config import ModelConfig
+    from pipelines.demo.model import save_model, tiny_gpt2
+    from pipelines.io.model_loading import load_model
+
+    m = load_model(ModelConfig(path=str(tiny_world / "model")))
+    factors = fit_ekfac(m.model, m.layers, [collate([[1, 2, 3, 4], [3, 4, 5]])], fisher=Fisher.EMPIRICAL)
+    folder = tmp_path / "out" / "factors"
+    save_factors(factors, folder)
+    (folder / "_pipeline.json").write_text(json.dumps({"key": "k", "digest": "d"}))
+    other = copy_model(tiny_world, tmp_path / "other")
+    save_model(tiny_gpt2(m.vocab_size, context=16, width=16, layers=2, heads=2, seed=99), other)
+    job = write_job(tmp_path, tiny_world, model={"path": str(other)}, data={"raw": None})
+    assert_one_line(cli("build-queries", str(job)), f"{folder}: factors were fitted on a different model",
+                    "influence fit-factors")
+
+
+# --- outputs -----------------------------------------------------------------------------------------------
+
+def test_output_not_writable(tmp_path, tiny_world, no_ray, monkeypatch):
+    """As root no folder is unwritable: a write that the OS refuses is simulated at the storage layer."""
+    from pipelines.io import storage
+
+    real = storage.write_bytes
+
+    def refuse(url: str, data: bytes) -> None:
+        if url.startswith(str(tmp_path / "out")):
+            raise PermissionError(13, "Permission denied", url)
+        real(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes", refuse)
+    job = write_job(tmp_path, tiny_world, data={"raw": None})
+    assert_one_line(cli("run", str(job)), f"data.output '{tmp_path / 'out'}' is not writable",
+                    "resolved_config.json")
+
+
+def test_output_under_a_file(tmp_path, tiny_world, no_ray):
+    (tmp_path / "file").write_text("x")
+    job = write_job(tmp_path, tiny_world, data={"raw": None, "output": str(tmp_path / "file" / "out")})
+    line = assert_one_line(cli("run", str(job)), str(tmp_path / "file"))
+    assert "data.output" in line or "Not a directory" in line
+
+
+def test_truncated_scores_file_is_named(tmp_path, tiny_world, no_ray):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"doc_id": ["a"], "input_ids": [[1, 2]]}), shards / "s0.parquet")
+    for stage in ("factors", "queries"):  # complete (as far as `merge` looks)
+        (tmp_path / "out" / stage).mkdir(parents=True)
+        (tmp_path / "out" / stage / "_pipeline.json").write_text(json.dumps({"key": "k", "digest": "d"}))
+    scores = tmp_path / "out" / "scores"
+    scores.mkdir(parents=True)
+    (scores / "s0.parquet").write_bytes(b"PAR1 truncated")
+    job = write_job(tmp_path, tiny_world, data={"raw": None})
+    assert_one_line(cli("merge", str(job)), str(scores / "s0.parquet"), "not a readable Parquet file")
+
+
+# --- the command itself ------------------------------------------------------------------------------------
+
+def test_debug_prints_the_traceback(tmp_path, tiny_world, no_ray):
+    job = write_job(tmp_path, tiny_world, model={"path": str(tmp_path / "modl")})
+    result = CliRunner().invoke(main, ["--debug", "run", str(job)])
+    assert result.exit_code == 1 and "Traceback" in stderr_of(result)
+    assert "error: model.path" in stderr_of(result) and "full traceback:" not in stderr_of(result)
+
+
+def test_log_goes_to_the_output_folder(tmp_path, tiny_world, no_ray):
+    (tmp_path / "out").mkdir()
+    job = write_job(tmp_path, tiny_world, model={"path": str(tmp_path / "modl")})
+    result = cli("run", str(job))
+    logs = list((tmp_path / "out" / "logs").glob("*.log"))
+    assert len(logs) == 1 and str(logs[0]) in stderr_of(result)
+    assert "model.path" in logs[0].read_text() and "UserError" in logs[0].read_text()
+
+
+def test_version():
+    result = cli("--version")
+    assert result.exit_code == 0 and re.match(r"influence \d+\.\d+", result.output)
+
+
+def test_init_writes_a_template_load_config_accepts(tmp_path):
+    import dataclasses
+
+    from pipelines import config
+
+    result = cli("init", str(tmp_path / "job.toml"))
+    assert result.exit_code == 0, result.output
+    cfg = load_config(tmp_path / "job.toml")
+    assert cfg.model.path == str(tmp_path / "model") and cfg.data.output == str(tmp_path / "output")
+    text = (tmp_path / "job.toml").read_text()
+    assert text == TEMPLATE
+    head = text.split("\n[")[0]
+    for f in dataclasses.fields(config.JobConfig):  # top-level keys
+        if f.name not in config._SECTIONS:
+            assert re.search(rf"^#? ?{f.name} = ", head, re.M), f"{f.name} is not in the template"
+    placeholders = {"path", "corpus", "queries", "output"}
+    for section, cls in config._SECTIONS.items():  # every key of config.py is in the template, with its default
+        body = text.split(f"[{section}]")[1].split("\n[")[0]
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^#? ?{f.name} = ", body, re.M), f"{section}.{f.name} is not in the template"
+            if re.search(rf"^{f.name} = ", body, re.M) and f.name not in placeholders:
+                assert getattr(getattr(cfg, section), f.name) == f.default, f"{section}.{f.name} is not the default"
+    again = cli("init", str(tmp_path / "job.toml"))
+    assert again.exit_code == 1 and "exists" in stderr_of(again)
+
+
+# --- Ray's wrappers ----------------------------------------------------------------------------------------
+
+def test_ray_wrappers_are_unwrapped_to_the_cause():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from pipelines.errors import UserError, one_line, root_cause
+
+    cause = UserError("/out/queries: queries were built on a different model")
+    wrapped = RayTaskError("ShardScorer.__call__", "Traceback (most recent call last):\n  ...", cause)
+    assert root_cause(wrapped) is cause and one_line(wrapped) == str(cause)
+    # an actor whose constructor raised: only the text of its error reaches the driver
+    text = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in __init__\n"
+            "pipelines.errors.UserError: model.path '/m' does not exist\n")
+    died = ActorDiedError(RayTaskError("MapWorker.__init__", text, RuntimeError("lost")))
+    assert one_line(died) == "model.path '/m' does not exist"
+    boom = RayTaskError("f", "Traceback ...\nKeyError: 'x'\n", KeyError("x"))
+    assert one_line(boom) == "KeyError: 'x'"
+
+
+def test_permission_error_under_the_output_names_the_output():
+    from pipelines.errors import one_line
+
+    err = PermissionError(13, "Permission denied", "/data/out/runs/r.json")
+    assert one_line(err, "/data/out") == ("data.output '/data/out' is not writable "
+                                          "(Permission denied: /data/out/runs/r.json)")
+    assert one_line(err, "/elsewhere").startswith("Permission denied")
+
+
+def test_log_of_a_remote_or_unwritable_output_goes_to_the_temp_folder(tmp_path):
+    from pipelines.errors import log_folder, write_log
+
+    temp = Path(tempfile.gettempdir()) / "influence-logs"
+    assert log_folder("s3://bucket/out") == temp and log_folder(None) == temp
+    (tmp_path / "file").write_text("x")
+    assert log_folder(str(tmp_path / "file" / "out")) == temp  # cannot hold a logs/ folder
+    try:
+        raise ValueError("boom")
+    except ValueError as err:
+        log = write_log(err, str(tmp_path / "out"), ["influence", "run", "job.toml"])
+    assert log.parent == tmp_path / "out" / "logs"
+    text = log.read_text()
+    assert "influence run job.toml" in text and "ValueError: boom" in text and "Traceback" in text
+
+
+# --- whole runs, as a user starts them (a subprocess with its own Ray) -------------------------------------
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INFLUENCE_"))}
+    env.update({"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+                "INFLUENCE_CACHE_DIR": str(cwd / "cache")})
+    try:
+        return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+NOISE = re.compile(r"error|warn|traceback|\] E |core_worker|deprecat|Loading weights|Writing model|\dit/s\]", re.I)
+
+
+@pytest.fixture(scope="module")
+def finished_job(tiny_world, tmp_path_factory):
+    """`influence run` of a tiny job in a subprocess; (job file, completed process)."""
+    root = tmp_path_factory.mktemp("quiet")
+    job = write_job(root, tiny_world)
+    return job, run_cli("run", str(job), cwd=root)
+
+
+def test_successful_run_is_quiet(finished_job):
+    job, done = finished_job
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run t: ok" in done.stdout
+    noisy = [line for line in done.stderr.splitlines() if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy[:20])
+
+
+def test_queries_built_on_another_model(finished_job, tmp_path, tiny_world):
+    """The scoring actors' constructor refuses the queries: one line naming the queries folder."""
+    from pipelines.demo.model import save_model, tiny_gpt2
+
+    job, done = finished_job
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(job.parent / "out", tmp_path / "out")
+    shutil.copytree(job.parent / "shards", tmp_path / "shards")
+    shutil.rmtree(tmp_path / "out" / "scores")
+    other = copy_model(tiny_world, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    save_model(tiny_gpt2(config["vocab_size"], context=16, width=16, layers=2, heads=2, seed=99), other)
+    job2 = write_job(tmp_path, tiny_world, model={"path": str(other)})
+    failed = run_cli("score", str(job2), cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr and "Traceback" not in failed.stdout, failed.stderr[-3000:]
+    lines = [l for l in failed.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and str(tmp_path / "out" / "queries") in lines[0], failed.stderr[-3000:]
+    assert "different model" in lines[0] and "influence build-queries" in lines[0]
+    assert not [l for l in failed.stderr.splitlines() if re.search(r"\] E |core_worker|ERROR", l)], failed.stderr
+    assert list((tmp_path / "out" / "logs").glob("*.log"))
+
+
+def test_corpus_without_shards(tmp_path, tiny_world, no_ray):
+    (tmp_path / "shards").mkdir()
+    job = write_job(tmp_path, tiny_world, data={"raw": None})
+    assert_one_line(cli("fit-factors", str(job)), f"data.corpus = '{tmp_path / 'shards'}'", "no Parquet shards")
