@@ -28,6 +28,8 @@ def save_queries(queries: PreconditionedQueries, directory: str | os.PathLike) -
     if (out / META).exists():
         (out / META).unlink()
     tensors = {"measurement": queries.measurement, "truncation_error": queries.truncation_error}
+    if queries.self_influence is not None:
+        tensors["self_influence"] = queries.self_influence
     for i, (name, q) in enumerate(queries.layers.items()):
         for part in ("dense", "left", "right"):
             t = getattr(q, part)
@@ -60,4 +62,4 @@ def load_queries(directory: str | os.PathLike, device: torch.device | str = "cpu
         layers[name] = LayerQuery(**parts)
     return PreconditionedQueries(layers, t["measurement"], t["truncation_error"], meta["rank"],
                                  meta["model_fingerprint"], meta["factor_tokens"], meta["damping"],
-                                 meta["query_ids"])
+                                 meta["query_ids"], t.get("self_influence"))
