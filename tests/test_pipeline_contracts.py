@@ -91,6 +91,10 @@ BASE = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl",
     ({"resources": {"gpus_per_actor": -1}}, "resources.gpus_per_actor = -1"),
     ({"model": {"path": "/m", "dtype": "int8"}}, "model.dtype = 'int8'"),
     ({"run_id": "a/b"}, "run_id = 'a/b'"),
+    ({"scoring": {"normalize": "l2"}}, "scoring.normalize = 'l2': must be one of ['none', 'cosine', 'train_norm']"),
+    ({"scoring": {"self_influence": "yes"}}, "scoring.self_influence = 'yes'"),
+    ({"model": {"path": "/m", "track": "attention"}}, "model.track = 'attention'"),
+    ({"model": {"path": "/m", "track": "mlp+attention", "layer_pattern": "mlp"}}, "not both"),
 ])
 def test_config_errors_name_key_and_value(patch, words):
     raw = {**BASE, **patch}
