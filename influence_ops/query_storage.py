@@ -28,8 +28,6 @@ def save_queries(queries: PreconditionedQueries, directory: str | os.PathLike) -
     if (out / META).exists():
         (out / META).unlink()
     tensors = {"measurement": queries.measurement, "truncation_error": queries.truncation_error}
-    if queries.self_influence is not None:
-        tensors["self_influence"] = queries.self_influence
     for i, (name, q) in enumerate(queries.layers.items()):
         for part in ("dense", "left", "right"):
             t = getattr(q, part)
@@ -40,6 +38,8 @@ def save_queries(queries: PreconditionedQueries, directory: str | os.PathLike) -
         "format": QUERIES_FORMAT, "library_version": __version__, "layers": queries.layer_names,
         "rank": queries.rank, "model_fingerprint": queries.fingerprint, "factor_tokens": queries.factor_tokens,
         "damping": queries.damping, "query_ids": queries.query_ids, "num_queries": queries.num_queries,
+        # float64 written by repr: exact in JSON (kept out of the tensor file, whose layout it would shift)
+        "self_influence": None if queries.self_influence is None else queries.self_influence.tolist(),
     })
     return out
 
@@ -62,4 +62,5 @@ def load_queries(directory: str | os.PathLike, device: torch.device | str = "cpu
         layers[name] = LayerQuery(**parts)
     return PreconditionedQueries(layers, t["measurement"], t["truncation_error"], meta["rank"],
                                  meta["model_fingerprint"], meta["factor_tokens"], meta["damping"],
-                                 meta["query_ids"], t.get("self_influence"))
+                                 meta["query_ids"], None if meta.get("self_influence") is None else
+                                 torch.tensor(meta["self_influence"], dtype=torch.float64))
