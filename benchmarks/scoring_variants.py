@@ -76,8 +76,18 @@ def metrics(topk: list[dict], qs: list[dict], sources: dict[str, str]) -> dict[s
             first = ranks[0] if ranks else None
             rr.append(0.0 if first is None else 1.0 / first)
             hit.append(first is not None and first <= 10)
-        out[name] = {"recall@10": sum(hit) / len(hit), "mrr": sum(rr) / len(rr), "queries": len(hit)}
+        out[name] = {"recall@10": sum(hit) / len(hit), "mrr": sum(rr) / len(rr), "queries": len(hit), "rr": rr}
     return out
+
+
+def paired_interval(a: list[float], b: list[float], draws: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a over queries with a 95% paired bootstrap interval."""
+    import random
+
+    rng = random.Random(seed)
+    d = [y - x for x, y in zip(a, b)]
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(draws))
+    return sum(d) / len(d), means[int(0.025 * draws)], means[int(0.975 * draws)]
 
 
 def run_pipeline(demo: Path, work: Path, qfile: Path, track: Track, normalize: Normalize, docs: int) -> tuple:
@@ -121,6 +131,29 @@ def in_process_costs(cfg, qs: list[dict], normalize_list, repeats: int = 3) -> d
     return out
 
 
+def model_costs(demo: Path, tokens_per_sequence: int, queries: int, rank: int, batch: int = 16) -> dict:
+    """Multiply-adds per batch from the cost model (``influence_ops.strategy``), per track and normalize."""
+    from influence_ops.strategy import Strategy, norm_costs, plan
+    from pipelines.config import ModelConfig
+    from pipelines.io.model_loading import load_model
+
+    out = {}
+    for track in TRACKS:
+        layers = load_model(ModelConfig(path=str(demo / "model"), track=track.value)).layers
+        B, T, Q = batch, tokens_per_sequence, queries
+        row = {"none": 0, "cosine": 0, "train_norm": 0}
+        for l in layers:
+            d_out, d_in = l.shape
+            base = plan(B, T, Q, d_out, d_in, rank)
+            row["none"] += base.cost
+            row["cosine"] += plan(B, T, Q, d_out, d_in, rank, self_influence=True).cost
+            extra = B * d_out * d_in if base.strategy == Strategy.MATERIALIZE else min(
+                norm_costs(B, T, d_out, d_in).values())
+            row["train_norm"] += base.cost + extra
+        out[track.value] = row
+    return out
+
+
 def _timed(f) -> float:
     start = time.perf_counter()
     f()
@@ -138,8 +171,8 @@ def markdown(results: dict, command: str) -> str:
              "every document ranked. recall@10: share of queries with a planted source in the top 10; "
              "MRR: mean 1 / rank of the first planted source.", "",
              "| track | normalize | corpus recall@10 | corpus MRR | paraphrase recall@10 | paraphrase MRR "
-             "| scoring time vs none/mlp | pipeline score stage, s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| scoring time vs none/mlp |",
+             "|---|---|---|---|---|---|---|"]
     t0 = base["score_seconds_none"]
     for track in TRACKS:
         r = results[track.value]
@@ -147,8 +180,33 @@ def markdown(results: dict, command: str) -> str:
             m = r["variants"][n.value]
             rel = r["costs"][f"score_seconds_{n.value}"] / t0
             lines.append(f"| {track.value} | {n.value} | {m['corpus']['recall@10']:.2f} | {m['corpus']['mrr']:.3f} "
-                         f"| {m['paraphrase']['recall@10']:.2f} | {m['paraphrase']['mrr']:.3f} | {rel:.2f}x "
-                         f"| {m['score_stage_seconds']:.1f} |")
+                         f"| {m['paraphrase']['recall@10']:.2f} | {m['paraphrase']['mrr']:.3f} | {rel:.2f}x |")
+    ref = results["mlp"]["variants"]["none"]
+    if "rr" in ref["corpus"]:
+        lines += ["", "MRR difference to `mlp` / `none`, per query set: mean over queries with a 95% paired "
+                  "bootstrap interval (10,000 draws):", "",
+                  "| track | normalize | corpus | paraphrase |", "|---|---|---|---|"]
+        for track in TRACKS:
+            for n in NORMALIZES:
+                if (track, n) == (Track.MLP, Normalize.NONE):
+                    continue
+                m = results[track.value]["variants"][n.value]
+                cells = []
+                for name in ("corpus", "paraphrase"):
+                    mean, lo, hi = paired_interval(ref[name]["rr"], m[name]["rr"])
+                    cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                lines.append(f"| {track.value} | {n.value} | {cells[0]} | {cells[1]} |")
+    if "model_costs" in results:
+        mc = results["model_costs"]
+        unit = mc["mlp"]["none"]
+        lines += ["", f"Cost model (`influence_ops.strategy.plan`, multiply-adds per batch of 16 sequences of "
+                  f"{results['tokens_per_sequence']} tokens, {results['queries']} rank-16 queries; the cheapest "
+                  "exact way for each layer), relative to `mlp` / `none`:", "",
+                  "| track | none | cosine (self-influence of every sequence) | train_norm |", "|---|---|---|---|"]
+        for track in TRACKS:
+            r = mc[track.value]
+            lines.append(f"| {track.value} | {r['none'] / unit:.2f}x | {r['cosine'] / unit:.2f}x "
+                         f"| {r['train_norm'] / unit:.2f}x |")
     lines += ["", "Costs of each track (in-process, best of 3, 1 process; relative to `mlp`):", "",
               "| track | tracked layers | tracked parameters | factor floats (A, S, Lambda) | fit_ekfac s "
               "| score s (none) | score s with self-influence |", "|---|---|---|---|---|---|---|"]
@@ -168,7 +226,21 @@ def main() -> None:
     parser.add_argument("demo", type=Path, help="the folder written by `influence demo --output`")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables here")
     parser.add_argument("--json", type=Path, default=Path("bench_output/variants.json"))
+    parser.add_argument("--render", action="store_true", help="only render --json as Markdown")
+    parser.add_argument("--costs-from", type=Path, default=None,
+                        help="take the in-process timings from this earlier --json instead of measuring them")
     args = parser.parse_args()
+    command = "python benchmarks/scoring_variants.py DEMO" + (f" --markdown {args.markdown}" if args.markdown else "")
+    if args.render:
+        results = json.loads(args.json.read_text())
+        results.setdefault("queries", 64)
+        results.setdefault("tokens_per_sequence", 29)
+        results["model_costs"] = model_costs(args.demo.resolve(), results["tokens_per_sequence"], results["queries"], 16)
+        text = markdown(results, command)
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text)
+        return
     demo = args.demo.resolve()
     docs, facts = make_corpus()
     sources = {d["id"]: d["source_of"] for d in docs}
@@ -180,6 +252,9 @@ def main() -> None:
     results: dict = {"machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
                                 f"{torch.get_num_threads()} threads",
                      "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "documents": len(docs)}
+    results["queries"] = len(qs)
+    results["tokens_per_sequence"] = round(sum(len(d["text"].split()) for d in docs) / len(docs))
+    results["model_costs"] = model_costs(demo, results["tokens_per_sequence"], len(qs), 16)
     for track in TRACKS:
         entry: dict = {"variants": {}}
         for n in NORMALIZES:
@@ -189,12 +264,14 @@ def main() -> None:
             m["fit_stage_seconds"] = record["stages"]["fit-factors"].get("seconds")
             entry["variants"][n.value] = m
             print(track.value, n.value, json.dumps(m), flush=True)
-        entry["costs"] = in_process_costs(cfg, qs, NORMALIZES)
+        if args.costs_from is not None:
+            entry["costs"] = json.loads(args.costs_from.read_text())[track.value]["costs"]
+        else:
+            entry["costs"] = in_process_costs(cfg, qs, NORMALIZES)
         print(track.value, json.dumps(entry["costs"]), flush=True)
         results[track.value] = entry
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
-    command = "python benchmarks/scoring_variants.py DEMO" + (f" --markdown {args.markdown}" if args.markdown else "")
     text = markdown(results, command)
     print(text)
     if args.markdown:
