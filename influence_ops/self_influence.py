@@ -10,7 +10,7 @@ damping lambda_l of the queries. Since Q_A and Q_S are orthogonal,
 ||G_m||_F = ||R_m||_F: the Euclidean gradient norm comes with R for free.
 
 R = Q_S^T G Q_A [B, d_out, d_in'] is computed one of two exact ways (the cost
-model, ``strategy.self_influence_costs``, picks the cheaper):
+model, ``strategy.rotation_costs`` within ``strategy.plan``, picks the cheaper):
 
     ROTATE_GRADIENT: R = Q_S^T G Q_A from the materialized G
         B T d_out d_in' (forming G; free when scoring materialized it)
@@ -28,16 +28,9 @@ that every score uses, so |cosine| <= 1 holds exactly (Cauchy-Schwarz).
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
 from .factors import LayerFactors
-
-
-class Rotation(str, enum.Enum):
-    ROTATE_GRADIENT = "rotate_gradient"
-    ROTATE_TOKENS = "rotate_tokens"
 
 
 def _basis(factors: LayerFactors, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
