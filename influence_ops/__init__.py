@@ -12,22 +12,24 @@ from .factors import EKFACFactors, LayerFactors, assemble_factors, fit_ekfac
 from .fingerprint import model_fingerprint
 from .gradients import backward_pass, per_sequence_gradients
 from .ihvp import apply_inverse
-from .layers import TrackedLayer, find_mlp_layers, layers_by_name
+from .layers import Track, TrackedLayer, find_mlp_layers, layers_by_name
+from .normalize import Normalize
 from .objectives import Fisher, LanguageModelObjective, Objective
 from .queries import LayerQuery, PreconditionedQueries, precondition_queries
 from .query_storage import load_queries, save_queries
 from .scores import ScoreResult, score_batch
+from .self_influence import query_self_influence
 from .storage import load_factors, save_factors
-from .strategy import Strategy, choose_strategy
+from .strategy import Strategy, choose_strategy, plan
 from .topk import TopKAccumulator
 from .version import __version__
 
 __all__ = [
     "IGNORE_INDEX", "Captured", "Covariances", "EKFACFactors", "Fisher", "LambdaSums", "LanguageModelObjective",
-    "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "Objective", "PreconditionedQueries",
-    "ScoreResult", "Strategy", "TokenBatch", "TopKAccumulator", "TrackedLayer", "__version__", "apply_inverse",
+    "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "Normalize", "Objective", "PreconditionedQueries",
+    "ScoreResult", "Strategy", "TokenBatch", "TopKAccumulator", "Track", "TrackedLayer", "__version__", "apply_inverse",
     "assemble_factors", "backward_pass", "capture", "choose_strategy", "collate", "eigendecompose",
     "find_mlp_layers", "fit_covariances", "fit_ekfac", "fit_lambda", "layers_by_name", "load_factors",
-    "load_queries", "model_fingerprint", "per_sequence_gradients", "precondition_queries", "query_batch",
-    "save_factors", "save_queries", "score_batch",
+    "load_queries", "model_fingerprint", "per_sequence_gradients", "plan", "precondition_queries", "query_batch",
+    "query_self_influence", "save_factors", "save_queries", "score_batch",
 ]

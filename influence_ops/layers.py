@@ -8,11 +8,14 @@ d_in otherwise. Two module types are supported:
 - Hugging Face GPT-2 ``Conv1D``: weight stored transposed, [d_in, d_out].
 
 Architectures are recognised by the module names their MLPs use; any other
-model can be tracked with a regular expression over module names.
+model can be tracked with a regular expression over module names. ``track``
+names the layer set: ``mlp`` (the MLP linear layers, the paper's choice) or
+``mlp+attention`` (also the attention projections: query/key/value and output).
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 
@@ -32,6 +35,25 @@ ARCHITECTURE_PATTERNS: dict[str, str] = {
     "phi3": r"\.mlp\.(gate_up_proj|down_proj)$",
     "opt": r"\.(fc1|fc2)$",
 }
+# The attention projections (query/key/value, fused or not, and the output projection).
+ATTENTION_PATTERNS: dict[str, str] = {
+    "gpt2": r"\.attn\.(c_attn|c_proj)$",
+    "gpt_neox": r"\.attention\.(query_key_value|dense)$",
+    "llama": r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    "qwen2": r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    "qwen3": r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    "mistral": r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    "gemma": r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    "phi3": r"\.self_attn\.(qkv_proj|o_proj)$",
+    "opt": r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
+}
+
+
+class Track(str, enum.Enum):
+    """Which layers of a known architecture are tracked."""
+
+    MLP = "mlp"
+    MLP_ATTENTION = "mlp+attention"
 
 
 @dataclass(frozen=True)
@@ -89,20 +111,24 @@ def _as_tracked(name: str, module: nn.Module) -> TrackedLayer | None:
     return None
 
 
-def architecture_pattern(model: nn.Module) -> str | None:
-    """The MLP name pattern for a Hugging Face model's ``config.model_type``, if known."""
+def architecture_pattern(model: nn.Module, track: Track | str = Track.MLP) -> str | None:
+    """The name pattern of the ``track`` layers for a Hugging Face model's ``config.model_type``, if known."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return ARCHITECTURE_PATTERNS.get(model_type) if model_type else None
+    mlp = ARCHITECTURE_PATTERNS.get(model_type) if model_type else None
+    if mlp is None or Track(track) == Track.MLP:
+        return mlp
+    return f"(?:{mlp})|(?:{ATTENTION_PATTERNS[model_type]})"
 
 
-def find_mlp_layers(model: nn.Module, pattern: str | None = None) -> list[TrackedLayer]:
+def find_mlp_layers(model: nn.Module, pattern: str | None = None, track: Track | str = Track.MLP) -> list[TrackedLayer]:
     """Find the layers to track, in module order.
 
     Args:
         model: the model.
         pattern: regular expression searched in each qualified module name. When
             None, the pattern of the model's architecture (``config.model_type``)
-            is used.
+            for ``track`` is used.
+        track: ``mlp`` (default) or ``mlp+attention``; only with ``pattern=None``.
 
     Returns:
         the matching ``nn.Linear`` / ``Conv1D`` layers, in ``named_modules`` order.
@@ -111,8 +137,11 @@ def find_mlp_layers(model: nn.Module, pattern: str | None = None) -> list[Tracke
         ValueError: no pattern is known for the model, the pattern is invalid, or
             nothing matches (the message lists the module names seen).
     """
+    track = Track(track)
+    if pattern is not None and track != Track.MLP:
+        raise ValueError(f"give a layer pattern or track = {track.value!r}, not both")
     if pattern is None:
-        pattern = architecture_pattern(model)
+        pattern = architecture_pattern(model, track)
         if pattern is None:
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             raise ValueError(

@@ -7,6 +7,10 @@ summed over completion tokens. Its NLL gradient q_l = grad(-f) on layer l is
 preconditioned, P_l = (G_l + lambda_l I)^-1 q_l (EK-FAC, ``apply_inverse``), and
 kept dense [Q, d_out, d_in'] or as a rank-r truncated SVD (left [Q, d_out, r],
 right [Q, d_in', r]) with its relative error per query and layer.
+
+Each query's self-influence q^T (G + lambda I)^-1 q, summed over layers, is kept
+too (``self_influence.query_self_influence``), computed from the stored P
+(rank-r if truncated): the cosine normalization divides by it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .ihvp import apply_inverse
 from .layers import TrackedLayer, layers_by_name
 from .lowrank import truncate
 from .objectives import Fisher, LanguageModelObjective, Objective
+from .self_influence import query_self_influence
 
 
 @dataclass
@@ -71,6 +76,8 @@ class PreconditionedQueries:
         factor_tokens: N_tok of those factors (used to normalize scores).
         damping: name -> the damping value used.
         query_ids: optional Q ids.
+        self_influence: [Q] float64 q^T (G + lambda I)^-1 q over the layers, for
+            the stored (dense or rank-r) P; None for queries saved without it.
     """
 
     layers: dict[str, LayerQuery]
@@ -81,6 +88,7 @@ class PreconditionedQueries:
     factor_tokens: int
     damping: dict[str, float]
     query_ids: list[str] | None = field(default=None)
+    self_influence: torch.Tensor | None = field(default=None)
 
     @property
     def num_queries(self) -> int:
@@ -101,7 +109,7 @@ class PreconditionedQueries:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PreconditionedQueries:
         return PreconditionedQueries({n: q.to(device, dtype) for n, q in self.layers.items()}, self.measurement,
                                      self.truncation_error, self.rank, self.fingerprint, self.factor_tokens,
-                                     self.damping, self.query_ids)
+                                     self.damping, self.query_ids, self.self_influence)
 
     def concat(self, other: PreconditionedQueries) -> PreconditionedQueries:
         """Queries of ``self`` followed by those of ``other`` (same layers, rank and factors)."""
@@ -111,9 +119,11 @@ class PreconditionedQueries:
         layers = {n: LayerQuery(cat(q.dense, other.layers[n].dense), cat(q.left, other.layers[n].left),
                                 cat(q.right, other.layers[n].right)) for n, q in self.layers.items()}
         ids = None if self.query_ids is None or other.query_ids is None else self.query_ids + other.query_ids
+        self_inf = None if self.self_influence is None or other.self_influence is None else \
+            torch.cat([self.self_influence, other.self_influence])
         return PreconditionedQueries(layers, torch.cat([self.measurement, other.measurement]),
                                      torch.cat([self.truncation_error, other.truncation_error]), self.rank,
-                                     self.fingerprint, self.factor_tokens, self.damping, ids)
+                                     self.fingerprint, self.factor_tokens, self.damping, ids, self_inf)
 
 
 def query_gradients(model: nn.Module, layers: list[TrackedLayer], batch: Any, objective: Objective,
@@ -149,21 +159,27 @@ def precondition_queries(
     factors.check_model(layers)
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     parts: dict[str, list[LayerQuery]] = {l.name: [] for l in layers}
-    measurements, errors = [], []
+    measurements, errors, self_infs = [], [], []
     for batch in query_batches:
         grads, f = query_gradients(model, layers, batch, objective, autocast_dtype)
         measurements.append(f.to("cpu", torch.float64))
         batch_errors = []
+        batch_self = torch.zeros(f.shape[0], dtype=torch.float64)
         for layer in layers:
-            p = apply_inverse(factors.layers[layer.name], grads[layer.name].to(torch.float64), damping)
+            lf = factors.layers[layer.name]
+            p = apply_inverse(lf, grads[layer.name].to(torch.float64), damping)
             if rank is None:
-                parts[layer.name].append(LayerQuery(dense=p.to(dtype)))
+                query = LayerQuery(dense=p.to(dtype))
                 batch_errors.append(torch.zeros(p.shape[0], dtype=torch.float64))
             else:
                 left, right, err = truncate(p, rank)
-                parts[layer.name].append(LayerQuery(left=left.to(dtype), right=right.to(dtype)))
+                query = LayerQuery(left=left.to(dtype), right=right.to(dtype))
                 batch_errors.append(err.to("cpu"))
+            parts[layer.name].append(query)
+            stored = query.to_dense().to(torch.float64)  # the P that scores use (rank-r if truncated)
+            batch_self += query_self_influence(lf, stored, lf.damping(damping)).to("cpu")
         errors.append(torch.stack(batch_errors, dim=1))  # (B, L)
+        self_infs.append(batch_self)
     if not measurements:
         raise ValueError("precondition_queries got no query batches")
     cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
@@ -177,4 +193,5 @@ def precondition_queries(
         layers=merged, measurement=measurement, truncation_error=torch.cat(errors),
         rank=None if rank is None else max(q.rank for q in merged.values()),
         fingerprint=factors.fingerprint, factor_tokens=first.tokens,
-        damping={n: f.damping(damping) for n, f in factors.layers.items()}, query_ids=query_ids)
+        damping={n: f.damping(damping) for n, f in factors.layers.items()}, query_ids=query_ids,
+        self_influence=torch.cat(self_infs))

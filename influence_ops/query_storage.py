@@ -38,6 +38,8 @@ def save_queries(queries: PreconditionedQueries, directory: str | os.PathLike) -
         "format": QUERIES_FORMAT, "library_version": __version__, "layers": queries.layer_names,
         "rank": queries.rank, "model_fingerprint": queries.fingerprint, "factor_tokens": queries.factor_tokens,
         "damping": queries.damping, "query_ids": queries.query_ids, "num_queries": queries.num_queries,
+        # float64 written by repr: exact in JSON (kept out of the tensor file, whose layout it would shift)
+        "self_influence": None if queries.self_influence is None else queries.self_influence.tolist(),
     })
     return out
 
@@ -60,4 +62,5 @@ def load_queries(directory: str | os.PathLike, device: torch.device | str = "cpu
         layers[name] = LayerQuery(**parts)
     return PreconditionedQueries(layers, t["measurement"], t["truncation_error"], meta["rank"],
                                  meta["model_fingerprint"], meta["factor_tokens"], meta["damping"],
-                                 meta["query_ids"])
+                                 meta["query_ids"], None if meta.get("self_influence") is None else
+                                 torch.tensor(meta["self_influence"], dtype=torch.float64))

@@ -12,7 +12,8 @@ Sections (every key optional unless marked required)::
                                         # ("org/model") already in the local Hugging Face cache
     factory = "pkg.module:make_model"   # or a plain torch model (exactly one of path/factory)
     tokenizer = "..."                   # default: the model path
-    layer_pattern = "..."               # regex over module names; default: per architecture
+    layer_pattern = "..."               # regex over module names; default: per architecture and track
+    track = "mlp"                       # mlp | mlp+attention (known architectures; not with layer_pattern)
     dtype = "float32"                   # float32 | float64 | bfloat16
     max_length = 128                    # chunk length for `tokenize` (default: model context)
     trust_remote_code = false
@@ -42,6 +43,8 @@ Sections (every key optional unless marked required)::
     per_token = true                    # token_scores/ for the merged top-k rows
     strategy = "auto"                   # auto | materialize | per_token
     sort_window = 512                   # rows sorted by length together (limits padding)
+    normalize = "none"                  # none | cosine | train_norm (influence_ops.normalize)
+    self_influence = false              # self_influence/ table (always written with cosine)
     [resources]
     ray_address = ""                    # empty: start a local Ray sized for this machine
     actors = 1
@@ -68,7 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from influence_ops import Fisher, Strategy
+from influence_ops import Fisher, Normalize, Strategy, Track
 
 try:
     import tomllib
@@ -134,6 +137,7 @@ class ModelConfig:
     factory: str | None = None
     tokenizer: str | None = None
     layer_pattern: str | None = None
+    track: Track = Track.MLP
     dtype: DType = DType.FLOAT32
     max_length: int | None = None
     trust_remote_code: bool = False
@@ -144,6 +148,9 @@ class ModelConfig:
         _check_str("model.path", self.path)
         _check_str("model.tokenizer", self.tokenizer)
         _check_str("model.layer_pattern", self.layer_pattern)
+        object.__setattr__(self, "track", _enum("model.track", Track, self.track))
+        if self.layer_pattern is not None and self.track != Track.MLP:
+            _fail("model.track", self.track.value, "give model.layer_pattern or model.track, not both")
         if self.factory is not None:
             _check_str("model.factory", self.factory)
             module, _, attr = self.factory.partition(":")
@@ -215,6 +222,8 @@ class ScoringConfig:
     per_token: bool = True
     strategy: Strategy = Strategy.AUTO
     sort_window: int = 512
+    normalize: Normalize = Normalize.NONE
+    self_influence: bool = False
 
     def __post_init__(self) -> None:
         _check_int("scoring.top_k", self.top_k, 1)
@@ -226,6 +235,14 @@ class ScoringConfig:
             _fail("scoring.per_token", self.per_token, "must be true or false")
         object.__setattr__(self, "strategy", _enum("scoring.strategy", Strategy, self.strategy))
         _check_int("scoring.sort_window", self.sort_window, 1)
+        object.__setattr__(self, "normalize", _enum("scoring.normalize", Normalize, self.normalize))
+        if not isinstance(self.self_influence, bool):
+            _fail("scoring.self_influence", self.self_influence, "must be true or false")
+
+    @property
+    def writes_self_influence(self) -> bool:
+        """Whether the score stage computes every sequence's self-influence (and writes self_influence/)."""
+        return self.self_influence or self.normalize == Normalize.COSINE
 
 
 @dataclass(frozen=True)

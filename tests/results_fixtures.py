@@ -61,7 +61,7 @@ def results_run(ray_local, tmp_path_factory):
         "data": {"raw": str(root / "raw"), "corpus": str(root / "shards"), "queries": str(root / "queries.jsonl"),
                  "output": str(root / "out")},
         "factors": {"fisher": "empirical", "seed": 0},
-        "scoring": {"top_k": 20, "rank": 4, "per_token": True},
+        "scoring": {"top_k": 20, "rank": 4, "per_token": True, "self_influence": True},
         "resources": {"actors": 1, "batch_size": 8},
     }
     cfg = config_from_dict(job)

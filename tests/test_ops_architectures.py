@@ -19,6 +19,7 @@ from ops_helpers import (
     F64_RTOL,
     HIDDEN,
     INTERMEDIATE,
+    LAYERS,
     VOCAB,
     assert_close,
     batches_of,
@@ -106,6 +107,32 @@ def test_find_mlp_layers_exact_names(arch):
     names, per_block = EXPECTED_LAYERS[arch]
     assert [l.name for l in layers] == names
     assert [(l.d_out, l.d_in_h, l.has_bias, l.transposed) for l in layers] == per_block * (len(names) // len(per_block))
+
+
+@pytest.mark.parametrize("arch, attention", [
+    ("gpt2", [("attn.c_attn", 3 * HIDDEN, HIDDEN + 1), ("attn.c_proj", HIDDEN, HIDDEN + 1)]),
+    ("llama", [(f"self_attn.{p}", HIDDEN, HIDDEN) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]),
+])
+def test_track_mlp_attention_adds_the_attention_projections(arch, attention):
+    build, _ = ARCHITECTURES[arch]
+    model = build()
+    mlp = find_mlp_layers(model)
+    both = find_mlp_layers(model, track="mlp+attention")
+    prefix = "transformer.h" if arch == "gpt2" else "model.layers"
+    want_attention = [f"{prefix}.{i}.{name}" for i in range(LAYERS) for name, _, _ in attention]
+    assert [l.name for l in both if l.name not in {m.name for m in mlp}] == want_attention
+    assert {l.name for l in mlp} <= {l.name for l in both} and len(both) == len(mlp) + len(want_attention)
+    shapes = {l.name: (l.d_out, l.d_in_h) for l in both}
+    assert all(shapes[f"{prefix}.{i}.{n}"] == (o, d) for i in range(LAYERS) for n, o, d in attention)
+    assert [l.name for l in find_mlp_layers(model, track="mlp")] == [l.name for l in mlp]
+    with pytest.raises(ValueError, match="not both"):
+        find_mlp_layers(model, r"mlp", track="mlp+attention")
+    # the attention layers are scored like any other: the per-layer scores add up
+    seqs = collate(random_sequences(3, seed=5))
+    factors = fit_ekfac(model, both, [seqs], fisher=Fisher.EMPIRICAL)
+    queries = precondition_queries(model, factors, [random_queries(2)])
+    result = score_batch(model, queries, seqs, per_layer=True)
+    assert result.per_layer.shape[-1] == len(both) and bool(result.per_layer.abs().sum((0, 1)).gt(0).all())
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -91,6 +91,10 @@ BASE = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl",
     ({"resources": {"gpus_per_actor": -1}}, "resources.gpus_per_actor = -1"),
     ({"model": {"path": "/m", "dtype": "int8"}}, "model.dtype = 'int8'"),
     ({"run_id": "a/b"}, "run_id = 'a/b'"),
+    ({"scoring": {"normalize": "l2"}}, "scoring.normalize = 'l2': must be one of ['none', 'cosine', 'train_norm']"),
+    ({"scoring": {"self_influence": "yes"}}, "scoring.self_influence = 'yes'"),
+    ({"model": {"path": "/m", "track": "attention"}}, "model.track = 'attention'"),
+    ({"model": {"path": "/m", "track": "mlp+attention", "layer_pattern": "mlp"}}, "not both"),
 ])
 def test_config_errors_name_key_and_value(patch, words):
     raw = {**BASE, **patch}
@@ -165,6 +169,36 @@ def test_shard_scorer_called_directly_on_a_dict_batch(tmp_path):
     assert parquet_metadata(str(tmp_path / "out-0.parquet"))["influence.key"] == "k"
     assert [(r["sign"], r["shard_rank"]) for r in table] == [("top", 1), ("top", 2), ("bottom", 1), ("bottom", 2)]
     assert int(out["sequences"][0]) == 5 and not (tmp_path / "out-1.parquet").exists()
+
+
+@pytest.mark.parametrize("normalize", ["cosine", "train_norm"])
+def test_shard_scorer_normalizes_and_writes_self_influence(tmp_path, normalize):
+    from influence_ops import save_factors, score_batch
+
+    model_cfg = ModelConfig(factory=f"{__name__}:make_tiny_lm", layer_pattern=r"^mlp\.")
+    m = load_model(model_cfg)
+    factors = fit_ekfac(m.model, m.layers, [collate(GOOD_IDS)], fisher=Fisher.EMPIRICAL)
+    save_factors(factors, tmp_path / "out" / "factors")
+    queries = precondition_queries(m.model, factors, [query_batch([[1, 2]], [[3, 4]])], rank=2, query_ids=["q1"])
+    save_queries(queries, tmp_path / "queries")
+    good = write_shard(tmp_path / "good.parquet", [f"d{i}" for i in range(5)], GOOD_IDS)
+    scorer = ShardScorer(model_cfg, str(tmp_path / "queries"), top_k=5, batch_size=2, sort_window=3,
+                         normalize=normalize, factors_url=str(tmp_path / "out" / "factors"))
+    unit = {"shard": good, "output": str(tmp_path / "out" / "scores" / "good.parquet"), "key": "k"}
+    assert list(scorer({"unit": np.array([json.dumps(unit)], dtype=object)})["status"]) == ["scored"]
+    want = score_batch(m.model, queries, collate(GOOD_IDS), factors=factors, normalize=normalize)
+    rows = {r["doc_id"]: r for r in pq.read_table(tmp_path / "out" / "scores" / "good.parquet").to_pylist()
+            if r["sign"] == "top"}
+    for i in range(5):
+        assert rows[f"d{i}"]["score"] == pytest.approx(float(want.scores[0, i]), rel=1e-5, abs=1e-9)
+        scale = 1 if normalize == "cosine" else queries.factor_tokens
+        assert rows[f"d{i}"]["score_normalized"] == pytest.approx(rows[f"d{i}"]["score"] / scale)
+    self_inf = {r["doc_id"]: r for r in pq.read_table(tmp_path / "out" / "self_influence" / "good.parquet").to_pylist()}
+    assert sorted(self_inf) == [f"d{i}" for i in range(5)]
+    for i, ids in enumerate(GOOD_IDS):
+        r = self_inf[f"d{i}"]
+        assert r["self_influence"] == pytest.approx(float(want.self_influence[i]), rel=1e-5)
+        assert (r["tokens"], r["shard"]) == (len(ids), good)
 
 
 def test_tokenizer_callable_chunks_long_documents(tiny_world):

@@ -53,6 +53,29 @@ def all_scores(cfg) -> dict[str, dict[str, float]]:
     return out
 
 
+def test_self_influence_table_is_every_sequence_against_the_engine(results_run):
+    from influence_ops import collate, load_factors, load_queries, score_batch
+    from pipelines.io import storage
+    from pipelines.io.model_loading import load_model
+    from pipelines.io.shards import list_shards, read_rows
+
+    cfg, _, root = results_run
+    m = load_model(cfg.model)
+    out = cfg.data.output
+    queries = load_queries(storage.local_copy(storage.join(out, "queries")))
+    factors = load_factors(storage.local_copy(storage.join(out, "factors")), m.layers)
+    rows = {r["doc_id"]: r for r in table(root / "out", "self_influence")}
+    seen = 0
+    for shard in list_shards(cfg.data.corpus):
+        seqs = read_rows(shard, None, None)
+        for doc, ids in zip(seqs.doc_ids, seqs.input_ids):
+            want = float(score_batch(m.model, queries, collate([ids]), factors=factors).self_influence[0])
+            assert rows[doc]["self_influence"] == pytest.approx(want, rel=1e-4)
+            assert rows[doc]["tokens"] == len(ids) and rows[doc]["shard"] == shard
+            seen += 1
+    assert seen == len(rows) == 32 and all(r["self_influence"] > 0 for r in rows.values())
+
+
 def test_tables_carry_text_tokens_layers_and_the_distribution(results_run):
     cfg, record, root = results_run
     out = Path(cfg.data.output)
@@ -107,7 +130,7 @@ def test_readme_sql_examples_run(results_run):
     for sql in blocks:
         text = ok("sql", "--format", "jsonl", "--", cfg.data.output, sql)
         outputs.append([json.loads(line) for line in text.splitlines() if line.strip()])
-    proponents, shared, concentration, by_layer, tokens = outputs[:5]
+    proponents, shared, concentration, by_layer, tokens, outliers = outputs[:6]
     assert len(proponents) == 9 and {r["query_id"] for r in proponents} == {"q-cat", "q-fish", "q-dog"}
     assert all(r["text"] for r in proponents)
     assert shared and all(r["queries"] >= 2 for r in shared)
@@ -121,6 +144,8 @@ def test_readme_sql_examples_run(results_run):
     assert [r["layer"] for r in by_layer] == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
                                               "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
     assert len(tokens) == 5 and all(isinstance(r["token"], str) for r in tokens)
+    values = [r["self_influence"] for r in outliers]
+    assert len(outliers) == 10 and values == sorted(values, reverse=True) and all(r["text"] for r in outliers)
 
 
 @pytest.mark.parametrize("statement, word", [
@@ -152,7 +177,8 @@ def test_sql_table_output_and_views(results_run):
     text = ok("sql", cfg.data.output, "SELECT query_id, count(*) AS n FROM topk GROUP BY 1 ORDER BY 1")
     assert text.splitlines()[0].split() == ["query_id", "n"]
     assert "q-cat" in text and "(3 rows)" in text
-    for view in ("topk", "scores", "token_scores", "layer_scores", "queries", "distribution", "documents"):
+    for view in ("topk", "scores", "token_scores", "layer_scores", "queries", "distribution", "self_influence",
+                 "documents"):
         assert "(1 row)" in ok("sql", cfg.data.output, f"SELECT count(*) FROM {view}")
     docs = ok("sql", cfg.data.output, "SELECT text FROM documents WHERE doc_id = 'evil-script:0'", "--format", "csv")
     assert HOSTILE["evil-script"] in docs
@@ -164,7 +190,7 @@ def test_sql_interactive(results_run):
                "SELECT count(DISTINCT query_id) AS q FROM queries;\n.quit\n")
     result = cli("sql", cfg.data.output, input=session)
     assert result.exit_code == 0, result.output
-    assert "views distribution, documents, layer_scores, queries, scores, token_scores, topk" in result.output
+    assert "views distribution, documents, layer_scores, queries, scores, self_influence, token_scores, topk" in result.output
     assert re.search(r"\n\s*120\n\(1 row\)", result.output)  # 3 queries x (20 top + 20 bottom)
     assert "topk: query_id VARCHAR, doc_id VARCHAR" in result.output
     assert "refused: a COPY statement" in result.output
@@ -237,8 +263,8 @@ def test_ddl_columns_and_types_match_the_parquet_schemas(results_run, engine):
             assert "query_id" in statement.split("(", 1)[1].rsplit("PARTITIONED", 1)[-1] or engine != "spark"
         assert cols == want, f"{engine} {name}"
         assert str(out / name) in statement
-    expected = {"topk", "scores", "token_scores", "layer_scores", "distribution"} | ({"queries"} if engine == "spark"
-                                                                                    else set())
+    expected = {"topk", "scores", "token_scores", "layer_scores", "distribution", "self_influence"} | (
+        {"queries"} if engine == "spark" else set())
     assert seen == expected
     if engine == "trino":
         assert "CALL system.sync_partition_metadata('influence', 'topk', 'ADD')" in text

@@ -143,7 +143,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
     model = model.to(device=device, dtype=weight_dtype).eval()
     for p in model.parameters():
         p.requires_grad_(True)  # activations need a graph; no .grad is ever written
-    layers = find_mlp_layers(model, cfg.layer_pattern)
+    layers = find_mlp_layers(model, cfg.layer_pattern, cfg.track)
     return LoadedModel(model, layers, _vocab_size(model), _context(model), device,
                        torch.bfloat16 if dtype == torch.bfloat16 else None)
 

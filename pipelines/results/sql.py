@@ -146,7 +146,7 @@ def interactive(con: Any, out: Output, fmt: str, max_width: int, echo: Any = cli
 @click.option("--max-width", default=60, show_default=True, help="Longest cell shown in table format.")
 def sql_command(output: str, query: str | None, fmt: str, max_width: int) -> None:
     """Read-only SQL over a run's tables (views: topk, scores, token_scores, layer_scores, queries,
-    distribution, documents). OUTPUT is the job's output folder (local or s3://) or its job file.
+    distribution, self_influence, documents). OUTPUT is the job's output folder (local or s3://) or its job file.
     Without QUERY, an interactive session reads statements from the terminal."""
     try:
         out = open_output(output)

@@ -9,6 +9,7 @@ has no view):
     layer_scores  layer_scores/query_id=*/ (hive): per-layer scores of the topk rows
     queries       queries/queries.parquet: prompt, completion, measurement, truncation errors
     distribution  distribution/*.parquet: histograms of every scored sequence's score
+    self_influence self_influence/*.parquet: g^T (G + lambda I)^-1 g of every scored sequence (when computed)
     documents     the corpus shards (data.corpus of the run): doc_id, text (null without a text column), shard
 
 Object storage (``s3://`` ...) is read through the fsspec filesystem registered
@@ -25,7 +26,8 @@ from typing import Any
 from ..io import storage
 
 HIVE = ("topk", "token_scores", "layer_scores")
-FLAT = {"scores": "scores/*.parquet", "queries": "queries/queries.parquet", "distribution": "distribution/*.parquet"}
+FLAT = {"scores": "scores/*.parquet", "queries": "queries/queries.parquet", "distribution": "distribution/*.parquet",
+        "self_influence": "self_influence/*.parquet"}
 
 
 @dataclass(frozen=True)

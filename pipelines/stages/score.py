@@ -18,9 +18,11 @@ retries) follows the job's ``on_error`` (``runtime/failures.py``). The stage
 accounts for every row of the corpus: rows scored (now or in an earlier run)
 + rows of skipped shards == rows, or the stage fails. Columns:
 
-    query_id string, doc_id string, score float64 (raw influence, paper sign:
-    positive = training on the sequence makes the completion more likely),
-    score_normalized float64 (score / tokens the factors were fitted on),
+    query_id string, doc_id string, score float64 (influence, paper sign:
+    positive = training on the sequence makes the completion more likely; raw,
+    or divided as ``scoring.normalize`` says: ``influence_ops.normalize``),
+    score_normalized float64 (score / tokens the factors were fitted on; for
+    ``normalize = cosine``, already scale-free, the score itself),
     sign string ('top': k highest scores, 'bottom': k lowest),
     shard_rank int32 (1 = most extreme within the shard and side), shard string.
 """
@@ -36,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from influence_ops import Strategy, TokenBatch, TopKAccumulator, load_queries, score_batch
+from influence_ops import Normalize, Strategy, TokenBatch, TopKAccumulator, load_factors, load_queries, score_batch
 
 from ..config import JobConfig, ModelConfig
 from ..errors import UserError
@@ -49,6 +51,7 @@ from ..runtime.batching import prefetch, token_batches
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .distribution import ScoreHistogram, distribution_url
+from .self_influence import SelfInfluenceRows, self_influence_url
 
 SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64()),
                           ("score_normalized", pa.float64()), ("sign", pa.string()), ("shard_rank", pa.int32()),
@@ -77,7 +80,8 @@ class ShardScorer:
     """Ray Data callable: ``{"unit": [JSON {shard, output, key}]}`` -> one summary row per shard."""
 
     def __init__(self, model: ModelConfig, queries_url: str, top_k: int, batch_size: int, sort_window: int,
-                 strategy: str = "auto", threads: int = 0, use_gpu: bool = False, too_long: str = "error") -> None:
+                 strategy: str = "auto", threads: int = 0, use_gpu: bool = False, too_long: str = "error",
+                 normalize: str = "none", factors_url: str | None = None) -> None:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
         local = storage.local_copy(queries_url)
@@ -90,6 +94,10 @@ class ShardScorer:
         self.top_k, self.batch_size, self.sort_window = top_k, batch_size, sort_window
         self.strategy = Strategy(strategy)
         self.too_long = too_long  # data.too_long: sequences longer than the model's context
+        self.normalize = Normalize(normalize)  # factors_url: compute (and write) self-influence
+        self.factors = None if factors_url is None else load_factors(storage.local_copy(factors_url), self.m.layers,
+                                                                     device=self.m.device)
+        self.scale = 1 if self.normalize == Normalize.COSINE else self.queries.factor_tokens  # score_normalized
 
     def batches(self, shard: str) -> Iterator[tuple[Sequences, TokenBatch]]:
         for window in iter_shard(shard, self.m.vocab_size, rows_per_read=self.sort_window, context=self.m.context,
@@ -100,12 +108,15 @@ class ShardScorer:
     def score_shard(self, shard: str) -> tuple[TopKAccumulator, int]:
         """Top/bottom-k of every query over the shard, and the number of tokens scored."""
         acc = TopKAccumulator(self.queries.num_queries, self.top_k)
-        self.histogram = ScoreHistogram(self.queries.num_queries, self.queries.factor_tokens)
+        self.histogram = ScoreHistogram(self.queries.num_queries, self.scale)
+        self.self_influence = SelfInfluenceRows()
         tokens, self.rows_read = 0, 0
         for part, batch in prefetch(self.batches(shard)):
             result = score_batch(self.m.model, self.queries, batch, strategy=self.strategy,
-                                 autocast_dtype=self.m.autocast)
+                                 autocast_dtype=self.m.autocast, factors=self.factors, normalize=self.normalize)
             acc.update(result.scores, part.doc_ids)
+            if result.self_influence is not None:
+                self.self_influence.update(part.doc_ids, result.self_influence, part.lengths)
             self.histogram.update(result.scores)
             tokens += int(part.lengths.sum())  # from the CPU copy: no device sync
         return acc, tokens
@@ -114,7 +125,11 @@ class ShardScorer:
         """Score a shard and write its files; returns (sequences scored, tokens, rows of the shard)."""
         acc, tokens = self.score_shard(unit["shard"])
         rows = row_counts([unit["shard"]])[0]
-        table = topk_rows(acc, self.queries.query_ids, self.queries.factor_tokens, unit["shard"])
+        table = topk_rows(acc, self.queries.query_ids, self.scale, unit["shard"])
+        if self.factors is not None:
+            storage.write_parquet(self_influence_url(unit["output"]), self.self_influence.table(unit["shard"]))
+        elif storage.exists(self_influence_url(unit["output"])):  # from a run that wrote it
+            storage.remove(self_influence_url(unit["output"]))
         storage.write_parquet(distribution_url(unit["output"]),  # before the scores file that marks it done
                               self.histogram.table(self.queries.query_ids, unit["shard"]))
         storage.write_parquet(unit["output"], table.replace_schema_metadata(
@@ -142,8 +157,11 @@ class ShardScorer:
         return {k: np.asarray(v, dtype=object if k in text else None) for k, v in rows.items()}
 
 
-def score_file_key(queries_digest: str, top_k: int, shard: tuple[str, int], too_long: str = "error") -> str:
+def score_file_key(queries_digest: str, top_k: int, shard: tuple[str, int], too_long: str = "error",
+                   normalize: str = "none", self_influence: bool = False) -> str:
     parts = (queries_digest, top_k, shard) + (() if too_long == "error" else (too_long,))  # "error" keeps old keys
+    if normalize != "none" or self_influence:
+        parts += (normalize, self_influence)
     return completion.inputs_key("scores", *parts)
 
 
@@ -178,7 +196,8 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     todo = []
     rows = {"rows": 0, "scored": 0, "skipped": 0, "unreadable_shards": 0}
     for (shard, size), out in zip(completion.shard_fingerprints(shards), outputs):
-        key = score_file_key(queries_digest, cfg.scoring.top_k, (shard, size), cfg.data.too_long.value)
+        key = score_file_key(queries_digest, cfg.scoring.top_k, (shard, size), cfg.data.too_long.value,
+                             cfg.scoring.normalize.value, cfg.scoring.writes_self_influence)
         meta = storage.footer_metadata(out)
         if meta is not None and meta.get(KEY) == key:
             done = int(meta[SEQUENCES]) if SEQUENCES in meta else row_counts([shard])[0]
@@ -196,7 +215,9 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
                 "top_k": cfg.scoring.top_k, "batch_size": cfg.resources.batch_size,
                 "sort_window": cfg.scoring.sort_window, "strategy": cfg.scoring.strategy.value,
                 "threads": cfg.resources.threads_per_actor, "too_long": cfg.data.too_long.value,
-                "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
+                "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0,
+                "normalize": cfg.scoring.normalize.value,
+                "factors_url": storage.join(cfg.data.output, "factors") if cfg.scoring.writes_self_influence else None}
         log = UnitLog()
         with bar(len(todo), "score (shards)", show_progress) as progress:
             for row in run_units(ShardScorer, args, todo, cfg.resources, cluster, progress, log):

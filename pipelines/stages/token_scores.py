@@ -92,7 +92,7 @@ class TokenScorer(ShardScorer):
         texts = read_texts(unit["shard"], set(wanted))
         for part, tb in token_batches(seqs, self.batch_size, device=self.m.device):
             result = score_batch(self.m.model, self.queries, tb, per_layer=True, per_token=self.per_token,
-                                 autocast_dtype=self.m.autocast)
+                                 autocast_dtype=self.m.autocast, factors=self.factors, normalize=self.normalize)
             per_layer = result.per_layer.cpu().double().numpy()
             per_token = result.per_token.cpu().double().numpy() if self.per_token else None
             for b, doc in enumerate(part.doc_ids):
@@ -174,16 +174,18 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
             "top_k": cfg.scoring.top_k, "batch_size": cfg.resources.batch_size,
             "sort_window": cfg.scoring.sort_window, "threads": cfg.resources.threads_per_actor,
             "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0,
-            "per_token": cfg.scoring.per_token, "too_long": cfg.data.too_long.value}
+            "per_token": cfg.scoring.per_token, "too_long": cfg.data.too_long.value,
+            "normalize": cfg.scoring.normalize.value,  # as the scores
+            "factors_url": storage.join(cfg.data.output, "factors") if cfg.scoring.normalize == "cosine" else None}
     docs, tokens = [], []
     with bar(len(units), "merge (details)", show_progress) as progress:
         for row in run_units(TokenScorer, args, units, cfg.resources, cluster, progress):
             docs.append(_from_ipc(row["docs"]))
             tokens.append(_from_ipc(row["tokens"]))
     docs_t = pa.concat_tables(docs) if docs else DOC_SCHEMA.empty_table()
-    tokens_t = pa.concat_tables(tokens) if tokens else None
+    tokens_t = pa.concat_tables(tokens) if tokens and cfg.scoring.per_token else None
     layer_names = _layer_names(cfg)
-    factor_tokens = _factor_tokens(cfg)
+    factor_tokens = 1 if cfg.scoring.normalize == "cosine" else _factor_tokens(cfg)  # as score_normalized
     info: dict[str, Any] = {"layer_rows": 0, "max_relative_layer_sum_error": 0.0}
     if cfg.scoring.per_token:
         info.update(rows=0, max_relative_sum_error=0.0)
