@@ -15,6 +15,7 @@ from .ihvp import apply_inverse
 from .layers import TrackedLayer, find_mlp_layers, layers_by_name
 from .objectives import Fisher, LanguageModelObjective, Objective
 from .queries import LayerQuery, PreconditionedQueries, precondition_queries
+from .query_prep import LowRankMethod, Precision, QueryPrep
 from .query_storage import load_queries, save_queries
 from .scores import ScoreResult, score_batch
 from .storage import load_factors, save_factors
@@ -24,7 +25,8 @@ from .version import __version__
 
 __all__ = [
     "IGNORE_INDEX", "Captured", "Covariances", "EKFACFactors", "Fisher", "LambdaSums", "LanguageModelObjective",
-    "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "Objective", "PreconditionedQueries",
+    "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "LowRankMethod", "Objective", "Precision",
+    "PreconditionedQueries", "QueryPrep",
     "ScoreResult", "Strategy", "TokenBatch", "TopKAccumulator", "TrackedLayer", "__version__", "apply_inverse",
     "assemble_factors", "backward_pass", "capture", "choose_strategy", "collate", "eigendecompose",
     "find_mlp_layers", "fit_covariances", "fit_ekfac", "fit_lambda", "layers_by_name", "load_factors",

@@ -6,7 +6,9 @@ For a query (prompt, completion) the measurement is f = log p(completion | promp
 summed over completion tokens. Its NLL gradient q_l = grad(-f) on layer l is
 preconditioned, P_l = (G_l + lambda_l I)^-1 q_l (EK-FAC, ``apply_inverse``), and
 kept dense [Q, d_out, d_in'] or as a rank-r truncated SVD (left [Q, d_out, r],
-right [Q, d_in', r]) with its relative error per query and layer.
+right [Q, d_in', r]) with its relative error per query and layer. The steps
+(rotation, damping, low rank in the eigenbasis), their costs and the choice of
+precision are in ``query_prep.py``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from torch import nn
 from .factors import EKFACFactors
 from .fingerprint import check_same_model
 from .gradients import backward_pass, per_sequence_gradients
-from .ihvp import apply_inverse
 from .layers import TrackedLayer, layers_by_name
-from .lowrank import truncate
 from .objectives import Fisher, LanguageModelObjective, Objective
+from .query_prep import QueryPrep, prepare_layer
 
 
 @dataclass
@@ -132,6 +133,7 @@ def precondition_queries(
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
     query_ids: list[str] | None = None,
+    prep: QueryPrep | None = None,
 ) -> PreconditionedQueries:
     """Preconditioned query gradients, dense (rank=None) or rank-r.
 
@@ -143,6 +145,7 @@ def precondition_queries(
         rank: r for low-rank queries, None for dense.
         damping: absolute damping, None for 0.1 x mean(Lambda) per layer.
         query_ids: optional ids, one per query in batch order.
+        prep: precision and low-rank method (``query_prep.QueryPrep``); default float64, exact SVD.
     """
     objective = objective or LanguageModelObjective()
     layers = layers_by_name(model, list(factors.layers))
@@ -150,19 +153,21 @@ def precondition_queries(
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     parts: dict[str, list[LayerQuery]] = {l.name: [] for l in layers}
     measurements, errors = [], []
+    prep = prep or QueryPrep()
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
     for batch in query_batches:
-        grads, f = query_gradients(model, layers, batch, objective, autocast_dtype)
-        measurements.append(f.to("cpu", torch.float64))
+        out = backward_pass(model, layers, objective, batch, Fisher.EMPIRICAL, None, autocast_dtype)
+        measurements.append((-out.losses).to("cpu", torch.float64))
         batch_errors = []
         for layer in layers:
-            p = apply_inverse(factors.layers[layer.name], grads[layer.name].to(torch.float64), damping)
-            if rank is None:
-                parts[layer.name].append(LayerQuery(dense=p.to(dtype)))
-                batch_errors.append(torch.zeros(p.shape[0], dtype=torch.float64))
-            else:
-                left, right, err = truncate(p, rank)
-                parts[layer.name].append(LayerQuery(left=left.to(dtype), right=right.to(dtype)))
-                batch_errors.append(err.to("cpu"))
+            dense, left, right, err = prepare_layer(
+                factors.layers[layer.name], out.captured.activations[layer.name],
+                out.captured.output_grads[layer.name], rank, damping, prep)
+            cast = (lambda t: None if t is None else t.to(dtype))
+            parts[layer.name].append(LayerQuery(cast(dense), cast(left), cast(right)))
+            batch_errors.append(err)
+        del out
         errors.append(torch.stack(batch_errors, dim=1))  # (B, L)
     if not measurements:
         raise ValueError("precondition_queries got no query batches")

@@ -31,6 +31,9 @@ Sections (every key optional unless marked required)::
     per_token = true                    # token_scores/ for the merged top-k rows
     strategy = "auto"                   # auto | materialize | per_token
     sort_window = 512                   # rows sorted by length together (limits padding)
+    query_precision = "float32"         # float32 | float64: precision of query preparation
+    query_lowrank = "randomized"        # randomized | exact: SVD of the rank-r queries (in the eigenbasis)
+    query_batches_per_unit = 4          # query batches (resources.batch_size each) per actor unit of build-queries
     [resources]
     ray_address = ""                    # empty: start a local Ray sized for this machine
     actors = 1
@@ -55,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from influence_ops import Fisher, Strategy
+from influence_ops import Fisher, LowRankMethod, Precision, Strategy
 
 try:
     import tomllib
@@ -184,6 +187,9 @@ class ScoringConfig:
     per_token: bool = True
     strategy: Strategy = Strategy.AUTO
     sort_window: int = 512
+    query_precision: Precision = Precision.FLOAT32
+    query_lowrank: LowRankMethod = LowRankMethod.RANDOMIZED
+    query_batches_per_unit: int = 4
 
     def __post_init__(self) -> None:
         _check_int("scoring.top_k", self.top_k, 1)
@@ -195,6 +201,9 @@ class ScoringConfig:
             _fail("scoring.per_token", self.per_token, "must be true or false")
         object.__setattr__(self, "strategy", _enum("scoring.strategy", Strategy, self.strategy))
         _check_int("scoring.sort_window", self.sort_window, 1)
+        object.__setattr__(self, "query_precision", _enum("scoring.query_precision", Precision, self.query_precision))
+        object.__setattr__(self, "query_lowrank", _enum("scoring.query_lowrank", LowRankMethod, self.query_lowrank))
+        _check_int("scoring.query_batches_per_unit", self.query_batches_per_unit, 1)
 
 
 @dataclass(frozen=True)
