@@ -17,7 +17,7 @@ from influence_ops import load_factors, load_queries
 from pipelines import config_from_dict
 from pipelines.io.model_loading import load_model, load_tokenizer
 from pipelines.run import run_job
-from pipelines.stages.build_queries import precondition, tokenize_queries
+from pipelines.stages.build_queries import precondition, query_prep, tokenize_queries
 
 
 def job(world: Path, output: str, corpus: str) -> dict:
@@ -50,11 +50,11 @@ def test_queries_equal_in_process(local_run, tiny_world):
     m = load_model(cfg.model)
     rows = tokenize_queries(cfg.data.queries, load_tokenizer(cfg.model), m.vocab_size, m.context)
     factors = load_factors(Path(cfg.data.output) / "factors", m.layers)
-    want = precondition(m, factors, rows, rank=4, damping=None, batch_size=2)
+    want = precondition(m, factors, rows, rank=4, damping=None, batch_size=2, prep=query_prep(cfg))
     got = load_queries(Path(cfg.data.output) / "queries")
     assert got.query_ids == ["q-cat", "q-fish", "q-dog"] and got.rank == 4
     for name in want.layer_names:
-        torch.testing.assert_close(got.layers[name].to_dense(), want.layers[name].to_dense(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got.layers[name].to_dense(), want.layers[name].to_dense(), rtol=1e-4, atol=1e-6)
 
 
 def test_merged_topk_equals_brute_force(local_run, brute_force_topk, assert_topk_equal):
