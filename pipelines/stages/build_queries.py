@@ -11,8 +11,9 @@ Preparation runs on an actor pool (``runtime.ray_runtime.run_units``): one unit
 is ``scoring.query_batches_per_unit`` batches of ``resources.batch_size`` queries;
 an actor loads the model and factors once, prepares its units
 (``influence_ops.precondition_queries`` with ``scoring.query_precision`` and
-``scoring.query_lowrank``) and writes each to ``queries/parts/unit-NNNNN/``; the
-driver only tokenizes, concatenates the parts in query order and removes them.
+``scoring.query_lowrank``) and writes each to ``queries/parts/unit-NNNNN/``. The
+driver tokenizes (it loads the model on the CPU for its vocabulary size and
+context), concatenates the parts in query order and removes them.
 
 Output folder ``<output>/queries``: ``queries.safetensors`` + ``queries.json``
 (``influence_ops.save_queries``) and ``queries.parquet``: query_id, prompt,
