@@ -166,3 +166,16 @@ def test_build_queries_on_actors_equals_in_process(ray_local, tiny_world, tmp_pa
     for name in want.layer_names:
         assert_close(got.layers[name].to_dense(), want.layers[name].to_dense(), 1e-4, 1e-6, name=name)
     assert_close(got.truncation_error, want.truncation_error, 1e-4, 1e-6, name="truncation error")
+
+
+def test_job_file_checks_the_query_options():
+    from pipelines.config import ConfigError, ScoringConfig
+
+    assert ScoringConfig().query_precision is Precision.FLOAT32  # the default: Spearman >= 0.999 (RESULTS.md 4)
+    assert ScoringConfig(query_precision="float64", query_lowrank="exact").query_lowrank is LowRankMethod.EXACT
+    with pytest.raises(ConfigError, match="scoring.query_precision.*float16"):
+        ScoringConfig(query_precision="float16")
+    with pytest.raises(ConfigError, match="scoring.query_lowrank"):
+        ScoringConfig(query_lowrank="lanczos")
+    with pytest.raises(ConfigError, match="scoring.query_batches_per_unit"):
+        ScoringConfig(query_batches_per_unit=0)
