@@ -23,8 +23,9 @@ path from a float64 model, the new path from a float32 copy) score --tiny-train
 training sequences (``score_batch`` in float64); reported: per-query Spearman of the
 two score vectors (min and mean), the truncation errors of both.
 
-Run (numbers in benchmarks/RESULTS.md):
-    PYTHONPATH=. .venv/bin/python benchmarks/index.py --queries 1000 --old-queries 8 --new-queries 128
+Run (numbers in benchmarks/RESULTS.md section 4; about 22 min on 2 cores at load 30):
+    PYTHONPATH=. .venv/bin/python benchmarks/index.py --queries 1000 --layers 2 --batch 4 \
+        --old-queries 4 --new-queries 32 --grad-queries 16
 """
 
 from __future__ import annotations
