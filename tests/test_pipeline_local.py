@@ -27,7 +27,7 @@ def job(world: Path, output: str, corpus: str) -> dict:
         "data": {"raw": str(world / "raw"), "corpus": corpus, "queries": str(world / "queries.jsonl"),
                  "output": output},
         "factors": {"fisher": "empirical", "sample_sequences": 30, "seed": 7, "unit_sequences": 8},
-        "scoring": {"top_k": 3, "rank": 4, "per_token": True},
+        "scoring": {"top_k": 3, "rank": 4, "per_token": True, "query_precision": "float64"},
         "resources": {"actors": 2, "batch_size": 4, "cpus_per_actor": 0.5},
     }
 
@@ -54,7 +54,7 @@ def test_queries_equal_in_process(local_run, tiny_world):
     got = load_queries(Path(cfg.data.output) / "queries")
     assert got.query_ids == ["q-cat", "q-fish", "q-dog"] and got.rank == 4
     for name in want.layer_names:
-        torch.testing.assert_close(got.layers[name].to_dense(), want.layers[name].to_dense(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.layers[name].to_dense(), want.layers[name].to_dense(), rtol=1e-4, atol=1e-7)
 
 
 def test_merged_topk_equals_brute_force(local_run, brute_force_topk, assert_topk_equal):
