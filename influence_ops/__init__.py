@@ -16,6 +16,7 @@ from .layers import Track, TrackedLayer, find_mlp_layers, layers_by_name
 from .normalize import Normalize
 from .objectives import Fisher, LanguageModelObjective, Objective
 from .queries import LayerQuery, PreconditionedQueries, precondition_queries
+from .query_prep import LowRankMethod, Precision, QueryPrep
 from .query_storage import load_queries, save_queries
 from .scores import ScoreResult, score_batch
 from .self_influence import query_self_influence
@@ -26,7 +27,8 @@ from .version import __version__
 
 __all__ = [
     "IGNORE_INDEX", "Captured", "Covariances", "EKFACFactors", "Fisher", "LambdaSums", "LanguageModelObjective",
-    "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "Normalize", "Objective", "PreconditionedQueries",
+    "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "LowRankMethod", "Normalize", "Objective",
+    "Precision", "PreconditionedQueries", "QueryPrep",
     "ScoreResult", "Strategy", "TokenBatch", "TopKAccumulator", "Track", "TrackedLayer", "__version__", "apply_inverse",
     "assemble_factors", "backward_pass", "capture", "choose_strategy", "collate", "eigendecompose",
     "find_mlp_layers", "fit_covariances", "fit_ekfac", "fit_lambda", "layers_by_name", "load_factors",

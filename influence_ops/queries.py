@@ -6,10 +6,12 @@ For a query (prompt, completion) the measurement is f = log p(completion | promp
 summed over completion tokens. Its NLL gradient q_l = grad(-f) on layer l is
 preconditioned, P_l = (G_l + lambda_l I)^-1 q_l (EK-FAC, ``apply_inverse``), and
 kept dense [Q, d_out, d_in'] or as a rank-r truncated SVD (left [Q, d_out, r],
-right [Q, d_in', r]) with its relative error per query and layer.
+right [Q, d_in', r]) with its relative error per query and layer. The steps
+(rotation, damping, low rank in the eigenbasis), their costs and the choice of
+precision are in ``query_prep.py``.
 
 Each query's self-influence q^T (G + lambda I)^-1 q, summed over layers, is kept
-too (``self_influence.query_self_influence``), computed from the stored P
+too (``self_influence.stored_query_self_influence``), computed from the stored P
 (rank-r if truncated): the cosine normalization divides by it.
 """
 
@@ -25,11 +27,10 @@ from torch import nn
 from .factors import EKFACFactors
 from .fingerprint import check_same_model
 from .gradients import backward_pass, per_sequence_gradients
-from .ihvp import apply_inverse
 from .layers import TrackedLayer, layers_by_name
-from .lowrank import truncate
 from .objectives import Fisher, LanguageModelObjective, Objective
-from .self_influence import query_self_influence
+from .query_prep import QueryPrep, prepare_layer
+from .self_influence import stored_query_self_influence
 
 
 @dataclass
@@ -142,6 +143,7 @@ def precondition_queries(
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
     query_ids: list[str] | None = None,
+    prep: QueryPrep | None = None,
 ) -> PreconditionedQueries:
     """Preconditioned query gradients, dense (rank=None) or rank-r.
 
@@ -153,6 +155,7 @@ def precondition_queries(
         rank: r for low-rank queries, None for dense.
         damping: absolute damping, None for 0.1 x mean(Lambda) per layer.
         query_ids: optional ids, one per query in batch order.
+        prep: precision and low-rank method (``query_prep.QueryPrep``); default float64, exact SVD.
     """
     objective = objective or LanguageModelObjective()
     layers = layers_by_name(model, list(factors.layers))
@@ -160,24 +163,26 @@ def precondition_queries(
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     parts: dict[str, list[LayerQuery]] = {l.name: [] for l in layers}
     measurements, errors, self_infs = [], [], []
+    prep = prep or QueryPrep()
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
     for batch in query_batches:
-        grads, f = query_gradients(model, layers, batch, objective, autocast_dtype)
-        measurements.append(f.to("cpu", torch.float64))
+        out = backward_pass(model, layers, objective, batch, Fisher.EMPIRICAL, None, autocast_dtype)
+        measurements.append((-out.losses).to("cpu", torch.float64))
         batch_errors = []
-        batch_self = torch.zeros(f.shape[0], dtype=torch.float64)
+        batch_self = torch.zeros(out.losses.shape[0], dtype=torch.float64)
         for layer in layers:
             lf = factors.layers[layer.name]
-            p = apply_inverse(lf, grads[layer.name].to(torch.float64), damping)
-            if rank is None:
-                query = LayerQuery(dense=p.to(dtype))
-                batch_errors.append(torch.zeros(p.shape[0], dtype=torch.float64))
-            else:
-                left, right, err = truncate(p, rank)
-                query = LayerQuery(left=left.to(dtype), right=right.to(dtype))
-                batch_errors.append(err.to("cpu"))
+            dense, left, right, err = prepare_layer(
+                lf, out.captured.activations[layer.name], out.captured.output_grads[layer.name], rank, damping, prep)
+            cast = (lambda t: None if t is None else t.to(dtype))
+            query = LayerQuery(cast(dense), cast(left), cast(right))
             parts[layer.name].append(query)
-            stored = query.to_dense().to(torch.float64)  # the P that scores use (rank-r if truncated)
-            batch_self += query_self_influence(lf, stored, lf.damping(damping)).to("cpu")
+            batch_errors.append(err)
+            # the P that scores use (rank-r if truncated, in the stored dtype)
+            batch_self += stored_query_self_influence(lf, query.dense, query.left, query.right,
+                                                      lf.damping(damping)).to("cpu")
+        del out
         errors.append(torch.stack(batch_errors, dim=1))  # (B, L)
         self_infs.append(batch_self)
     if not measurements:

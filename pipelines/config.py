@@ -45,6 +45,9 @@ Sections (every key optional unless marked required)::
     sort_window = 512                   # rows sorted by length together (limits padding)
     normalize = "none"                  # none | cosine | train_norm (influence_ops.normalize)
     self_influence = false              # self_influence/ table (always written with cosine)
+    query_precision = "float32"         # float32 | float64: precision of query preparation
+    query_lowrank = "randomized"        # randomized | exact: SVD of the rank-r queries (in the eigenbasis)
+    query_batches_per_unit = 4          # query batches (resources.batch_size each) per actor unit of build-queries
     [resources]
     ray_address = ""                    # empty: start a local Ray sized for this machine
     actors = 1
@@ -71,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from influence_ops import Fisher, Normalize, Strategy, Track
+from influence_ops import Fisher, LowRankMethod, Normalize, Precision, Strategy, Track
 
 try:
     import tomllib
@@ -224,6 +227,9 @@ class ScoringConfig:
     sort_window: int = 512
     normalize: Normalize = Normalize.NONE
     self_influence: bool = False
+    query_precision: Precision = Precision.FLOAT32
+    query_lowrank: LowRankMethod = LowRankMethod.RANDOMIZED
+    query_batches_per_unit: int = 4
 
     def __post_init__(self) -> None:
         _check_int("scoring.top_k", self.top_k, 1)
@@ -238,6 +244,9 @@ class ScoringConfig:
         object.__setattr__(self, "normalize", _enum("scoring.normalize", Normalize, self.normalize))
         if not isinstance(self.self_influence, bool):
             _fail("scoring.self_influence", self.self_influence, "must be true or false")
+        object.__setattr__(self, "query_precision", _enum("scoring.query_precision", Precision, self.query_precision))
+        object.__setattr__(self, "query_lowrank", _enum("scoring.query_lowrank", LowRankMethod, self.query_lowrank))
+        _check_int("scoring.query_batches_per_unit", self.query_batches_per_unit, 1)
 
     @property
     def writes_self_influence(self) -> bool:

@@ -11,6 +11,8 @@ TEMPLATE = """\
 # Run it with `influence run job.toml`; each stage can also run alone (influence --help).
 
 # run_id = "my-run"               # default: the UTC time and a hash of this config
+on_error = "fail"                 # a bad shard or unit of work: "fail" stops the run with one line;
+                                  # "skip" records it in <output>/errors/ and goes on
 
 [model]
 path = "model"                    # a Hugging Face model folder (config.json + model.safetensors or
@@ -18,7 +20,8 @@ path = "model"                    # a Hugging Face model folder (config.json + m
                                   # already in the local Hugging Face cache (nothing is downloaded)
 # factory = "pkg.module:make"     # instead of path: a function returning a torch.nn.Module
 # tokenizer = "tokenizer"         # folder of the tokenizer; default: model.path
-# layer_pattern = "mlp"           # regex over module names; default: the MLP layers of the architecture
+# layer_pattern = "mlp"           # regex over module names; default: the layers `track` names
+track = "mlp"                     # mlp | mlp+attention (the attention projections too; known architectures)
 dtype = "float32"                 # float32 | float64 | bfloat16
 # max_length = 128                # chunk length of `tokenize`; default: the model's context
 trust_remote_code = false         # true runs Python code shipped with the model: only for models you trust
@@ -32,11 +35,14 @@ queries = "queries.jsonl"         # required: JSONL or Parquet, one query a row:
                                   # (give the completion its leading space, e.g. " Paris") or
                                   # prompt_ids + completion_ids
 output = "output"                 # required: folder of every result (factors, queries, scores, tables)
+too_long = "error"                # a shard sequence longer than the model's context: error | truncate | chunk
 
 [factors]
 # sample_sequences = 1000         # sequences the factors are fitted on; default: the whole corpus
 # sample_tokens = 100000          # or a token budget (not both)
-fisher = "sampled"                # sampled | empirical
+fisher = "sampled"                # sampled | gaussian | empirical | expected (tiny models only)
+fisher_samples = 1                # label draws per position for the covariances (stage 1)
+lambda_samples = 4                # label draws per position for the eigenvalue correction (stage 3)
 # damping = 0.001                 # absolute damping; default: 0.1 x mean eigenvalue, per layer
 seed = 0                          # seed of the sample and of the sampled labels
 blocks = 1                        # block-diagonal blocks per factor (more: less memory, coarser)
@@ -48,6 +54,11 @@ rank = 32                         # rank of the preconditioned queries; 0 = dens
 per_token = true                  # per-token scores of the top-k rows (token_scores/)
 strategy = "auto"                 # auto | materialize | per_token
 sort_window = 512                 # rows sorted by length together (less padding)
+normalize = "none"                # none | cosine | train_norm (none: the paper's raw influence)
+self_influence = false            # write self_influence/ (every scored sequence; always with cosine)
+query_precision = "float32"       # float32 | float64: precision of query preparation
+query_lowrank = "randomized"      # randomized | exact: the rank-r SVD of the queries
+query_batches_per_unit = 4        # build-queries: query batches (batch_size each) per actor unit
 
 [resources]
 ray_address = ""                  # "" = a local Ray sized for this machine; or "ray://host:10001", "auto"

@@ -17,7 +17,7 @@ from influence_ops import load_factors, load_queries
 from pipelines import config_from_dict
 from pipelines.io.model_loading import load_model, load_tokenizer
 from pipelines.run import run_job
-from pipelines.stages.build_queries import precondition, tokenize_queries
+from pipelines.stages.build_queries import precondition, query_prep, tokenize_queries
 
 
 def job(world: Path, output: str, corpus: str) -> dict:
@@ -27,7 +27,7 @@ def job(world: Path, output: str, corpus: str) -> dict:
         "data": {"raw": str(world / "raw"), "corpus": corpus, "queries": str(world / "queries.jsonl"),
                  "output": output},
         "factors": {"fisher": "empirical", "sample_sequences": 30, "seed": 7, "unit_sequences": 8},
-        "scoring": {"top_k": 3, "rank": 4, "per_token": True},
+        "scoring": {"top_k": 3, "rank": 4, "per_token": True, "query_precision": "float64"},
         "resources": {"actors": 2, "batch_size": 4, "cpus_per_actor": 0.5},
     }
 
@@ -50,7 +50,7 @@ def test_queries_equal_in_process(local_run, tiny_world):
     m = load_model(cfg.model)
     rows = tokenize_queries(cfg.data.queries, load_tokenizer(cfg.model), m.vocab_size, m.context)
     factors = load_factors(Path(cfg.data.output) / "factors", m.layers)
-    want = precondition(m, factors, rows, rank=4, damping=None, batch_size=2)
+    want = precondition(m, factors, rows, rank=4, damping=None, batch_size=2, prep=query_prep(cfg))
     got = load_queries(Path(cfg.data.output) / "queries")
     assert got.query_ids == ["q-cat", "q-fish", "q-dog"] and got.rank == 4
     for name in want.layer_names:

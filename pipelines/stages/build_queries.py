@@ -7,6 +7,14 @@ without special tokens: give the completion the leading space a BPE tokenizer
 expects, e.g. " Paris") or pre-tokenized ``prompt_ids`` + ``completion_ids``.
 A prompt too long for the model's context keeps its last tokens.
 
+Preparation runs on an actor pool (``runtime.ray_runtime.run_units``): one unit
+is ``scoring.query_batches_per_unit`` batches of ``resources.batch_size`` queries;
+an actor loads the model and factors once, prepares its units
+(``influence_ops.precondition_queries`` with ``scoring.query_precision`` and
+``scoring.query_lowrank``) and writes each to ``queries/parts/unit-NNNNN/``. The
+driver tokenizes (it loads the model on the CPU for its vocabulary size and
+context), concatenates the parts in query order and removes them.
+
 Output folder ``<output>/queries``: ``queries.safetensors`` + ``queries.json``
 (``influence_ops.save_queries``) and ``queries.parquet``: query_id, prompt,
 completion, prompt_ids, completion_ids, measurement (log p(completion | prompt)),
@@ -22,15 +30,27 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from influence_ops import PreconditionedQueries, load_factors, precondition_queries, query_batch, save_queries
+from influence_ops import (
+    PreconditionedQueries,
+    QueryPrep,
+    load_factors,
+    load_queries,
+    precondition_queries,
+    query_batch,
+    save_queries,
+)
 
-from ..config import JobConfig
+from ..config import JobConfig, ModelConfig
 from ..errors import UserError
 from ..io import completion, storage
 from ..io.model_loading import LoadedModel, load_model, load_tokenizer, pick_device
 from ..io.model_source import has_tokenizer
+from ..runtime.accounting import UnitLog
+from ..runtime.progress import bar
+from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -90,7 +110,78 @@ def tokenize_queries(url: str, tokenizer: Any, vocab_size: int | None, context: 
 
 def queries_key(cfg: JobConfig, factors_digest: str) -> str:
     return completion.inputs_key("queries", cfg.model.__dict__, factors_digest, storage.file_digest(cfg.data.queries),
-                                 cfg.scoring.rank, cfg.factors.damping)
+                                 cfg.scoring.rank, cfg.factors.damping, cfg.scoring.query_precision.value,
+                                 cfg.scoring.query_lowrank.value)
+
+
+def query_prep(cfg: JobConfig) -> QueryPrep:
+    return QueryPrep(precision=cfg.scoring.query_precision, lowrank=cfg.scoring.query_lowrank)
+
+
+class QueryWorker:
+    """Ray Data callable: ``{"unit": [JSON {index, ids, prompt_ids, completion_ids, output}]}`` -> a row per unit.
+
+    Prepares the unit's queries and writes them (``save_queries``) to the unit's ``output`` folder.
+    """
+
+    def __init__(self, model: ModelConfig, factors_url: str, rank: int | None, damping: float | None,
+                 batch_size: int, precision: str, lowrank: str, threads: int = 0, use_gpu: bool = False) -> None:
+        set_threads(threads)
+        self.m = load_model(model, pick_device(use_gpu))
+        try:
+            self.factors = load_factors(storage.local_copy(factors_url), self.m.layers, device=self.m.device)
+        except ValueError as err:
+            raise UserError(f"{factors_url}: {err}; refit them (influence fit-factors) for model.path") from err
+        self.rank, self.damping, self.batch_size = rank, damping, batch_size
+        self.prep = QueryPrep(precision=precision, lowrank=lowrank)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: dict[str, list] = {"index": [], "queries": [], "seconds": []}
+        for unit in units_of(batch):
+            start = time.perf_counter()
+            part = QueryRows(unit["ids"], [None] * len(unit["ids"]), [None] * len(unit["ids"]), unit["prompt_ids"],
+                             unit["completion_ids"], [0] * len(unit["ids"]))
+            pq = precondition(self.m, self.factors, part, self.rank, self.damping, self.batch_size, self.prep)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_queries(pq, tmp)
+                storage.upload_dir(tmp, unit["output"], last=("queries.json",))
+            rows["index"].append(unit["index"])
+            rows["queries"].append(len(unit["ids"]))
+            rows["seconds"].append(time.perf_counter() - start)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def query_units(rows: QueryRows, per_unit: int, parts_url: str) -> list[dict[str, Any]]:
+    """Consecutive slices of ``per_unit`` queries, each with the folder its queries go to."""
+    return [{"index": i, "ids": rows.ids[lo:lo + per_unit], "prompt_ids": rows.prompt_ids[lo:lo + per_unit],
+             "completion_ids": rows.completion_ids[lo:lo + per_unit],
+             "output": storage.join(parts_url, f"unit-{i:05d}")}
+            for i, lo in enumerate(range(0, len(rows.ids), per_unit))]
+
+
+def prepare_on_actors(cfg: JobConfig, rows: QueryRows, show_progress: bool = False) -> tuple[PreconditionedQueries,
+                                                                                                dict[str, Any]]:
+    """Preconditioned queries of ``rows`` prepared by an actor pool, concatenated in query order (on the CPU)."""
+    parts_url = storage.join(cfg.data.output, "queries", "parts")
+    storage.remove(parts_url)
+    units = query_units(rows, cfg.scoring.query_batches_per_unit * cfg.resources.batch_size, parts_url)
+    cluster = ensure_ray(cfg.resources)
+    args = {"model": cfg.model, "factors_url": storage.join(cfg.data.output, "factors"), "rank": cfg.scoring.rank,
+            "damping": cfg.factors.damping, "batch_size": cfg.resources.batch_size,
+            "precision": cfg.scoring.query_precision.value, "lowrank": cfg.scoring.query_lowrank.value,
+            "threads": cfg.resources.threads_per_actor,
+            "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
+    log = UnitLog()
+    seconds = 0.0
+    with bar(len(units), "build-queries (units)", show_progress) as progress:
+        for row in run_units(QueryWorker, args, units, cfg.resources, cluster, progress, log):
+            seconds += float(row["seconds"])
+    pq = None
+    for unit in units:
+        part = load_queries(storage.local_copy(unit["output"]))
+        pq = part if pq is None else pq.concat(part)
+    storage.remove(parts_url)
+    return pq, {"units": len(units), "actor_seconds": round(seconds, 3), "unit_log": log.summary()}
 
 
 def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = False) -> dict[str, Any]:
@@ -101,15 +192,11 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
     if done is not None:
         return {**done, "skipped": True}
     start = time.perf_counter()
-    loaded = load_model(cfg.model, pick_device(True))
+    loaded = load_model(cfg.model)  # on the CPU, for the vocabulary size and context the queries are checked against
     tokenizer = load_tokenizer(cfg.model) if has_tokenizer(cfg.model) else None
     rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
-    factors_url = storage.join(cfg.data.output, "factors")
-    try:
-        factors = load_factors(storage.local_copy(factors_url), loaded.layers, device=loaded.device)
-    except ValueError as err:
-        raise UserError(f"{factors_url}: {err}; refit them (influence fit-factors) for model.path") from err
-    pq = precondition(loaded, factors, rows, cfg.scoring.rank, cfg.factors.damping, cfg.resources.batch_size)
+    del loaded
+    pq, actors = prepare_on_actors(cfg, rows, show_progress)
     table = pa.table({
         "query_id": pa.array(rows.ids, pa.string()),
         "prompt": pa.array(rows.prompts, pa.string()),
@@ -126,17 +213,19 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
         storage.upload_dir(tmp, out, last=("queries.json",))
     storage.write_parquet(storage.join(out, "queries.parquet"), table)
     info = {"queries": len(rows.ids), "rank": pq.rank, "factor_tokens": pq.factor_tokens,
+            "precision": cfg.scoring.query_precision.value, "lowrank": cfg.scoring.query_lowrank.value,
+            "units": actors["units"], "actor_seconds": actors["actor_seconds"], "placement": actors["unit_log"],
             "seconds": round(time.perf_counter() - start, 3)}
     info["digest"] = storage.dir_digest(out)
     return {**completion.mark_complete(out, key, info), "skipped": False}
 
 
 def precondition(loaded: LoadedModel, factors: Any, rows: QueryRows, rank: int | None, damping: float | None,
-                 batch_size: int) -> PreconditionedQueries:
+                 batch_size: int, prep: QueryPrep | None = None) -> PreconditionedQueries:
     """Preconditioned queries (moved to the CPU) for the tokenized rows."""
     batches = [query_batch(rows.prompt_ids[lo:lo + batch_size], rows.completion_ids[lo:lo + batch_size])
                for lo in range(0, len(rows.ids), batch_size)]
     batches = [b.to(loaded.device) for b in batches]
     pq = precondition_queries(loaded.model, factors, batches, rank=rank, damping=damping,
-                              autocast_dtype=loaded.autocast, query_ids=rows.ids)
+                              autocast_dtype=loaded.autocast, query_ids=rows.ids, prep=prep)
     return pq.to("cpu")

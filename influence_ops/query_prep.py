@@ -1,0 +1,177 @@
+"""Preparing preconditioned queries in the EK-FAC eigenbasis (DESIGN.md section 2, "Query").
+
+Symbols: B queries in a batch, T tokens, layer [d_out, d_in'], r rank, k = r + oversample.
+
+For a query gradient G = sum_t g_t a_t^T (paper Eq. 21):
+
+    P = Q_S [ (Q_S^T G Q_A) / (Lambda + lambda) ] Q_A^T = Q_S M Q_A^T
+
+Steps and their multiply-adds per query:
+
+- rotate in, MATERIALIZED: form G (T d_out d_in'), then Q_S^T G Q_A
+  (d_out^2 d_in' + d_out d_in'^2).
+- rotate in, PER_TOKEN: rotate each token, g~_t = Q_S^T g_t, a~_t = Q_A^T a_t
+  (T (d_out^2 + d_in'^2)), then M = sum_t g~_t a~_t^T (T d_out d_in'). Cheaper
+  whenever T (d_out^2 + d_in'^2) < d_out d_in' (d_out + d_in'), i.e. for every
+  query shorter than about min(d_out, d_in') tokens. Picked by that rule.
+- damp: M = (rotated) / (Lambda + lambda), d_out d_in'.
+- low rank in the eigenbasis: since Q_S and Q_A are orthogonal, the SVD
+  M = U diag(sv) V^T gives P = (Q_S U) diag(sv) (Q_A V)^T, an SVD of P, and
+  ||P - P_r||_F = ||M - M_r||_F: left = Q_S U_r diag(sv_r) [d_out, r],
+  right = Q_A V_r [d_in', r] (d_out^2 r + d_in'^2 r), with no rotation back.
+  EXACT: full SVD of M. RANDOMIZED: range finder with k columns and ``power``
+  subspace iterations (Halko et al. 2011, Alg. 4.4), about
+  (2 power + 2) k d_out d_in', seeded so the same queries give the same factors.
+- dense queries rotate back: P = Q_S M Q_A^T (d_out^2 d_in' + d_out d_in'^2).
+
+The relative truncation error is measured on the returned factors,
+||M - U_r diag(sv_r) V_r^T||_F / ||M||_F, so it is exact for either method.
+Precision FLOAT32 runs every step in float32 (TF32 on GPUs where the caller
+enables it); FLOAT64 is the reference.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .factors import LayerFactors
+
+
+class Precision(str, enum.Enum):
+    FLOAT64 = "float64"
+    FLOAT32 = "float32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64 if self is Precision.FLOAT64 else torch.float32
+
+
+class LowRankMethod(str, enum.Enum):
+    EXACT = "exact"
+    RANDOMIZED = "randomized"
+
+
+@dataclass(frozen=True)
+class QueryPrep:
+    """How queries are prepared: precision, low-rank method and its parameters."""
+
+    precision: Precision = Precision.FLOAT64
+    lowrank: LowRankMethod = LowRankMethod.EXACT
+    oversample: int = 8
+    power: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision(self.precision))
+        object.__setattr__(self, "lowrank", LowRankMethod(self.lowrank))
+        if self.oversample < 0 or self.power < 0:
+            raise ValueError(f"oversample and power must be >= 0, got {self.oversample}, {self.power}")
+
+
+def per_token_rotation(T: int, d_out: int, d_in: int) -> bool:
+    """True when rotating each token is cheaper than rotating the materialized G (d_in means d_in')."""
+    return T * (d_out * d_out + d_in * d_in) < d_out * d_in * (d_out + d_in)
+
+
+def rotate_in(q_s: torch.Tensor, q_a: torch.Tensor, activations: torch.Tensor,
+              output_grads: torch.Tensor) -> torch.Tensor:
+    """Q_S^T G Q_A for G = sum_t g_t a_t^T, in the dtype of ``q_s``.
+
+    Args:
+        q_s: [d_out, d_out]; q_a: [d_in', d_in'].
+        activations: a, [B, T, d_in']; output_grads: g, [B, T, d_out].
+
+    Returns:
+        [B, d_out, d_in'].
+    """
+    a = activations.to(q_a.dtype)
+    g = output_grads.to(q_s.dtype)
+    if per_token_rotation(a.shape[1], q_s.shape[0], q_a.shape[0]):
+        return torch.einsum("bto,bti->boi", g @ q_s, a @ q_a)
+    grads = torch.einsum("bto,bti->boi", g, a)  # (B, d_out, d_in')
+    return q_s.T @ grads @ q_a
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def svd_lowrank_batched(m: torch.Tensor, k: int, power: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Approximate top-k SVD of each matrix by a seeded randomized range finder.
+
+    Args:
+        m: [B, d_out, d_in']; k <= min(d_out, d_in').
+
+    Returns:
+        u [B, d_out, k], sv [B, k], vh [B, k, d_in'].
+    """
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(m.shape[-1], k, generator=gen, device=m.device, dtype=m.dtype)  # (d_in', k)
+    basis = _orthonormal(m @ omega)  # (B, d_out, k)
+    mt = m.transpose(-1, -2)
+    for _ in range(power):
+        basis = _orthonormal(m @ _orthonormal(mt @ basis))
+    u_small, sv, vh = torch.linalg.svd(basis.transpose(-1, -2) @ m, full_matrices=False)  # (B, k, k), (B, k), (B, k, d_in')
+    return basis @ u_small, sv, vh
+
+
+def lowrank_in_eigenbasis(middle: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, rank: int,
+                          prep: QueryPrep = QueryPrep()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-r factors of P = Q_S M Q_A^T from an SVD of M.
+
+    Args:
+        middle: M, [B, d_out, d_in'].
+        q_s: [d_out, d_out]; q_a: [d_in', d_in'].
+        rank: r >= 1 (capped at min(d_out, d_in')).
+
+    Returns:
+        left [B, d_out, r'], right [B, d_in', r'], relative Frobenius error [B] (float64).
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    full = min(middle.shape[-2:])
+    r = min(rank, full)
+    k = min(r + prep.oversample, full)
+    if prep.lowrank is LowRankMethod.RANDOMIZED and k < full:
+        u, sv, vh = svd_lowrank_batched(middle, k, prep.power, prep.seed)
+    else:
+        u, sv, vh = torch.linalg.svd(middle, full_matrices=False)
+    u_r = u[..., :r] * sv[..., None, :r]  # (B, d_out, r)
+    v_r = vh[..., :r, :].transpose(-1, -2)  # (B, d_in', r)
+    residual = torch.linalg.matrix_norm(middle - u_r @ v_r.transpose(-1, -2)).to(torch.float64)
+    total = torch.linalg.matrix_norm(middle).to(torch.float64)
+    error = torch.where(total > 0, residual / total.clamp_min(1e-300), torch.zeros_like(total))
+    return q_s @ u_r, q_a @ v_r, error
+
+
+def prepare_layer(factors: LayerFactors, activations: torch.Tensor, output_grads: torch.Tensor,
+                  rank: int | None, damping: float | None, prep: QueryPrep = QueryPrep()
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """One layer's preconditioned queries from per-token a and g.
+
+    Args:
+        activations: [B, T, d_in']; output_grads: [B, T, d_out].
+
+    Returns:
+        (dense [B, d_out, d_in'] or None, left [B, d_out, r'] or None, right [B, d_in', r'] or None,
+        truncation error [B] float64 on the CPU), in the precision's dtype.
+    """
+    dtype = prep.precision.dtype
+    device = activations.device
+    lam = factors.eigenvalues.to(device)
+    if tuple(lam.shape) != (output_grads.shape[-1], activations.shape[-1]):
+        raise ValueError(f"gradients of shape {(output_grads.shape[-1], activations.shape[-1])}, "
+                         f"layer expects {tuple(lam.shape)}")
+    denom = lam + factors.damping(damping)
+    if bool((denom <= 0).any()):
+        raise ValueError("Lambda + damping has non-positive entries; use a positive damping")
+    q_s = factors.eigen.q_s.to(device=device, dtype=dtype)
+    q_a = factors.eigen.q_a.to(device=device, dtype=dtype)
+    middle = rotate_in(q_s, q_a, activations, output_grads) / denom.to(dtype)  # (B, d_out, d_in')
+    if rank is None:
+        return q_s @ middle @ q_a.T, None, None, torch.zeros(middle.shape[0], dtype=torch.float64)
+    left, right, error = lowrank_in_eigenbasis(middle, q_s, q_a, rank, prep)
+    return None, left, right, error.to("cpu")
