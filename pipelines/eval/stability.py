@@ -56,10 +56,13 @@ VARIANTS = ([Variant(f"sampled k={k}", ops.Fisher.SAMPLED, k) for k in SAMPLES]
                Variant("sampled k=4, Lambda on the covariances' draws", ops.Fisher.SAMPLED, 4, None, True),
                Variant("sampled k=1 in stage 1, k=4 in stage 3 (Lambda)", ops.Fisher.SAMPLED, 1, 4),
                Variant("sampled k=1 in stage 1, k=8 in stage 3 (Lambda)", ops.Fisher.SAMPLED, 1, 8),
-               Variant("sampled k=4 in stage 1, k=1 in stage 3 (Lambda)", ops.Fisher.SAMPLED, 4, 1),
+               Variant("sampled k=4 in stage 1, k=1 in stage 3 (Lambda)", ops.Fisher.SAMPLED, 4, 1)]
+            + [Variant(f"gaussian k={k}", ops.Fisher.GAUSSIAN, k) for k in (1, 2, 4)]
+            + [Variant("gaussian k=1 in stage 1, k=4 in stage 3 (Lambda)", ops.Fisher.GAUSSIAN, 1, 4),
                Variant("empirical (data labels)", ops.Fisher.EMPIRICAL)])
 SEEDS = (0, 1, 2)
-QUICK = ("sampled k=1", "sampled k=2", "sampled k=1 in stage 1, k=4 in stage 3 (Lambda)", "empirical (data labels)")
+QUICK = ("sampled k=1", "sampled k=2", "sampled k=1 in stage 1, k=4 in stage 3 (Lambda)", "gaussian k=1",
+         "empirical (data labels)")
 
 
 @dataclass
