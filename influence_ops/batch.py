@@ -26,11 +26,16 @@ class TokenBatch:
         input_ids: [B, T] int64.
         attention_mask: [B, T] int64, 1 for real tokens, 0 for padding.
         labels: [B, T] int64, HF semantics, -100 where not in the loss.
+        seeds: optional [B] int64 (CPU): per-sequence seeds of the random label
+            draws of the sampled / Gaussian Fisher. With them a sequence's draws
+            do not depend on the batch it is in (batch size, padding, order);
+            without them the draws come from one generator stream per call.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    seeds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2:
@@ -41,6 +46,8 @@ class TokenBatch:
                 raise ValueError(f"{field} has shape {shape}, input_ids {tuple(self.input_ids.shape)}")
         if self.input_ids.shape[0] == 0:
             raise ValueError("empty batch: no sequences")
+        if self.seeds is not None and tuple(self.seeds.shape) != (self.input_ids.shape[0],):
+            raise ValueError(f"seeds has shape {tuple(self.seeds.shape)}, want ({self.input_ids.shape[0]},)")
 
     @property
     def token_mask(self) -> torch.Tensor:
@@ -48,7 +55,8 @@ class TokenBatch:
         return self.attention_mask.bool()
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                          self.seeds)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -85,16 +85,25 @@ def gaussian_probe(logits: torch.Tensor, generator: torch.Generator | None) -> t
         return root_p * z - p * (root_p * z).sum(dim=-1, keepdim=True)
 
 
-def gaussian_losses(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def gaussian_losses(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None,
+                    row_gens: list[torch.Generator] | None = None, lengths: list[int] | None = None) -> torch.Tensor:
     """[B] sum over label positions of u_t . logits_t (u from ``gaussian_probe``; 0 where label == -100).
 
     Args:
         logits: [B, T, V]; position t - 1 predicts the label at t.
         labels: [B, T] data labels (only their -100 pattern is kept).
+        generator: one stream for the batch; or ``row_gens`` (one per sequence) with
+            ``lengths`` [B]: each sequence's probes drawn over its real positions only.
     """
     shift = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
     keep = (labels[:, 1:] != IGNORE_INDEX).to(shift.dtype)  # (B, T-1)
-    u = gaussian_probe(shift, generator)  # (B, T-1, V)
+    if row_gens is None:
+        u = gaussian_probe(shift, generator)  # (B, T-1, V)
+    else:
+        u = torch.zeros_like(shift)
+        for b, (gen, n) in enumerate(zip(row_gens, lengths)):
+            if n >= 2:
+                u[b, :n - 1] = gaussian_probe(shift[b, :n - 1], gen)
     return ((u * shift).sum(dim=-1) * keep).sum(dim=1)  # (B,)
 
 
@@ -158,6 +167,38 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.reshape(B, T1)  # (B, T-1)
 
 
+def row_generators(batch: TokenBatch, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per sequence, seeded by ``batch.seeds`` (None when the batch has no seeds)."""
+    if batch.seeds is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in batch.seeds.tolist()]
+
+
+def _row_lengths(batch: TokenBatch) -> list[int]:
+    """Real length of every sequence (positions 0 .. n-2 predict a label)."""
+    return batch.attention_mask.sum(dim=1).tolist()
+
+
+def sample_labels_by_row(logits: torch.Tensor, labels: torch.Tensor, generators: list[torch.Generator],
+                         lengths: list[int]) -> torch.Tensor:
+    """``sample_labels`` with one generator per sequence, drawing only over its real positions.
+
+    A sequence's labels then depend on its seed and its logits alone, not on the
+    batch (its size, the padding, the other rows). Args as ``sample_labels``;
+    ``lengths``: [B] real lengths.
+    """
+    with torch.no_grad():
+        sampled = labels.clone()
+        for b, (gen, n) in enumerate(zip(generators, lengths)):
+            if n < 2:
+                continue
+            probs = torch.softmax(logits[b, :n - 1].float(), dim=-1)  # (n-1, V)
+            drawn = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            keep = labels[b, 1:n] != IGNORE_INDEX
+            sampled[b, 1:n] = torch.where(keep, drawn, labels[b, 1:n])
+    return sampled
+
+
 def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Labels drawn from the model's predictive distribution where labels != -100.
 
@@ -211,10 +252,12 @@ class LanguageModelObjective:
                              "(fit_covariances / fit_lambda), not sequence_losses")
         logits = model_logits(model, batch.input_ids, batch.attention_mask)
         labels = batch.labels
+        rows = row_generators(batch, logits.device) if is_random(fisher) else None
         if fisher == Fisher.GAUSSIAN:
-            return gaussian_losses(logits, labels, generator)
+            return gaussian_losses(logits, labels, generator, rows, _row_lengths(batch) if rows else None)
         if fisher == Fisher.SAMPLED:
-            labels = sample_labels(logits, labels, generator)
+            labels = (sample_labels(logits, labels, generator) if rows is None
+                      else sample_labels_by_row(logits, labels, rows, _row_lengths(batch)))
         return token_nll(logits, labels).sum(dim=1)  # (B,)
 
     def draw_losses(self, model: nn.Module, batch: TokenBatch, fisher: Fisher, generator: torch.Generator | None,
@@ -224,12 +267,16 @@ class LanguageModelObjective:
             return expected_label_losses(logits, batch.labels)
         if fisher == Fisher.EMPIRICAL:
             return iter([token_nll(logits, batch.labels).sum(dim=1)])
+        rows = row_generators(batch, logits.device)
+        lengths = _row_lengths(batch) if rows is not None else None
         if fisher == Fisher.GAUSSIAN:
-            return (gaussian_losses(logits, batch.labels, generator) for _ in range(samples))
+            return (gaussian_losses(logits, batch.labels, generator, rows, lengths) for _ in range(samples))
 
         def draws() -> Iterator[torch.Tensor]:
             for _ in range(samples):  # draw j uses the generator after j draws: k = 1 is today's single draw
-                yield token_nll(logits, sample_labels(logits, batch.labels, generator)).sum(dim=1)  # (B,)
+                labels = (sample_labels(logits, batch.labels, generator) if rows is None
+                          else sample_labels_by_row(logits, batch.labels, rows, lengths))
+                yield token_nll(logits, labels).sum(dim=1)  # (B,)
         return draws()
 
     def token_mask(self, batch: TokenBatch) -> torch.Tensor:

@@ -159,3 +159,37 @@ def test_fit_ekfac_draws_stage_3_separately_and_saves_both_counts(setup, tmp_pat
     same = ops.fit_ekfac(model, layers, batches, fisher=ops.Fisher.SAMPLED, seed=4, same_lambda_draws=True)
     lam_same = ops.fit_lambda(model, layers, ops.eigendecompose(cov), batches, fisher=ops.Fisher.SAMPLED, seed=4)
     assert torch.equal(same.layers[layers[0].name].lambda_sum, lam_same.sums[layers[0].name])
+
+
+@pytest.mark.parametrize("fisher", [ops.Fisher.SAMPLED, ops.Fisher.GAUSSIAN])
+def test_per_sequence_seeds_make_the_draws_independent_of_batching(setup, fisher):
+    """With ``TokenBatch.seeds`` the sums are the same for any batch size and order (to float rounding)."""
+    model, layers, _, eigen = setup
+    seqs = random_sequences(6, min_len=3, max_len=7, seed=9)
+    seeds = [1000 + 7 * i for i in range(len(seqs))]
+
+    def batched(size, order):
+        out = []
+        for lo in range(0, len(order), size):
+            rows = order[lo:lo + size]
+            b = ops.collate([seqs[i] for i in rows])
+            b.seeds = torch.tensor([seeds[i] for i in rows], dtype=torch.int64)
+            out.append(b)
+        return out
+
+    fits = []
+    for size, order in ((2, [0, 1, 2, 3, 4, 5]), (4, [5, 3, 1, 0, 2, 4]), (6, [2, 0, 1, 5, 4, 3])):
+        cov = ops.fit_covariances(model, layers, batched(size, order), fisher=fisher, seed=size, samples=2)
+        lam = ops.fit_lambda(model, layers, eigen, batched(size, order), fisher=fisher, seed=size, samples=3)
+        fits.append((cov, lam))
+    for cov, lam in fits[1:]:
+        for l in layers:
+            assert_close(cov.layers[l.name].s_sum, fits[0][0].layers[l.name].s_sum, rtol=1e-9, atol=1e-12)
+            assert_close(lam.sums[l.name], fits[0][1].sums[l.name], rtol=1e-9, atol=1e-12)
+    # and the seeds matter: other seeds give other sums
+    other = batched(2, [0, 1, 2, 3, 4, 5])
+    for b in other:
+        b.seeds = b.seeds + 1
+    cov = ops.fit_covariances(model, layers, other, fisher=fisher, seed=2, samples=2)
+    name = layers[0].name
+    assert not torch.allclose(cov.layers[name].s_sum, fits[0][0].layers[name].s_sum)

@@ -314,3 +314,18 @@ def test_fit_worker_draws_k_labels_from_its_unit_seed(tiny_world, tmp_path):
     for name, cov in want.layers.items():
         torch.testing.assert_close(got.layers[name].s_sum, cov.s_sum, rtol=1e-5, atol=1e-8)
         assert not torch.allclose(got.layers[name].s_sum, one.layers[name].s_sum)
+
+
+def test_performance_settings_never_change_the_factors_key(tiny_world, tmp_path):
+    """Batch size, actors, threads and sort window are performance settings: fitted factors stay valid."""
+    from pipelines.config import config_from_dict
+    from pipelines.stages.fit_factors import factors_key
+
+    shard = write_shard(tmp_path / "s.parquet", ["a", "b"], [[1, 2, 3], [4, 5]])
+    base = {"model": {"path": str(tiny_world / "model")},
+            "data": {"corpus": shard, "queries": "q.jsonl", "output": str(tmp_path / "o")}}
+    key = factors_key(config_from_dict(base), [shard])
+    for section, values in (("resources", {"batch_size": 32, "actors": 3, "threads_per_actor": 1}),
+                            ("scoring", {"sort_window": 64, "top_k": 3})):
+        assert factors_key(config_from_dict({**base, section: values}), [shard]) == key, section
+    assert factors_key(config_from_dict({**base, "factors": {"seed": 1}}), [shard]) != key  # the fit's own inputs do

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from influence_ops import Fisher, fit_covariances, fit_lambda, model_fingerprint
 from influence_ops.storage import MANIFEST, build_manifest, layer_file
@@ -64,6 +65,16 @@ def unit_seed(seed: int, stage: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, stage, index]).generate_state(1)[0])
 
 
+def sequence_seed(seed: int, stage: int, doc_id: str) -> int:
+    """The seed of one sequence's label draws in a fitting stage: fixed by (seed, stage, doc_id) alone.
+
+    So the draws do not depend on the batch size, the padding, the unit size or the
+    order of the work (``TokenBatch.seeds``), and batch size is a performance setting only.
+    """
+    digest = hashlib.blake2b(doc_id.encode(), digest_size=8).digest()
+    return int(np.random.SeedSequence([seed, stage, int.from_bytes(digest, "little")]).generate_state(1)[0]) >> 1
+
+
 class _FitWorker:
     """Shared part of the two fitting callables: the model, and a unit's batches.
 
@@ -72,7 +83,7 @@ class _FitWorker:
     tokens) and returns a small row (index, tokens, the model's fingerprint).
     """
 
-    stage = 0
+    stage = 0  # 1: covariances, 3: Lambda (the stage's label draws are seeded per sequence with it)
 
     def __init__(self, model: ModelConfig, fisher: str, seed: int, batch_size: int, threads: int = 0,
                  use_gpu: bool = False, too_long: str = "error", samples: int = 1) -> None:
@@ -87,6 +98,9 @@ class _FitWorker:
         seqs = read_rows(unit.shard, np.asarray(unit.rows), self.m.vocab_size, context=self.m.context,
                          too_long=self.too_long)
         pairs = list(token_batches(seqs, self.batch_size, device=self.m.device))
+        for part, batch in pairs:
+            batch.seeds = torch.tensor([sequence_seed(self.seed, self.stage, d) for d in part.doc_ids],
+                                       dtype=torch.int64)
         tokens = int(sum(b.attention_mask.sum() for _, b in pairs))
         return [d for p, _ in pairs for d in p.doc_ids], [b for _, b in pairs], tokens
 
@@ -120,6 +134,8 @@ class _FitWorker:
 class CovarianceWorker(_FitWorker):
     """Stage 1 on a unit: the stage-1 sums as safetensors bytes."""
 
+    stage = 1
+
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         cov = fit_covariances(self.m.model, self.m.layers, batches, self.fisher, unit_seed(self.seed, 1, unit.index),
                               autocast_dtype=self.m.autocast, samples=self.samples)
@@ -128,6 +144,8 @@ class CovarianceWorker(_FitWorker):
 
 class LambdaWorker(_FitWorker):
     """Stage 3 on a unit, given every layer's stage-2 file (in layer order): Lambda sums as bytes."""
+
+    stage = 3
 
     def __init__(self, stage2: list[str], lambda_samples: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -141,9 +159,11 @@ class LambdaWorker(_FitWorker):
 
 
 def factors_key(cfg: JobConfig, shards: list[str]) -> str:
-    too_long = () if cfg.data.too_long.value == "error" else (cfg.data.too_long.value,)  # "error" keeps old keys
-    return completion.inputs_key("factors", cfg.model.__dict__, model_identity(cfg.model), cfg.factors.__dict__,
-                                 cfg.resources.batch_size, completion.shard_fingerprints(shards), *too_long)
+    """What the factors depend on. Not the batch size (label draws are seeded per sequence:
+    ``sequence_seed``) nor any other performance setting (actors, threads, sort window)."""
+    too_long = () if cfg.data.too_long.value == "error" else (cfg.data.too_long.value,)
+    return completion.inputs_key("factors-v2", cfg.model.__dict__, model_identity(cfg.model), cfg.factors.__dict__,
+                                 completion.shard_fingerprints(shards), *too_long)
 
 
 def _partial_url(out: str, stage: int, index: int) -> str:
