@@ -74,6 +74,8 @@ def ray_local(s3_server):
     cache = tempfile.mkdtemp(prefix="infl-cache-")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["INFLUENCE_CACHE_DIR"] = cache
+    if ray.is_initialized():  # a test that ran a stage in-process started Ray on its own: use the session's
+        ray.shutdown()
     ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, _temp_dir=temp,
              logging_level=logging.ERROR, log_to_driver=False)
     data_context().enable_progress_bars = False

@@ -312,7 +312,7 @@ def test_model_without_tokenizer_names_the_key(world):
 def test_missing_model_folder_is_named(world):
     shutil.rmtree(world.model)
     line = first_error(validate(world.job))
-    assert f"model.path = {str(world.model)!r}: does not exist" in line
+    assert f"model.path '{world.model}' does not exist" in line
 
 
 def test_bad_job_key_is_named(world):
