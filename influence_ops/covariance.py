@@ -7,7 +7,8 @@ Symbols: N_tok counted tokens, d_in' homogeneous input width, d_out.
 
 (paper Eq. 17-18, tokens treated as independent). Only sums and counts are kept,
 so results of many workers add exactly; ``normalized()`` divides at the end.
-Labels are sampled from the model (true Fisher) unless ``fisher=EMPIRICAL``.
+Labels are sampled from the model (true Fisher) or replaced by Gaussian probes
+with the same covariance (``GAUSSIAN``), unless ``fisher=EMPIRICAL``.
 With ``samples = k`` sampled draws per position, the g g^T term is the mean over
 the k draws, (1/k) sum_j g_tj g_tj^T (one forward, k backward passes); A does
 not depend on labels and is summed once. ``EXPECTED`` sums the exact
@@ -59,7 +60,7 @@ class Covariances:
     layers: dict[str, LayerCovariance]
     sequences: int
     fisher: Fisher
-    samples: int = 1  # sampled label draws per position (1 unless fisher is SAMPLED)
+    samples: int = 1  # random label draws per position (1 unless fisher is SAMPLED or GAUSSIAN)
 
     def merge(self, other: Covariances) -> Covariances:
         """Exact sum of two partial results over disjoint data."""
@@ -126,7 +127,7 @@ def fit_covariances(
         seed: seed of the label-sampling generator.
         objective: defaults to ``LanguageModelObjective``.
         autocast_dtype: optional bf16/fp16 autocast; sums stay float32.
-        samples: k label draws per position (SAMPLED only), averaged into g g^T.
+        samples: k label draws per position (SAMPLED and GAUSSIAN only), averaged into g g^T.
 
     Returns:
         Covariances with per-layer sums and token counts (sequences counted too).

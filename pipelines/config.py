@@ -36,7 +36,7 @@ Sections (every key optional unless marked required)::
     damping = 0.001                     # absolute; omit for 0.1 x mean(Lambda) per layer
     seed = 0
     blocks = 1
-    unit_sequences = 256                # sequences per unit of work (fixes the sampled labels)
+    unit_sequences = 256                # sequences per unit of work (label draws are seeded per sequence)
     [scoring]
     top_k = 10
     rank = 32                           # 0 = dense queries (leaving the key out means 32)
