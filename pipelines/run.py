@@ -153,5 +153,5 @@ def _write_record(cfg: JobConfig, record: dict[str, Any], errors: list[dict[str,
     except Exception as err:
         if failed is None:
             raise
-        log.error("the run record %s was not written (%s); the run's own error follows",
+        log.warning("the run record %s was not written (%s); the run's own error follows",
                   url, (str(err).splitlines() or [type(err).__name__])[0])

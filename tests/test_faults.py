@@ -304,7 +304,7 @@ def test_store_gone_mid_run_one_line_then_rerun_completes(s3_world):
     code, out, err = finish(proc, 400)
     assert code not in (0, None), out
     assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "s3://faults/" in lines[0], err[-3000:]
     print("the store gone:", code, err, sep="\n")
 

@@ -215,7 +215,7 @@ def test_tokenize_file_without_text_column(world, on_error):
     job = write_job(folder, world["tiny"], folder / "corpus", on_error, raw=raw)
     result = cli("tokenize", str(job), "-q")
     if on_error == "fail":
-        assert_one_line_error(result, str(raw / "notext.jsonl"), "column 'text' is missing")
+        assert_one_line_error(result, str(raw / "notext.jsonl"), "no column 'text' (data.text_column)")
         return
     assert result.exit_code == 0, (result.output, result.exception)
     want = pq.ParquetFile(world["shards"] / "part0.parquet").metadata.num_rows

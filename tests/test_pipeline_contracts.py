@@ -254,7 +254,8 @@ def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, t
     a, b = total([[0, 1, 2]]), total([[2], [1, 0]])
     for name, cov in a.layers.items():
         torch.testing.assert_close(cov.a_sum, b.layers[name].a_sum, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(cov.s_sum, b.layers[name].s_sum, rtol=1e-6, atol=1e-9)
+        # float32 sums added in another order: rounding only (other labels would differ by far more)
+        torch.testing.assert_close(cov.s_sum, b.layers[name].s_sum, rtol=1e-5, atol=1e-7)
     assert a.sequences == b.sequences == 6
 
 

@@ -57,7 +57,7 @@ def test_stages_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equa
     qids, acc = brute_force_topk(cfg)
     assert_topk_equal(table, qids, acc)
     tokens = pq.read_table(io.BytesIO(storage.read_bytes(f"{bucket}/out/token_scores/query_id=q-cat/part-0.parquet")))
-    assert tokens.num_rows > 0 and tokens.column_names == ["doc_id", "token_index", "token_id", "token", "score"]
+    assert tokens.num_rows > 0 and tokens.column_names == ["doc_id", "shard", "token_index", "token_id", "token", "score"]
 
     # DuckDB over the bucket through s3fs (no httpfs extension needed)
     import duckdb

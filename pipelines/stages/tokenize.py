@@ -174,7 +174,8 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     failures = FailureLog("tokenize", cfg.on_error)
     by_output = {u["output"]: u["input"] for u in units}
     if units:
-        check_raw_columns([u["input"] for u in units], cfg.data.text_column, cfg.data.id_column)
+        if cfg.on_error != "skip":  # with "skip" a file without the columns is skipped and recorded by its unit
+            check_raw_columns([u["input"] for u in units], cfg.data.text_column, cfg.data.id_column)
         cluster = ensure_ray(cfg.resources)
         args = {"model": cfg.model, "max_length": max_length, "text_column": cfg.data.text_column,
                 "id_column": cfg.data.id_column}
