@@ -40,8 +40,8 @@ too_long = "error"                # a shard sequence longer than the model's con
 [factors]
 # sample_sequences = 1000         # sequences the factors are fitted on; default: the whole corpus
 # sample_tokens = 100000          # or a token budget (not both)
-fisher = "sampled"                # sampled | gaussian | empirical | expected (tiny models only)
-fisher_samples = 1                # label draws per position for the covariances (stage 1)
+fisher = "gaussian"               # gaussian | sampled | empirical | expected (tiny models only)
+fisher_samples = 4                # label draws per position for the covariances (stage 1)
 lambda_samples = 4                # label draws per position for the eigenvalue correction (stage 3)
 # damping = 0.001                 # absolute damping; default: 0.1 x mean eigenvalue, per layer
 seed = 0                          # seed of the sample and of the sampled labels

@@ -37,7 +37,7 @@ queries = "queries.jsonl"
 output = "results"
 
 [factors]
-fisher = "sampled"
+fisher = "gaussian"
 seed = 0
 
 [scoring]
