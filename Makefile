@@ -30,8 +30,11 @@ demo: $(STAMP)
 	@echo "the report: demo_output/results/report.html (open it in a browser; no server needed)"
 
 # Benchmark-only dependencies (kronfluence is a benchmark dependency, never a runtime one).
+# kronfluence goes in without its dependencies: it asks for torchvision, whose wheel does not match
+# the CPU build of torch here (transformers then fails to import); it runs without it.
 bench-env: $(STAMP)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/pip install --quiet -c constraints.txt accelerate einops einconv opt_einsum scipy
+	$(BIN)/pip install --quiet --no-deps 'kronfluence>=1.0'
 
 clean:
 	rm -rf $(VENV) demo_output bench_output

@@ -78,11 +78,14 @@ def ledger_actor() -> Any:
 
     Not the driver's node: a driver started on a machine that runs several
     raylets may be attached to a worker node, which can be lost mid-stage.
+    The affinity is hard: with ``soft=True`` Ray 2.60 placed the ledger on a
+    worker node about one time in three (the head has no CPUs), and a lost
+    node then took the retry counts with it.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=True)
+    head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
     return ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=head).remote()
 
 
