@@ -253,6 +253,30 @@ def test_duplicate_query_id_names_both_lines(world):
     assert f"line 3, field 'query_id': duplicate {rows[0]['query_id']!r} (first at line 1)" in line
 
 
+@pytest.mark.parametrize("change", ["missing completion", "duplicate id", "bad id", "ids out of vocabulary"])
+def test_build_queries_reads_the_file_as_validate_does(tmp_path, change):
+    """One reader (``io.queries_file``): `build-queries` fails on the same line with the same words."""
+    from pipelines.stages.build_queries import tokenize_queries
+    from pipelines.validate.queries import check_queries
+
+    rows = [{"query_id": f"q{i}", "prompt_ids": [1, 2], "completion_ids": [3]} for i in range(3)]
+    if change == "missing completion":
+        rows[1] = {"query_id": "q1", "prompt": "a b"}
+    elif change == "duplicate id":
+        rows[2]["query_id"] = "q0"
+    elif change == "bad id":
+        rows[1]["query_id"] = "q/1"
+    else:
+        rows[2]["completion_ids"] = [99]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError) as checked:
+        check_queries(str(path), None, 10, 8)
+    with pytest.raises(ValueError) as built:
+        tokenize_queries(str(path), None, 10, 8)
+    assert str(checked.value) == str(built.value) and f"{path}: line " in str(built.value)
+
+
 def test_leading_space_warning_shows_both_tokenizations(tmp_path):
     """A byte-level BPE tokenizer (GPT-2 style): 'Chardet.' after 'is' is not ' Chardet.'."""
     from tokenizers import ByteLevelBPETokenizer

@@ -24,7 +24,6 @@ truncation; 0 for dense), truncation_error_max, prompt_tokens_dropped.
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,12 +47,10 @@ from ..errors import UserError
 from ..io import completion, storage
 from ..io.model_loading import LoadedModel, load_model, load_tokenizer, pick_device
 from ..io.model_source import has_tokenizer
+from ..io.queries_file import read_queries
 from ..runtime.accounting import UnitLog
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
-
-QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
-
 
 @dataclass
 class QueryRows:
@@ -66,43 +63,16 @@ class QueryRows:
 
 
 def tokenize_queries(url: str, tokenizer: Any, vocab_size: int | None, context: int | None) -> QueryRows:
-    """Check and tokenize the queries file; errors name the file, row and field."""
-    rows = storage.read_table(url).to_pylist()
-    if not rows:
-        raise ValueError(f"{url}: no queries")
+    """Check and tokenize the queries file (``io.queries_file.read_queries``: errors name the file, the
+    line or row and the field); a prompt too long for the context keeps its last tokens."""
     out = QueryRows([], [], [], [], [], [])
-    for i, row in enumerate(rows):
-        qid = row.get("query_id")
-        if not isinstance(qid, str) or not QUERY_ID.match(qid):
-            raise ValueError(f"{url}: row {i}, field 'query_id': {qid!r} must be a string of letters, digits, '-_.'")
-        if qid in out.ids:
-            raise ValueError(f"{url}: row {i}, field 'query_id': duplicate {qid!r}")
-        if row.get("prompt_ids") is not None and row.get("completion_ids") is not None:
-            p, c = [int(x) for x in row["prompt_ids"]], [int(x) for x in row["completion_ids"]]
-        else:
-            for field in ("prompt", "completion"):
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{url}: row {i}, field {field!r}: missing (give prompt and completion text, "
-                                     "or prompt_ids and completion_ids)")
-            if tokenizer is None:
-                raise ValueError(f"{url}: row {i}: text queries need the model's tokenizer (model.tokenizer)")
-            p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        if not c:
-            raise ValueError(f"{url}: row {i}, field 'completion': no tokens")
-        bad = [t for t in p + c if t < 0 or (vocab_size is not None and t >= vocab_size)]
-        if bad:
-            raise ValueError(f"{url}: row {i}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        dropped = 0
-        if context is not None and len(p) + len(c) > context:
-            if len(c) > context:
-                raise ValueError(f"{url}: row {i}, field 'completion': {len(c)} tokens, the model takes {context}")
-            dropped = len(p) + len(c) - context
-            p = p[dropped:]
-        out.ids.append(qid)
-        out.prompts.append(row.get("prompt"))
-        out.completions.append(row.get("completion"))
-        out.prompt_ids.append(p)
+    for q in read_queries(url, tokenizer, vocab_size, context):
+        p, c = q.prompt_ids, q.completion_ids
+        dropped = max(0, len(p) + len(c) - context) if context is not None else 0
+        out.ids.append(q.query_id)
+        out.prompts.append(q.row.get("prompt"))
+        out.completions.append(q.row.get("completion"))
+        out.prompt_ids.append(p[dropped:])
         out.completion_ids.append(c)
         out.dropped.append(dropped)
     return out
