@@ -41,8 +41,11 @@ def import_factory(spec: str) -> Any:
 CONFIG = "config.json"
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
+# Files that hold a tokenizer's vocabulary (one is enough): fast, BPE, WordPiece, SentencePiece.
+# tokenizer_config.json alone is not a tokenizer (it loads as an empty vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+WEIGHT_INDEX = SAFETENSORS[1]
 
 
 def hub_cache() -> Path:

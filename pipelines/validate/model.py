@@ -18,16 +18,12 @@ from typing import Any
 
 from ..config import ConfigError, ModelConfig
 from ..io import storage
-from ..io.model_source import model_source
+from ..io.model_source import TOKENIZER_FILES, WEIGHT_INDEX, model_source
+from ..io.model_source import TORCH_BIN as TORCH_WEIGHTS
 
 # Weights the loader reads (``io.model_loading.load_model``): safetensors, or pytorch_model.bin through
-# torch.load(weights_only=True) (never unpickling arbitrary objects).
+# torch.load(weights_only=True) (never unpickling arbitrary objects). One list of names for every check.
 WEIGHT_SUFFIXES = (".safetensors",)
-WEIGHT_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-# Files that hold a tokenizer's vocabulary (one is enough): fast, BPE, WordPiece, SentencePiece.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 
 
