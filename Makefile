@@ -35,6 +35,8 @@ demo: $(STAMP)
 bench-env: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt accelerate einops einconv opt_einsum scipy
 	$(BIN)/pip install --quiet --no-deps 'kronfluence>=1.0'
+	# kronfluence 1.0.1's wheel also installs its own top-level `tests` package, which would shadow ours
+	rm -rf $(VENV)/lib/python*/site-packages/tests
 
 clean:
 	rm -rf $(VENV) demo_output bench_output
