@@ -98,11 +98,12 @@ def _task(kind: str, modules: list[str]) -> Any:
 
 
 def kronfluence_scores(model: nn.Module, kind: str, train: list[Any], queries: list[Any], modules: list[str],
-                       seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+                       seed: int = 0, batch_size: int = 64, empirical: bool = False) -> torch.Tensor:
     """[Q, N] kronfluence EK-FAC pairwise scores.
 
     Args:
         kind: "classifier" (rows are (x [d], y) pairs) or "lm" (rows are (input_ids, labels) lists; a GPT-2).
+        empirical: the empirical Fisher (data labels) instead of its default true Fisher (for tests).
     """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -121,7 +122,7 @@ def kronfluence_scores(model: nn.Module, kind: str, train: list[Any], queries: l
     task = _task(kind, modules)
     twin = prepare_model(twin, task)
     f64 = torch.float64
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False, activation_covariance_dtype=f64,
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical, activation_covariance_dtype=f64,
                                   gradient_covariance_dtype=f64, eigendecomposition_dtype=f64,
                                   per_sample_gradient_dtype=f64, lambda_dtype=f64)
     score_args = ScoreArguments(damping_factor=None, per_sample_gradient_dtype=f64, precondition_dtype=f64,
