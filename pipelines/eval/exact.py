@@ -197,8 +197,8 @@ def evaluate(s: Setup, seeds: int, progress: Progress, quick: bool = False) -> l
 NOTES = """
 Correlation of approximate influence with exact influence (exact damped Gauss-Newton matrix of the tracked
 layers = true Fisher, float64, inverted). Per query over all training examples, then averaged over queries
-(`*_min`: the worst query). Sampled and Gaussian rows: the mean over `seeds` fits. Same gradients and same per-layer damping
-(0.1 x trace(F_ll)/P_l) for every method; only the curvature differs. `fit_seconds`: one fit (tiny models,
+(`*_min`: the worst query). Sampled and Gaussian rows: the mean over `seeds` fits. Same gradients and same
+per-layer damping (0.1 x trace(F_ll)/P_l) for every method; only the curvature differs. `fit_seconds`: one fit (tiny models,
 so this mostly measures per-pass overhead). The last row keeps the exact GGN but drops the blocks between
 layers, as EK-FAC, K-FAC and every per-layer method do: the gap between it and 1.0 is what the layer-wise
 assumption costs, the gap between EK-FAC and it what the Kronecker-eigenbasis approximation costs.
