@@ -36,7 +36,7 @@ from .lds_cases import LdsCase, digits_case, lm_case
 from .report import Progress, write_table
 
 DEFAULT = "EK-FAC gaussian k=4 (default)"
-KRONFLUENCE = "kronfluence 1.0 EK-FAC (true Fisher, sampled)"
+KRONFLUENCE = "kronfluence EK-FAC (true Fisher, 1 sampled label)"
 FITS = ((DEFAULT, ops.Fisher.GAUSSIAN, 4), ("EK-FAC sampled k=1", ops.Fisher.SAMPLED, 1),
         ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1))
 KFAC = "K-FAC gaussian k=4 (no eigenvalue correction)"
@@ -134,8 +134,8 @@ def run_lds(out: str | Path, quick: bool = False, command: str = "influence eval
     try:
         for setup, make in setups:
             rows += evaluate(setup, make, quick, progress, echo)
+        parquet, md = write_table(out, "lds", rows, command, NOTES, started)  # torch_threads as run
     finally:
         torch.set_num_threads(threads)
-    parquet, md = write_table(out, "lds", rows, command, NOTES, started)
     echo(f"wrote {md} and {parquet}")
     return rows
