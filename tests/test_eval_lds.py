@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -9,7 +11,7 @@ from click.testing import CliRunner
 
 import influence_ops as ops
 from pipelines.cli import main
-from pipelines.eval import kron
+from pipelines.eval import kron, lds_cases
 from pipelines.eval.datamodels import bootstrap_interval, lds, random_subsets
 from pipelines.eval.exact import factor_scores
 from pipelines.eval.lds import DEFAULT, FITS, IDENTITY, KFAC, KRONFLUENCE, method_scores
@@ -95,3 +97,9 @@ def test_lds_suite_quick_writes_its_table(tmp_path):
             assert r["vs_default"] == 0.0
     md = (tmp_path / "lds.md").read_text()
     assert f"influence eval lds --out {tmp_path} --quick" in md and "| lds |" in md
+
+
+def test_without_scikit_learn_the_digits_setup_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
+    with pytest.raises(RuntimeError, match=r"scikit-learn.*corpus-influence\[eval\]"):
+        lds_cases.load_digits_tensors()
