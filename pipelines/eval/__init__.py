@@ -7,6 +7,8 @@ the machine, the versions and the command that produced it) and prints progress.
   exact influence (the exact damped Gauss-Newton matrix, inverted) on tiny models.
 - ``stability``: seed-to-seed agreement of the scores for k = 1, 2, 4, 8 sampled
   label draws (``factors.fisher_samples``), and the fitting cost of each k.
+- ``lds``: the linear datamodeling score against models retrained on random
+  halves of the training set (digits MLP, tiny GPT-2), kronfluence alongside.
 """
 
 from __future__ import annotations
@@ -27,5 +29,11 @@ def _stability(**kwargs: Any) -> Any:
     return run_stability(**kwargs)
 
 
+def _lds(**kwargs: Any) -> Any:
+    from .lds import run_lds
+
+    return run_lds(**kwargs)
+
+
 # suite name -> runner(out, quick, command, echo) -> the result table (a list of rows)
-SUITES: dict[str, Callable[..., Any]] = {"exact": _exact, "stability": _stability}
+SUITES: dict[str, Callable[..., Any]] = {"exact": _exact, "stability": _stability, "lds": _lds}

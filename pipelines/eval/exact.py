@@ -9,7 +9,8 @@ the softmax; ``ggn.py``), averaged over training sequences as EK-FAC's Lambda is
 lambda_l = 0.1 x trace(F_ll) / P_l (= 0.1 x mean(Lambda) of the exact
 eigenvalue correction), used by every method alike. The methods differ only in
 the curvature: EK-FAC fitted with k sampled label draws (k = 1, 2, 4, 8; the
-mean over seeds), with the expected Fisher, with the empirical Fisher; K-FAC
+mean over seeds), with k Gaussian probes (k = 1 and the default 4, in both
+stages), with the expected Fisher, with the empirical Fisher; K-FAC
 (the Kronecker eigenvalues e_S e_A instead of Lambda, scaled by tokens per
 sequence to approximate the same per-sequence matrix, expected Fisher); and the
 identity (the plain gradient dot product). All gradients are the same brute
@@ -152,6 +153,8 @@ def factor_scores(s: Setup, factors: ops.EKFACFactors, damping: dict[str, float]
 def _methods(seeds: int, quick: bool = False) -> list[tuple[str, ops.Fisher, int, int]]:
     """(label, fisher, samples, seeds)."""
     return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k, seeds) for k in (SAMPLES[:2] if quick else SAMPLES)]
+            + [(f"EK-FAC gaussian k={k}" + (" (default)" if k == 4 else ""), ops.Fisher.GAUSSIAN, k, seeds)
+               for k in ((4,) if quick else (1, 4))]
             + [("EK-FAC expected", ops.Fisher.EXPECTED, 1, 1), ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1, 1)])
 
 
@@ -194,8 +197,8 @@ def evaluate(s: Setup, seeds: int, progress: Progress, quick: bool = False) -> l
 NOTES = """
 Correlation of approximate influence with exact influence (exact damped Gauss-Newton matrix of the tracked
 layers = true Fisher, float64, inverted). Per query over all training examples, then averaged over queries
-(`*_min`: the worst query). Sampled rows: the mean over `seeds` fits. Same gradients and same per-layer damping
-(0.1 x trace(F_ll)/P_l) for every method; only the curvature differs. `fit_seconds`: one fit (tiny models,
+(`*_min`: the worst query). Sampled and Gaussian rows: the mean over `seeds` fits. Same gradients and same
+per-layer damping (0.1 x trace(F_ll)/P_l) for every method; only the curvature differs. `fit_seconds`: one fit (tiny models,
 so this mostly measures per-pass overhead). The last row keeps the exact GGN but drops the blocks between
 layers, as EK-FAC, K-FAC and every per-layer method do: the gap between it and 1.0 is what the layer-wise
 assumption costs, the gap between EK-FAC and it what the Kronecker-eigenbasis approximation costs.

@@ -38,6 +38,8 @@ def environment() -> dict[str, str]:
 
 
 def _cell(v: Any) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
