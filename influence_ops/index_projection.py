@@ -125,9 +125,32 @@ def project_layer(lf: LayerFactors, kind: ProjectionKind, k_out: int, k_in: int,
     else:
         r_out = _rotate_to_eigenbasis(_orthonormal_rows(q_s.shape[0], k_out, generator), q_s, e_s)
         r_in = _rotate_to_eigenbasis(_orthonormal_rows(q_a.shape[0], k_in, generator), q_a, e_a)
-    u, v = r_out @ q_s, r_in @ q_a  # (k_out, d_out), (k_in, d_in')
-    lam = (u * u) @ lf.eigenvalues.to("cpu") @ (v * v).T  # (k_out, k_in)
-    return LayerProjection(r_out, r_in, lam, lf.damping(damping))
+    return LayerProjection(r_out, r_in, projected_eigenvalues(r_out, r_in, lf), lf.damping(damping))
+
+
+def projected_eigenvalues(r_out: torch.Tensor, r_in: torch.Tensor, lf: LayerFactors) -> torch.Tensor:
+    """Lambda~ = (U o U) Lambda (V o V)^T [k_out, k_in] float64, U = R_out Q_S, V = R_in Q_A.
+
+    Cost: k_out d_out^2 + k_in d_in'^2 (U, V) + k_out d_out d_in' (the product).
+    """
+    q_s, q_a = lf.eigen.q_s.to("cpu", torch.float64), lf.eigen.q_a.to("cpu", torch.float64)
+    u, v = r_out.to("cpu", torch.float64) @ q_s, r_in.to("cpu", torch.float64) @ q_a  # (k_out, d_out), (k_in, d_in')
+    return (u * u) @ lf.eigenvalues.to("cpu") @ (v * v).T  # (k_out, k_in)
+
+
+def refit_preconditioner(proj: IndexProjection, factors: EKFACFactors, damping: float | None = None) -> IndexProjection:
+    """The same (fixed) projections with Lambda~ and lambda taken from ``factors``.
+
+    An index keeps its rows when the factors are refitted (e.g. after shards are added):
+    only the preconditioner, which queries use, follows the new factors. With the factors
+    the projection was made from, this returns the same numbers.
+    """
+    if list(factors.layers) != list(proj.layers):
+        raise ValueError(f"the index projection is for layers {list(proj.layers)}, the factors have "
+                         f"{list(factors.layers)}")
+    layers = {n: LayerProjection(p.r_out, p.r_in, projected_eigenvalues(p.r_out, p.r_in, factors.layers[n]),
+                                 factors.layers[n].damping(damping)) for n, p in proj.layers.items()}
+    return IndexProjection(layers, proj.kind, proj.fingerprint)
 
 
 def make_projection(factors: EKFACFactors, kind: ProjectionKind | str = ProjectionKind.EIGEN, k_out: int = 16,
