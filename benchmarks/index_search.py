@@ -152,7 +152,7 @@ def recall(args) -> dict:
         opt.step()
     model.eval()
     layers = io.find_mlp_layers(model)
-    fit = [io.collate(corpus[i:i + 32]).to(dev) for i in range(0, 512, 32)]
+    fit = [io.collate(corpus[i:i + 32]).to(dev) for i in range(0, min(512, len(corpus)), 32)]
     factors = io.fit_ekfac(model, layers, fit, fisher=io.Fisher.EMPIRICAL)
     qids = torch.randint(0, len(corpus), (args.tiny_queries,), generator=gen).tolist()
     qbatch = io.query_batch([corpus[i][:8] for i in qids], [corpus[i][8:12] for i in qids]).to(dev)
@@ -163,10 +163,10 @@ def recall(args) -> dict:
         exact.append(io.score_batch(model, pq, b).scores.double().cpu())
     exact = torch.cat(exact, 1)  # (Q, N)
     top10 = exact.topk(10, dim=1).indices
-    res: dict = {"final_train_loss": float(loss), "queries": len(qids), "corpus": len(corpus)}
+    res: dict = {"final_train_loss": float(loss.detach()), "queries": len(qids), "corpus": len(corpus)}
     obj = LanguageModelObjective()
-    for kind in ("eigen", "random"):
-        proj = make_projection(factors, kind, args.tiny_k, args.tiny_k, seed=args.seed)
+    for kind, k in [(kind, int(k)) for k in args.tiny_k.split(",") for kind in ("eigen", "random")]:
+        proj = make_projection(factors, kind, k, k, seed=args.seed)
         on = proj.to(dev, torch.float32)
         qc = io.backward_pass(model, layers, obj, qbatch).captured
         P = precondition(proj, compress(on, qc.activations, qc.output_grads).cpu())  # (Q, D)
@@ -178,17 +178,19 @@ def recall(args) -> dict:
         approx = P @ X.double().T
         found = approx.topk(args.candidates, dim=1).indices
         hits = [len(set(top10[q].tolist()) & set(found[q].tolist())) / 10 for q in range(len(qids))]
-        res[kind] = {"recall_top10_in_top%d" % args.candidates: sum(hits) / len(hits), "min": min(hits),
-                     "width": proj.width}
-        if kind == "eigen":
+        res[f"{kind}_k{k}"] = {"recall_top10_in_top%d" % args.candidates: sum(hits) / len(hits), "min": min(hits),
+                               "width": proj.width}
+        if kind == "eigen":  # as index_build.py stores it: fixed_size_list<float16>, zstd
+            import numpy as np
             import pyarrow as pa
             import pyarrow.parquet as pq_
 
-            from pipelines.stages.index_build import to_arrow
+            flat = pa.array(X.numpy().astype(np.float16).reshape(-1), pa.float16())
             buf = pyio.BytesIO()
             pq_.write_table(pa.table({"doc_id": [f"doc-{i:08d}" for i in range(len(corpus))],
-                                      "vector": to_arrow(X.float(), "float16")}), buf, compression="zstd")
-            res["parquet_bytes_per_sequence_float16"] = len(buf.getvalue()) / len(corpus)
+                                      "vector": pa.FixedSizeListArray.from_arrays(flat, proj.width)}), buf,
+                            compression="zstd")
+            res[f"parquet_bytes_per_sequence_float16_k{k}"] = len(buf.getvalue()) / len(corpus)
     return res
 
 
@@ -212,7 +214,7 @@ def main() -> None:
     p.add_argument("--tiny-tokens", type=int, default=32)
     p.add_argument("--tiny-corpus", type=int, default=4096)
     p.add_argument("--tiny-queries", type=int, default=32)
-    p.add_argument("--tiny-k", type=int, default=16)
+    p.add_argument("--tiny-k", default="8,16,32", help="projected widths k_out = k_in, comma-separated")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-recall", action="store_true")
