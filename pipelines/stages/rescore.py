@@ -90,7 +90,7 @@ def rescore(cfg: JobConfig, candidates: dict[str, dict[tuple[str, str], str]], q
     start = time.perf_counter()
     flat = sorted((q, d, s, f) for q, found in candidates.items() for (d, s), f in found.items())
     key = completion.inputs_key("rescore-v1", queries_digest, cfg.scoring.top_k, cfg.scoring.per_token,
-                                cfg.scoring.normalize.value, cfg.scoring.strategy.value, cfg.data.too_long.value, flat)
+                                cfg.scoring.normalize.value, cfg.data.too_long.value, flat)
     topk_dir = storage.join(cfg.data.output, "topk")
     done = completion.completed(topk_dir, key)
     if done is not None:
