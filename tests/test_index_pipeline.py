@@ -15,7 +15,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from influence_ops import TopKAccumulator, collate, load_queries, score_batch
+from influence_ops import collate, load_queries, score_batch
 from pipelines import config_from_dict
 from pipelines.config import ConfigError
 from pipelines.errors import UserError

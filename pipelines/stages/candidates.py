@@ -17,9 +17,7 @@ import pyarrow as pa
 from ..config import JobConfig, ScoringMode
 from ..errors import UserError
 from ..io import storage
-from .index_build import PARTS
 from .index_query import Candidates, query_index
-from .score import score_outputs
 
 CANDIDATES = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("shard", pa.string()),
                         ("found_by", pa.string())])
@@ -62,9 +60,7 @@ def tfidf_candidates(cfg: JobConfig) -> Candidates:
 def find_candidates(cfg: JobConfig) -> dict[str, Any]:
     """Candidates of the job's mode (index: the index must be built), written to candidates/; returns counts."""
     if cfg.scoring.mode == ScoringMode.INDEX:
-        from ..io.shards import list_shards
-
-        found, info = query_index(cfg, score_outputs(cfg, list_shards(cfg.data.corpus), PARTS))
+        found, info = query_index(cfg)
     elif cfg.scoring.mode == ScoringMode.TFIDF:
         found, info = tfidf_candidates(cfg), {}
     else:

@@ -144,6 +144,37 @@ def part_key(projection_digest: str, fingerprint: tuple[str, int], too_long: str
     return completion.inputs_key("index-part", projection_digest, fingerprint, too_long, dtype)
 
 
+def current_parts(cfg: JobConfig) -> list[str]:
+    """The index parts of the corpus's units, each checked to be current for this projection and settings.
+
+    Raises UserError when the projection or a part is missing or stale (unless ``on_error = "skip"``
+    left out a failed unit's part: then only parts present are returned, and at least one must be).
+    """
+    from ..io.shards import list_shards
+    from .score import score_outputs
+
+    projection = completion.completed(index_url(cfg, "projection"), projection_key(cfg))
+    if projection is None:
+        raise UserError(f"{index_url(cfg, 'projection')} is missing or made with other settings: "
+                        "run `influence index` first")
+    shards = list_shards(cfg.data.corpus)
+    urls = score_outputs(cfg, shards, PARTS)
+    present, stale = [], []
+    for fp, url in zip(completion.shard_fingerprints(shards), urls):
+        meta = storage.footer_metadata(url)
+        if meta is None and cfg.on_error == "skip":
+            continue
+        if meta is None or meta.get(KEY) != part_key(projection["digest"], fp, cfg.data.too_long.value,
+                                                     cfg.index.dtype.value):
+            stale.append(url)
+        else:
+            present.append(url)
+    if stale or not present:
+        raise UserError(f"{len(stale) or len(urls)} of {len(urls)} index parts are missing or stale, e.g. "
+                        f"{(stale or urls)[0]}: run `influence index` first")
+    return present
+
+
 def build_index(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     """The projection (when missing), then every unit whose part is not current; counts, timings and bytes."""
     start = time.perf_counter()

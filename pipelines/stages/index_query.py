@@ -22,16 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from influence_ops import backward_pass, load_factors, query_batch
+from influence_ops import TopKAccumulator, backward_pass, load_factors, query_batch
 from influence_ops.index_projection import compress, load_projection, precondition, refit_preconditioner
 from influence_ops.objectives import Fisher, LanguageModelObjective
-from influence_ops import TopKAccumulator
 
 from ..config import JobConfig, ModelConfig
 from ..io import storage
 from ..io.model_loading import load_model, pick_device
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
-from .index_build import DTYPE_META, from_arrow, index_url
+from .index_build import DTYPE_META, current_parts, from_arrow, index_url
 from .merge import row_key, split_key
 
 Candidates = dict[str, dict[tuple[str, str], str]]
@@ -118,12 +117,12 @@ def candidates_of(acc: TopKAccumulator, query_ids: list[str], found_by: str = "i
     return out
 
 
-def query_index(cfg: JobConfig, part_urls: list[str]) -> tuple[Candidates, dict[str, Any]]:
-    """Candidates of every query from the index parts, and the time each step took."""
+def query_index(cfg: JobConfig) -> tuple[Candidates, dict[str, Any]]:
+    """Candidates of every query from the (current) index parts, and the time each step took."""
     start = time.perf_counter()
+    present = current_parts(cfg)
     ids, P = query_rows(cfg)
     prepared = time.perf_counter()
-    present = [u for u in part_urls if storage.exists(u)]  # on_error = "skip": failed units have no part
     acc = top_candidates(present, P.numpy(), cfg.scoring.candidates)
     info = {"queries": len(ids), "parts": len(present), "sequences": acc.seen, "candidates": cfg.scoring.candidates,
             "prepare_seconds": round(prepared - start, 3), "search_seconds": round(time.perf_counter() - prepared, 3)}
