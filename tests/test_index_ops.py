@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from influence_ops.index_projection import (
     make_projection,
     precondition,
     project_gradient,
+    refit_preconditioner,
     save_projection,
 )
 from influence_ops.objectives import LanguageModelObjective
@@ -121,3 +124,18 @@ def test_truncated_eigen_projection_is_the_restricted_score(fitted):
         lam = lf.eigenvalues[keep_s[:, None], keep_a[None, :]] + lf.damping(None)
         want += torch.einsum("qoi,boi->qb", qr / lam, gr)
     assert_close(got, want, EXACT_RTOL, EXACT_ATOL, "restricted EK-FAC score")
+
+
+def test_refit_preconditioner_keeps_the_rows_and_follows_the_factors(fitted):
+    _, _, factors = fitted
+    proj = make_projection(factors, ProjectionKind.RANDOM, k_out=4, k_in=3, seed=2)
+    same = refit_preconditioner(proj, factors)
+    for name, p in proj.layers.items():
+        assert_close(same.layers[name].lam, p.lam, EXACT_RTOL, EXACT_ATOL, f"{name} Lambda~")
+        assert same.layers[name].r_out is p.r_out and same.layers[name].damping == p.damping
+    scaled = dataclasses.replace(factors, layers={n: dataclasses.replace(lf, lambda_sum=lf.lambda_sum * 2)
+                                                  for n, lf in factors.layers.items()})
+    moved = refit_preconditioner(proj, scaled, damping=0.5)
+    for name, p in proj.layers.items():
+        assert_close(moved.layers[name].lam, 2 * p.lam, EXACT_RTOL, EXACT_ATOL, f"{name} Lambda~ x 2")
+        assert moved.layers[name].damping == 0.5

@@ -99,6 +99,17 @@ def test_tfidf_mode_without_the_module_says_so(tmp_path):
         tfidf_candidates(dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, mode="tfidf")))
 
 
+def test_index_queries_without_an_index_say_so(tiny_world, tmp_path):
+    from pipelines.stages.index_build import current_parts
+
+    corpus = tmp_path / "shards"
+    corpus.mkdir()
+    storage.write_parquet(str(corpus / "a.parquet"), pa.table({"doc_id": ["x"], "input_ids": [[1, 2, 3]]}))
+    cfg = config_from_dict(job(tiny_world, str(tmp_path / "out"), str(corpus), 5))
+    with pytest.raises(UserError, match="run `influence index` first"):
+        current_parts(cfg)
+
+
 def exact_scores(cfg) -> dict[tuple[str, str, str], float]:
     """(query_id, doc_id, shard) -> the score of that sequence alone, in this process."""
     m = load_model(cfg.model)
