@@ -24,7 +24,7 @@ from pipelines.io.model_loading import load_model
 from pipelines.io.shards import list_shards, read_rows
 from pipelines.run import run_job
 from pipelines.stages.candidates import tfidf_candidates
-from pipelines.stages.index_build import build_index, from_arrow, to_arrow
+from pipelines.stages.index_build import build_index, decode_rows, encode_rows, from_arrow, to_arrow
 from pipelines.stages.index_query import candidates_of, top_candidates
 from pipelines.stages.merge import row_key
 
@@ -50,6 +50,11 @@ def test_vectors_round_trip_in_each_storage_dtype(dtype, tol):
     assert col.type.list_size == 12 and len(col) == 5
     back = from_arrow(pa.chunked_array([col]), dtype)
     np.testing.assert_allclose(back, x.float().numpy(), rtol=tol, atol=tol)
+    big = x * 1e6  # beyond float16's range: rows are stored scaled
+    vector, scale = encode_rows(big, dtype)
+    got = decode_rows(pa.table({"vector": vector, "scale": scale}), dtype)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, big.float().numpy(), rtol=max(tol, 1e-6), atol=tol * 4e6)
 
 
 def test_top_m_over_parts_equals_sorting_everything(tmp_path):
@@ -61,8 +66,9 @@ def test_top_m_over_parts_equals_sorting_everything(tmp_path):
         X[0] = X[1]  # ties: broken by (doc_id, shard)
         docs = [f"d{i}" for i in range(n)]
         url = str(tmp_path / f"part{p}.parquet")
+        vector, scale = encode_rows(torch.from_numpy(X), "float32")
         storage.write_parquet(url, pa.table({"doc_id": docs, "shard": [f"s{p}"] * n, "tokens": [3] * n,
-                                             "vector": to_arrow(torch.from_numpy(X), "float32")}))
+                                             "vector": vector, "scale": scale}))
         parts.append(url)
         keys += [row_key(d, f"s{p}") for d in docs]
         mats.append(X)

@@ -14,7 +14,9 @@ Folders under ``<output>/index/``:
     ``on_error`` as ``score`` (``score.run_shard_units``): a unit whose file carries the current key
     is skipped, so a re-run builds nothing and a new shard builds only its units. Columns:
     doc_id string, shard string, tokens int32, vector fixed_size_list<D> of float16 or float32
-    (``index.dtype``), or of int16 holding the bfloat16 bits (the top half of a float32).
+    (``index.dtype``), or of int16 holding the bfloat16 bits (the top half of a float32), scale
+    float32: the row is vector x scale (float16 rows are stored divided by their largest |entry|,
+    so that no entry overflows float16's range of 65504; scale is 1 for the other dtypes).
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def to_arrow(rows: torch.Tensor, dtype: str) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, int(x.shape[1]))
 
 
+def encode_rows(rows: torch.Tensor, dtype: str) -> tuple[pa.Array, pa.Array]:
+    """[N, D] -> (vector column, scale column): float16 rows divided by their largest |entry|."""
+    x = rows.detach().to("cpu", torch.float64)
+    scale = x.abs().amax(dim=1).clamp_min(1e-300) if dtype == "float16" and x.numel() else torch.ones(x.shape[0])
+    return to_arrow(x / scale[:, None], dtype), pa.array(scale.numpy().astype(np.float32), pa.float32())
+
+
+def decode_rows(table: pa.Table, dtype: str) -> np.ndarray:
+    """The rows of a part as [N, D] float32 (vector x scale)."""
+    return from_arrow(table.column("vector"), dtype) * table.column("scale").to_numpy()[:, None]
+
+
 def from_arrow(column: pa.ChunkedArray | pa.Array, dtype: str) -> np.ndarray:
     """The vector column as [N, D] float32."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -133,8 +147,9 @@ class IndexBuilder(ShardScorer):
         rows = row_counts([unit["shard"]])[0]
         width = self.proj.width
         matrix = torch.cat(vectors) if vectors else torch.zeros(0, width)
+        vector, scale = encode_rows(matrix, self.dtype)
         table = pa.table({"doc_id": pa.array(ids, pa.string()), "shard": pa.array([unit["shard"]] * len(ids)),
-                          "tokens": pa.array(lengths, pa.int32()), "vector": to_arrow(matrix, self.dtype)})
+                          "tokens": pa.array(lengths, pa.int32()), "vector": vector, "scale": scale})
         storage.write_parquet(unit["output"], table.replace_schema_metadata(
             {KEY: unit["key"], ROWS: str(rows), SEQUENCES: str(self.rows_read), DTYPE_META: self.dtype}))
         return self.rows_read, tokens, rows

@@ -30,7 +30,7 @@ from ..config import JobConfig, ModelConfig
 from ..io import storage
 from ..io.model_loading import load_model, pick_device
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
-from .index_build import DTYPE_META, current_parts, from_arrow, index_url
+from .index_build import DTYPE_META, current_parts, decode_rows, index_url
 from .merge import row_key, split_key
 
 Candidates = dict[str, dict[tuple[str, str], str]]
@@ -101,7 +101,7 @@ def top_candidates(part_urls: list[str], P: np.ndarray, m: int) -> TopKAccumulat
         if table.num_rows == 0:
             continue
         dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
-        X = from_arrow(table.column("vector"), dtype)  # (N, D)
+        X = decode_rows(table, dtype)  # (N, D)
         scores = (X.astype(np.float64) @ P.T).T  # (Q, N)
         keys = [row_key(d, s) for d, s in zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist())]
         acc.update(scores, keys)
