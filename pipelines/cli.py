@@ -134,6 +134,13 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
     if name == "score":
         return (f"{info['shards']} shards: {info['scored']} scored, {info['skipped']} skipped, {info['failed']} "
                 f"failed; {info['sequences']} sequences, {info['tokens']} tokens")
+    if name == "index":
+        ix = info.get("index") or {}
+        return (f"{info['shards']} shards: {info['scored']} built, {info['skipped']} skipped, {info['failed']} "
+                f"failed; {ix.get('width')} numbers ({ix.get('dtype')}) a sequence, "
+                f"{ix.get('stored_bytes_per_sequence')} bytes a sequence stored")
+    if name == "candidates":
+        return f"{info.get('pairs')} candidates ({info.get('mode')})"
     if name == "merge":
         return f"{info.get('queries')} queries, {info.get('rows')} top-k rows"
     return ""
@@ -200,7 +207,8 @@ for _stage, _help in (
     ("tokenize", "Raw text (data.raw) -> training shards (data.corpus)."),
     ("fit-factors", "Corpus sample -> EK-FAC factors (<output>/factors)."),
     ("build-queries", "Queries file -> preconditioned queries (<output>/queries)."),
-    ("score", "Every shard -> per-shard top-k and bottom-k (<output>/scores)."),
+    ("index", "One pass over the corpus -> compressed gradients of every sequence (<output>/index)."),
+    ("score", "Every shard -> per-shard top-k and bottom-k (<output>/scores); index/tfidf modes: candidates."),
     ("merge", "scores/ -> global top-k (<output>/topk) and per-token scores (<output>/token_scores)."),
 ):
     _stage_command(_stage, _help)

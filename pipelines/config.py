@@ -48,6 +48,16 @@ Sections (every key optional unless marked required)::
     query_precision = "float32"         # float32 | float64: precision of query preparation
     query_lowrank = "randomized"        # randomized | exact: SVD of the rank-r queries (in the eigenbasis)
     query_batches_per_unit = 4          # query batches (resources.batch_size each) per actor unit of build-queries
+    mode = "scan"                       # scan (score every sequence) | index (influence index, then exact
+                                        # re-scoring of candidates) | tfidf (TF-IDF candidates, re-scored)
+    candidates = 100                    # index / tfidf: candidates per query and side, re-scored exactly
+    [index]                             # the influence index (scoring.mode = "index"; `influence index`)
+    projection = "eigen"                # eigen (top eigenvectors of the fitted S and A) | random (seeded Gaussian)
+    k_out = 16                          # projected output width per layer
+    k_in = 16                           # projected input width per layer (bytes per sequence: layers x k_out x k_in
+                                        # x 2 for float16 / bfloat16, x 4 for float32)
+    dtype = "float16"                   # float16 | bfloat16 | float32: storage of the compressed gradients
+    seed = 0                            # seed of the random projection
     [resources]
     ray_address = ""                    # empty: start a local Ray sized for this machine
     actors = 1
@@ -75,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from influence_ops import Fisher, LowRankMethod, Normalize, Precision, Strategy, Track
+from influence_ops.index_projection import ProjectionKind
 
 try:
     import tomllib
@@ -94,6 +105,20 @@ class DType(str, enum.Enum):
     FLOAT32 = "float32"
     FLOAT64 = "float64"
     BFLOAT16 = "bfloat16"
+
+
+class ScoringMode(str, enum.Enum):
+    """How the sequences to score exactly are found: all of them, or candidates from the index or TF-IDF."""
+
+    SCAN = "scan"
+    INDEX = "index"
+    TFIDF = "tfidf"
+
+
+class IndexDType(str, enum.Enum):
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
 
 
 class TooLong(str, enum.Enum):
@@ -230,6 +255,8 @@ class ScoringConfig:
     query_precision: Precision = Precision.FLOAT32
     query_lowrank: LowRankMethod = LowRankMethod.RANDOMIZED
     query_batches_per_unit: int = 4
+    mode: ScoringMode = ScoringMode.SCAN
+    candidates: int = 100
 
     def __post_init__(self) -> None:
         _check_int("scoring.top_k", self.top_k, 1)
@@ -247,11 +274,31 @@ class ScoringConfig:
         object.__setattr__(self, "query_precision", _enum("scoring.query_precision", Precision, self.query_precision))
         object.__setattr__(self, "query_lowrank", _enum("scoring.query_lowrank", LowRankMethod, self.query_lowrank))
         _check_int("scoring.query_batches_per_unit", self.query_batches_per_unit, 1)
+        object.__setattr__(self, "mode", _enum("scoring.mode", ScoringMode, self.mode))
+        _check_int("scoring.candidates", self.candidates, 1)
 
     @property
     def writes_self_influence(self) -> bool:
         """Whether the score stage computes every sequence's self-influence (and writes self_influence/)."""
         return self.self_influence or self.normalize == Normalize.COSINE
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The influence index: compressed gradients G~ = R_out G R_in^T of every sequence (stages/index_build.py)."""
+
+    projection: ProjectionKind = ProjectionKind.EIGEN
+    k_out: int = 16
+    k_in: int = 16
+    dtype: IndexDType = IndexDType.FLOAT16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "projection", _enum("index.projection", ProjectionKind, self.projection))
+        _check_int("index.k_out", self.k_out, 1)
+        _check_int("index.k_in", self.k_in, 1)
+        object.__setattr__(self, "dtype", _enum("index.dtype", IndexDType, self.dtype))
+        _check_int("index.seed", self.seed, 0)
 
 
 @dataclass(frozen=True)
@@ -286,6 +333,7 @@ class JobConfig:
     data: DataConfig
     factors: FactorConfig = field(default_factory=FactorConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     run_id: str | None = None
     on_error: str = "fail"
@@ -315,7 +363,7 @@ class JobConfig:
 ON_ERROR = ("fail", "skip")
 TOP_LEVEL = ("run_id", "on_error")
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "factors": FactorConfig,
-             "scoring": ScoringConfig, "resources": ResourceConfig}
+             "scoring": ScoringConfig, "index": IndexConfig, "resources": ResourceConfig}
 
 
 def _section(name: str, raw: Any) -> Any:

@@ -59,6 +59,16 @@ self_influence = false            # write self_influence/ (every scored sequence
 query_precision = "float32"       # float32 | float64: precision of query preparation
 query_lowrank = "randomized"      # randomized | exact: the rank-r SVD of the queries
 query_batches_per_unit = 4        # build-queries: query batches (batch_size each) per actor unit
+mode = "scan"                     # scan: score every sequence | index: the influence index finds candidates,
+                                  # re-scored exactly | tfidf: TF-IDF finds them (README "Choosing a scoring mode")
+candidates = 100                  # index / tfidf: candidates per query and side re-scored exactly
+
+[index]                           # the influence index (scoring.mode = "index", or `influence index job.toml`)
+projection = "eigen"              # eigen: top eigenvectors of the fitted factors | random: seeded Gaussian
+k_out = 16                        # projected output width per layer
+k_in = 16                         # projected input width per layer
+dtype = "float16"                 # float16 | bfloat16 | float32 (bytes per sequence: layers x k_out x k_in x 2 or 4)
+seed = 0                          # seed of the random projection
 
 [resources]
 ray_address = ""                  # "" = a local Ray sized for this machine; or "ray://host:10001", "auto"

@@ -2,7 +2,10 @@
 
 Stages (each skips complete outputs, so a re-run is a no-op and an
 interrupted run resumes where it stopped): tokenize (when ``data.raw`` is set)
--> fit-factors -> build-queries -> score -> merge. The resolved config is
+-> fit-factors -> build-queries -> index (``scoring.mode = "index"``, or asked for alone)
+-> score -> merge. With ``scoring.mode = "scan"`` score scores every sequence; with
+"index" or "tfidf" it finds candidates (``stages/candidates.py``) and merge re-scores them
+exactly (``stages/rescore.py``). The resolved config is
 written to ``<output>/resolved_config.json``; the run record holds the config,
 library versions, counts (scored, skipped, failed, and the corpus rows: scored +
 skipped == rows), the units each stage skipped under ``on_error = "skip"``,
@@ -22,7 +25,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from .config import JobConfig
+from .config import JobConfig, ScoringMode
 from .errors import UserError
 from .io import storage
 from .io.model_source import check_model_folder, check_tokenizer
@@ -30,13 +33,16 @@ from .io.completion import digest_of
 from .io.shards import list_shards
 from .runtime.failures import StageFailed, errors_table
 from .stages.build_queries import build_queries
+from .stages.candidates import find_candidates, load_candidates
+from .stages.index_build import build_index
 from .stages.fit_factors import fit_factors
 from .stages.merge import merge
+from .stages.rescore import rescore
 from .stages.score import score, score_outputs
 from .stages.tokenize import tokenize
 from .validate import preflight, preflight_corpus
 
-STAGES = ("tokenize", "fit-factors", "build-queries", "score", "merge")
+STAGES = ("tokenize", "fit-factors", "build-queries", "index", "score", "merge")
 __all__ = ["STAGES", "StageFailed", "run_job"]
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ def needs_tokenizer(cfg: JobConfig, stages: tuple[str, ...]) -> bool:
 
 def check_model(cfg: JobConfig, stages: tuple[str, ...]) -> None:
     """Before any stage starts: the model folder (and its tokenizer when text is tokenized) can be loaded."""
-    if set(stages) & {"tokenize", "fit-factors", "build-queries", "score"}:
+    if set(stages) & {"tokenize", "fit-factors", "build-queries", "index", "score"}:
         check_model_folder(cfg.model)
         if needs_tokenizer(cfg, stages):
             check_tokenizer(cfg.model)
@@ -107,23 +113,32 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
     try:
         if "tokenize" in stages and cfg.data.raw is not None:
             ran("tokenize", tokenize(cfg, show_progress))
-        if set(stages) & {"fit-factors", "score", "merge"}:
+        if set(stages) & {"fit-factors", "index", "score", "merge"}:
             record["preflight"] = {**preflight_corpus(cfg), "too_long": cfg.data.too_long.value}
         if "fit-factors" in stages:
             ran("fit-factors", fit_factors(cfg, show_progress))
-        if set(stages) & {"build-queries", "score", "merge"}:
+        if set(stages) & {"build-queries", "index", "score", "merge"}:
             record["factors_hash"] = digest_of(storage.join(cfg.data.output, "factors"), "fit-factors")
         if "build-queries" in stages:
             ran("build-queries", build_queries(cfg, record["factors_hash"], show_progress))
         if set(stages) & {"score", "merge"}:
             record["queries_hash"] = digest_of(storage.join(cfg.data.output, "queries"), "build-queries")
-        if "score" in stages:
+        scan = cfg.scoring.mode == ScoringMode.SCAN
+        if "index" in stages and (cfg.scoring.mode == ScoringMode.INDEX or "score" not in stages):
+            built = build_index(cfg, show_progress)
+            ran("index", {k: v for k, v in built.items() if k not in ("outputs", "timeline")})
+            record["counts"] = {k: built[k] for k in ("scored", "skipped", "failed", "sequences", "tokens", "rows")}
+        if "score" in stages and scan:
             scored = score(cfg, record["queries_hash"], show_progress)
             ran("score", {k: v for k, v in scored.items() if k not in ("outputs", "timeline")})
             record["counts"] = {k: scored[k] for k in ("scored", "skipped", "failed", "sequences", "tokens", "rows")}
-        if "merge" in stages:
+        elif "score" in stages:
+            ran("candidates", find_candidates(cfg))
+        if "merge" in stages and scan:
             outputs = score_outputs(cfg, list_shards(cfg.data.corpus))
             ran("merge", merge(cfg, outputs, show_progress))
+        elif "merge" in stages:
+            ran("merge", rescore(cfg, load_candidates(cfg), record["queries_hash"], show_progress))
         record["status"] = "ok"
     except BaseException as err:
         failed = err

@@ -63,6 +63,7 @@ def test_merged_topk_equals_brute_force(local_run, brute_force_topk, assert_topk
     table = pads.dataset(str(Path(cfg.data.output) / "topk"), partitioning="hive").to_table().to_pylist()
     assert record["counts"]["failed"] == 0 and record["counts"]["scored"] == 3
     assert_topk_equal(table, qids, acc)
+    assert {r["found_by"] for r in table} == {"scan"}
     factor_tokens = record["stages"]["build-queries"]["factor_tokens"]
     for row in table:
         assert row["score_normalized"] * factor_tokens == pytest.approx(row["score"], rel=1e-12)

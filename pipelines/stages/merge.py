@@ -40,7 +40,9 @@ from .score import KEY
 
 MERGED_SCHEMA = pa.schema([("doc_id", pa.string()), ("score", pa.float64()), ("score_normalized", pa.float64()),
                            ("rank", pa.int32()), ("sign", pa.string()), ("shard", pa.string())])
-TOPK_SCHEMA = MERGED_SCHEMA.append(pa.field("tokens", pa.int32())).append(pa.field("text", pa.string()))
+TOPK_SCHEMA = MERGED_SCHEMA.append(pa.field("tokens", pa.int32())).append(pa.field("text", pa.string())) \
+    .append(pa.field("found_by", pa.string()))
+FOUND_BY = ("scan", "index", "tfidf")  # how a row was found: the full scan, or a candidate of the index / TF-IDF
 
 
 SEP = "\x00"  # (doc_id, shard) as one string that sorts like the pair: ties stay broken by doc_id first
@@ -106,8 +108,6 @@ def partition(output: str, table: str, query_id: str) -> str:
 
 def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -> dict[str, Any]:
     """Write topk/, layer_scores/ and (when asked) token_scores/; skipped when all are complete for these inputs."""
-    from .token_scores import write_token_scores
-
     start = time.perf_counter()
     missing = [u for u in score_files if not storage.exists(u)]
     if missing and (cfg.on_error != "skip" or len(missing) == len(score_files)):
@@ -115,21 +115,36 @@ def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -
     gone = set(missing)
     score_files = [u for u in score_files if u not in gone]  # on_error = "skip": shards that failed
     keys = [storage.parquet_metadata(u).get(KEY) for u in score_files]
-    key = completion.inputs_key("merge-v3", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
+    key = completion.inputs_key("merge-v4", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
     topk_dir = storage.join(cfg.data.output, "topk")
     done = completion.completed(topk_dir, key)
     if done is not None:
         return {**done, "skipped": True}
+    merges = merge_scores(score_files, cfg.scoring.top_k)
+    info = {"shards_without_scores": len(missing), "fold_seconds": round(time.perf_counter() - start, 3)}
+    return write_topk(cfg, merges, key, info, None, start, show_progress)
+
+
+def write_topk(cfg: JobConfig, merges: dict[str, QueryMerge], key: str, info: dict[str, Any],
+               found_by: dict[str, dict[tuple[str, str], str]] | None = None, start: float | None = None,
+               show_progress: bool = False) -> dict[str, Any]:
+    """Write topk/ (with ``found_by``: query -> (doc_id, shard) -> how it was found; None = "scan"),
+    layer_scores/ and token_scores/ from folded merges, then the completion marker with ``key``."""
+    from .token_scores import write_token_scores
+
+    start = time.perf_counter() if start is None else start
+    topk_dir = storage.join(cfg.data.output, "topk")
     storage.remove(topk_dir)
     storage.remove(storage.join(cfg.data.output, "token_scores"))
     storage.remove(storage.join(cfg.data.output, "layer_scores"))
-    merges = merge_scores(score_files, cfg.scoring.top_k)
     tables = {qid: m.table() for qid, m in merges.items()}
-    info: dict[str, Any] = {"queries": len(tables), "rows": sum(t.num_rows for t in tables.values()),
-                            "shards_without_scores": len(missing),
-                            "fold_seconds": round(time.perf_counter() - start, 3)}
+    info = {"queries": len(tables), "rows": sum(t.num_rows for t in tables.values()), **info}
     tables, info["details"] = write_token_scores(cfg, tables, show_progress)  # text, tokens, layer/token scores
     for qid, table in tables.items():
+        found = (found_by or {}).get(qid, {})
+        labels = [found.get(k, "scan") for k in zip(table.column("doc_id").to_pylist(),
+                                                      table.column("shard").to_pylist())]
+        table = table.append_column("found_by", pa.array(labels, pa.string()))
         storage.write_parquet(partition(cfg.data.output, "topk", qid), table)
     info["seconds"] = round(time.perf_counter() - start, 3)
     return {**completion.mark_complete(topk_dir, key, info), "skipped": False}

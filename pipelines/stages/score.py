@@ -165,12 +165,12 @@ def score_file_key(queries_digest: str, top_k: int, shard: tuple[str, int], too_
     return completion.inputs_key("scores", *parts)
 
 
-def score_outputs(cfg: JobConfig, shards: list[str]) -> list[str]:
-    """The scores/ file of each shard, in shard order."""
+def score_outputs(cfg: JobConfig, shards: list[str], folder: str = "scores") -> list[str]:
+    """The ``<output>/<folder>/`` file of each shard, in shard order (``folder``: scores, or index/parts)."""
     names = [shard_name(s, cfg.data.corpus) for s in shards]
     if len(set(names)) != len(names):
         raise ValueError(f"corpus {cfg.data.corpus!r}: two shards map to the same output name")
-    return [storage.join(cfg.data.output, "scores", f"{n}.parquet") for n in names]
+    return [storage.join(cfg.data.output, folder, f"{n}.parquet") for n in names]
 
 
 def is_current(url: str, key: str) -> bool:
@@ -180,24 +180,45 @@ def is_current(url: str, key: str) -> bool:
 
 
 def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> dict[str, Any]:
-    """Score every shard not already scored for these inputs; returns counts and timings.
+    """Score every shard not already scored for these inputs; returns counts and timings (``run_shard_units``)."""
+    def key_of(fingerprint: tuple[str, int]) -> str:
+        return score_file_key(queries_digest, cfg.scoring.top_k, fingerprint, cfg.data.too_long.value,
+                              cfg.scoring.normalize.value, cfg.scoring.writes_self_influence)
+
+    def args_of(use_gpu: bool) -> dict[str, Any]:
+        return {"model": cfg.model, "queries_url": storage.join(cfg.data.output, "queries"),
+                "top_k": cfg.scoring.top_k, "batch_size": cfg.resources.batch_size,
+                "sort_window": cfg.scoring.sort_window, "strategy": cfg.scoring.strategy.value,
+                "threads": cfg.resources.threads_per_actor, "too_long": cfg.data.too_long.value,
+                "use_gpu": use_gpu, "normalize": cfg.scoring.normalize.value,
+                "factors_url": storage.join(cfg.data.output, "factors") if cfg.scoring.writes_self_influence else None}
+
+    return run_shard_units(cfg, "score", ShardScorer, args_of, key_of, "scores", show_progress)
+
+
+def run_shard_units(cfg: JobConfig, stage: str, worker: type, args_of: Any, key_of: Any, folder: str,
+                    show_progress: bool = False) -> dict[str, Any]:
+    """Run ``worker`` (a ``ShardScorer``-like callable) on every unit of the corpus whose output is not current.
+
+    ``key_of(shard fingerprint)`` is the key a unit's output must carry to be skipped; ``args_of(use_gpu)``
+    the worker's constructor arguments; outputs go to ``<output>/<folder>/`` (``score_outputs``).
+    The worker's ``score_unit`` writes each output with KEY, ROWS and SEQUENCES in its footer.
 
     ``timeline`` lists (seconds since the stage started, tokens) as each shard
     completed; ``peak_rss_mb`` is the largest peak RSS an actor reported; ``units``
     says where the units ran (nodes, actors, busy seconds, retries: ``UnitLog.summary``).
     ``rows`` counts the corpus: ``rows`` (of the shards whose footer reads), ``scored`` (rows
-    in current score files), ``skipped`` (rows of failed shards), ``unreadable_shards``;
+    in current output files), ``skipped`` (rows of failed shards), ``unreadable_shards``;
     ``errors`` holds the failed shards (``on_error = "skip"``; with "fail" the first one raises
     ``StageFailed``).
     """
     start = time.perf_counter()
     shards = list_shards(cfg.data.corpus)
-    outputs = score_outputs(cfg, shards)
+    outputs = score_outputs(cfg, shards, folder)
     todo = []
     rows = {"rows": 0, "scored": 0, "skipped": 0, "unreadable_shards": 0}
     for (shard, size), out in zip(completion.shard_fingerprints(shards), outputs):
-        key = score_file_key(queries_digest, cfg.scoring.top_k, (shard, size), cfg.data.too_long.value,
-                             cfg.scoring.normalize.value, cfg.scoring.writes_self_influence)
+        key = key_of((shard, size))
         meta = storage.footer_metadata(out)
         if meta is not None and meta.get(KEY) == key:
             done = int(meta[SEQUENCES]) if SEQUENCES in meta else row_counts([shard])[0]
@@ -208,19 +229,13 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     summary: dict[str, Any] = {"shards": len(shards), "skipped": len(shards) - len(todo), "scored": 0, "failed": 0,
                                "sequences": 0, "tokens": 0, "failures": [], "actor_seconds": 0.0,
                                "peak_rss_mb": 0.0, "timeline": []}
-    failures = FailureLog("score", cfg.on_error)
+    failures = FailureLog(stage, cfg.on_error)
     if todo:
         cluster = ensure_ray(cfg.resources)
-        args = {"model": cfg.model, "queries_url": storage.join(cfg.data.output, "queries"),
-                "top_k": cfg.scoring.top_k, "batch_size": cfg.resources.batch_size,
-                "sort_window": cfg.scoring.sort_window, "strategy": cfg.scoring.strategy.value,
-                "threads": cfg.resources.threads_per_actor, "too_long": cfg.data.too_long.value,
-                "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0,
-                "normalize": cfg.scoring.normalize.value,
-                "factors_url": storage.join(cfg.data.output, "factors") if cfg.scoring.writes_self_influence else None}
+        args = args_of(cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0)
         log = UnitLog()
-        with bar(len(todo), "score (shards)", show_progress) as progress:
-            for row in run_units(ShardScorer, args, todo, cfg.resources, cluster, progress, log):
+        with bar(len(todo), f"{stage} (shards)", show_progress) as progress:
+            for row in run_units(worker, args, todo, cfg.resources, cluster, progress, log):
                 summary[row["status"]] += 1
                 summary["sequences"] += int(row["sequences"])
                 summary["tokens"] += int(row["tokens"])
@@ -239,7 +254,7 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
                     rows["scored"] += int(row["sequences"])
         summary["units"] = log.summary()
     if rows["scored"] + rows["skipped"] != rows["rows"]:
-        raise StageFailed(f"score: {rows['scored']} rows scored + {rows['skipped']} skipped != {rows['rows']} rows "
+        raise StageFailed(f"{stage}: {rows['scored']} rows scored + {rows['skipped']} skipped != {rows['rows']} rows "
                           f"in the corpus {cfg.data.corpus}")
     summary["rows"] = rows
     summary["errors"] = failures.rows

@@ -1,0 +1,218 @@
+"""`index`: one pass over the corpus -> the compressed gradient of every sequence -> index/parts/ (one file per unit).
+
+For every training sequence and tracked layer the index holds G~ = R_out G R_in^T
+[k_out, k_in] (``influence_ops.index_projection``), all layers flattened into one
+row of D = sum_l k_out k_in numbers. Queries against it are one matrix product
+(``index_query.py``); candidates are then re-scored exactly (``rescore.py``).
+
+Folders under ``<output>/index/``:
+  - ``projection/``: the fixed projections R_out, R_in per layer (and Lambda~ of the factors they
+    were made from), made once per model and ``[index]`` settings; their key does not depend on
+    the factors, the corpus or the queries, so refitted factors keep the index (queries take Lambda~
+    from the current factors: ``refit_preconditioner``).
+  - ``parts/<shard name>.parquet``: one file per unit, the same units, actors, resumability and
+    ``on_error`` as ``score`` (``score.run_shard_units``): a unit whose file carries the current key
+    is skipped, so a re-run builds nothing and a new shard builds only its units. Columns:
+    doc_id string, shard string, tokens int32, vector fixed_size_list<D> of float16 or float32
+    (``index.dtype``), or of int16 holding the bfloat16 bits (the top half of a float32), scale
+    float32: the row is vector x scale (float16 rows are stored divided by their largest |entry|,
+    so that no entry overflows float16's range of 65504; scale is 1 for the other dtypes).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from influence_ops import backward_pass, load_factors
+from influence_ops.fingerprint import check_same_model
+from influence_ops.index_projection import compress, load_projection, make_projection, save_projection
+from influence_ops.objectives import Fisher, LanguageModelObjective
+
+from ..config import JobConfig, ModelConfig
+from ..errors import UserError
+from ..io import completion, storage
+from ..io.model_loading import load_model, model_identity, pick_device
+from ..io.shards import row_counts
+from ..runtime.batching import prefetch
+from ..runtime.ray_runtime import set_threads
+from .score import KEY, ROWS, SEQUENCES, ShardScorer, run_shard_units
+
+PARTS = "index/parts"
+DTYPE_META = "influence.index_dtype"
+
+
+def index_url(cfg: JobConfig, *parts: str) -> str:
+    return storage.join(cfg.data.output, "index", *parts)
+
+
+def projection_key(cfg: JobConfig) -> str:
+    """Model and [index] settings only: not the factors, corpus or queries."""
+    return completion.inputs_key("index-projection", cfg.model.__dict__, model_identity(cfg.model),
+                                 cfg.index.projection.value, cfg.index.k_out, cfg.index.k_in, cfg.index.seed)
+
+
+def ensure_projection(cfg: JobConfig) -> dict[str, Any]:
+    """Make ``index/projection/`` from the fitted factors unless it is complete for this model and settings."""
+    folder = index_url(cfg, "projection")
+    key = projection_key(cfg)
+    done = completion.completed(folder, key)
+    if done is not None:
+        return {**done, "skipped": True}
+    factors = load_factors(storage.local_copy(storage.join(cfg.data.output, "factors")))
+    proj = make_projection(factors, cfg.index.projection, cfg.index.k_out, cfg.index.k_in, cfg.index.seed,
+                           cfg.factors.damping)
+    storage.remove(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_projection(proj, tmp)
+        storage.upload_dir(tmp, folder, last=("projection.json",))
+    info = {"width": proj.width, "kind": proj.kind.value, "layers": len(proj.layers)}
+    info["digest"] = storage.dir_digest(folder)
+    return {**completion.mark_complete(folder, key, info), "skipped": False}
+
+
+def to_arrow(rows: torch.Tensor, dtype: str) -> pa.Array:
+    """[N, D] -> fixed_size_list<D> column in the storage dtype (bfloat16 as the int16 top half of float32)."""
+    x = rows.detach().to("cpu", torch.float32)
+    if dtype == "bfloat16":
+        flat = pa.array(x.to(torch.bfloat16).view(torch.int16).numpy().reshape(-1), pa.int16())
+    elif dtype == "float16":
+        flat = pa.array(x.numpy().astype(np.float16).reshape(-1), pa.float16())
+    else:
+        flat = pa.array(x.numpy().reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, int(x.shape[1]))
+
+
+def encode_rows(rows: torch.Tensor, dtype: str) -> tuple[pa.Array, pa.Array]:
+    """[N, D] -> (vector column, scale column): float16 rows divided by their largest |entry|."""
+    x = rows.detach().to("cpu", torch.float64)
+    scale = x.abs().amax(dim=1).clamp_min(1e-300) if dtype == "float16" and x.numel() else torch.ones(x.shape[0])
+    return to_arrow(x / scale[:, None], dtype), pa.array(scale.numpy().astype(np.float32), pa.float32())
+
+
+def decode_rows(table: pa.Table, dtype: str) -> np.ndarray:
+    """The rows of a part as [N, D] float32 (vector x scale)."""
+    return from_arrow(table.column("vector"), dtype) * table.column("scale").to_numpy()[:, None]
+
+
+def from_arrow(column: pa.ChunkedArray | pa.Array, dtype: str) -> np.ndarray:
+    """The vector column as [N, D] float32."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.list_size
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    if dtype == "bfloat16":
+        flat = (flat.astype(np.int16).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return flat.astype(np.float32, copy=False).reshape(-1, width)
+
+
+class IndexBuilder(ShardScorer):
+    """Ray Data callable (units as ``ShardScorer``): one unit -> its index part file.
+
+    Reuses ``ShardScorer``'s unit loop, failure handling and shard reading; holds the
+    model and the projection instead of the queries.
+    """
+
+    def __init__(self, model: ModelConfig, projection_url: str, dtype: str, batch_size: int, sort_window: int,
+                 threads: int = 0, use_gpu: bool = False, too_long: str = "error") -> None:
+        set_threads(threads)
+        self.m = load_model(model, pick_device(use_gpu))
+        proj = load_projection(storage.local_copy(projection_url))
+        try:
+            check_same_model(self.m.layers, list(proj.layers), proj.fingerprint, "the index projection", "made for")
+        except ValueError as err:
+            raise UserError(f"{projection_url}: {err}; remove the index folder to rebuild it") from err
+        compute = torch.float64 if next(self.m.model.parameters()).dtype == torch.float64 else torch.float32
+        self.proj = proj.to(self.m.device, compute)
+        self.dtype, self.batch_size, self.sort_window, self.too_long = dtype, batch_size, sort_window, too_long
+        self.objective = LanguageModelObjective()
+
+    def score_unit(self, unit: dict[str, str]) -> tuple[int, int, int]:
+        """Compress every sequence of the unit and write its part; returns (sequences, tokens, rows of the shard)."""
+        self.rows_read, tokens = 0, 0
+        ids: list[str] = []
+        lengths: list[int] = []
+        vectors: list[torch.Tensor] = []
+        for part, batch in prefetch(self.batches(unit["shard"])):
+            out = backward_pass(self.m.model, self.m.layers, self.objective, batch, Fisher.EMPIRICAL, None,
+                                self.m.autocast)
+            vectors.append(compress(self.proj, out.captured.activations, out.captured.output_grads).cpu())
+            ids += [str(d) for d in part.doc_ids]
+            lengths += part.lengths.tolist()
+            tokens += int(part.lengths.sum())
+        rows = row_counts([unit["shard"]])[0]
+        width = self.proj.width
+        matrix = torch.cat(vectors) if vectors else torch.zeros(0, width)
+        vector, scale = encode_rows(matrix, self.dtype)
+        table = pa.table({"doc_id": pa.array(ids, pa.string()), "shard": pa.array([unit["shard"]] * len(ids)),
+                          "tokens": pa.array(lengths, pa.int32()), "vector": vector, "scale": scale})
+        storage.write_parquet(unit["output"], table.replace_schema_metadata(
+            {KEY: unit["key"], ROWS: str(rows), SEQUENCES: str(self.rows_read), DTYPE_META: self.dtype}))
+        return self.rows_read, tokens, rows
+
+
+def part_key(projection_digest: str, fingerprint: tuple[str, int], too_long: str, dtype: str) -> str:
+    return completion.inputs_key("index-part", projection_digest, fingerprint, too_long, dtype)
+
+
+def current_parts(cfg: JobConfig) -> list[str]:
+    """The index parts of the corpus's units, each checked to be current for this projection and settings.
+
+    Raises UserError when the projection or a part is missing or stale (unless ``on_error = "skip"``
+    left out a failed unit's part: then only parts present are returned, and at least one must be).
+    """
+    from ..io.shards import list_shards
+    from .score import score_outputs
+
+    projection = completion.completed(index_url(cfg, "projection"), projection_key(cfg))
+    if projection is None:
+        raise UserError(f"{index_url(cfg, 'projection')} is missing or made with other settings: "
+                        "run `influence index` first")
+    shards = list_shards(cfg.data.corpus)
+    urls = score_outputs(cfg, shards, PARTS)
+    present, stale = [], []
+    for fp, url in zip(completion.shard_fingerprints(shards), urls):
+        meta = storage.footer_metadata(url)
+        if meta is None and cfg.on_error == "skip":
+            continue
+        if meta is None or meta.get(KEY) != part_key(projection["digest"], fp, cfg.data.too_long.value,
+                                                     cfg.index.dtype.value):
+            stale.append(url)
+        else:
+            present.append(url)
+    if stale or not present:
+        raise UserError(f"{len(stale) or len(urls)} of {len(urls)} index parts are missing or stale, e.g. "
+                        f"{(stale or urls)[0]}: run `influence index` first")
+    return present
+
+
+def build_index(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
+    """The projection (when missing), then every unit whose part is not current; counts, timings and bytes."""
+    start = time.perf_counter()
+    projection = ensure_projection(cfg)
+    digest = projection["digest"]
+
+    def key_of(fingerprint: tuple[str, int]) -> str:
+        return part_key(digest, fingerprint, cfg.data.too_long.value, cfg.index.dtype.value)
+
+    def args_of(use_gpu: bool) -> dict[str, Any]:
+        return {"model": cfg.model, "projection_url": index_url(cfg, "projection"), "dtype": cfg.index.dtype.value,
+                "batch_size": cfg.resources.batch_size, "sort_window": cfg.scoring.sort_window,
+                "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value}
+
+    summary = run_shard_units(cfg, "index", IndexBuilder, args_of, key_of, PARTS, show_progress)
+    current = {u.rsplit("/", 1)[-1] for u in summary["outputs"]}
+    stored = sum(n for name, n in storage.file_sizes(index_url(cfg, "parts")).items() if name in current)
+    sequences = summary["rows"]["scored"]
+    itemsize = 4 if cfg.index.dtype.value == "float32" else 2
+    summary["index"] = {"width": projection["width"], "projection": projection["kind"],
+                        "projection_skipped": projection["skipped"], "dtype": cfg.index.dtype.value,
+                        "vector_bytes_per_sequence": projection["width"] * itemsize,
+                        "stored_bytes": stored,
+                        "stored_bytes_per_sequence": round(stored / sequences, 1) if sequences else None}
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary

@@ -1,0 +1,129 @@
+"""Queries against the influence index: top-M and bottom-M candidates per query, exact over the whole index.
+
+The queries (tokenized by ``build-queries``: ``queries/queries.parquet``) are compressed
+with the index's projections on an actor (``QueryCompressor``: one forward/backward per
+query batch) and preconditioned in the projected space with Lambda~ of the current
+factors (``refit_preconditioner``, ``precondition``). Every index part is then scored
+with one matrix product [N, D] x [D, Q] (a simple loop over the parts in the driver:
+the index is small, D numbers per sequence), folded into a ``TopKAccumulator`` of M per
+query and side: the union of the parts' top-M holds the global top-M (ties broken by
+(doc_id, shard)), so the candidates are exactly the index's best M.
+
+Candidates are ``{query_id: {(doc_id, shard): found_by}}`` (``found_by = "index"``), the
+set that ``rescore.py`` scores exactly (``tfidf`` candidates have the same form).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from influence_ops import TopKAccumulator, backward_pass, load_factors, query_batch
+from influence_ops.index_projection import compress, load_projection, precondition, refit_preconditioner
+from influence_ops.objectives import Fisher, LanguageModelObjective
+
+from ..config import JobConfig, ModelConfig
+from ..io import storage
+from ..io.model_loading import load_model, pick_device
+from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
+from .index_build import DTYPE_META, current_parts, decode_rows, index_url
+from .merge import row_key, split_key
+
+Candidates = dict[str, dict[tuple[str, str], str]]
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+class QueryCompressor:
+    """Ray Data callable: ``{"unit": [JSON {index, prompt_ids, completion_ids}]}`` -> compressed query gradients.
+
+    Returns per unit ``rows``: an .npy of [Q_unit, D] float64 (not yet preconditioned).
+    """
+
+    def __init__(self, model: ModelConfig, projection_url: str, batch_size: int, threads: int = 0,
+                 use_gpu: bool = False) -> None:
+        set_threads(threads)
+        self.m = load_model(model, pick_device(use_gpu))
+        compute = torch.float64 if next(self.m.model.parameters()).dtype == torch.float64 else torch.float32
+        self.proj = load_projection(storage.local_copy(projection_url)).to(self.m.device, compute)
+        self.batch_size = batch_size
+
+    def compress(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> np.ndarray:
+        out = []
+        for lo in range(0, len(prompt_ids), self.batch_size):
+            batch = query_batch(prompt_ids[lo:lo + self.batch_size], completion_ids[lo:lo + self.batch_size])
+            res = backward_pass(self.m.model, self.m.layers, LanguageModelObjective(), batch.to(self.m.device),
+                                Fisher.EMPIRICAL, None, self.m.autocast)
+            out.append(compress(self.proj, res.captured.activations, res.captured.output_grads).cpu().double())
+        return torch.cat(out).numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: dict[str, list] = {"index": [], "rows": []}
+        for unit in units_of(batch):
+            rows["index"].append(unit["index"])
+            rows["rows"].append(_npy(self.compress(unit["prompt_ids"], unit["completion_ids"])))
+        return {"index": np.asarray(rows["index"]), "rows": np.asarray(rows["rows"], dtype=object)}
+
+
+def query_rows(cfg: JobConfig) -> tuple[list[str], torch.Tensor]:
+    """Query ids and their preconditioned compressed gradients P~ [Q, D] float64 (actors do the model work)."""
+    table = storage.read_parquet(storage.join(cfg.data.output, "queries", "queries.parquet"))
+    ids = table.column("query_id").to_pylist()
+    prompts, completions = table.column("prompt_ids").to_pylist(), table.column("completion_ids").to_pylist()
+    per_unit = cfg.scoring.query_batches_per_unit * cfg.resources.batch_size
+    units = [{"index": i, "prompt_ids": prompts[lo:lo + per_unit], "completion_ids": completions[lo:lo + per_unit]}
+             for i, lo in enumerate(range(0, len(ids), per_unit))]
+    cluster = ensure_ray(cfg.resources)
+    args = {"model": cfg.model, "projection_url": index_url(cfg, "projection"),
+            "batch_size": cfg.resources.batch_size, "threads": cfg.resources.threads_per_actor,
+            "use_gpu": cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0}
+    parts = {int(r["index"]): np.load(io.BytesIO(r["rows"])) for r in run_units(QueryCompressor, args, units,
+                                                                                  cfg.resources, cluster)}
+    raw = torch.from_numpy(np.concatenate([parts[i] for i in range(len(units))]))  # (Q, D)
+    proj = load_projection(storage.local_copy(index_url(cfg, "projection")))
+    factors = load_factors(storage.local_copy(storage.join(cfg.data.output, "factors")))
+    return ids, precondition(refit_preconditioner(proj, factors, cfg.factors.damping), raw)
+
+
+def top_candidates(part_urls: list[str], P: np.ndarray, m: int) -> TopKAccumulator:
+    """Top-M and bottom-M of each query over the index parts: scores X @ P^T, part by part. P: [Q, D]."""
+    acc = TopKAccumulator(P.shape[0], m)
+    for url in part_urls:
+        table = storage.read_parquet(url)
+        if table.num_rows == 0:
+            continue
+        dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
+        X = decode_rows(table, dtype)  # (N, D)
+        scores = (X.astype(np.float64) @ P.T).T  # (Q, N)
+        keys = [row_key(d, s) for d, s in zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist())]
+        acc.update(scores, keys)
+    return acc
+
+
+def candidates_of(acc: TopKAccumulator, query_ids: list[str], found_by: str = "index") -> Candidates:
+    """{query_id: {(doc_id, shard): found_by}} from the top and bottom sides of ``acc``."""
+    out: Candidates = {}
+    for q, qid in enumerate(query_ids):
+        keys = list(acc.top.ids[q]) + list(acc.bottom.ids[q])
+        out[qid] = {split_key(str(k)): found_by for k in keys}
+    return out
+
+
+def query_index(cfg: JobConfig) -> tuple[Candidates, dict[str, Any]]:
+    """Candidates of every query from the (current) index parts, and the time each step took."""
+    start = time.perf_counter()
+    present = current_parts(cfg)
+    ids, P = query_rows(cfg)
+    prepared = time.perf_counter()
+    acc = top_candidates(present, P.numpy(), cfg.scoring.candidates)
+    info = {"queries": len(ids), "parts": len(present), "sequences": acc.seen, "candidates": cfg.scoring.candidates,
+            "prepare_seconds": round(prepared - start, 3), "search_seconds": round(time.perf_counter() - prepared, 3)}
+    return candidates_of(acc, ids), info

@@ -1,0 +1,188 @@
+"""The influence index through the pipeline: storage, exact top-M over parts, re-scoring, resumability, run_job.
+
+The Ray-starting tests share one module fixture (a tiny corpus, ``scoring.mode = "index"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from influence_ops import collate, load_queries, score_batch
+from pipelines import config_from_dict
+from pipelines.config import ConfigError
+from pipelines.errors import UserError
+from pipelines.io import storage
+from pipelines.io.model_loading import load_model
+from pipelines.io.shards import list_shards, read_rows
+from pipelines.run import run_job
+from pipelines.stages.candidates import tfidf_candidates
+from pipelines.stages.index_build import build_index, decode_rows, encode_rows, from_arrow, to_arrow
+from pipelines.stages.index_query import candidates_of, top_candidates
+from pipelines.stages.merge import row_key
+
+
+def job(world: Path, output: str, corpus: str, candidates: int) -> dict:
+    return {
+        "run_id": "index",
+        "model": {"path": str(world / "model")},
+        "data": {"raw": str(world / "raw"), "corpus": corpus, "queries": str(world / "queries.jsonl"),
+                 "output": output},
+        "factors": {"fisher": "empirical", "sample_sequences": 30, "seed": 7, "unit_sequences": 8},
+        "scoring": {"top_k": 3, "rank": 4, "per_token": True, "query_precision": "float64", "mode": "index",
+                    "candidates": candidates},
+        "index": {"k_out": 8, "k_in": 8, "dtype": "float32"},
+        "resources": {"actors": 2, "batch_size": 4, "cpus_per_actor": 0.5},
+    }
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_vectors_round_trip_in_each_storage_dtype(dtype, tol):
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    col = to_arrow(x, dtype)
+    assert col.type.list_size == 12 and len(col) == 5
+    back = from_arrow(pa.chunked_array([col]), dtype)
+    np.testing.assert_allclose(back, x.float().numpy(), rtol=tol, atol=tol)
+    big = x * 1e6  # beyond float16's range: rows are stored scaled
+    vector, scale = encode_rows(big, dtype)
+    got = decode_rows(pa.table({"vector": vector, "scale": scale}), dtype)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, big.float().numpy(), rtol=max(tol, 1e-6), atol=tol * 4e6)
+
+
+def test_top_m_over_parts_equals_sorting_everything(tmp_path):
+    rng = np.random.default_rng(0)
+    parts, keys, mats = [], [], []
+    for p in range(3):
+        n = 7 + p
+        X = rng.standard_normal((n, 6)).astype(np.float32)
+        X[0] = X[1]  # ties: broken by (doc_id, shard)
+        docs = [f"d{i}" for i in range(n)]
+        url = str(tmp_path / f"part{p}.parquet")
+        vector, scale = encode_rows(torch.from_numpy(X), "float32")
+        storage.write_parquet(url, pa.table({"doc_id": docs, "shard": [f"s{p}"] * n, "tokens": [3] * n,
+                                             "vector": vector, "scale": scale}))
+        parts.append(url)
+        keys += [row_key(d, f"s{p}") for d in docs]
+        mats.append(X)
+    P = rng.standard_normal((2, 6))
+    acc = top_candidates(parts, P, 4)
+    scores = np.concatenate(mats).astype(np.float64) @ P.T  # (N, Q)
+    for q in range(2):
+        order = sorted(range(len(keys)), key=lambda i: (-scores[i, q], keys[i]))[:4]
+        assert list(acc.top.ids[q]) == [keys[i] for i in order]
+        np.testing.assert_allclose(acc.top.scores[q], scores[order, q], rtol=1e-12)
+        low = sorted(range(len(keys)), key=lambda i: (scores[i, q], keys[i]))[:4]
+        assert list(acc.bottom.ids[q]) == [keys[i] for i in low]
+    found = candidates_of(acc, ["a", "b"])
+    assert set(found) == {"a", "b"} and all(v == "index" for f in found.values() for v in f.values())
+    assert all(len(f) <= 8 for f in found.values())
+
+
+def test_config_keys_checked(tmp_path):
+    base = job(tmp_path, str(tmp_path / "o"), str(tmp_path / "s"), 5)
+    for section, key, bad in (("scoring", "mode", "fast"), ("scoring", "candidates", 0),
+                              ("index", "projection", "pca"), ("index", "dtype", "int8"), ("index", "k_in", 0)):
+        raw = {**base, section: {**base[section], key: bad}}
+        with pytest.raises(ConfigError, match=f"{section}.{key}"):
+            config_from_dict(raw)
+
+
+def test_tfidf_mode_without_the_module_says_so(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("pipelines.stages.tfidf") is not None:
+        pytest.skip("pipelines/stages/tfidf.py exists on this branch")
+    cfg = config_from_dict(job(tmp_path, str(tmp_path / "o"), str(tmp_path / "s"), 5))
+    with pytest.raises(UserError, match="scoring.mode = tfidf is not available yet"):
+        tfidf_candidates(dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, mode="tfidf")))
+
+
+def test_index_queries_without_an_index_say_so(tiny_world, tmp_path):
+    from pipelines.stages.index_build import current_parts
+
+    corpus = tmp_path / "shards"
+    corpus.mkdir()
+    storage.write_parquet(str(corpus / "a.parquet"), pa.table({"doc_id": ["x"], "input_ids": [[1, 2, 3]]}))
+    cfg = config_from_dict(job(tiny_world, str(tmp_path / "out"), str(corpus), 5))
+    with pytest.raises(UserError, match="run `influence index` first"):
+        current_parts(cfg)
+
+
+def exact_scores(cfg) -> dict[tuple[str, str, str], float]:
+    """(query_id, doc_id, shard) -> the score of that sequence alone, in this process."""
+    m = load_model(cfg.model)
+    queries = load_queries(storage.local_copy(storage.join(cfg.data.output, "queries")))
+    out = {}
+    for shard in list_shards(cfg.data.corpus):
+        seqs = read_rows(shard, None, None)
+        for doc, ids in zip(seqs.doc_ids, seqs.input_ids):
+            s = score_batch(m.model, queries, collate([ids])).scores[:, 0]
+            out.update({(q, doc, shard): float(v) for q, v in zip(queries.query_ids, s)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def index_run(ray_local, tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    cfg = config_from_dict(job(tiny_world, str(root / "out"), str(root / "shards"), candidates=4))
+    record = run_job(cfg)
+    return cfg, record, root
+
+
+def topk_rows(cfg) -> list[dict]:
+    return pads.dataset(str(Path(cfg.data.output) / "topk"), partitioning="hive").to_table().to_pylist()
+
+
+def test_rescored_rows_equal_exact_scores(index_run):
+    cfg, record, _ = index_run
+    assert record["status"] == "ok" and record["stages"]["index"]["scored"] == 3
+    ix = record["stages"]["index"]["index"]
+    assert ix["width"] == 2 * 2 * 8 * 8 and ix["vector_bytes_per_sequence"] == 4 * 256
+    exact = exact_scores(cfg)
+    rows = topk_rows(cfg)
+    cands = pads.dataset(str(Path(cfg.data.output) / "candidates")).to_table().to_pylist()
+    named = {(c["query_id"], c["doc_id"], c["shard"]) for c in cands}
+    assert len(rows) == 3 * 2 * 3 and all(r["found_by"] == "index" for r in rows)
+    for r in rows:
+        key = (r["query_id"], r["doc_id"], r["shard"])
+        assert key in named
+        assert r["score"] == pytest.approx(exact[key], rel=1e-4, abs=1e-6)
+    tokens = pads.dataset(str(Path(cfg.data.output) / "token_scores"), partitioning="hive").to_table().to_pandas()
+    sums = tokens.groupby(["query_id", "doc_id"])["score"].sum()
+    for r in rows:
+        assert sums[(r["query_id"], r["doc_id"])] == pytest.approx(r["score"], rel=1e-3, abs=1e-5)
+
+
+def test_rerun_builds_nothing_and_all_candidates_give_the_scan_topk(index_run, brute_force_topk, assert_topk_equal):
+    cfg, _, _ = index_run
+    wide = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, candidates=40))  # > corpus size
+    record = run_job(wide)
+    assert record["stages"]["index"]["skipped"] == 3 and record["stages"]["index"]["scored"] == 0
+    assert record["stages"]["index"]["index"]["projection_skipped"] is True
+    qids, acc = brute_force_topk(wide)
+    assert_topk_equal(topk_rows(wide), qids, acc)
+
+
+def test_new_shard_builds_only_its_unit(index_run):
+    cfg, _, root = index_run
+    shards = list_shards(cfg.data.corpus)
+    table = storage.read_parquet(shards[0])
+    extra = table.set_column(table.schema.get_field_index("doc_id"), "doc_id",
+                             pa.array([f"new-{d}" for d in table.column("doc_id").to_pylist()]))
+    storage.write_parquet(str(Path(cfg.data.corpus) / "zz-new.parquet"), extra)
+    try:
+        built = build_index(cfg)
+        assert built["shards"] == 4 and built["skipped"] == 3 and built["scored"] == 1
+        assert built["index"]["projection_skipped"] is True
+    finally:
+        (Path(cfg.data.corpus) / "zz-new.parquet").unlink()
+        shutil.rmtree(Path(cfg.data.output) / "index" / "parts" / "zz-new.parquet", ignore_errors=True)
+        (Path(cfg.data.output) / "index" / "parts" / "zz-new.parquet").unlink(missing_ok=True)
