@@ -7,6 +7,9 @@ the machine, the versions and the command that produced it) and prints progress.
   exact influence (the exact damped Gauss-Newton matrix, inverted) on tiny models.
 - ``stability``: seed-to-seed agreement of the scores for k = 1, 2, 4, 8 sampled
   label draws (``factors.fisher_samples``), and the fitting cost of each k.
+- ``facts``: recall@10 and MRR of planted sources on a planted-fact corpus
+  through the real pipeline, per scoring variant, against BM25 and the plain
+  gradient dot product; seed-to-seed agreement at the default Fisher.
 """
 
 from __future__ import annotations
@@ -27,5 +30,11 @@ def _stability(**kwargs: Any) -> Any:
     return run_stability(**kwargs)
 
 
+def _facts(**kwargs: Any) -> Any:
+    from .facts import run_facts
+
+    return run_facts(**kwargs)
+
+
 # suite name -> runner(out, quick, command, echo) -> the result table (a list of rows)
-SUITES: dict[str, Callable[..., Any]] = {"exact": _exact, "stability": _stability}
+SUITES: dict[str, Callable[..., Any]] = {"exact": _exact, "stability": _stability, "facts": _facts}
