@@ -326,7 +326,8 @@ in expectation). `*_mrr_vs_ekfac`: MRR minus EK-FAC mlp/none's, mean over querie
 Seed to seed at the default Fisher (two fits differing only in the seed; per query Spearman over all
 {len(world.docs)} documents and the overlap of the top-{TOP} sets; mean and worst query). Pipeline row: rank-32
 queries, `factors.seed` 0 and 1. In-process rows (`influence_ops.fit_ekfac` on the whole corpus, dense queries, as
-`influence eval stability`): `cost_vs_old_default` = fitting CPU seconds per token relative to sampled k=1.
+`influence eval stability`): `cost_vs_old_default` = fitting CPU seconds per token relative to sampled k=1
+(CPU seconds grow with the machine's load: compare them only within a run whose load stayed level).
 Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x the old fitting cost.
 
 {markdown_table(stab, list(stab[0]))}
