@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from influence_ops import Normalize, Track, collate, fit_ekfac, precondition_queries, query_batch, score_batch  # noqa: E402
 from pipelines.config import config_from_dict  # noqa: E402
 from pipelines.demo.corpus import QUERY_PROMPTS, make_corpus  # noqa: E402
+from pipelines.eval.metrics import paired_interval  # noqa: E402
 
 try:
     import tomllib
@@ -79,16 +80,6 @@ def metrics(topk: list[dict], qs: list[dict], sources: dict[str, str]) -> dict[s
             hit.append(first is not None and first <= 10)
         out[name] = {"recall@10": sum(hit) / len(hit), "mrr": sum(rr) / len(rr), "queries": len(hit), "rr": rr}
     return out
-
-
-def paired_interval(a: list[float], b: list[float], draws: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of b - a over queries with a 95% paired bootstrap interval."""
-    import random
-
-    rng = random.Random(seed)
-    d = [y - x for x, y in zip(a, b)]
-    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(draws))
-    return sum(d) / len(d), means[int(0.025 * draws)], means[int(0.975 * draws)]
 
 
 def run_pipeline(demo: Path, work: Path, qfile: Path, track: Track, normalize: Normalize, docs: int) -> tuple:

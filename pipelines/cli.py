@@ -246,12 +246,13 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
 
 
 @main.command(name="eval")
-@click.argument("suite", type=click.Choice(["exact", "stability", "lds"]))
+@click.argument("suite", type=click.Choice(["exact", "stability", "lds", "facts"]))
 @click.option("--out", default="benchmarks/eval", show_default=True, help="Folder for <suite>.parquet and <suite>.md.")
 @click.option("--quick", is_flag=True, help="Very small settings (seconds; for tests), not the reported sizes.")
 def eval_command(suite: str, out: str, quick: bool) -> None:
     """Accuracy suites: `exact` (against exact influence on tiny models), `stability` (seed to seed), `lds`
-    (linear datamodeling score against retraining on subsets)."""
+    (linear datamodeling score against retraining on subsets), `facts` (planted sources found, against BM25
+    and the gradient dot product; starts a local Ray)."""
     from .eval import SUITES
 
     command = "influence eval " + suite + (f" --out {out}" if out != "benchmarks/eval" else "") + \

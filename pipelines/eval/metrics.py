@@ -1,6 +1,9 @@
-"""Agreement measures between score matrices [Q, N] (one row per query)."""
+"""Agreement measures between score matrices [Q, N] (one row per query), and retrieval of known sources."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -43,3 +46,36 @@ def per_query_correlations(scores: torch.Tensor, exact: torch.Tensor) -> dict[st
     p, s = pearson(scores, exact), spearman(scores, exact)
     return {"pearson": float(p.mean()), "spearman": float(s.mean()), "pearson_min": float(p.min()),
             "spearman_min": float(s.min())}
+
+
+def first_source_rank(scores: Sequence[float], is_source: Sequence[bool]) -> float:
+    """Rank (1 = best) of the highest-scored source among N scores; inf if there is no source.
+
+    Ties are broken at random, in expectation: with k non-sources tied with the
+    best source's score and m sources at that score, the first source's
+    expected position in the tie is 1 + k / (m + 1).
+    """
+    best = max((s for s, src in zip(scores, is_source) if src), default=None)
+    if best is None:
+        return math.inf
+    above = sum(1 for s, src in zip(scores, is_source) if not src and s > best)
+    tied = sum(1 for s, src in zip(scores, is_source) if not src and s == best)
+    tied_sources = sum(1 for s, src in zip(scores, is_source) if src and s == best)
+    return 1.0 + above + tied / (tied_sources + 1)
+
+
+def retrieval(first_ranks: Sequence[float], k: int = 10) -> dict[str, float]:
+    """recall@k (share of queries whose first source ranks <= k) and MRR (mean 1 / first rank)."""
+    n = max(len(first_ranks), 1)
+    return {f"recall@{k}": sum(r <= k for r in first_ranks) / n, "mrr": sum(1.0 / r for r in first_ranks) / n}
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], draws: int = 10000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a over paired items, with a 95% paired bootstrap interval: (mean, low, high)."""
+    import random
+
+    rng = random.Random(seed)
+    d = [y - x for x, y in zip(a, b)]
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(draws))
+    return sum(d) / len(d), means[int(0.025 * draws)], means[int(0.975 * draws)]

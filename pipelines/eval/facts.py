@@ -1,0 +1,334 @@
+"""`influence eval facts`: are the planted sources of a fact at the top, and are they the same after a refit?
+
+Symbols: N documents, Q queries (two per fact: corpus phrasing, paraphrase).
+
+1. A planted-fact corpus (``facts_corpus.py``: people, their town and job,
+   each fact stated by several differently phrased documents among
+   distractors) and a tiny GPT-2 trained on it here until it recalls the facts
+   (greedy recall of each query's completion is reported per query set).
+2. The real pipeline (``run_job``: tokenize, fit-factors, build-queries, score,
+   merge, on a local Ray) for every ``model.track`` (mlp, mlp+attention) and
+   ``scoring.normalize`` (none, cosine, train_norm), default Fisher, with
+   ``top_k`` above N so that the merged table ranks every document.
+3. Baselines on the same tokenized shards: BM25 over token ids (``bm25.py``,
+   query = prompt + completion ids), the plain gradient dot product q . g_m on
+   the same tracked layers (no factors: identity preconditioner) and the
+   gradient cosine (the same divided by ||g_m||; ||q|| does not change a
+   query's ranking).
+4. recall@10 and MRR of the first planted source, per query set; the MRR
+   difference to raw EK-FAC (mlp, none) with a paired bootstrap interval.
+5. Seed to seed at the default Fisher: the pipeline re-run with
+   ``factors.seed = 1`` (Spearman over all N documents and top-10 overlap per
+   query), and in process (``stability.measure``: dense queries, fits on the
+   whole corpus) the old default (sampled k=1, the cost reference), the
+   default and, if the default misses a top-10 overlap of 0.9, candidate
+   settings with more draws.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import influence_ops as ops
+
+from ..demo.model import build_tokenizer, save_model, tiny_gpt2, train
+from .bm25 import BM25
+from .facts_corpus import make_facts_corpus
+from .metrics import first_source_rank, paired_interval, retrieval, spearman, top_overlap
+from .report import Progress, markdown_table, write_table
+from .stability import Case, Variant, measure
+
+TRACKS = ("mlp", "mlp+attention")
+NORMALIZES = ("none", "cosine", "train_norm")
+SETS = ("corpus", "paraphrase")
+TOP = 10
+
+
+@dataclass(frozen=True)
+class Size:
+    people: int
+    towns: int
+    jobs: int
+    distractors: int
+    width: int
+    blocks: int
+    epochs: int
+    max_train_seconds: float
+    tracks: tuple[str, ...]
+    normalizes: tuple[str, ...]
+    candidates: tuple[Variant, ...]
+    pipeline_refit: bool  # also re-run the pipeline with factors.seed = 1
+
+
+FULL = Size(24, 10, 10, 216, 64, 2, 100, 600.0, TRACKS, NORMALIZES,
+            (Variant("gaussian k=8 (8 / 8)", ops.Fisher.GAUSSIAN, 8),
+             Variant("gaussian k=4 in stage 1, k=16 in stage 3 (4 / 16)", ops.Fisher.GAUSSIAN, 4, 16)), True)
+QUICK = Size(4, 3, 3, 16, 16, 1, 40, 10.0, ("mlp",), ("none", "cosine"), (), False)
+OLD_DEFAULT = Variant("sampled k=1 (1 / 1), the old default", ops.Fisher.SAMPLED, 1)
+DEFAULT = Variant("gaussian k=4 (4 / 4), the default", ops.Fisher.GAUSSIAN, 4, 4)
+
+
+@dataclass
+class World:
+    """The corpus, its trained model and the files a job reads."""
+
+    work: Path
+    docs: list[dict]
+    queries: list[dict]
+    sources: dict[str, str]  # doc id -> fact key ('' for distractors)
+    recall: dict[str, float]  # query set -> greedy recall of the completion
+    training: dict[str, float]
+    vocab: int
+
+
+def build_world(work: Path, size: Size, echo: Callable[[str], Any]) -> World:
+    docs, facts, queries = make_facts_corpus(size.people, size.towns, size.jobs, 3, size.distractors, seed=0)
+    raw = work / "raw"
+    raw.mkdir(parents=True)
+    for part in range(2):
+        (raw / f"part-{part}.jsonl").write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n"
+                                                        for d in docs[part::2]))
+    (work / "queries.jsonl").write_text("".join(
+        json.dumps({k: q[k] for k in ("query_id", "prompt", "completion")}) + "\n" for q in queries))
+    tok = build_tokenizer([d["text"] for d in docs], work / "model")
+    model = tiny_gpt2(len(tok), context=64, width=size.width, layers=size.blocks, heads=4 if size.width >= 32 else 2)
+    stats = train(model, [tok(d["text"])["input_ids"][:64] for d in docs], epochs=size.epochs,
+                  max_seconds=size.max_train_seconds)
+    save_model(model, work / "model")
+    return World(work, docs, queries, {d["id"]: d["source_of"] for d in docs}, lm_recall(model, tok, queries),
+                 stats, len(tok))
+
+
+def lm_recall(model: torch.nn.Module, tok: Any, queries: list[dict]) -> dict[str, float]:
+    """Per query set, the share of queries whose completion is the model's greedy continuation of the prompt."""
+    hits: dict[str, list[bool]] = {s: [] for s in SETS}
+    for q in queries:
+        p = tok(q["prompt"], add_special_tokens=False)["input_ids"]
+        c = tok(q["completion"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]  # (len(c), V)
+        hits[q["set"]].append(logits.argmax(-1).tolist() == c)
+    return {s: sum(h) / max(len(h), 1) for s, h in hits.items()}
+
+
+def job(world: World, name: str, track: str, normalize: str, seed: int = 0) -> Any:
+    from ..config import config_from_dict
+
+    raw = {"run_id": f"facts-{name}", "model": {"path": "model", "track": track},
+           "data": {"raw": "raw", "corpus": "shards", "queries": "queries.jsonl", "output": name},
+           "factors": {"seed": seed},
+           "scoring": {"top_k": len(world.docs) + 10, "per_token": False, "normalize": normalize},
+           "resources": {"actors": 1, "batch_size": 16, "object_store_mb": 512}}
+    return config_from_dict(raw, base_dir=world.work)
+
+
+def pipeline_scores(world: World, cfg: Any, column: str) -> dict[str, dict[str, float]]:
+    """Run the job; query id -> doc id -> ``column`` ('score', or 'rank' negated) from the merged table."""
+    import pyarrow.dataset as pads
+
+    from ..run import run_job
+
+    run_job(cfg)
+    table = pads.dataset(str(Path(cfg.data.output) / "topk"), partitioning="hive").to_table(
+        columns=["query_id", "doc_id", column, "sign"]).to_pylist()
+    out: dict[str, dict[str, float]] = {}
+    for r in table:
+        if r["sign"] == "top":
+            v = -float(r[column]) if column == "rank" else float(r[column])
+            out.setdefault(str(r["query_id"]), {})[r["doc_id"].split(":")[0]] = v
+    return out
+
+
+def first_ranks(world: World, scores: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Query set -> first-source rank per query (a document missing from a query's row ranks last)."""
+    out: dict[str, list[float]] = {s: [] for s in SETS}
+    ids = [d["id"] for d in world.docs]
+    for q in world.queries:
+        row = scores[q["query_id"]]
+        out[q["set"]].append(first_source_rank([row.get(i, -float("inf")) for i in ids],
+                                               [world.sources[i] == q["fact"] for i in ids]))
+    return out
+
+
+@dataclass
+class InProcess:
+    """The trained model on the mlp track, the pipeline's shards, and the queries as token ids."""
+
+    model: torch.nn.Module
+    layers: list[ops.TrackedLayer]
+    doc_ids: list[str]
+    sequences: list[list[int]]
+    prompts: list[list[int]]
+    completions: list[list[int]]
+
+    def batches(self, size: int = 16) -> list[ops.TokenBatch]:
+        return [ops.collate(self.sequences[i:i + size]) for i in range(0, len(self.sequences), size)]
+
+    def query_batch(self) -> ops.TokenBatch:
+        return ops.query_batch(self.prompts, self.completions)
+
+
+def in_process(world: World, cfg: Any) -> InProcess:
+    from ..io.model_loading import load_model, load_tokenizer
+    from ..io.shards import list_shards, read_rows
+
+    loaded = load_model(cfg.model)
+    tok = load_tokenizer(cfg.model)
+    ids, seqs = [], []
+    for shard in list_shards(cfg.data.corpus):
+        rows = read_rows(shard, None, None)
+        ids += [d.split(":")[0] for d in rows.doc_ids]
+        seqs += [x.tolist() for x in rows.input_ids]
+    enc = (lambda text: tok(text, add_special_tokens=False)["input_ids"])
+    return InProcess(loaded.model, loaded.layers, ids, seqs, [enc(q["prompt"]) for q in world.queries],
+                     [enc(q["completion"]) for q in world.queries])
+
+
+def gradient_scores(ip: InProcess, normalize: ops.Normalize) -> torch.Tensor:
+    """[Q, N] q . g_m (NONE) or q . g_m / ||g_m|| (TRAIN_NORM) on the tracked layers, no preconditioner."""
+    from influence_ops.queries import query_gradients
+
+    grads, measurement = query_gradients(ip.model, ip.layers, ip.query_batch(), ops.LanguageModelObjective())
+    pq = ops.PreconditionedQueries({n: ops.LayerQuery(dense=g.detach()) for n, g in grads.items()},
+                                   measurement.detach(), torch.zeros(measurement.shape[0], len(grads)), None,
+                                   "", 1, {n: 0.0 for n in grads})
+    return torch.cat([ops.score_batch(ip.model, pq, b, normalize=normalize).scores for b in ip.batches()], dim=1)
+
+
+def bm25_scores(ip: InProcess) -> torch.Tensor:
+    """[Q, N] BM25 of prompt + completion ids against every sequence."""
+    index = BM25(ip.sequences)
+    return torch.tensor([index.scores(p + c) for p, c in zip(ip.prompts, ip.completions)], dtype=torch.float64)
+
+
+def as_rows(world: World, ip: InProcess, scores: torch.Tensor) -> dict[str, dict[str, float]]:
+    return {q["query_id"]: dict(zip(ip.doc_ids, scores[i].tolist())) for i, q in enumerate(world.queries)}
+
+
+def retrieval_row(method: str, track: str, normalize: str, ranks: dict[str, list[float]],
+                  reference: dict[str, list[float]] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": method, "track": track, "normalize": normalize}
+    for s in SETS:
+        m = retrieval(ranks[s], TOP)
+        row[f"{s}_recall@{TOP}"], row[f"{s}_mrr"] = m[f"recall@{TOP}"], m["mrr"]
+    for s in SETS:
+        if reference is None:
+            row[f"{s}_mrr_vs_ekfac"] = ""
+        else:
+            mean, lo, hi = paired_interval([1 / r for r in reference[s]], [1 / r for r in ranks[s]])
+            row[f"{s}_mrr_vs_ekfac"] = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return row
+
+
+def pipeline_stability(world: World, seed0: dict, seed1: dict) -> dict[str, float]:
+    """Spearman over all documents and top-10 overlap between two pipeline runs (scores aligned by doc id)."""
+    ids = [d["id"] for d in world.docs]
+    a = torch.tensor([[seed0[q["query_id"]][i] for i in ids] for q in world.queries], dtype=torch.float64)
+    b = torch.tensor([[seed1[q["query_id"]][i] for i in ids] for q in world.queries], dtype=torch.float64)
+    rho, top = spearman(a, b), top_overlap(a, b, TOP)
+    return {"spearman_mean": float(rho.mean()), "spearman_min": float(rho.min()),
+            f"top{TOP}_overlap_mean": float(top.mean()), f"top{TOP}_overlap_min": float(top.min())}
+
+
+def run_facts(out: str | Path, quick: bool = False, command: str = "influence eval facts",
+              echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    started = time.perf_counter()
+    size = QUICK if quick else FULL
+    runs = len(size.tracks) * len(size.normalizes)
+    progress = Progress(1 + runs + 2 + size.pipeline_refit + 2 * (2 + len(size.candidates)), echo)
+    with tempfile.TemporaryDirectory(prefix="influence-facts-") as tmp:
+        t0 = time.perf_counter()
+        world = build_world(Path(tmp), size, echo)
+        progress.step(f"trained a tiny GPT-2 on {len(world.docs)} documents: {world.training['epochs']} epochs, "
+                      f"loss {world.training['loss']:.3f}; greedy recall corpus {world.recall['corpus']:.2f}, "
+                      f"paraphrase {world.recall['paraphrase']:.2f}", t0)
+        rows: list[dict[str, Any]] = []
+        reference = None
+        for track in size.tracks:
+            for normalize in size.normalizes:
+                t0 = time.perf_counter()
+                cfg = job(world, track.replace("+", "-"), track, normalize)
+                scores = pipeline_scores(world, cfg, "rank")
+                ranks = first_ranks(world, scores)
+                row = retrieval_row("EK-FAC", track, normalize, ranks, reference)
+                reference = reference or ranks
+                rows.append(row)
+                progress.step(f"pipeline, track {track}, normalize {normalize}: paraphrase MRR "
+                              f"{row['paraphrase_mrr']:.3f}", t0)
+        base_cfg = job(world, "mlp", "mlp", "none")
+        ip = in_process(world, base_cfg)
+        t0 = time.perf_counter()
+        for method, normalize in (("gradient dot product", ops.Normalize.NONE),
+                                  ("gradient cosine", ops.Normalize.TRAIN_NORM)):
+            ranks = first_ranks(world, as_rows(world, ip, gradient_scores(ip, normalize)))
+            rows.append(retrieval_row(method, "mlp", "(no factors)", ranks, reference))
+        progress.step("gradient dot product and cosine (no preconditioner)", t0)
+        t0 = time.perf_counter()
+        rows.append(retrieval_row("BM25 (token ids, k1=1.5, b=0.75)", "", "", first_ranks(
+            world, as_rows(world, ip, bm25_scores(ip))), reference))
+        progress.step("BM25", t0)
+
+        stab = []
+        if size.pipeline_refit:
+            t0 = time.perf_counter()
+            seed0 = pipeline_scores(world, base_cfg, "score")  # complete already: nothing re-runs
+            seed1 = pipeline_scores(world, job(world, "mlp-seed1", "mlp", "none", seed=1), "score")
+            stab.append({"variant": DEFAULT.label + ", pipeline (rank-32 queries)", "fisher": "gaussian",
+                         "samples": 4, "lambda_samples": 4, "seeds": "0, 1", **pipeline_stability(world, seed0, seed1),
+                         "fit_cpu_seconds": float("nan"), "cost_vs_old_default": float("nan")})
+            progress.step(f"pipeline refit with factors.seed = 1: Spearman {stab[0]['spearman_mean']:.3f}, "
+                          f"top-10 overlap {stab[0][f'top{TOP}_overlap_mean']:.3f}", t0)
+        case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
+        measured = [measure(case, v, progress, (0, 1)) for v in (OLD_DEFAULT, DEFAULT)]
+        if measured[1][f"top{TOP}_overlap_mean"] < 0.9:
+            measured += [measure(case, v, progress, (0, 1)) for v in size.candidates]
+        for m in measured:
+            stab.append({"variant": m["variant"] + ", in process (dense queries)", "fisher": m["fisher"],
+                         "samples": m["samples"], "lambda_samples": m["lambda_samples"], "seeds": "0, 1",
+                         **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
+                                              f"top{TOP}_overlap_min", "fit_cpu_seconds")},
+                         "cost_vs_old_default": round(m["us_per_token"] / measured[0]["us_per_token"], 2)})
+        notes = _notes(world, size, stab)
+        parquet, md = write_table(out, "facts", rows, command, notes, started)
+        write_table(out, "facts_stability", stab, command, "Seed to seed on the planted-fact corpus "
+                    "(see facts.md).", started)
+    echo(f"wrote {md}, {parquet} and facts_stability.parquet")
+    return rows + stab
+
+
+def _notes(world: World, size: Size, stab: list[dict[str, Any]]) -> str:
+    facts = len({q["fact"] for q in world.queries})
+    return f"""
+Planted-fact corpus (`pipelines/eval/facts_corpus.py`): {size.people} people, each with a town ({size.towns} towns)
+and a job ({size.jobs} jobs), {facts} facts, each stated by 3 documents in 3 different phrasings (one of them the
+corpus-phrased query's), among {len(world.docs)} documents ({size.distractors} distractors that name people, towns
+and jobs without stating a fact). Tiny GPT-2 (width {size.width}, {size.blocks} block(s), vocabulary {world.vocab},
+random init) trained {world.training['epochs']} epochs (final loss {world.training['loss']:.3f}); greedy recall of the
+queries' completions: corpus phrasing {world.recall['corpus']:.2f}, paraphrases {world.recall['paraphrase']:.2f}.
+
+{facts} queries in the corpus's phrasing (`<person> lives in` -> town, `<person> works as a` -> job) and {facts} in a
+phrasing no document uses, made of corpus words (`the town where <person> lives is`, `for a living , <person> is a`).
+EK-FAC rows: the real pipeline (`run_job` on a local Ray: tokenize, fit-factors, build-queries, score, merge) with
+the default Fisher (gaussian, 4 / 4 draws, seed 0), rank-32 queries, `top_k` above the corpus size (every document
+ranked). Baselines on the same shards and tracked layers (mlp): the gradient dot product (no preconditioner), the
+gradient cosine (dot product / ||g_m||), BM25 over token ids (query = prompt + completion). recall@10: share of
+queries with a planted source in the top 10; MRR: mean 1 / rank of the first planted source (ties broken at random,
+in expectation). `*_mrr_vs_ekfac`: MRR minus EK-FAC mlp/none's, mean over queries with a 95% paired bootstrap interval.
+
+Seed to seed at the default Fisher (two fits differing only in the seed; per query Spearman over all
+{len(world.docs)} documents and the overlap of the top-{TOP} sets; mean and worst query). Pipeline row: rank-32
+queries, `factors.seed` 0 and 1. In-process rows (`influence_ops.fit_ekfac` on the whole corpus, dense queries, as
+`influence eval stability`): `cost_vs_old_default` = fitting CPU seconds per token relative to sampled k=1
+(CPU seconds grow with the machine's load: compare them only within a run whose load stayed level).
+Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x the old fitting cost.
+
+{markdown_table(stab, list(stab[0]))}
+"""

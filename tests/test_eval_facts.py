@@ -1,0 +1,94 @@
+"""The facts suite: BM25 and the retrieval metrics by hand, the corpus generator's invariants, the CLI end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipelines.eval.bm25 import BM25
+from pipelines.eval.facts_corpus import PARAPHRASES, TEMPLATES, make_facts_corpus
+from pipelines.eval.metrics import first_source_rank, retrieval
+
+
+def test_bm25_matches_a_hand_computation():
+    docs = [[1, 2, 2], [2, 3], [4]]  # N = 3, avgdl = 2
+    index = BM25(docs, k1=1.5, b=0.75)
+    idf = {t: math.log(1 + (3 - n + 0.5) / (n + 0.5)) for t, n in {1: 1, 2: 2, 3: 1, 4: 1}.items()}
+
+    def term(t: int, tf: int, length: int) -> float:
+        return idf[t] * tf * 2.5 / (tf + 1.5 * (0.25 + 0.75 * length / 2))
+
+    got = index.scores([2, 3, 3])  # token 3 twice in the query: counted twice
+    want = [term(2, 2, 3), term(2, 1, 2) + 2 * term(3, 1, 2), 0.0]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got[1] > got[0] > got[2] == 0.0
+    assert index.scores([9]) == [0.0, 0.0, 0.0]  # a token no document has
+
+
+def test_first_source_rank_recall_and_mrr_on_a_hand_case():
+    # sources are docs 1 and 3; doc 1 ranks 3rd (scores 9, 8 above it)
+    assert first_source_rank([9.0, 7.0, 8.0, 1.0], [False, True, False, True]) == 3.0
+    assert first_source_rank([1.0, 5.0], [False, False]) == math.inf
+    # a tie with 2 non-sources and 1 source at the best score: expected rank 1 + 2 / 2 = 2
+    assert first_source_rank([3.0, 3.0, 3.0, 0.0], [False, True, False, False]) == 2.0
+    ranks = [1.0, 2.0, 12.0, math.inf]
+    m = retrieval(ranks, k=10)
+    assert m["recall@10"] == 0.5
+    assert m["mrr"] == pytest.approx((1 + 0.5 + 1 / 12 + 0) / 4)
+
+
+def test_the_corpus_generator_keeps_its_invariants():
+    docs, facts, queries = make_facts_corpus(people=8, towns=4, jobs=4, sources=3, distractors=40, seed=3)
+    texts = [d["text"] for d in docs]
+    assert len({d["id"] for d in docs}) == len(docs)
+    assert len(docs) == 3 * len(facts) + 40
+    vocab = {w for t in texts for w in t.split()}
+    for f in facts:
+        mine = [d["text"] for d in docs if d["source_of"] == f.key]
+        assert len(mine) >= 2
+        # every source states the fact, each in its own phrasing
+        stated = [[t for t in TEMPLATES[f.relation] if t.format(p=f.person, v=f.value) in text] for text in mine]
+        assert all(len(s) >= 1 for s in stated)
+        assert len({s[0] for s in stated}) == len(mine)
+        # no other document states it
+        others = [d["text"] for d in docs if d["source_of"] != f.key]
+        assert not any(t.format(p=f.person, v=f.value) in text for t in TEMPLATES[f.relation] for text in others)
+    assert {q["set"] for q in queries} == {"corpus", "paraphrase"} and len(queries) == 2 * len(facts)
+    for q in queries:
+        source_texts = [d["text"] for d in docs if d["source_of"] == q["fact"]]
+        if q["set"] == "corpus":  # a source uses the query's words
+            assert any(f"{q['prompt']} {q['completion']}" in t for t in source_texts)
+        else:  # no document uses the paraphrase, yet every one of its words is a corpus word
+            assert not any(q["prompt"] in t for t in texts)
+            fixed = [w for w in PARAPHRASES[q["fact"].split("-")[0]].split() if w != "{p}"]
+            assert not any(" ".join(fixed) in t for t in texts)
+            assert set(q["prompt"].split()) <= vocab
+    # a town or job is shared: the completion word alone does not point at the sources
+    assert len({f.value for f in facts if f.relation == "town"}) < len([f for f in facts if f.relation == "town"])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_eval_facts_quick_runs_the_pipeline_and_writes_its_tables(tmp_path):
+    from pipelines.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "facts", "--out", str(tmp_path), "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "[1/" in result.output and "greedy recall" in result.output
+    rows = pq.read_table(tmp_path / "facts.parquet").to_pylist()
+    methods = [(r["method"], r["normalize"]) for r in rows]
+    assert [m for m in methods if m[0] == "EK-FAC"] == [("EK-FAC", "none"), ("EK-FAC", "cosine")]
+    assert {"gradient dot product", "gradient cosine"} <= {r["method"] for r in rows}
+    assert any(r["method"].startswith("BM25") for r in rows)
+    for r in rows:
+        for s in ("corpus", "paraphrase"):
+            assert 0.0 <= r[f"{s}_recall@10"] <= 1.0 and 0.0 < r[f"{s}_mrr"] <= 1.0
+    # BM25 on the corpus phrasing: prompt + completion name the person and the value of every source
+    bm25 = next(r for r in rows if r["method"].startswith("BM25"))
+    assert bm25["corpus_recall@10"] == 1.0
+    stab = pq.read_table(tmp_path / "facts_stability.parquet").to_pylist()
+    assert len(stab) == 2 and all(-1.0 <= r["spearman_mean"] <= 1.0 for r in stab)
+    md = (tmp_path / "facts.md").read_text()
+    assert "influence eval facts" in md and "--quick" in md and "top-10" in md
