@@ -28,6 +28,8 @@ Sections (every key optional unless marked required)::
                                         # error (stop, naming file and row) | truncate (keep its
                                         # first tokens) | chunk (cut into pieces of the context,
                                         # doc_id "<doc_id>#<piece>"); applied wherever shards are read
+    row_group_rows = 1024               # rows per Parquet row group of the shards `tokenize` writes
+                                        # (the score stage's units are ranges of row groups)
     [factors]
     sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
     fisher = "gaussian"                 # gaussian | sampled | empirical | expected (tiny models only: T x V passes)
@@ -48,6 +50,8 @@ Sections (every key optional unless marked required)::
     query_precision = "float32"         # float32 | float64: precision of query preparation
     query_lowrank = "randomized"        # randomized | exact: SVD of the rank-r queries (in the eigenbasis)
     query_batches_per_unit = 4          # query batches (resources.batch_size each) per actor unit of build-queries
+    unit_rows = 0                       # rows per score unit (whole row groups; 0 = auto: whole shards up
+                                        # to 4096 rows, else about 4 units per actor over the corpus)
     [resources]
     ray_address = ""                    # empty: start a local Ray sized for this machine
     actors = 1
@@ -179,12 +183,14 @@ class DataConfig:
     text_column: str = "text"
     id_column: str = "id"
     too_long: TooLong = TooLong.ERROR
+    row_group_rows: int = 1024
 
     def __post_init__(self) -> None:
         for key in ("corpus", "queries", "output"):
             _check_str(f"data.{key}", getattr(self, key), required=True)
         for key in ("raw", "text_column", "id_column"):
             _check_str(f"data.{key}", getattr(self, key))
+        _check_int("data.row_group_rows", self.row_group_rows, 1)
         object.__setattr__(self, "too_long", _enum("data.too_long", TooLong, self.too_long))
 
 
@@ -230,6 +236,7 @@ class ScoringConfig:
     query_precision: Precision = Precision.FLOAT32
     query_lowrank: LowRankMethod = LowRankMethod.RANDOMIZED
     query_batches_per_unit: int = 4
+    unit_rows: int = 0
 
     def __post_init__(self) -> None:
         _check_int("scoring.top_k", self.top_k, 1)
@@ -247,6 +254,7 @@ class ScoringConfig:
         object.__setattr__(self, "query_precision", _enum("scoring.query_precision", Precision, self.query_precision))
         object.__setattr__(self, "query_lowrank", _enum("scoring.query_lowrank", LowRankMethod, self.query_lowrank))
         _check_int("scoring.query_batches_per_unit", self.query_batches_per_unit, 1)
+        _check_int("scoring.unit_rows", self.unit_rows, 0)
 
     @property
     def writes_self_influence(self) -> bool:

@@ -36,6 +36,7 @@ queries = "queries.jsonl"         # required: JSONL or Parquet, one query a row:
                                   # prompt_ids + completion_ids
 output = "output"                 # required: folder of every result (factors, queries, scores, tables)
 too_long = "error"                # a shard sequence longer than the model's context: error | truncate | chunk
+row_group_rows = 1024             # rows per Parquet row group of the shards `tokenize` writes
 
 [factors]
 # sample_sequences = 1000         # sequences the factors are fitted on; default: the whole corpus
@@ -59,6 +60,7 @@ self_influence = false            # write self_influence/ (every scored sequence
 query_precision = "float32"       # float32 | float64: precision of query preparation
 query_lowrank = "randomized"      # randomized | exact: the rank-r SVD of the queries
 query_batches_per_unit = 4        # build-queries: query batches (batch_size each) per actor unit
+unit_rows = 0                     # rows per score unit (whole row groups); 0 = auto
 
 [resources]
 ray_address = ""                  # "" = a local Ray sized for this machine; or "ray://host:10001", "auto"

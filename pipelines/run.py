@@ -27,7 +27,6 @@ from .errors import UserError
 from .io import storage
 from .io.model_source import check_model_folder, check_tokenizer
 from .io.completion import digest_of
-from .io.shards import list_shards
 from .runtime.failures import StageFailed, errors_table
 from .stages.build_queries import build_queries
 from .stages.fit_factors import fit_factors
@@ -122,8 +121,11 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
             ran("score", {k: v for k, v in scored.items() if k not in ("outputs", "timeline")})
             record["counts"] = {k: scored[k] for k in ("scored", "skipped", "failed", "sequences", "tokens", "rows")}
         if "merge" in stages:
-            outputs = score_outputs(cfg, list_shards(cfg.data.corpus))
-            ran("merge", merge(cfg, outputs, show_progress))
+            if "score" in stages:
+                outputs, pending = scored["outputs"], 0
+            else:
+                outputs, pending = score_outputs(cfg, record["queries_hash"])
+            ran("merge", merge(cfg, outputs, show_progress, pending))
         record["status"] = "ok"
     except BaseException as err:
         failed = err

@@ -161,16 +161,25 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
 
 
 def iter_shard(shard: str, vocab_size: int | None, rows_per_read: int = 4096, context: int | None = None,
-               too_long: TooLong | str = TooLong.ERROR) -> Iterator[Sequences]:
-    """Stream a shard in checked pieces of at most ``rows_per_read`` file rows (memory stays bounded)."""
+               too_long: TooLong | str = TooLong.ERROR,
+               row_groups: tuple[int, int] | None = None) -> Iterator[Sequences]:
+    """Stream a shard in checked pieces of at most ``rows_per_read`` file rows (memory stays bounded).
+
+    ``row_groups``: only the row groups [lo, hi) (row numbers stay those of the file; doc_ids are
+    checked unique within the range); None: the whole shard.
+    """
     fs, path = storage.filesystem(shard)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         check_schema(shard, pf.schema_arrow)
         cols = [c for c in SHARD_COLUMNS if c in pf.schema_arrow.names]
         seen: set[str] = set()
-        row = 0
-        for batch in pf.iter_batches(batch_size=rows_per_read, columns=cols):
+        lo, hi = (0, pf.num_row_groups) if row_groups is None else row_groups
+        if not 0 <= lo <= hi <= pf.num_row_groups:
+            raise ShardError(shard, None, None, f"row groups {lo}-{hi} asked, the file has {pf.num_row_groups} "
+                             "(was it replaced while the job ran?)")
+        row = sum(pf.metadata.row_group(i).num_rows for i in range(lo))
+        for batch in pf.iter_batches(batch_size=rows_per_read, columns=cols, row_groups=list(range(lo, hi))):
             yield check_batch(shard, batch, row, vocab_size, seen, context, too_long)
             row += batch.num_rows
 
@@ -197,6 +206,16 @@ def read_rows(shard: str, rows: np.ndarray | None, vocab_size: int | None,
     masks = None if any(p.loss_masks is None for p in parts) else [m for p in parts for m in p.loss_masks]
     return Sequences([d for p in parts for d in p.doc_ids], [x for p in parts for x in p.input_ids], masks,
                      np.concatenate([p.rows for p in parts]))
+
+
+def row_group_rows(shard: str) -> list[int]:
+    """Rows of each row group of a shard, from its Parquet footer."""
+    def read() -> list[int]:
+        fs, path = storage.filesystem(shard)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return storage.retry(shard, "footer read", read)
 
 
 def row_counts(shards: list[str]) -> list[int]:

@@ -19,7 +19,9 @@ Output folder ``<output>/queries``: ``queries.safetensors`` + ``queries.json``
 (``influence_ops.save_queries``) and ``queries.parquet``: query_id, prompt,
 completion, prompt_ids, completion_ids, measurement (log p(completion | prompt)),
 truncation_error (per tracked layer, relative Frobenius error of the rank-r
-truncation; 0 for dense), truncation_error_max, prompt_tokens_dropped.
+truncation; 0 for dense), truncation_error_max, prompt_tokens_dropped; and ``query_keys.json``: each
+query's own key (``query_keys``), so that adding queries leaves the scores of
+the others current.
 """
 
 from __future__ import annotations
@@ -112,6 +114,16 @@ def queries_key(cfg: JobConfig, factors_digest: str) -> str:
     return completion.inputs_key("queries", cfg.model.__dict__, factors_digest, storage.file_digest(cfg.data.queries),
                                  cfg.scoring.rank, cfg.factors.damping, cfg.scoring.query_precision.value,
                                  cfg.scoring.query_lowrank.value)
+
+
+def query_keys(cfg: JobConfig, factors_digest: str, rows: QueryRows) -> dict[str, str]:
+    """query_id -> the key of that query's preconditioned gradient (its tokens, model, factors, rank, damping,
+    precision and low-rank method; not the other queries, not batch sizes): the score stage reuses a query's
+    scores while its key stays the same (``score_plan.py``)."""
+    common = (cfg.model.__dict__, factors_digest, cfg.scoring.rank, cfg.factors.damping,
+              cfg.scoring.query_precision.value, cfg.scoring.query_lowrank.value)
+    return {q: completion.inputs_key("query", *common, q, p, c)
+            for q, p, c in zip(rows.ids, rows.prompt_ids, rows.completion_ids)}
 
 
 def query_prep(cfg: JobConfig) -> QueryPrep:
@@ -212,6 +224,8 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
         save_queries(pq, tmp)
         storage.upload_dir(tmp, out, last=("queries.json",))
     storage.write_parquet(storage.join(out, "queries.parquet"), table)
+    storage.write_json(storage.join(out, "query_keys.json"),
+                       {"queries": list(query_keys(cfg, factors_digest, rows).items())})
     info = {"queries": len(rows.ids), "rank": pq.rank, "factor_tokens": pq.factor_tokens,
             "precision": cfg.scoring.query_precision.value, "lowrank": cfg.scoring.query_lowrank.value,
             "units": actors["units"], "actor_seconds": actors["actor_seconds"], "placement": actors["unit_log"],
