@@ -39,6 +39,9 @@ Sections (every key optional unless marked required)::
     seed = 0
     blocks = 1
     unit_sequences = 256                # sequences per unit of work (label draws are seeded per sequence)
+    refit = "on_corpus_change"          # on_corpus_change: refit when the corpus's shards change |
+                                        # on_settings_change: keep fitted factors when shards are added
+                                        # (incremental jobs: new shards are scored with the same factors)
     [scoring]
     top_k = 10
     rank = 32                           # 0 = dense queries (leaving the key out means 32)
@@ -205,6 +208,7 @@ class FactorConfig:
     seed: int = 0
     blocks: int = 1
     unit_sequences: int = 256
+    refit: str = "on_corpus_change"
 
     def __post_init__(self) -> None:
         if self.sample_sequences is not None and self.sample_tokens is not None:
@@ -222,6 +226,8 @@ class FactorConfig:
         _check_int("factors.seed", self.seed, 0)
         _check_int("factors.blocks", self.blocks, 1)
         _check_int("factors.unit_sequences", self.unit_sequences, 1)
+        if self.refit not in REFIT:
+            _fail("factors.refit", self.refit, f"must be one of {list(REFIT)}")
 
 
 @dataclass(frozen=True)
@@ -321,6 +327,7 @@ class JobConfig:
 
 
 ON_ERROR = ("fail", "skip")
+REFIT = ("on_corpus_change", "on_settings_change")
 TOP_LEVEL = ("run_id", "on_error")
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "factors": FactorConfig,
              "scoring": ScoringConfig, "resources": ResourceConfig}

@@ -48,6 +48,7 @@ lambda_samples = 4                # label draws per position for the eigenvalue 
 seed = 0                          # seed of the sample and of the sampled labels
 blocks = 1                        # block-diagonal blocks per factor (more: less memory, coarser)
 unit_sequences = 256              # sequences per unit of work
+refit = "on_corpus_change"        # or "on_settings_change": keep the factors when shards are added
 
 [scoring]
 top_k = 10                        # sequences kept per query and side (top and bottom)
