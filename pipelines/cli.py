@@ -132,8 +132,9 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
     if name == "build-queries":
         return f"{info.get('queries')} queries, rank {info.get('rank') or 'dense'}"
     if name == "score":
-        return (f"{info['shards']} shards: {info['scored']} scored, {info['skipped']} skipped, {info['failed']} "
-                f"failed; {info['sequences']} sequences, {info['tokens']} tokens")
+        units = info.get("units_total", info["shards"])
+        return (f"{info['shards']} shards, {units} units: {info['scored']} scored, {info['skipped']} skipped, "
+                f"{info['failed']} failed; {info['sequences']} sequences, {info['tokens']} tokens")
     if name == "merge":
         return f"{info.get('queries')} queries, {info.get('rows')} top-k rows"
     return ""
@@ -200,7 +201,7 @@ for _stage, _help in (
     ("tokenize", "Raw text (data.raw) -> training shards (data.corpus)."),
     ("fit-factors", "Corpus sample -> EK-FAC factors (<output>/factors)."),
     ("build-queries", "Queries file -> preconditioned queries (<output>/queries)."),
-    ("score", "Every shard -> per-shard top-k and bottom-k (<output>/scores)."),
+    ("score", "Every unit (row groups of a shard) -> its top-k and bottom-k (<output>/scores)."),
     ("merge", "scores/ -> global top-k (<output>/topk) and per-token scores (<output>/token_scores)."),
 ):
     _stage_command(_stage, _help)

@@ -187,7 +187,7 @@ def unit_rows_label(unit: dict[str, Any], failure: dict[str, Any] | None) -> str
     """The rows a failed unit leaves out, for the errors/ table: "all" (a whole shard) or "first-last" file rows."""
     if failure is None:
         return ""
-    if unit.get("groups") is None or int(unit.get("rows", -1)) < 0:
+    if unit.get("whole", True) or unit.get("groups") is None or int(unit.get("rows", -1)) < 0:
         return "all"
     lo = int(unit["first_row"])
     return f"{lo}-{lo + int(unit['rows']) - 1}"

@@ -65,6 +65,7 @@ class Unit:
     missing: list[str] = field(default_factory=list)  # current query ids no file holds
     done_rows: int = 0  # from the kept files' footers: rows of the unit, and sequences scored
     done_sequences: int = 0
+    whole: bool = True  # the unit is the whole shard
 
     def output(self, scores_dir: str, all_queries: list[str], query_keys: dict[str, str]) -> str:
         """The score file for the unit's missing queries."""
@@ -79,7 +80,7 @@ class Unit:
                 "first_row": self.first_row, "rows": self.rows, "key": self.key,
                 "output": self.output(scores_dir, all_queries, query_keys),
                 "queries": [[q, query_keys[q]] for q in self.missing],
-                "all_queries": self.missing == all_queries}
+                "all_queries": self.missing == all_queries, "whole": self.whole}
 
 
 def unit_key(cfg: JobConfig, shard: tuple[str, int], groups: tuple[int, int] | None) -> str:
@@ -196,6 +197,7 @@ def plan(cfg: JobConfig, query_keys: dict[str, str], clean: bool = True) -> Plan
             have = {q for f in files for q, _ in f["queries"]}
             unit = Unit(shard, unit_name(base, g, len(groups)), unit_key(cfg, (shard, size), g), g, starts[g[0]],
                         starts[g[1]] - starts[g[0]], [f["url"] for f in files], [q for q in queries if q not in have])
+            unit.whole = g == (0, len(groups))
             if files:
                 unit.done_rows, unit.done_sequences = files[0]["rows"], files[0]["sequences"]
             units.append(unit)
