@@ -17,7 +17,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from influence_ops import load_queries
 from pipelines import config_from_dict
 from pipelines.run import run_job
 from pipelines.stages.score_plan import split_groups
@@ -152,6 +154,7 @@ def test_new_shard_scores_only_its_units(fitted):
 def test_new_queries_score_only_the_new_queries(fitted):
     out = fresh_output(fitted["out"], fitted["root"] / "out-queries", ("factors", "queries", "scores",
                                                                         "distribution"))
+    old = load_queries(out / "queries")
     queries = fitted["root"] / "queries-more.jsonl"
     text = fitted["queries"].read_text()
     queries.write_text(text + json.dumps({"query_id": "q-bird", "prompt": "a small bird",
@@ -159,7 +162,9 @@ def test_new_queries_score_only_the_new_queries(fitted):
     before = snapshot(out / "scores")
     record = run_job(config_from_dict(job(fitted["world"], fitted["corpus"], out, queries)))
     stage = record["stages"]["score"]
-    assert not record["stages"]["build-queries"]["skipped"] and record["stages"]["fit-factors"]["skipped"]
+    built = record["stages"]["build-queries"]
+    assert not built["skipped"] and built["prepared"] == 1 and built["reused"] == 3
+    assert record["stages"]["fit-factors"]["skipped"]
     assert stage["scored"] == 2 and stage["new_query_units"] == 2 and stage["skipped"] == 0
     after = snapshot(out / "scores")
     assert {k: v for k, v in after.items() if k in before} == before and len(after) == 4
@@ -169,6 +174,10 @@ def test_new_queries_score_only_the_new_queries(fitted):
     run_job(config_from_dict(job(fitted["world"], fitted["corpus"], scratch, queries)))
     assert tables(out) == tables(scratch)
     assert {r["query_id"] for r in tables(out)["topk"]} == {"q-cat", "q-fish", "q-dog", "q-bird"}
+    grown = load_queries(out / "queries")  # the old queries' gradients were kept as they were
+    assert grown.query_ids == old.query_ids + ["q-bird"]
+    for name, q in old.layers.items():
+        assert torch.equal(grown.layers[name].to_dense()[:3], q.to_dense())
 
 
 def test_failed_unit_is_skipped_and_its_rows_counted(fitted):

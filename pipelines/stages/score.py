@@ -55,6 +55,7 @@ from ..runtime.failures import FailureLog, StageFailed, guard
 from ..runtime.batching import prefetch, token_batches
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
+from .build_queries import QUERY_KEYS
 from .distribution import ScoreHistogram, distribution_url
 from .score_plan import GROUPS, KEY, QUERIES, ROWS, SEQUENCES, SHARD, plan
 from .self_influence import SelfInfluenceRows, self_influence_url
@@ -62,7 +63,6 @@ from .self_influence import SelfInfluenceRows, self_influence_url
 SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64()),
                           ("score_normalized", pa.float64()), ("sign", pa.string()), ("shard_rank", pa.int32()),
                           ("shard", pa.string())])
-QUERY_KEYS = "query_keys.json"  # in queries/: query_id -> query key (build_queries.query_keys)
 
 
 def topk_rows(acc: TopKAccumulator, query_ids: list[str], factor_tokens: int, shard: str) -> pa.Table:
