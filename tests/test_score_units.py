@@ -196,3 +196,41 @@ def test_failed_unit_is_skipped_and_its_rows_counted(fitted):
     assert record["stages"]["merge"]["units_without_scores"] == 0
     again = run_job(config_from_dict(spec), stages=("score", "merge"))["stages"]["score"]
     assert again["scored"] == 0 and again["failed"] == 1 and again["skipped"] == 7  # only the failed unit again
+
+
+def test_plan_reuses_finished_ranges_and_removes_stale_files(tmp_path):
+    """unit_rows is a performance setting: finished ranges stay; gaps get new units; foreign files go."""
+    from pipelines.io import completion, storage
+    from pipelines.stages.score_plan import GROUPS, KEY, QUERIES, SHARD, plan, unit_key
+
+    corpus = tmp_path / "shards"
+    corpus.mkdir()
+    write_shard(corpus / "a.parquet", "a", 32, 50, seed=1)  # 8 row groups of 4 rows
+    cfg = config_from_dict({"model": {"path": str(tmp_path)}, "data": {"corpus": str(corpus), "queries": "q.jsonl",
+                                                                       "output": str(tmp_path / "out")},
+                            "scoring": {"unit_rows": 8}})
+    shard = str(corpus / "a.parquet")
+    (fingerprint,) = completion.shard_fingerprints([shard])
+    keys = {"q1": "k1", "q2": "k2"}
+
+    def scores_file(name: str, groups: tuple[int, int], queries: dict[str, str]) -> None:
+        meta = {KEY: unit_key(cfg, fingerprint, groups), SHARD: shard, GROUPS: json.dumps(list(groups)),
+                QUERIES: json.dumps(list(queries.items()))}
+        storage.write_parquet(str(tmp_path / "out" / "scores" / f"{name}.parquet"),
+                              pa.table({"x": [1]}).replace_schema_metadata(meta))
+
+    scores_file("a.rg00000-00003", (0, 4), keys)  # cut with unit_rows = 16 by an earlier run
+    scores_file("a.rg00004-00004", (4, 5), {"q1": "k1"})  # only q1 there
+    scores_file("a.rg00004-00005", (4, 6), keys)  # overlaps the range above: not kept
+    scores_file("a.rg00006-00007", (6, 8), {"q1": "old"})  # a changed query: stale
+    (tmp_path / "out" / "scores" / "old-shard.parquet").write_bytes(b"x")  # a removed shard's file
+    p = plan(cfg, keys)
+    got = [(u.groups, u.missing, len(u.files)) for u in p.units]
+    assert got == [((0, 4), [], 1), ((4, 5), ["q2"], 1), ((5, 7), ["q1", "q2"], 0), ((7, 8), ["q1", "q2"], 0)]
+    assert sorted(Path(u).name for u in p.removed) == ["a.rg00004-00005.parquet", "a.rg00006-00007.parquet",
+                                                         "old-shard.parquet"]
+    assert sorted(f.name for f in (tmp_path / "out" / "scores").iterdir()) == ["a.rg00000-00003.parquet",
+                                                                                "a.rg00004-00004.parquet"]
+    todo = p.units[1].task(p.scores_dir, p.queries, p.query_keys)
+    assert todo["queries"] == [["q2", "k2"]] and not todo["all_queries"] and ".q" in todo["output"]
+    assert [u.rows for u in p.units] == [16, 4, 8, 4] and [u.first_row for u in p.units] == [0, 16, 20, 28]
