@@ -37,7 +37,7 @@ def write_shard(path: Path, prefix: str, rows: int, vocab: int, seed: int, bad_r
     pq.write_table(table, path, row_group_size=ROWS_PER_GROUP)
 
 
-def job(world: Path, corpus: Path, output: Path, queries: Path, **scoring) -> dict:
+def job(world: Path, corpus: Path, output: Path, queries: Path, actors: int = 2, **scoring) -> dict:
     return {
         "run_id": "units",
         "model": {"path": str(world / "model"), "dtype": "float64"},
@@ -46,7 +46,7 @@ def job(world: Path, corpus: Path, output: Path, queries: Path, **scoring) -> di
                     "refit": "on_settings_change"},
         "scoring": {"top_k": 3, "rank": 0, "per_token": False, "query_precision": "float64", "unit_rows": 1000,
                     **scoring},
-        "resources": {"actors": 4, "batch_size": 1, "cpus_per_actor": 0.25},
+        "resources": {"actors": actors, "batch_size": 1, "cpus_per_actor": 0.25},
     }
 
 
@@ -94,12 +94,24 @@ def test_split_groups_closes_units_at_unit_rows():
 
 
 def test_units_spread_two_shards_over_four_actors(fitted):
-    """Units of 2 row groups: 8 units over 4 actors, every actor busy, the tables those of whole-shard units."""
+    """Units of 2 row groups: 8 units over 4 actors, every actor busy, the tables those of whole-shard units.
+
+    Ray Data hands units to actors as they come up; here a unit takes milliseconds and an actor
+    seconds to start on 2 busy cores, so the pool is told to wait for its 4 actors first (as
+    when units are long next to an actor's start, the case units finer than a shard are for).
+    """
+    from pipelines.runtime.ray_runtime import data_context
+
     whole = fitted["record"]["stages"]["score"]
     assert whole["units_total"] == 2 and whole["scored"] == 2 and whole["rows"]["scored"] == 64
     out = fresh_output(fitted["out"], fitted["root"] / "out-units", ("factors", "queries"))
-    record = run_job(config_from_dict(job(fitted["world"], fitted["corpus"], out, fitted["queries"],
-                                          unit_rows=2 * ROWS_PER_GROUP)))
+    ctx = data_context()
+    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 600
+    try:
+        record = run_job(config_from_dict(job(fitted["world"], fitted["corpus"], out, fitted["queries"], actors=4,
+                                              unit_rows=2 * ROWS_PER_GROUP)))
+    finally:
+        ctx.wait_for_min_actors_s = saved
     stage = record["stages"]["score"]
     assert stage["units_total"] == 8 and stage["scored"] == 8 and stage["failed"] == 0
     assert stage["rows"] == {"rows": 64, "scored": 64, "skipped": 0, "unreadable_shards": 0}
