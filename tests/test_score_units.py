@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 -- pa.compute
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -45,6 +46,7 @@ def job(world: Path, corpus: Path, output: Path, queries: Path, actors: int = 2,
         "factors": {"fisher": "empirical", "sample_sequences": 24, "seed": 7, "unit_sequences": 12,
                     "refit": "on_settings_change"},
         "scoring": {"top_k": 3, "rank": 0, "per_token": False, "query_precision": "float64", "unit_rows": 1000,
+                    "self_influence": True,
                     **scoring},
         "resources": {"actors": actors, "batch_size": 1, "cpus_per_actor": 0.25},
     }
@@ -137,6 +139,13 @@ def test_units_spread_two_shards_over_four_actors(fitted):
     names = sorted(p.name for p in (out / "scores").glob("*.parquet"))
     assert names[:2] == ["a.rg00000-00001.parquet", "a.rg00002-00003.parquet"] and len(names) == 8
     assert tables(out) == fitted["tables"]
+    for name in ("self_influence", "distribution"):  # every row once, whatever the units
+        got, want = (pads.dataset(str(o / name)).to_table() for o in (out, fitted["out"]))
+        if name == "self_influence":
+            assert sorted(got.to_pylist(), key=str) == sorted(want.to_pylist(), key=str) and got.num_rows == 64
+        else:
+            assert pa.compute.sum(got.column("sequences")).as_py() == 64 * 3 == \
+                pa.compute.sum(want.column("sequences")).as_py()
 
 
 def test_performance_settings_keep_factors_and_scores(fitted):
