@@ -31,7 +31,7 @@ from .runtime.failures import StageFailed, errors_table
 from .stages.build_queries import build_queries
 from .stages.fit_factors import fit_factors
 from .stages.merge import merge
-from .stages.score import score, score_outputs
+from .stages.score import current_score_files, score
 from .stages.tokenize import tokenize
 from .validate import preflight, preflight_corpus
 
@@ -124,7 +124,7 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
             if "score" in stages:
                 outputs, pending = scored["outputs"], 0
             else:
-                outputs, pending = score_outputs(cfg, record["queries_hash"])
+                outputs, pending = current_score_files(cfg, record["queries_hash"])
             ran("merge", merge(cfg, outputs, show_progress, pending))
         record["status"] = "ok"
     except BaseException as err:

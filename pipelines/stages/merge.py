@@ -108,7 +108,7 @@ def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False,
           units_without_scores: int = 0) -> dict[str, Any]:
     """Write topk/, layer_scores/ and (when asked) token_scores/; skipped when all are complete for these inputs.
 
-    ``score_files``: the current score files (``score.score_outputs``); ``units_without_scores``: units
+    ``score_files``: the current score files (``score.current_score_files``); ``units_without_scores``: units
     that miss some queries' scores (an error unless ``on_error = "skip"`` left them out).
     """
     from .token_scores import write_token_scores

@@ -279,7 +279,7 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     return summary
 
 
-def score_outputs(cfg: JobConfig, queries_digest: str) -> tuple[list[str], int]:
+def current_score_files(cfg: JobConfig, queries_digest: str) -> tuple[list[str], int]:
     """The current score files (the merge's inputs) and the number of units that still miss queries."""
     p = plan(cfg, current_query_keys(cfg, queries_digest), clean=False)
     return sorted(p.files()), len(p.todo)
