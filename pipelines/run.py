@@ -122,10 +122,10 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
             record["counts"] = {k: scored[k] for k in ("scored", "skipped", "failed", "sequences", "tokens", "rows")}
         if "merge" in stages:
             if "score" in stages:
-                outputs, pending = scored["outputs"], 0
+                outputs, pending, unreadable = scored["outputs"], 0, []
             else:
-                outputs, pending = current_score_files(cfg, record["queries_hash"])
-            ran("merge", merge(cfg, outputs, show_progress, pending))
+                outputs, pending, unreadable = current_score_files(cfg, record["queries_hash"])
+            ran("merge", merge(cfg, outputs, show_progress, pending, unreadable))
         record["status"] = "ok"
     except BaseException as err:
         failed = err

@@ -105,17 +105,20 @@ def partition(output: str, table: str, query_id: str) -> str:
 
 
 def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False,
-          units_without_scores: int = 0) -> dict[str, Any]:
+          units_without_scores: int = 0, unreadable: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Write topk/, layer_scores/ and (when asked) token_scores/; skipped when all are complete for these inputs.
 
     ``score_files``: the current score files (``score.current_score_files``); ``units_without_scores``: units
-    that miss some queries' scores (an error unless ``on_error = "skip"`` left them out).
+    that miss some queries' scores (an error unless ``on_error = "skip"`` left them out); ``unreadable``:
+    score files whose footer does not read (named in that error).
     """
     from .token_scores import write_token_scores
 
     start = time.perf_counter()
     missing = [u for u in score_files if not storage.exists(u)]
     if (missing or units_without_scores) and (cfg.on_error != "skip" or len(missing) == len(score_files)):
+        if unreadable:
+            raise ValueError(f"{unreadable[0]}: not a readable Parquet file (run `score` to write it again)")
         what = f"e.g. {missing[0]}" if missing else f"{units_without_scores} units miss some queries"
         raise FileNotFoundError(f"score files are missing (run `score` first): {what}")
     gone = set(missing)

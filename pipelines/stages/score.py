@@ -206,7 +206,10 @@ def current_query_keys(cfg: JobConfig, queries_digest: str) -> dict[str, str]:
     keys = storage.read_json(storage.join(folder, QUERY_KEYS))
     if keys:
         return dict(keys["queries"])
-    ids = storage.read_parquet(storage.join(folder, "queries.parquet"), columns=["query_id"]).column(0).to_pylist()
+    table = storage.join(folder, "queries.parquet")
+    if not storage.exists(table):
+        raise ValueError(f"{table} is missing: run `build-queries` first")
+    ids = storage.read_parquet(table, columns=["query_id"]).column(0).to_pylist()
     return {q: completion.inputs_key("query", queries_digest, q) for q in ids}
 
 
@@ -279,7 +282,8 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     return summary
 
 
-def current_score_files(cfg: JobConfig, queries_digest: str) -> tuple[list[str], int]:
-    """The current score files (the merge's inputs) and the number of units that still miss queries."""
+def current_score_files(cfg: JobConfig, queries_digest: str) -> tuple[list[str], int, list[str]]:
+    """The current score files (the merge's inputs), the number of units that still miss queries, and the
+    score files whose footer does not read."""
     p = plan(cfg, current_query_keys(cfg, queries_digest), clean=False)
-    return sorted(p.files()), len(p.todo)
+    return sorted(p.files()), len(p.todo), p.unreadable

@@ -123,6 +123,7 @@ class Plan:
     scores_dir: str
     unit_rows: int
     removed: list[str]
+    unreadable: list[str] = field(default_factory=list)  # score files whose footer did not read (truncated)
 
     @property
     def todo(self) -> list[Unit]:
@@ -132,11 +133,16 @@ class Plan:
         return [f for u in self.units for f in u.files]
 
 
-def _existing(scores_dir: str) -> dict[str, list[dict[str, Any]]]:
-    """Readable footers of the score files already written, by shard: {url, key, groups, queries, rows, sequences}."""
+def _existing(scores_dir: str, unreadable: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Readable footers of the score files already written, by shard: {url, key, groups, queries, rows, sequences}.
+
+    Files whose footer does not read are appended to ``unreadable``.
+    """
     found: dict[str, list[dict[str, Any]]] = {}
     for url in storage.list_files(scores_dir, suffix=".parquet"):
         meta = storage.footer_metadata(url)
+        if meta is None:
+            unreadable.append(url)
         if meta is None or not {SHARD, GROUPS, QUERIES} <= set(meta):
             continue  # truncated, or written by an older version: stale
         groups = json.loads(meta[GROUPS])
@@ -177,7 +183,8 @@ def plan(cfg: JobConfig, query_keys: dict[str, str], clean: bool = True) -> Plan
             sizes[shard] = None
     total = sum(sum(s) for s in sizes.values() if s is not None)
     unit_rows = cfg.scoring.unit_rows or auto_unit_rows(total, cfg.resources.actors)
-    existing = _existing(scores_dir)
+    unreadable: list[str] = []
+    existing = _existing(scores_dir, unreadable)
     units: list[Unit] = []
     current = set(query_keys.items())
     for (shard, size), base in zip(completion.shard_fingerprints(shards), names):
@@ -201,7 +208,7 @@ def plan(cfg: JobConfig, query_keys: dict[str, str], clean: bool = True) -> Plan
             if files:
                 unit.done_rows, unit.done_sequences = files[0]["rows"], files[0]["sequences"]
             units.append(unit)
-    p = Plan(units, queries, query_keys, scores_dir, unit_rows, [])
+    p = Plan(units, queries, query_keys, scores_dir, unit_rows, [], unreadable)
     if clean:
         kept = set(p.files())
         p.removed = [u for u in storage.list_files(scores_dir, suffix=".parquet") if u not in kept]
