@@ -112,6 +112,15 @@ class PreconditionedQueries:
                                      self.truncation_error, self.rank, self.fingerprint, self.factor_tokens,
                                      self.damping, self.query_ids, self.self_influence)
 
+    def select(self, index: list[int]) -> PreconditionedQueries:
+        """The queries at positions ``index`` (in that order): every [Q, ...] tensor indexed on its first axis."""
+        i = torch.as_tensor(index, dtype=torch.long)
+        pick = (lambda t: None if t is None else t[i])
+        layers = {n: LayerQuery(pick(q.dense), pick(q.left), pick(q.right)) for n, q in self.layers.items()}
+        ids = None if self.query_ids is None else [self.query_ids[j] for j in index]
+        return PreconditionedQueries(layers, self.measurement[i], self.truncation_error[i], self.rank,
+                                     self.fingerprint, self.factor_tokens, self.damping, ids, pick(self.self_influence))
+
     def concat(self, other: PreconditionedQueries) -> PreconditionedQueries:
         """Queries of ``self`` followed by those of ``other`` (same layers, rank and factors)."""
         if self.layer_names != other.layer_names or self.rank != other.rank or self.fingerprint != other.fingerprint:

@@ -132,8 +132,9 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
     if name == "build-queries":
         return f"{info.get('queries')} queries, rank {info.get('rank') or 'dense'}"
     if name == "score":
-        return (f"{info['shards']} shards: {info['scored']} scored, {info['skipped']} skipped, {info['failed']} "
-                f"failed; {info['sequences']} sequences, {info['tokens']} tokens")
+        units = info.get("units_total", info["shards"])
+        return (f"{info['shards']} shards, {units} units: {info['scored']} scored, {info['skipped']} skipped, "
+                f"{info['failed']} failed; {info['sequences']} sequences, {info['tokens']} tokens")
     if name == "index":
         ix = info.get("index") or {}
         return (f"{info['shards']} shards: {info['scored']} built, {info['skipped']} skipped, {info['failed']} "
@@ -208,7 +209,8 @@ for _stage, _help in (
     ("fit-factors", "Corpus sample -> EK-FAC factors (<output>/factors)."),
     ("build-queries", "Queries file -> preconditioned queries (<output>/queries)."),
     ("index", "One pass over the corpus -> compressed gradients of every sequence (<output>/index)."),
-    ("score", "Every shard -> per-shard top-k and bottom-k (<output>/scores); index/tfidf modes: candidates."),
+    ("score", "Every unit (row groups of a shard) -> its top-k and bottom-k (<output>/scores); index/tfidf modes: "
+              "candidates."),
     ("merge", "scores/ -> global top-k (<output>/topk) and per-token scores (<output>/token_scores)."),
 ):
     _stage_command(_stage, _help)

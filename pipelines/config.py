@@ -28,6 +28,8 @@ Sections (every key optional unless marked required)::
                                         # error (stop, naming file and row) | truncate (keep its
                                         # first tokens) | chunk (cut into pieces of the context,
                                         # doc_id "<doc_id>#<piece>"); applied wherever shards are read
+    row_group_rows = 1024               # rows per Parquet row group of the shards `tokenize` writes
+                                        # (the score stage's units are ranges of row groups)
     [factors]
     sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
     fisher = "gaussian"                 # gaussian | sampled | empirical | expected (tiny models only: T x V passes)
@@ -37,6 +39,9 @@ Sections (every key optional unless marked required)::
     seed = 0
     blocks = 1
     unit_sequences = 256                # sequences per unit of work (label draws are seeded per sequence)
+    refit = "on_corpus_change"          # on_corpus_change: refit when the corpus's shards change |
+                                        # on_settings_change: keep fitted factors when shards are added
+                                        # (incremental jobs: new shards are scored with the same factors)
     [scoring]
     top_k = 10
     rank = 32                           # 0 = dense queries (leaving the key out means 32)
@@ -48,6 +53,8 @@ Sections (every key optional unless marked required)::
     query_precision = "float32"         # float32 | float64: precision of query preparation
     query_lowrank = "randomized"        # randomized | exact: SVD of the rank-r queries (in the eigenbasis)
     query_batches_per_unit = 4          # query batches (resources.batch_size each) per actor unit of build-queries
+    unit_rows = 0                       # rows per score unit (whole row groups; 0 = auto: whole shards up
+                                        # to 4096 rows, else about 4 units per actor over the corpus)
     mode = "scan"                       # scan (score every sequence) | index (influence index, then exact
                                         # re-scoring of candidates) | tfidf (TF-IDF candidates, re-scored)
     candidates = 100                    # index / tfidf: candidates per query and side, re-scored exactly
@@ -204,12 +211,14 @@ class DataConfig:
     text_column: str = "text"
     id_column: str = "id"
     too_long: TooLong = TooLong.ERROR
+    row_group_rows: int = 1024
 
     def __post_init__(self) -> None:
         for key in ("corpus", "queries", "output"):
             _check_str(f"data.{key}", getattr(self, key), required=True)
         for key in ("raw", "text_column", "id_column"):
             _check_str(f"data.{key}", getattr(self, key))
+        _check_int("data.row_group_rows", self.row_group_rows, 1)
         object.__setattr__(self, "too_long", _enum("data.too_long", TooLong, self.too_long))
 
 
@@ -224,6 +233,7 @@ class FactorConfig:
     seed: int = 0
     blocks: int = 1
     unit_sequences: int = 256
+    refit: str = "on_corpus_change"
 
     def __post_init__(self) -> None:
         if self.sample_sequences is not None and self.sample_tokens is not None:
@@ -241,6 +251,8 @@ class FactorConfig:
         _check_int("factors.seed", self.seed, 0)
         _check_int("factors.blocks", self.blocks, 1)
         _check_int("factors.unit_sequences", self.unit_sequences, 1)
+        if self.refit not in REFIT:
+            _fail("factors.refit", self.refit, f"must be one of {list(REFIT)}")
 
 
 @dataclass(frozen=True)
@@ -255,6 +267,7 @@ class ScoringConfig:
     query_precision: Precision = Precision.FLOAT32
     query_lowrank: LowRankMethod = LowRankMethod.RANDOMIZED
     query_batches_per_unit: int = 4
+    unit_rows: int = 0
     mode: ScoringMode = ScoringMode.SCAN
     candidates: int = 100
 
@@ -274,6 +287,7 @@ class ScoringConfig:
         object.__setattr__(self, "query_precision", _enum("scoring.query_precision", Precision, self.query_precision))
         object.__setattr__(self, "query_lowrank", _enum("scoring.query_lowrank", LowRankMethod, self.query_lowrank))
         _check_int("scoring.query_batches_per_unit", self.query_batches_per_unit, 1)
+        _check_int("scoring.unit_rows", self.unit_rows, 0)
         object.__setattr__(self, "mode", _enum("scoring.mode", ScoringMode, self.mode))
         _check_int("scoring.candidates", self.candidates, 1)
 
@@ -361,6 +375,7 @@ class JobConfig:
 
 
 ON_ERROR = ("fail", "skip")
+REFIT = ("on_corpus_change", "on_settings_change")
 TOP_LEVEL = ("run_id", "on_error")
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "factors": FactorConfig,
              "scoring": ScoringConfig, "index": IndexConfig, "resources": ResourceConfig}

@@ -36,6 +36,7 @@ queries = "queries.jsonl"         # required: JSONL or Parquet, one query a row:
                                   # prompt_ids + completion_ids
 output = "output"                 # required: folder of every result (factors, queries, scores, tables)
 too_long = "error"                # a shard sequence longer than the model's context: error | truncate | chunk
+row_group_rows = 1024             # rows per Parquet row group of the shards `tokenize` writes
 
 [factors]
 # sample_sequences = 1000         # sequences the factors are fitted on; default: the whole corpus
@@ -47,6 +48,7 @@ lambda_samples = 4                # label draws per position for the eigenvalue 
 seed = 0                          # seed of the sample and of the sampled labels
 blocks = 1                        # block-diagonal blocks per factor (more: less memory, coarser)
 unit_sequences = 256              # sequences per unit of work
+refit = "on_corpus_change"        # or "on_settings_change": keep the factors when shards are added
 
 [scoring]
 top_k = 10                        # sequences kept per query and side (top and bottom)
@@ -59,6 +61,7 @@ self_influence = false            # write self_influence/ (every scored sequence
 query_precision = "float32"       # float32 | float64: precision of query preparation
 query_lowrank = "randomized"      # randomized | exact: the rank-r SVD of the queries
 query_batches_per_unit = 4        # build-queries: query batches (batch_size each) per actor unit
+unit_rows = 0                     # rows per score unit (whole row groups); 0 = auto
 mode = "scan"                     # scan: score every sequence | index: the influence index finds candidates,
                                   # re-scored exactly | tfidf: TF-IDF finds them (README "Choosing a scoring mode")
 candidates = 100                  # index / tfidf: candidates per query and side re-scored exactly

@@ -30,7 +30,6 @@ from .errors import UserError
 from .io import storage
 from .io.model_source import check_model_folder, check_tokenizer
 from .io.completion import digest_of
-from .io.shards import list_shards
 from .runtime.failures import StageFailed, errors_table
 from .stages.build_queries import build_queries
 from .stages.candidates import find_candidates, load_candidates
@@ -38,7 +37,7 @@ from .stages.index_build import build_index
 from .stages.fit_factors import fit_factors
 from .stages.merge import merge
 from .stages.rescore import rescore
-from .stages.score import score, score_outputs
+from .stages.score import current_score_files, score
 from .stages.tokenize import tokenize
 from .validate import preflight, preflight_corpus
 
@@ -135,8 +134,11 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
         elif "score" in stages:
             ran("candidates", find_candidates(cfg))
         if "merge" in stages and scan:
-            outputs = score_outputs(cfg, list_shards(cfg.data.corpus))
-            ran("merge", merge(cfg, outputs, show_progress))
+            if "score" in stages:
+                outputs, pending, unreadable = scored["outputs"], 0, []
+            else:
+                outputs, pending, unreadable = current_score_files(cfg, record["queries_hash"])
+            ran("merge", merge(cfg, outputs, show_progress, pending, unreadable))
         elif "merge" in stages:
             ran("merge", rescore(cfg, load_candidates(cfg), record["queries_hash"], show_progress))
         record["status"] = "ok"

@@ -236,6 +236,7 @@ def test_truncated_scores_file_is_named(tmp_path, tiny_world, no_ray):
     for stage in ("factors", "queries"):  # complete (as far as `merge` looks)
         (tmp_path / "out" / stage).mkdir(parents=True)
         (tmp_path / "out" / stage / "_pipeline.json").write_text(json.dumps({"key": "k", "digest": "d"}))
+    pq.write_table(pa.table({"query_id": ["q"]}), tmp_path / "out" / "queries" / "queries.parquet")
     scores = tmp_path / "out" / "scores"
     scores.mkdir(parents=True)
     (scores / "s0.parquet").write_bytes(b"PAR1 truncated")

@@ -161,16 +161,25 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
 
 
 def iter_shard(shard: str, vocab_size: int | None, rows_per_read: int = 4096, context: int | None = None,
-               too_long: TooLong | str = TooLong.ERROR) -> Iterator[Sequences]:
-    """Stream a shard in checked pieces of at most ``rows_per_read`` file rows (memory stays bounded)."""
+               too_long: TooLong | str = TooLong.ERROR,
+               row_groups: tuple[int, int] | None = None) -> Iterator[Sequences]:
+    """Stream a shard in checked pieces of at most ``rows_per_read`` file rows (memory stays bounded).
+
+    ``row_groups``: only the row groups [lo, hi) (row numbers stay those of the file; doc_ids are
+    checked unique within the range); None: the whole shard.
+    """
     fs, path = storage.filesystem(shard)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         check_schema(shard, pf.schema_arrow)
         cols = [c for c in SHARD_COLUMNS if c in pf.schema_arrow.names]
         seen: set[str] = set()
-        row = 0
-        for batch in pf.iter_batches(batch_size=rows_per_read, columns=cols):
+        lo, hi = (0, pf.num_row_groups) if row_groups is None else row_groups
+        if not 0 <= lo <= hi <= pf.num_row_groups:
+            raise ShardError(shard, None, None, f"row groups {lo}-{hi} asked, the file has {pf.num_row_groups} "
+                             "(was it replaced while the job ran?)")
+        row = sum(pf.metadata.row_group(i).num_rows for i in range(lo))
+        for batch in pf.iter_batches(batch_size=rows_per_read, columns=cols, row_groups=list(range(lo, hi))):
             yield check_batch(shard, batch, row, vocab_size, seen, context, too_long)
             row += batch.num_rows
 
@@ -180,10 +189,14 @@ def read_rows(shard: str, rows: np.ndarray | None, vocab_size: int | None,
               too_long: TooLong | str = TooLong.ERROR) -> Sequences:
     """Checked rows of a shard selected by row number or by doc_id (all rows if both are None).
 
-    With ``too_long = "chunk"``, ``doc_ids`` selects pieces by their piece ids.
+    With ``too_long = "chunk"``, ``doc_ids`` selects pieces by their piece ids. Selected by doc_id, only the
+    row groups holding them are read (``groups_holding``): doc_ids are then checked unique within each group.
     """
     parts = []
-    for piece in iter_shard(shard, vocab_size, context=context, too_long=too_long):
+    ranges = [None] if doc_ids is None else [(g, g + 1) for g in groups_holding(shard, doc_ids)]
+    pieces = (p for r in ranges for p in iter_shard(shard, vocab_size, context=context, too_long=too_long,
+                                                    row_groups=r))
+    for piece in pieces:
         if rows is not None:
             keep = np.flatnonzero(np.isin(piece.rows, rows))
         elif doc_ids is not None:
@@ -197,6 +210,28 @@ def read_rows(shard: str, rows: np.ndarray | None, vocab_size: int | None,
     masks = None if any(p.loss_masks is None for p in parts) else [m for p in parts for m in p.loss_masks]
     return Sequences([d for p in parts for d in p.doc_ids], [x for p in parts for x in p.input_ids], masks,
                      np.concatenate([p.rows for p in parts]))
+
+
+def groups_holding(shard: str, doc_ids: set[str]) -> list[int]:
+    """The row groups of a shard holding any of ``doc_ids`` (or a piece ``"<doc_id>#<n>"`` of one), from the
+    doc_id column alone: the other row groups are never read or checked (a unit that failed stays out)."""
+    wanted = set(doc_ids) | {d.rsplit("#", 1)[0] for d in doc_ids}
+    fs, path = storage.filesystem(shard)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        check_schema(shard, pf.schema_arrow)
+        return [g for g in range(pf.num_row_groups)
+                if any(d in wanted for d in pf.read_row_group(g, columns=["doc_id"]).column(0).to_pylist())]
+
+
+def row_group_rows(shard: str) -> list[int]:
+    """Rows of each row group of a shard, from its Parquet footer."""
+    def read() -> list[int]:
+        fs, path = storage.filesystem(shard)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return storage.retry(shard, "footer read", read)
 
 
 def row_counts(shards: list[str]) -> list[int]:

@@ -195,9 +195,10 @@ def write_json(url: str, payload: dict[str, Any]) -> None:
     write_bytes(url, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
-def write_parquet(url: str, table: pa.Table) -> None:
+def write_parquet(url: str, table: pa.Table, row_group_rows: int | None = None) -> None:
+    """Write ``table`` atomically (zstd); ``row_group_rows``: rows per row group (default: pyarrow's)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows)
     write_bytes(url, buf.getvalue())
 
 

@@ -19,7 +19,11 @@ Output folder ``<output>/queries``: ``queries.safetensors`` + ``queries.json``
 (``influence_ops.save_queries``) and ``queries.parquet``: query_id, prompt,
 completion, prompt_ids, completion_ids, measurement (log p(completion | prompt)),
 truncation_error (per tracked layer, relative Frobenius error of the rank-r
-truncation; 0 for dense), truncation_error_max, prompt_tokens_dropped.
+truncation; 0 for dense), truncation_error_max, prompt_tokens_dropped; and ``query_keys.json``: each
+query's own key (``query_keys``), so that adding queries leaves the scores of
+the others current. A query whose key is unchanged since the last complete
+build keeps its preconditioned gradient as it was (only new or changed queries
+are prepared: ``reusable``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ from ..runtime.accounting import UnitLog
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 
+QUERY_KEYS = "query_keys.json"  # query_id -> query key (``query_keys``)
+
+
 @dataclass
 class QueryRows:
     ids: list[str]
@@ -82,6 +89,36 @@ def queries_key(cfg: JobConfig, factors_digest: str) -> str:
     return completion.inputs_key("queries", cfg.model.__dict__, factors_digest, storage.file_digest(cfg.data.queries),
                                  cfg.scoring.rank, cfg.factors.damping, cfg.scoring.query_precision.value,
                                  cfg.scoring.query_lowrank.value)
+
+
+def query_keys(cfg: JobConfig, factors_digest: str, rows: QueryRows) -> dict[str, str]:
+    """query_id -> the key of that query's preconditioned gradient (its tokens, model, factors, rank, damping,
+    precision and low-rank method; not the other queries, not batch sizes): the score stage reuses a query's
+    scores while its key stays the same (``score_plan.py``)."""
+    common = (cfg.model.__dict__, factors_digest, cfg.scoring.rank, cfg.factors.damping,
+              cfg.scoring.query_precision.value, cfg.scoring.query_lowrank.value)
+    return {q: completion.inputs_key("query", *common, q, p, c)
+            for q, p, c in zip(rows.ids, rows.prompt_ids, rows.completion_ids)}
+
+
+def reusable(folder: str, keys: dict[str, str]) -> tuple[PreconditionedQueries | None, dict[str, int]]:
+    """The queries of a complete earlier ``queries/`` folder, and the position there of each query whose key
+    is still current (its preconditioned gradient is reused as it is)."""
+    marker = storage.read_json(storage.join(folder, completion.MARKER)) if storage.exists(folder) else None
+    old_keys = storage.read_json(storage.join(folder, QUERY_KEYS)) if marker else None
+    if not marker or not old_keys or completion.completed(folder, marker.get("key", "")) is None:
+        return None, {}
+    current = {q: k for q, k in old_keys["queries"] if keys.get(q) == k}
+    if not current:
+        return None, {}
+    old = load_queries(storage.local_copy(folder))
+    return old, {q: i for i, q in enumerate(old.query_ids or []) if q in current}
+
+
+def subset(rows: QueryRows, index: list[int]) -> QueryRows:
+    pick = (lambda xs: [xs[i] for i in index])
+    return QueryRows(pick(rows.ids), pick(rows.prompts), pick(rows.completions), pick(rows.prompt_ids),
+                     pick(rows.completion_ids), pick(rows.dropped))
 
 
 def query_prep(cfg: JobConfig) -> QueryPrep:
@@ -166,7 +203,16 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
     tokenizer = load_tokenizer(cfg.model) if has_tokenizer(cfg.model) else None
     rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
     del loaded
-    pq, actors = prepare_on_actors(cfg, rows, show_progress)
+    keys = query_keys(cfg, factors_digest, rows)
+    kept, index = reusable(out, keys)
+    new = [i for i, q in enumerate(rows.ids) if q not in index]
+    actors: dict[str, Any] = {"units": 0, "actor_seconds": 0.0, "unit_log": None}
+    pq = None if kept is None else kept.select([index[q] for q in rows.ids if q in index])
+    if new:
+        fresh, actors = prepare_on_actors(cfg, subset(rows, new), show_progress)
+        pq = fresh if pq is None else pq.concat(fresh)
+    order = {q: i for i, q in enumerate(pq.query_ids)}
+    pq = pq.select([order[q] for q in rows.ids])  # the queries file's order
     table = pa.table({
         "query_id": pa.array(rows.ids, pa.string()),
         "prompt": pa.array(rows.prompts, pa.string()),
@@ -178,11 +224,13 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
         "truncation_error_max": pa.array(pq.truncation_error.max(dim=1).values.numpy(), pa.float64()),
         "prompt_tokens_dropped": pa.array(rows.dropped, pa.int32()),
     })
+    completion.invalidate(out)  # from here on the folder is not a complete earlier build (``reusable``)
     with tempfile.TemporaryDirectory() as tmp:
         save_queries(pq, tmp)
         storage.upload_dir(tmp, out, last=("queries.json",))
     storage.write_parquet(storage.join(out, "queries.parquet"), table)
-    info = {"queries": len(rows.ids), "rank": pq.rank, "factor_tokens": pq.factor_tokens,
+    storage.write_json(storage.join(out, QUERY_KEYS), {"queries": list(keys.items())})
+    info = {"queries": len(rows.ids), "prepared": len(new), "reused": len(rows.ids) - len(new), "rank": pq.rank, "factor_tokens": pq.factor_tokens,
             "precision": cfg.scoring.query_precision.value, "lowrank": cfg.scoring.query_lowrank.value,
             "units": actors["units"], "actor_seconds": actors["actor_seconds"], "placement": actors["unit_log"],
             "seconds": round(time.perf_counter() - start, 3)}

@@ -160,9 +160,15 @@ class LambdaWorker(_FitWorker):
 
 def factors_key(cfg: JobConfig, shards: list[str]) -> str:
     """What the factors depend on. Not the batch size (label draws are seeded per sequence:
-    ``sequence_seed``) nor any other performance setting (actors, threads, sort window)."""
+    ``sequence_seed``) nor any other performance setting (actors, threads, sort window). With
+    ``factors.refit = "on_settings_change"`` not the shards either: factors fitted once stay
+    current when shards are added or replaced (an incremental job scores only the new shards)."""
     too_long = () if cfg.data.too_long.value == "error" else (cfg.data.too_long.value,)
-    return completion.inputs_key("factors-v2", cfg.model.__dict__, model_identity(cfg.model), cfg.factors.__dict__,
+    settings = {k: v for k, v in cfg.factors.__dict__.items() if k != "refit"}
+    if cfg.factors.refit == "on_settings_change":
+        return completion.inputs_key("factors-pinned", cfg.model.__dict__, model_identity(cfg.model), settings,
+                                     *too_long)
+    return completion.inputs_key("factors-v2", cfg.model.__dict__, model_identity(cfg.model), settings,
                                  completion.shard_fingerprints(shards), *too_long)
 
 
@@ -283,7 +289,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value,
             "samples": f.fisher_samples}
     accounting: dict[str, Any] = {}
-    stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, key, cfg, cluster, show_progress, failures)
+    unit_key = completion.inputs_key(key, completion.shard_fingerprints(shards))  # partials: this corpus only
+    stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, unit_key, cfg, cluster, show_progress, failures)
     accounting["stage1"] = stage1.pop("units")
     fitted = [u for u in units if u.index not in stage1["failed"]]
     if not fitted:
@@ -291,7 +298,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     layers = _layer_names(out, fitted, stage1)
     partials1 = [_partial_url(out, 1, u.index) for u in fitted]
     stage2_urls = [storage.join(out, STAGE2, layer_file(i, n)) for i, (n, _) in enumerate(layers)]
-    key2 = completion.inputs_key(key, [u.index for u in fitted])  # stage 2 and 3 depend on the units fitted
+    key2 = completion.inputs_key(unit_key, [u.index for u in fitted])  # stage 2 and 3 depend on the units fitted
     eig_jobs = [{"name": n, "partials": partials1, "out": url, "blocks": f.blocks, "key": key2}
                 for (n, _), url in zip(layers, stage2_urls) if _current(url, key2) is None]
     eig_rows, accounting["eigh"] = _layer_stage(LayerEigenWorker, eig_jobs, cfg, cluster, use_gpu, "eigh (per layer)",

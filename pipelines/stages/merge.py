@@ -1,8 +1,8 @@
 """`merge`: scores/ -> topk/ (exact global top-k and bottom-k per query), then token_scores/.
 
-The per-shard files are read one at a time and folded into one
+The per-unit files (``score.py``) are read one at a time and folded into one
 ``TopKAccumulator`` per query (memory: queries x k, whatever the corpus size).
-Each shard file holds its shard's top-k and bottom-k, so their union holds the
+Each file holds its unit's top-k and bottom-k for its queries, so their union holds the
 global ones: the result equals scoring every sequence in one process and
 sorting (ties broken by doc_id).
 
@@ -36,7 +36,7 @@ from influence_ops import TopKAccumulator
 
 from ..config import JobConfig
 from ..io import completion, storage
-from .score import KEY
+from .score_plan import KEY, QUERIES
 
 MERGED_SCHEMA = pa.schema([("doc_id", pa.string()), ("score", pa.float64()), ("score_normalized", pa.float64()),
                            ("rank", pa.int32()), ("sign", pa.string()), ("shard", pa.string())])
@@ -106,22 +106,32 @@ def partition(output: str, table: str, query_id: str) -> str:
     return storage.join(output, table, f"query_id={query_id}", "part-0.parquet")
 
 
-def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False) -> dict[str, Any]:
-    """Write topk/, layer_scores/ and (when asked) token_scores/; skipped when all are complete for these inputs."""
+def merge(cfg: JobConfig, score_files: list[str], show_progress: bool = False,
+          units_without_scores: int = 0, unreadable: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Write topk/, layer_scores/ and (when asked) token_scores/; skipped when all are complete for these inputs.
+
+    ``score_files``: the current score files (``score.current_score_files``); ``units_without_scores``: units
+    that miss some queries' scores (an error unless ``on_error = "skip"`` left them out); ``unreadable``:
+    score files whose footer does not read (named in that error).
+    """
     start = time.perf_counter()
     missing = [u for u in score_files if not storage.exists(u)]
-    if missing and (cfg.on_error != "skip" or len(missing) == len(score_files)):
-        raise FileNotFoundError(f"{len(missing)} shard score files are missing (run `score` first), e.g. {missing[0]}")
+    if (missing or units_without_scores) and (cfg.on_error != "skip" or len(missing) == len(score_files)):
+        if unreadable:
+            raise ValueError(f"{unreadable[0]}: not a readable Parquet file (run `score` to write it again)")
+        what = f"e.g. {missing[0]}" if missing else f"{units_without_scores} units miss some queries"
+        raise FileNotFoundError(f"score files are missing (run `score` first): {what}")
     gone = set(missing)
-    score_files = [u for u in score_files if u not in gone]  # on_error = "skip": shards that failed
-    keys = [storage.parquet_metadata(u).get(KEY) for u in score_files]
+    score_files = [u for u in score_files if u not in gone]  # on_error = "skip": units that failed
+    keys = [[storage.parquet_metadata(u).get(k) for k in (KEY, QUERIES)] for u in score_files]
     key = completion.inputs_key("merge-v4", cfg.scoring.top_k, cfg.scoring.per_token, list(zip(score_files, keys)))
     topk_dir = storage.join(cfg.data.output, "topk")
     done = completion.completed(topk_dir, key)
     if done is not None:
         return {**done, "skipped": True}
     merges = merge_scores(score_files, cfg.scoring.top_k)
-    info = {"shards_without_scores": len(missing), "fold_seconds": round(time.perf_counter() - start, 3)}
+    info = {"units_without_scores": len(missing) + units_without_scores,
+            "fold_seconds": round(time.perf_counter() - start, 3)}
     return write_topk(cfg, merges, key, info, None, start, show_progress)
 
 

@@ -9,6 +9,10 @@ the model's context is cut into chunks of at most ``max_length`` tokens
 gets ``doc_id = "<id>:<c>"``, and ``text`` holds the chunk's own characters
 (from the tokenizer's offsets). Chunks of fewer than 2 tokens are dropped
 (nothing in them can be predicted). Other input columns are passed through.
+Shards are written in row groups of ``data.row_group_rows`` rows: the score
+stage's units of work are ranges of row groups (``stages/score_plan.py``), so a
+large shard spreads over many actors. The row-group size is not part of a
+shard's key (changing it rewrites no finished shard).
 A file that fails (unreadable, a missing column, a row that is not text,
 storage errors after retries) follows the job's ``on_error``
 (``runtime/failures.py``): "fail" stops with one line naming the file, "skip"
@@ -55,9 +59,11 @@ def chunk_document(text: str, encoding: Any, max_length: int) -> list[tuple[list
 class Tokenizer:
     """Ray Data callable: ``{"unit": [JSON {input, output}]}`` -> one summary row per file."""
 
-    def __init__(self, model: ModelConfig, max_length: int, text_column: str, id_column: str) -> None:
+    def __init__(self, model: ModelConfig, max_length: int, text_column: str, id_column: str,
+                 row_group_rows: int | None = None) -> None:
         self.tokenizer = load_tokenizer(model)
         self.max_length, self.text_column, self.id_column = max_length, text_column, id_column
+        self.row_group_rows = row_group_rows
 
     def tokenize_file(self, url: str) -> pa.Table:
         table = storage.read_table(url)
@@ -88,7 +94,8 @@ class Tokenizer:
     def tokenize_unit(self, unit: dict[str, str]) -> tuple[int, int]:
         """Tokenize one file and write its shard; returns (sequences, tokens)."""
         table = self.tokenize_file(unit["input"])
-        storage.write_parquet(unit["output"], table.replace_schema_metadata({"influence.key": unit["key"]}))
+        storage.write_parquet(unit["output"], table.replace_schema_metadata({"influence.key": unit["key"]}),
+                              self.row_group_rows)
         return table.num_rows, int(sum(len(x) for x in table.column("input_ids").to_pylist()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -178,7 +185,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             check_raw_columns([u["input"] for u in units], cfg.data.text_column, cfg.data.id_column)
         cluster = ensure_ray(cfg.resources)
         args = {"model": cfg.model, "max_length": max_length, "text_column": cfg.data.text_column,
-                "id_column": cfg.data.id_column}
+                "id_column": cfg.data.id_column, "row_group_rows": cfg.data.row_group_rows}
         with bar(len(units), "tokenize (files)", show_progress) as progress:
             for row in run_units(Tokenizer, args, units, cfg.resources, cluster, progress):
                 if row["error"]:
