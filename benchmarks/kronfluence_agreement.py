@@ -226,7 +226,7 @@ def run_kronfluence(model: nn.Module, module_names: list[str], train_rows, query
     for rank in ranks:
         score_args = ScoreArguments(
             damping_factor=None, per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype,
-            query_gradient_svd_dtype=f64, query_gradient_low_rank=rank or None,
+            query_gradient_svd_dtype=dtype, query_gradient_low_rank=rank or None,
         )
         t1 = time.perf_counter()
         analyzer.compute_pairwise_scores(f"scores_r{rank}", factors_name="ekfac", query_dataset=query_ds,
@@ -312,10 +312,12 @@ def run_model(kind: str, args) -> dict:
     for _ in range(args.repeats):  # alternate the two libraries; report median wall times
         ours, t = run_ours(model, train, queries, args.batch_size, ranks, prep)
         ours_times.append(t)
+        print(f"{kind} ours: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
             kf, t = run_kronfluence(copy.deepcopy(twin), names, train_rows, query_rows, args.batch_size, workdir,
                                     ranks, dtype)
         kf_times.append(t)
+        print(f"{kind} kronfluence: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
     median = (lambda ts: {k: float(np.median([t[k] for t in ts])) for k in ts[0]})
     t_ours, t_kf = median(ours_times), median(kf_times)
     by_rank = {}
