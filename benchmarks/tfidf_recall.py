@@ -62,8 +62,15 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.job)
 
+    cache = Path(args.out).with_suffix(".scan.json")  # the scan is reused by a re-run on the same job
     t0 = time.perf_counter()
-    qids, keys, scores = full_scan(cfg)
+    if cache.exists() and json.loads(cache.read_text())["job"] == args.job:
+        saved = json.loads(cache.read_text())
+        qids, keys, scores = saved["qids"], [tuple(k) for k in saved["keys"]], np.asarray(saved["scores"])
+    else:
+        qids, keys, scores = full_scan(cfg)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"job": args.job, "qids": qids, "keys": keys, "scores": scores.tolist()}))
     scan_s = time.perf_counter() - t0
     result = {"job": args.job, "sequences": len(keys), "queries": len(qids), "k": args.k, "n": args.n,
               "scan_seconds": round(scan_s, 3), "recall": {}, "tfidf_seconds": {}}
@@ -72,7 +79,14 @@ def main() -> None:
     for part in ("all", "completion"):
         tokens = query_tokens(cfg, part)
         t0 = time.perf_counter()
-        cands = tfidf_topn(cfg, {q: tokens[q] for q in qids}, max(args.n))
+        for attempt in range(3):  # a local Ray may fail to start on an overloaded machine: try again
+            try:
+                cands = tfidf_topn(cfg, {q: tokens[q] for q in qids}, max(args.n))
+                break
+            except Exception as err:  # noqa: BLE001  (Ray's start-up timeout is a bare Exception)
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    raise
+                time.sleep(10)
         result["tfidf_seconds"][part] = round(time.perf_counter() - t0, 3)
         for side in args.sides:
             want = scan_top(keys, scores, args.k, side)
