@@ -199,9 +199,10 @@ def make_task(module_names: list[str]):
 
 
 def run_kronfluence(model: nn.Module, module_names: list[str], train_rows, query_rows, batch_size: int,
-                    workdir: str, ranks: tuple[int, ...] = (0,), dtype: torch.dtype = torch.float64
-                    ) -> tuple[dict[int, np.ndarray], dict[str, float]]:
-    """Factors once, then pairwise scores per rank (0 = dense): ({rank: [Q, N]}, times in s)."""
+                    workdir: str, ranks: tuple[int, ...] = (0,), dtype: torch.dtype = torch.float64,
+                    fit_seqs: int | None = None) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+    """Factors once (on the first ``fit_seqs`` training rows; None: all), then pairwise scores of every
+    training row per rank (0 = dense): ({rank: [Q, N]}, times in s)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -219,7 +220,7 @@ def run_kronfluence(model: nn.Module, module_names: list[str], train_rows, query
         per_sample_gradient_dtype=dtype, lambda_dtype=f64,
     )
     t0 = time.perf_counter()
-    analyzer.fit_all_factors("ekfac", dataset=train_ds, per_device_batch_size=batch_size,
+    analyzer.fit_all_factors("ekfac", dataset=train_ds[:fit_seqs], per_device_batch_size=batch_size,
                              factor_args=factor_args, overwrite_output_dir=True)
     times = {"factors_s": time.perf_counter() - t0}
     out = {}
@@ -242,8 +243,10 @@ def run_kronfluence(model: nn.Module, module_names: list[str], train_rows, query
 # ----------------------------------------------------------------------------- our side
 
 def run_ours(model: nn.Module, train_seqs, queries, batch_size: int, ranks: tuple[int, ...] = (0,),
-             prep: io.QueryPrep | None = None) -> tuple[dict[int, np.ndarray], dict[str, float]]:
-    """Factors once, then per rank (0 = dense) query preparation + scores: ({rank: [Q, N]}, times in s).
+             prep: io.QueryPrep | None = None, fit_seqs: int | None = None
+             ) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+    """Factors once (on the first ``fit_seqs`` sequences; None: all), then per rank (0 = dense)
+    query preparation + scores: ({rank: [Q, N]}, times in s).
 
     ``scores_s_r{rank}`` = query gradients, preconditioning (and SVD) + scoring every batch;
     ``prep_s_r{rank}`` is the query preparation part of it.
@@ -251,7 +254,9 @@ def run_ours(model: nn.Module, train_seqs, queries, batch_size: int, ranks: tupl
     layers = io.find_mlp_layers(model)
     batches = [io.collate(train_seqs[i:i + batch_size]) for i in range(0, len(train_seqs), batch_size)]
     t0 = time.perf_counter()
-    factors = io.fit_ekfac(model, layers, batches, fisher=io.Fisher.EMPIRICAL)
+    fit = train_seqs[:fit_seqs]
+    fit_batches = [io.collate(fit[i:i + batch_size]) for i in range(0, len(fit), batch_size)]
+    factors = io.fit_ekfac(model, layers, fit_batches, fisher=io.Fisher.EMPIRICAL)
     times = {"factors_s": time.perf_counter() - t0}
     prompts, completions = zip(*queries)
     out = {}
@@ -310,12 +315,12 @@ def run_model(kind: str, args) -> dict:
     query_rows = [(p + c, [IGNORE] * len(p) + c) for p, c in queries]
     ours_times, kf_times = [], []
     for _ in range(args.repeats):  # alternate the two libraries; report median wall times
-        ours, t = run_ours(model, train, queries, args.batch_size, ranks, prep)
+        ours, t = run_ours(model, train, queries, args.batch_size, ranks, prep, args.fit_seqs)
         ours_times.append(t)
         print(f"{kind} ours: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
             kf, t = run_kronfluence(copy.deepcopy(twin), names, train_rows, query_rows, args.batch_size, workdir,
-                                    ranks, dtype)
+                                    ranks, dtype, args.fit_seqs)
         kf_times.append(t)
         print(f"{kind} kronfluence: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
     median = (lambda ts: {k: float(np.median([t[k] for t in ts])) for k in ts[0]})
@@ -384,6 +389,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="GPT-2 n_embd (768 = GPT-2-small; MLP 4 x width)")
     parser.add_argument("--layers", type=int, default=2, help="GPT-2 blocks (2 tracked MLP layers each)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[0], help="query ranks to score, 0 = dense")
+    parser.add_argument("--fit-seqs", type=int, default=None,
+                        help="fit the factors on the first N training sequences only (both libraries); default all")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--query-prep", default="float64", choices=["float64", "fast"],
                         help="our query preparation: float64 + exact SVD, or QueryPrep(float32, randomized)")
