@@ -214,7 +214,8 @@ def merge_candidates(per_shard: Iterator[list[list[Candidate]]], num_queries: in
     return merged
 
 
-def tfidf_topn(cfg: JobConfig, query_token_ids: dict[str, list[int]], n: int) -> dict[str, list[tuple[str, str, float]]]:
+def tfidf_topn(cfg: JobConfig, query_token_ids: dict[str, list[int]],
+               n: int) -> dict[str, list[tuple[str, str, float]]]:
     """The n best TF-IDF (BM25, binary presence) candidates of each query over ``cfg.data.corpus``.
 
     Args:
