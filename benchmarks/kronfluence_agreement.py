@@ -25,6 +25,17 @@ the query NLL), which is our sign (positive = training on m lowers the query's l
 Run:
     .venv/bin/python benchmarks/kronfluence_agreement.py
 Writes bench_output/kronfluence_agreement.json and prints a markdown table.
+
+GPT-2-small widths (scoring throughput; both libraries' score times include their query
+preparation: query gradients, preconditioning and, at rank r, the SVD):
+    .venv/bin/python benchmarks/kronfluence_agreement.py --models gpt2 --width 768 --layers 2 \
+        --train-seqs 64 --min-len 128 --max-len 128 --queries 32 --ranks 0 32 --dtype float32 \
+        --query-prep fast --pretrain-steps 20 --repeats 2
+``--ranks 0 32``: factors are fitted once per library and repeat, then each rank is scored
+(0 = dense). ``--dtype float32``: model, per-sample gradients, preconditioning and scores in
+float32 on both sides, covariances/eigendecompositions/Lambda in float64 (kronfluence's
+eigendecomposition default); ``--query-prep fast``: our ``QueryPrep(float32, randomized)``
+(kronfluence's rank-r path is ``torch.svd_lowrank``, also randomized).
 """
 
 from __future__ import annotations
@@ -87,11 +98,13 @@ def make_data(args, gen: torch.Generator):
 
 # ----------------------------------------------------------------------------- models
 
-def build_model(kind: str, vocab: int, max_len: int) -> nn.Module:
+def build_model(kind: str, vocab: int, max_len: int, width: int = 64, layers: int = 2) -> nn.Module:
+    """``width``/``layers``: GPT-2 only (n_embd, n_layer; MLP 4 x width, heads width / 64 or 4)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=max_len, n_embd=64, n_layer=2, n_head=4,
+        cfg = GPT2Config(vocab_size=vocab, n_positions=max_len, n_embd=width, n_layer=layers,
+                         n_head=max(4, width // 64),
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg)
     if kind == "llama":
@@ -186,7 +199,10 @@ def make_task(module_names: list[str]):
 
 
 def run_kronfluence(model: nn.Module, module_names: list[str], train_rows, query_rows, batch_size: int,
-                    workdir: str) -> tuple[np.ndarray, dict[str, float]]:
+                    workdir: str, ranks: tuple[int, ...] = (0,), dtype: torch.dtype = torch.float64,
+                    fit_seqs: int | None = None) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+    """Factors once (on the first ``fit_seqs`` training rows; None: all), then pairwise scores of every
+    training row per rank (0 = dense): ({rank: [Q, N]}, times in s)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -201,38 +217,61 @@ def run_kronfluence(model: nn.Module, module_names: list[str], train_rows, query
     factor_args = FactorArguments(
         strategy="ekfac", use_empirical_fisher=True,
         activation_covariance_dtype=f64, gradient_covariance_dtype=f64, eigendecomposition_dtype=f64,
-        per_sample_gradient_dtype=f64, lambda_dtype=f64,
-    )
-    score_args = ScoreArguments(
-        damping_factor=None, per_sample_gradient_dtype=f64, precondition_dtype=f64, score_dtype=f64,
-        query_gradient_svd_dtype=f64,
+        per_sample_gradient_dtype=dtype, lambda_dtype=f64,
     )
     t0 = time.perf_counter()
-    analyzer.fit_all_factors("ekfac", dataset=train_ds, per_device_batch_size=batch_size,
+    analyzer.fit_all_factors("ekfac", dataset=train_ds[:fit_seqs], per_device_batch_size=batch_size,
                              factor_args=factor_args, overwrite_output_dir=True)
-    t1 = time.perf_counter()
-    analyzer.compute_pairwise_scores("scores", factors_name="ekfac", query_dataset=query_ds, train_dataset=train_ds,
-                                     per_device_query_batch_size=len(query_ds),
-                                     per_device_train_batch_size=batch_size, score_args=score_args,
-                                     overwrite_output_dir=True)
-    t2 = time.perf_counter()
-    scores = analyzer.load_pairwise_scores("scores")["all_modules"]
-    return scores.to(torch.float64).numpy(), {"factors_s": t1 - t0, "scores_s": t2 - t1}
+    times = {"factors_s": time.perf_counter() - t0}
+    out = {}
+    for rank in ranks:
+        score_args = ScoreArguments(
+            damping_factor=None, per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype,
+            query_gradient_svd_dtype=dtype, query_gradient_low_rank=rank or None,
+        )
+        t1 = time.perf_counter()
+        analyzer.compute_pairwise_scores(f"scores_r{rank}", factors_name="ekfac", query_dataset=query_ds,
+                                         train_dataset=train_ds, per_device_query_batch_size=len(query_ds),
+                                         per_device_train_batch_size=batch_size, score_args=score_args,
+                                         overwrite_output_dir=True)
+        times[f"scores_s_r{rank}"] = time.perf_counter() - t1
+        out[rank] = analyzer.load_pairwise_scores(f"scores_r{rank}")["all_modules"].to(torch.float64).numpy()
+    times["scores_s"] = times[f"scores_s_r{ranks[0]}"]
+    return out, times
 
 
 # ----------------------------------------------------------------------------- our side
 
-def run_ours(model: nn.Module, train_seqs, queries, batch_size: int) -> tuple[np.ndarray, dict[str, float]]:
+def run_ours(model: nn.Module, train_seqs, queries, batch_size: int, ranks: tuple[int, ...] = (0,),
+             prep: io.QueryPrep | None = None, fit_seqs: int | None = None
+             ) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+    """Factors once (on the first ``fit_seqs`` sequences; None: all), then per rank (0 = dense)
+    query preparation + scores: ({rank: [Q, N]}, times in s).
+
+    ``scores_s_r{rank}`` = query gradients, preconditioning (and SVD) + scoring every batch;
+    ``prep_s_r{rank}`` is the query preparation part of it.
+    """
     layers = io.find_mlp_layers(model)
     batches = [io.collate(train_seqs[i:i + batch_size]) for i in range(0, len(train_seqs), batch_size)]
     t0 = time.perf_counter()
-    factors = io.fit_ekfac(model, layers, batches, fisher=io.Fisher.EMPIRICAL)
-    t1 = time.perf_counter()
+    fit = train_seqs[:fit_seqs]
+    fit_batches = [io.collate(fit[i:i + batch_size]) for i in range(0, len(fit), batch_size)]
+    factors = io.fit_ekfac(model, layers, fit_batches, fisher=io.Fisher.EMPIRICAL)
+    times = {"factors_s": time.perf_counter() - t0}
     prompts, completions = zip(*queries)
-    pq = io.precondition_queries(model, factors, [io.query_batch(prompts, completions)], rank=None, damping=None)
-    scores = torch.cat([io.score_batch(model, pq, b).scores for b in batches], dim=1)  # (Q, N)
-    t2 = time.perf_counter()
-    return scores.to(torch.float64).numpy(), {"factors_s": t1 - t0, "scores_s": t2 - t1}
+    out = {}
+    for rank in ranks:
+        t1 = time.perf_counter()
+        pq = io.precondition_queries(model, factors, [io.query_batch(prompts, completions)], rank=rank or None,
+                                     damping=None, prep=prep)
+        t2 = time.perf_counter()
+        scores = torch.cat([io.score_batch(model, pq, b).scores for b in batches], dim=1)  # (Q, N)
+        times[f"prep_s_r{rank}"] = t2 - t1
+        times[f"scores_s_r{rank}"] = time.perf_counter() - t1
+        out[rank] = scores.to(torch.float64).numpy()
+        del pq
+    times["scores_s"] = times[f"scores_s_r{ranks[0]}"]
+    return out, times
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -257,56 +296,79 @@ def run_model(kind: str, args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     train, pre, queries = make_data(args, gen)
-    model = build_model(kind, args.vocab, args.max_len)
+    model = build_model(kind, args.vocab, args.max_len, args.width, args.layers)
     final_nll = pretrain(model, pre, args.pretrain_steps, args.seed)
-    model = model.double().eval()
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype).eval()
     twin = kronfluence_copy(model, kind)
     # The two models must compute the same function.
     probe = torch.tensor([train[0]])
     with torch.no_grad():
         gap = float((model(input_ids=probe).logits - twin(input_ids=probe).logits).abs().max())
-    assert gap < 1e-10, f"{kind}: kronfluence twin differs from the model by {gap}"
+    assert gap < (1e-10 if dtype == torch.float64 else 1e-4), f"{kind}: kronfluence twin differs by {gap}"
     layers = io.find_mlp_layers(model)
     names = [l.name for l in layers]
+    ranks = tuple(args.ranks)
+    prep = io.QueryPrep(precision="float32", lowrank="randomized") if args.query_prep == "fast" else None
 
     train_rows = [(s, s) for s in train]
     query_rows = [(p + c, [IGNORE] * len(p) + c) for p, c in queries]
     ours_times, kf_times = [], []
     for _ in range(args.repeats):  # alternate the two libraries; report median wall times
-        ours, t = run_ours(model, train, queries, args.batch_size)
+        ours, t = run_ours(model, train, queries, args.batch_size, ranks, prep, args.fit_seqs)
         ours_times.append(t)
+        print(f"{kind} ours: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
-            kf, t = run_kronfluence(copy.deepcopy(twin), names, train_rows, query_rows, args.batch_size, workdir)
+            kf, t = run_kronfluence(copy.deepcopy(twin), names, train_rows, query_rows, args.batch_size, workdir,
+                                    ranks, dtype, args.fit_seqs)
         kf_times.append(t)
+        print(f"{kind} kronfluence: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
     median = (lambda ts: {k: float(np.median([t[k] for t in ts])) for k in ts[0]})
     t_ours, t_kf = median(ours_times), median(kf_times)
-    rows = compare(ours, kf)
+    by_rank = {}
+    for rank in ranks:
+        rows = compare(ours[rank], kf[rank])
+        key = f"scores_s_r{rank}"
+        by_rank[rank] = {
+            "per_query": rows, "min_spearman": min(r["spearman"] for r in rows),
+            "min_pearson": min(r["pearson"] for r in rows), "max_rel_diff": max(r["max_rel_diff"] for r in rows),
+            "ours_scores_s": t_ours[key], "ours_prep_s": t_ours[f"prep_s_r{rank}"], "kronfluence_scores_s": t_kf[key],
+            # score pairs (query x training sequence) per second, query preparation included
+            "ours_pairs_per_s": len(queries) * len(train) / t_ours[key],
+            "kronfluence_pairs_per_s": len(queries) * len(train) / t_kf[key],
+            "speedup": t_kf[key] / t_ours[key],
+            # per repeat (the runs alternate, so each ratio compares neighbours in time)
+            "speedups_all": [k[key] / o[key] for o, k in zip(ours_times, kf_times)],
+        }
+    first = by_rank[ranks[0]]
     return {
         "model": kind, "tracked_layers": names, "pretrain_final_nll": final_nll,
         "train_sequences": len(train), "queries": len(queries),
         "train_tokens": sum(len(s) for s in train),
         "ours_time": t_ours, "kronfluence_time": t_kf, "ours_times_all": ours_times, "kronfluence_times_all": kf_times,
-        "per_query": rows,
-        "min_spearman": min(r["spearman"] for r in rows), "min_pearson": min(r["pearson"] for r in rows),
-        "max_rel_diff": max(r["max_rel_diff"] for r in rows),
+        "per_query": first["per_query"], "min_spearman": first["min_spearman"], "min_pearson": first["min_pearson"],
+        "max_rel_diff": first["max_rel_diff"], "by_rank": by_rank,
     }
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | query | Spearman | Pearson | max rel diff | sign agree |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | rank | query | Spearman | Pearson | max rel diff | sign agree |",
+             "|---|---|---|---|---|---|---|"]
     for res in results:
-        for r in res["per_query"]:
-            lines.append(f"| {res['model']} | {r['query']} | {r['spearman']:.6f} | {r['pearson']:.6f} | "
-                         f"{r['max_rel_diff']:.2e} | {r['sign_agreement']:.3f} |")
-    lines += ["", "| model | train seqs x queries | ours factors (s) | ours scores (s) | "
-              "kronfluence factors (s) | kronfluence scores (s) | min Spearman | max rel diff |",
-              "|---|---|---|---|---|---|---|---|"]
+        for rank, r_res in res["by_rank"].items():
+            for r in r_res["per_query"]:
+                lines.append(f"| {res['model']} | {rank or 'dense'} | {r['query']} | {r['spearman']:.6f} | "
+                             f"{r['pearson']:.6f} | {r['max_rel_diff']:.2e} | {r['sign_agreement']:.3f} |")
+    lines += ["", "| model | rank | train seqs x queries | ours factors (s) | ours scores (s) (of which query prep) | "
+              "kronfluence factors (s) | kronfluence scores (s) | speedup (scores) | min Spearman | max rel diff |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        lines.append(
-            f"| {res['model']} | {res['train_sequences']} x {res['queries']} | {res['ours_time']['factors_s']:.2f} | "
-            f"{res['ours_time']['scores_s']:.2f} | {res['kronfluence_time']['factors_s']:.2f} | "
-            f"{res['kronfluence_time']['scores_s']:.2f} | {res['min_spearman']:.6f} | {res['max_rel_diff']:.2e} |")
+        for rank, r in res["by_rank"].items():
+            lines.append(
+                f"| {res['model']} | {rank or 'dense'} | {res['train_sequences']} x {res['queries']} | "
+                f"{res['ours_time']['factors_s']:.2f} | {r['ours_scores_s']:.2f} ({r['ours_prep_s']:.2f}) | "
+                f"{res['kronfluence_time']['factors_s']:.2f} | {r['kronfluence_scores_s']:.2f} | "
+                f"{r['speedup']:.2f}x | {r['min_spearman']:.6f} | {r['max_rel_diff']:.2e} |")
     return "\n".join(lines)
 
 
@@ -324,6 +386,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each library; wall times are medians")
+    parser.add_argument("--width", type=int, default=64, help="GPT-2 n_embd (768 = GPT-2-small; MLP 4 x width)")
+    parser.add_argument("--layers", type=int, default=2, help="GPT-2 blocks (2 tracked MLP layers each)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[0], help="query ranks to score, 0 = dense")
+    parser.add_argument("--fit-seqs", type=int, default=None,
+                        help="fit the factors on the first N training sequences only (both libraries); default all")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    parser.add_argument("--query-prep", default="float64", choices=["float64", "fast"],
+                        help="our query preparation: float64 + exact SVD, or QueryPrep(float32, randomized)")
     parser.add_argument("--out", default="bench_output/kronfluence_agreement.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -11,8 +11,9 @@ right [Q, d_in', r]) with its relative error per query and layer. The steps
 precision are in ``query_prep.py``.
 
 Each query's self-influence q^T (G + lambda I)^-1 q, summed over layers, is kept
-too (``self_influence.stored_query_self_influence``), computed from the stored P
-(rank-r if truncated): the cosine normalization divides by it.
+too: for rank-r queries from the stored factors (``self_influence.stored_query_self_influence``),
+for dense ones from the damped rotated gradient M (``query_prep.dense_self_influence``, equal
+to rotating the stored P back but without its cost): the cosine normalization divides by it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .fingerprint import check_same_model
 from .gradients import backward_pass, per_sequence_gradients
 from .layers import TrackedLayer, layers_by_name
 from .objectives import Fisher, LanguageModelObjective, Objective
-from .query_prep import QueryPrep, prepare_layer
+from .query_prep import QueryPrep, damped_middle, dense_self_influence, prepare_layer
 from .self_influence import stored_query_self_influence
 
 
@@ -182,15 +183,22 @@ def precondition_queries(
         batch_self = torch.zeros(out.losses.shape[0], dtype=torch.float64)
         for layer in layers:
             lf = factors.layers[layer.name]
-            dense, left, right, err = prepare_layer(
-                lf, out.captured.activations[layer.name], out.captured.output_grads[layer.name], rank, damping, prep)
+            a, g = out.captured.activations[layer.name], out.captured.output_grads[layer.name]
             cast = (lambda t: None if t is None else t.to(dtype))
-            query = LayerQuery(cast(dense), cast(left), cast(right))
+            if rank is None:  # dense: the self-influence from M, with no rotation of P back
+                middle, q_s, q_a, denom = damped_middle(lf, a, g, damping, prep)
+                query = LayerQuery(cast(q_s @ middle @ q_a.T), None, None)
+                err = torch.zeros(middle.shape[0], dtype=torch.float64)
+                batch_self += dense_self_influence(middle, denom).to("cpu")
+                del middle
+            else:
+                _, left, right, err = prepare_layer(lf, a, g, rank, damping, prep)
+                query = LayerQuery(None, cast(left), cast(right))
+                # the P that scores use (rank-r, in the stored dtype)
+                batch_self += stored_query_self_influence(lf, None, query.left, query.right,
+                                                          lf.damping(damping)).to("cpu")
             parts[layer.name].append(query)
             batch_errors.append(err)
-            # the P that scores use (rank-r if truncated, in the stored dtype)
-            batch_self += stored_query_self_influence(lf, query.dense, query.left, query.right,
-                                                      lf.damping(damping)).to("cpu")
         del out
         errors.append(torch.stack(batch_errors, dim=1))  # (B, L)
         self_infs.append(batch_self)

@@ -147,17 +147,13 @@ def lowrank_in_eigenbasis(middle: torch.Tensor, q_s: torch.Tensor, q_a: torch.Te
     return q_s @ u_r, q_a @ v_r, error
 
 
-def prepare_layer(factors: LayerFactors, activations: torch.Tensor, output_grads: torch.Tensor,
-                  rank: int | None, damping: float | None, prep: QueryPrep = QueryPrep()
-                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """One layer's preconditioned queries from per-token a and g.
+def damped_middle(factors: LayerFactors, activations: torch.Tensor, output_grads: torch.Tensor,
+                  damping: float | None, prep: QueryPrep = QueryPrep()
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M = (Q_S^T G Q_A) / (Lambda + lambda) from per-token a [B, T, d_in'] and g [B, T, d_out].
 
-    Args:
-        activations: [B, T, d_in']; output_grads: [B, T, d_out].
-
-    Returns:
-        (dense [B, d_out, d_in'] or None, left [B, d_out, r'] or None, right [B, d_in', r'] or None,
-        truncation error [B] float64 on the CPU), in the precision's dtype.
+    Returns (M [B, d_out, d_in'], Q_S [d_out, d_out], Q_A [d_in', d_in'], in the precision's dtype;
+    Lambda + lambda [d_out, d_in'] as stored).
     """
     dtype = prep.precision.dtype
     device = activations.device
@@ -171,6 +167,31 @@ def prepare_layer(factors: LayerFactors, activations: torch.Tensor, output_grads
     q_s = factors.eigen.q_s.to(device=device, dtype=dtype)
     q_a = factors.eigen.q_a.to(device=device, dtype=dtype)
     middle = rotate_in(q_s, q_a, activations, output_grads) / denom.to(dtype)  # (B, d_out, d_in')
+    return middle, q_s, q_a, denom
+
+
+def dense_self_influence(middle: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """q^T (G + lambda I)^-1 q of dense queries P = Q_S M Q_A^T: sum M^2 (Lambda + lambda) -> [B] float64.
+
+    Since Q_S^T P Q_A = M, no rotation is needed (``self_influence.query_self_influence``
+    rotates a stored P back, 2 (d_out^2 d_in' + d_out d_in'^2) multiply-adds per query).
+    """
+    return (middle.to(torch.float64) ** 2 * denom.to(middle.device, torch.float64)).sum((-2, -1))
+
+
+def prepare_layer(factors: LayerFactors, activations: torch.Tensor, output_grads: torch.Tensor,
+                  rank: int | None, damping: float | None, prep: QueryPrep = QueryPrep()
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """One layer's preconditioned queries from per-token a and g.
+
+    Args:
+        activations: [B, T, d_in']; output_grads: [B, T, d_out].
+
+    Returns:
+        (dense [B, d_out, d_in'] or None, left [B, d_out, r'] or None, right [B, d_in', r'] or None,
+        truncation error [B] float64 on the CPU), in the precision's dtype.
+    """
+    middle, q_s, q_a, _ = damped_middle(factors, activations, output_grads, damping, prep)
     if rank is None:
         return q_s @ middle @ q_a.T, None, None, torch.zeros(middle.shape[0], dtype=torch.float64)
     left, right, error = lowrank_in_eigenbasis(middle, q_s, q_a, rank, prep)
