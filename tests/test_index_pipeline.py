@@ -23,7 +23,6 @@ from pipelines.io import storage
 from pipelines.io.model_loading import load_model
 from pipelines.io.shards import list_shards, read_rows
 from pipelines.run import run_job
-from pipelines.stages.candidates import tfidf_candidates
 from pipelines.stages.index_build import build_index, decode_rows, encode_rows, from_arrow, to_arrow
 from pipelines.stages.index_query import candidates_of, top_candidates
 from pipelines.stages.merge import row_key
@@ -93,16 +92,6 @@ def test_config_keys_checked(tmp_path):
         raw = {**base, section: {**base[section], key: bad}}
         with pytest.raises(ConfigError, match=f"{section}.{key}"):
             config_from_dict(raw)
-
-
-def test_tfidf_mode_without_the_module_says_so(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("pipelines.stages.tfidf") is not None:
-        pytest.skip("pipelines/stages/tfidf.py exists on this branch")
-    cfg = config_from_dict(job(tmp_path, str(tmp_path / "o"), str(tmp_path / "s"), 5))
-    with pytest.raises(UserError, match="scoring.mode = tfidf is not available yet"):
-        tfidf_candidates(dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, mode="tfidf")))
 
 
 def test_index_queries_without_an_index_say_so(tiny_world, tmp_path):
@@ -186,3 +175,24 @@ def test_new_shard_builds_only_its_unit(index_run):
         (Path(cfg.data.corpus) / "zz-new.parquet").unlink()
         shutil.rmtree(Path(cfg.data.output) / "index" / "parts" / "zz-new.parquet", ignore_errors=True)
         (Path(cfg.data.output) / "index" / "parts" / "zz-new.parquet").unlink(missing_ok=True)
+
+
+def test_tfidf_mode_rescores_its_candidates_exactly(index_run):
+    """scoring.mode = tfidf: no index pass; TF-IDF's top candidates, re-scored with the full EK-FAC path."""
+    from pipelines.stages.tfidf import query_tokens, tfidf_topn
+
+    cfg, _, _ = index_run
+    tf = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, mode="tfidf", candidates=5))
+    record = run_job(tf)
+    assert record["status"] == "ok" and "index" not in record["stages"]
+    assert record["stages"]["candidates"]["mode"] == "tfidf"
+    direct = tfidf_topn(tf, query_tokens(tf), 5)
+    named = {(q, d, s) for q, found in direct.items() for d, s, _ in found}
+    cands = pads.dataset(str(Path(tf.data.output) / "candidates")).to_table().to_pylist()
+    assert {(c["query_id"], c["doc_id"], c["shard"]) for c in cands} == named
+    rows = topk_rows(tf)
+    assert rows and all(r["found_by"] == "tfidf" for r in rows)
+    exact = exact_scores(tf)
+    for r in rows:
+        key = (r["query_id"], r["doc_id"], r["shard"])
+        assert key in named and r["score"] == pytest.approx(exact[key], rel=1e-4, abs=1e-6)

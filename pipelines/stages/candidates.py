@@ -9,7 +9,6 @@ merge step (``rescore.py``) reads, so `score` and `merge` can run as separate co
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +17,7 @@ from ..config import JobConfig, ScoringMode
 from ..errors import UserError
 from ..io import storage
 from .index_query import Candidates, query_index
+from .tfidf import query_tokens, tfidf_topn
 
 CANDIDATES = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("shard", pa.string()),
                         ("found_by", pa.string())])
@@ -44,15 +44,8 @@ def load_candidates(cfg: JobConfig) -> Candidates:
 
 
 def tfidf_candidates(cfg: JobConfig) -> Candidates:
-    """TF-IDF's best ``scoring.candidates`` per query (query tokens: prompt + completion)."""
-    if importlib.util.find_spec(f"{__package__}.tfidf") is None:
-        raise UserError("scoring.mode = tfidf is not available yet")
-    from .tfidf import tfidf_topn  # type: ignore[import-not-found]
-
-    table = storage.read_parquet(storage.join(cfg.data.output, "queries", "queries.parquet"))
-    tokens = {q: list(p) + list(c) for q, p, c in zip(table.column("query_id").to_pylist(),
-                                                      table.column("prompt_ids").to_pylist(),
-                                                      table.column("completion_ids").to_pylist())}
+    """TF-IDF's best ``scoring.candidates`` per query (query tokens: prompt + completion, ``tfidf.query_tokens``)."""
+    tokens = query_tokens(cfg)
     found = tfidf_topn(cfg, tokens, cfg.scoring.candidates)
     return {q: {(d, s): "tfidf" for d, s, _ in found.get(q, [])} for q in tokens}
 
