@@ -110,8 +110,11 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     if units:
         lines.append(f"  score units ran on {_count(len(units['nodes']), 'node')}, "
                      f"{_count(len(units['actors']), 'actor')}; {units['retries']} retried after a lost actor")
+    scan = cfg.scoring.mode.value == "scan"
+    rest = f"{out}/scores/, {out}/distribution/" if scan else f"{out}/candidates/" + \
+        (f", {out}/index/" if cfg.scoring.mode.value == "index" else "")
     lines.append(f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/layer_scores/, "
-                 f"{out}/scores/, {out}/distribution/")
+                 f"{rest}")
     lines.append(f"  record: {out}/runs/{record['run_id']}.json")
     return lines
 
