@@ -58,6 +58,7 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
 import influence_ops as io
+from pipelines.eval.kron import linear_from_conv1d
 
 IGNORE = io.IGNORE_INDEX
 
@@ -131,17 +132,6 @@ def pretrain(model: nn.Module, seqs: list[list[int]], steps: int, seed: int) -> 
         opt.step()
     model.eval()
     return float(loss.detach())
-
-
-def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
-    """nn.Linear computing the same map as a HF Conv1D (weight [d_in, d_out] -> [d_out, d_in])."""
-    d_in, d_out = conv.weight.shape
-    lin = nn.Linear(d_in, d_out, bias=conv.bias is not None, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(conv.weight.t())
-        if conv.bias is not None:
-            lin.bias.copy_(conv.bias)
-    return lin
 
 
 def kronfluence_copy(model: nn.Module, kind: str) -> nn.Module:

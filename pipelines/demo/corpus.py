@@ -47,9 +47,10 @@ class Fact:
         return f"{self.relation}-{self.country}"
 
 
-def _name(rng: random.Random, used: set[str]) -> str:
+def unique_name(rng: random.Random, used: set[str], syllables: list[str] = SYLLABLES) -> str:
+    """A made-up name of two distinct syllables that is not in ``used`` (added to it)."""
     while True:
-        name = "".join(rng.sample(SYLLABLES, 2))
+        name = "".join(rng.sample(syllables, 2))
         if name not in used:
             used.add(name)
             return name
@@ -61,8 +62,8 @@ def make_corpus(countries: int = 16, filler_docs: int = 200, seed: int = 0):
     used: set[str] = set()
     facts = []
     for _ in range(countries):
-        c = _name(rng, used)
-        facts += [Fact(c, "capital", _name(rng, used)), Fact(c, "river", _name(rng, used))]
+        c = unique_name(rng, used)
+        facts += [Fact(c, "capital", unique_name(rng, used)), Fact(c, "river", unique_name(rng, used))]
     docs = []
     for fact in facts:
         phrasings = [TEMPLATES[fact.relation][0], rng.choice(TEMPLATES[fact.relation][1:])]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..demo.corpus import unique_name
+
 SYLLABLES = ["zor", "bia", "vin", "tar", "kel", "mos", "dra", "pel", "qua", "rin", "sul", "tem", "vor", "lix", "nam",
              "bro", "cet", "dun", "fay", "gor", "hal", "jun", "lop", "mir"]
 JOBS = ["baker", "doctor", "farmer", "teacher", "painter", "sailor", "tailor", "miner", "potter", "weaver",
@@ -68,14 +70,6 @@ class Fact:
         return f"{self.relation}-{self.person}"
 
 
-def _name(rng: random.Random, used: set[str]) -> str:
-    while True:
-        name = "".join(rng.sample(SYLLABLES, 2))
-        if name not in used:
-            used.add(name)
-            return name
-
-
 def make_facts_corpus(people: int = 32, towns: int = 12, jobs: int = 12, sources: int = 3,
                       distractors: int = 288, seed: int = 0) -> tuple[list[dict], list[Fact], list[dict]]:
     """(documents [{id, text, source_of}], facts, queries [{query_id, prompt, completion, set, fact}]).
@@ -88,9 +82,9 @@ def make_facts_corpus(people: int = 32, towns: int = 12, jobs: int = 12, sources
         raise ValueError(f"sources must be 2 to {len(TEMPLATES['town'])}, got {sources}")
     rng = random.Random(seed)
     used: set[str] = set()
-    town_names = [_name(rng, used) for _ in range(towns)]
+    town_names = [unique_name(rng, used, SYLLABLES) for _ in range(towns)]
     job_names = JOBS[:jobs]
-    persons = [_name(rng, used) for _ in range(people)]
+    persons = [unique_name(rng, used, SYLLABLES) for _ in range(people)]
     facts = [Fact(p, rel, rng.choice(town_names if rel == "town" else job_names))
              for p in persons for rel in ("town", "job")]
     docs = []
