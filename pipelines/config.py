@@ -39,9 +39,11 @@ Sections (every key optional unless marked required)::
     seed = 0
     blocks = 1
     unit_sequences = 256                # sequences per unit of work (label draws are seeded per sequence)
-    refit = "on_corpus_change"          # on_corpus_change: refit when the corpus's shards change |
-                                        # on_settings_change: keep fitted factors when shards are added
-                                        # (incremental jobs: new shards are scored with the same factors)
+    refit = "on_growth"                 # on_growth: keep the factors while the corpus only grows (every
+                                        # fitted shard unchanged) by at most refit_growth of its bytes |
+                                        # on_corpus_change: refit whenever a shard is added, replaced or removed |
+                                        # on_settings_change: never refit for the corpus, only for [factors] keys
+    refit_growth = 0.25                 # on_growth: refit once the corpus is 25% larger than when fitted
     [scoring]
     top_k = 10
     rank = 32                           # 0 = dense queries (leaving the key out means 32)
@@ -233,7 +235,8 @@ class FactorConfig:
     seed: int = 0
     blocks: int = 1
     unit_sequences: int = 256
-    refit: str = "on_corpus_change"
+    refit: str = "on_growth"
+    refit_growth: float = 0.25
 
     def __post_init__(self) -> None:
         if self.sample_sequences is not None and self.sample_tokens is not None:
@@ -253,6 +256,7 @@ class FactorConfig:
         _check_int("factors.unit_sequences", self.unit_sequences, 1)
         if self.refit not in REFIT:
             _fail("factors.refit", self.refit, f"must be one of {list(REFIT)}")
+        _check_number("factors.refit_growth", self.refit_growth, 0.0)
 
 
 @dataclass(frozen=True)
@@ -375,7 +379,7 @@ class JobConfig:
 
 
 ON_ERROR = ("fail", "skip")
-REFIT = ("on_corpus_change", "on_settings_change")
+REFIT = ("on_growth", "on_corpus_change", "on_settings_change")
 TOP_LEVEL = ("run_id", "on_error")
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "factors": FactorConfig,
              "scoring": ScoringConfig, "index": IndexConfig, "resources": ResourceConfig}

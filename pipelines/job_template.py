@@ -48,7 +48,9 @@ lambda_samples = 4                # label draws per position for the eigenvalue 
 seed = 0                          # seed of the sample and of the sampled labels
 blocks = 1                        # block-diagonal blocks per factor (more: less memory, coarser)
 unit_sequences = 256              # sequences per unit of work
-refit = "on_corpus_change"        # or "on_settings_change": keep the factors when shards are added
+refit = "on_growth"               # keep the factors while the corpus only grows, by at most refit_growth;
+                                  # or "on_corpus_change" (refit on any shard change) | "on_settings_change"
+refit_growth = 0.25               # on_growth: refit once the corpus has grown by 25% (bytes) since the fit
 
 [scoring]
 top_k = 10                        # sequences kept per query and side (top and bottom)

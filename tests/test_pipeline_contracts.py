@@ -325,8 +325,26 @@ def test_performance_settings_never_change_the_factors_key(tiny_world, tmp_path)
     shard = write_shard(tmp_path / "s.parquet", ["a", "b"], [[1, 2, 3], [4, 5]])
     base = {"model": {"path": str(tiny_world / "model")},
             "data": {"corpus": shard, "queries": "q.jsonl", "output": str(tmp_path / "o")}}
-    key = factors_key(config_from_dict(base), [shard])
+    prints = [(shard, 100)]
+    key = factors_key(config_from_dict(base), prints)
     for section, values in (("resources", {"batch_size": 32, "actors": 3, "threads_per_actor": 1}),
-                            ("scoring", {"sort_window": 64, "top_k": 3})):
-        assert factors_key(config_from_dict({**base, section: values}), [shard]) == key, section
-    assert factors_key(config_from_dict({**base, "factors": {"seed": 1}}), [shard]) != key  # the fit's own inputs do
+                            ("scoring", {"sort_window": 64, "top_k": 3}), ("factors", {"refit_growth": 0.5})):
+        assert factors_key(config_from_dict({**base, section: values}), prints) == key, section
+    assert factors_key(config_from_dict({**base, "factors": {"seed": 1}}), prints) != key  # the fit's own inputs do
+    pinned = {**base, "factors": {"refit": "on_corpus_change"}}
+    assert factors_key(config_from_dict(pinned), prints) != factors_key(config_from_dict(pinned), [(shard, 101)])
+
+
+def test_on_growth_keeps_factors_while_the_corpus_only_grows_a_little():
+    """factors.refit = "on_growth": every fitted shard unchanged and at most refit_growth more bytes."""
+    from pipelines.stages.fit_factors import keeps_factors
+
+    fitted = [("s/a.parquet", 400), ("s/b.parquet", 600)]
+    assert keeps_factors(fitted, fitted, 0.25) is not None  # nothing changed
+    grown = fitted + [("s/c.parquet", 250)]
+    assert "25.0%" in keeps_factors(fitted, grown, 0.25)  # exactly at the limit: kept
+    assert keeps_factors(fitted, grown + [("s/d.parquet", 1)], 0.25) is None  # past it
+    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/b.parquet", 601)], 0.25) is None  # a shard replaced
+    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/c.parquet", 600)], 0.25) is None  # one removed
+    assert keeps_factors(None, fitted, 0.25) is None  # factors that did not record their shards
+    assert keeps_factors(fitted, grown, 0.0) is None

@@ -1,7 +1,7 @@
 """Score units finer than a shard, and incremental jobs (new shards, new queries, performance settings).
 
-One module fixture fits the factors once (``factors.refit = "on_settings_change"``,
-so adding shards keeps them); the tests then re-run the score and merge stages
+One module fixture fits the factors once (``factors.refit = "on_growth"`` with a growth
+limit above what the tests add, so adding shards keeps them); the tests then re-run the score and merge stages
 on copies of its output. Batch size 1 and dense float64 queries make every
 score independent of how rows are grouped, so tables compare exactly.
 """
@@ -44,7 +44,7 @@ def job(world: Path, corpus: Path, output: Path, queries: Path, actors: int = 2,
         "model": {"path": str(world / "model"), "dtype": "float64"},
         "data": {"corpus": str(corpus), "queries": str(queries), "output": str(output)},
         "factors": {"fisher": "empirical", "sample_sequences": 24, "seed": 7, "unit_sequences": 12,
-                    "refit": "on_settings_change"},
+                    "refit": "on_growth", "refit_growth": 1.0},
         "scoring": {"top_k": 3, "rank": 0, "per_token": False, "query_precision": "float64", "unit_rows": 1000,
                     "self_influence": True,
                     **scoring},
@@ -177,6 +177,7 @@ def test_new_shard_scores_only_its_units(fitted):
     record = run_job(config_from_dict(spec))
     stage = record["stages"]["score"]
     assert record["stages"]["fit-factors"]["skipped"] and record["stages"]["build-queries"]["skipped"]
+    assert record["stages"]["fit-factors"]["refit"].startswith("kept: the corpus grew by")
     assert stage["scored"] == 2 and stage["skipped"] == 4 and stage["units"]["units"] == 2  # c: 16 + 8 rows
     assert stage["rows"] == {"rows": 88, "scored": 88, "skipped": 0, "unreadable_shards": 0}
     assert not record["stages"]["merge"]["skipped"]

@@ -46,7 +46,7 @@ from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_model, model_identity, pick_device
 from ..io.payloads import covariances_to_bytes, lambda_to_bytes
-from ..io.shards import list_shards, read_rows, row_counts
+from ..io.shards import list_shards, read_rows, row_counts, shard_name
 from ..io.tensor_files import open_header
 from ..runtime.accounting import UnitLog
 from ..runtime.batching import token_batches
@@ -158,18 +158,43 @@ class LambdaWorker(_FitWorker):
         return lambda_to_bytes(lam, extra)
 
 
-def factors_key(cfg: JobConfig, shards: list[str]) -> str:
+def factors_key(cfg: JobConfig, fingerprints: list[tuple[str, int]]) -> str:
     """What the factors depend on. Not the batch size (label draws are seeded per sequence:
     ``sequence_seed``) nor any other performance setting (actors, threads, sort window). With
-    ``factors.refit = "on_settings_change"`` not the shards either: factors fitted once stay
-    current when shards are added or replaced (an incremental job scores only the new shards)."""
+    ``factors.refit = "on_settings_change"`` or ``"on_growth"`` not the shards either (for
+    ``on_growth``, ``keeps_factors`` then decides whether the corpus moved too far)."""
     too_long = () if cfg.data.too_long.value == "error" else (cfg.data.too_long.value,)
-    settings = {k: v for k, v in cfg.factors.__dict__.items() if k != "refit"}
-    if cfg.factors.refit == "on_settings_change":
+    settings = {k: v for k, v in cfg.factors.__dict__.items() if k not in ("refit", "refit_growth")}
+    if cfg.factors.refit in ("on_settings_change", "on_growth"):
         return completion.inputs_key("factors-pinned", cfg.model.__dict__, model_identity(cfg.model), settings,
                                      *too_long)
     return completion.inputs_key("factors-v2", cfg.model.__dict__, model_identity(cfg.model), settings,
-                                 completion.shard_fingerprints(shards), *too_long)
+                                 fingerprints, *too_long)
+
+
+def _named(fingerprints: list[tuple[str, int]], corpus: str) -> list[tuple[str, int]]:
+    """(name below the corpus root, size) per shard: a corpus copied or moved elsewhere keeps its names."""
+    return [(shard_name(url, corpus), size) for url, size in fingerprints]
+
+
+def keeps_factors(fitted_on: list[tuple[str, int]] | None, now: list[tuple[str, int]],
+                  growth: float) -> str | None:
+    """Why factors fitted on the shards ``fitted_on`` stay current for the corpus ``now`` (None: refit).
+
+    ``factors.refit = "on_growth"``: they stay while every shard they were fitted on is still
+    there with its size, and the corpus grew by at most ``growth`` (0.25: a quarter) of the bytes it
+    had. ``fitted_on`` None (factors from a version that did not record their shards): refit.
+    """
+    if fitted_on is None:
+        return None
+    current = dict(now)
+    if any(current.get(name) != size for name, size in fitted_on):
+        return None
+    before, after = sum(size for _, size in fitted_on), sum(current.values())
+    added = after - before
+    if before <= 0 or added > growth * before:
+        return None
+    return f"kept: the corpus grew by {added / before:.1%} since the fit (refit above {growth:.0%})"
 
 
 def _partial_url(out: str, stage: int, index: int) -> str:
@@ -268,10 +293,18 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     """
     out = storage.join(cfg.data.output, "factors")
     shards = list_shards(cfg.data.corpus)
-    key = factors_key(cfg, shards)
+    shard_prints = completion.shard_fingerprints(shards)
+    key = factors_key(cfg, shard_prints)
     done = completion.completed(out, key)
     if done is not None:
-        return {**done, "skipped": True}
+        fitted_on = done.pop("fitted_shards", None)
+        if cfg.factors.refit != "on_growth":
+            return {**done, "skipped": True}
+        kept = keeps_factors([tuple(f) for f in fitted_on] if fitted_on else None,
+                             _named(shard_prints, cfg.data.corpus), cfg.factors.refit_growth)
+        if kept is not None:
+            return {**done, "skipped": True, "refit": kept}
+        log.info("fit-factors: the corpus changed or grew past factors.refit_growth since the fit; refitting")
     completion.invalidate(out)  # an older fit's files may stay, but never look complete
     storage.remove(storage.join(out, MANIFEST))
     start = time.perf_counter()
@@ -289,7 +322,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value,
             "samples": f.fisher_samples}
     accounting: dict[str, Any] = {}
-    unit_key = completion.inputs_key(key, completion.shard_fingerprints(shards))  # partials: this corpus only
+    unit_key = completion.inputs_key(key, shard_prints)  # partials: this corpus only
     stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, unit_key, cfg, cluster, show_progress, failures)
     accounting["stage1"] = stage1.pop("units")
     fitted = [u for u in units if u.index not in stage1["failed"]]
@@ -345,7 +378,9 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "driver_peak_rss_at_start_mb": round(rss_at_start, 1),
             "tasks": accounting}
-    return {**completion.mark_complete(out, key, info), "skipped": False, "errors": failures.rows}
+    done = completion.mark_complete(out, key, {**info, "fitted_shards": _named(shard_prints, cfg.data.corpus)})
+    done.pop("fitted_shards")
+    return {**done, "skipped": False, "errors": failures.rows}
 
 
 def factors_digest(url: str) -> str:
