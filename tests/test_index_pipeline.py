@@ -225,7 +225,7 @@ def test_rescore_unit_scores_only_the_nominated_pairs(index_run, monkeypatch):
     rows = scorer.rescore(json_round_trip(unit)).to_pylist()
     named = {(q, x, s) for q, found in candidates.items() for x, s in found}
     got = {(r["query_id"], r["doc_id"], r["shard"]): r["score"] for r in rows}
-    assert len(rows) == len(named) == 11 and set(got) == named
+    assert len(rows) == len(named) == 10 and set(got) == named
     assert sum(n for _, n in calls) == 8  # every sequence once
     assert sum(len(qs) < 3 for qs, _ in calls) >= 2  # q2 names 2 of 8 sequences: at most 2 of 4 batches hold it
     assert sum(len(qs) * n for qs, n in calls) < 3 * 8  # fewer (query, sequence) products than all queries
