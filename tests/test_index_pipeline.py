@@ -258,3 +258,11 @@ def test_fold_groups_rows_by_query_into_exact_topk():
         assert top == [(r[1], r[2], r[3], r[4]) for r in mine[:2]]
         low = sorted(mine, key=lambda r: (r[3], row_key(r[1], r[2])))[:2]
         assert [(r["doc_id"], r["score"]) for r in t if r["sign"] == "bottom"] == [(r[1], r[3]) for r in low]
+
+
+def test_rescore_order_groups_by_length_class_then_first_query():
+    from pipelines.stages.rescore import rescore_order
+
+    lengths = np.array([10, 10, 11, 30, 31, 10])  # classes (factor 1.25): 10, 10, 10, 15, 15, 10
+    first = np.array([2, 0, 1, 0, 0, 1])
+    assert rescore_order(lengths, first, np.arange(6)).tolist() == [1, 5, 2, 0, 3, 4]
