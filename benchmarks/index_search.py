@@ -7,12 +7,20 @@ c_fc and c_proj tracked, random weights and factors of the right shapes; batches
   - index build: forward + backward capturing a, g, then G~ = sum_t (R_out g_t)(R_in a_t)^T
     with k_out = k_in = --k (tokens/s, and the ratio to the training step);
   - scan: ``score_batch`` with --scan-queries rank-r queries (tokens/s);
-  - re-scoring: ``score_batch`` with --queries rank-r queries (tokens/s);
+  - re-scoring as ``pipelines/stages/rescore.py`` runs it: each candidate sequence is scored
+    only against the queries that named it, a batch with the union of its sequences' queries,
+    timed as ``score_batch`` with min(--queries, --nominations x --batch) queries (every
+    sequence of the batch named by --nominations queries of its own: conservative); and, for
+    comparison, as it ran before (every candidate against all --queries queries);
   - search: X [rows, D] (float16) @ P~ [D, --queries] and top-M, timed on --search-rows rows.
-  From these, for a corpus of --corpus sequences of --tokens tokens, the modeled cost of
-  answering --queries queries: (a) scans of --scan-queries queries each, (b) the index
-  (build once + search + re-scoring of 2 x --candidates candidates per query), both
-  divided by one full scan at Q = --scan-queries.
+  From these, for each corpus size N of --corpus (sequences of --tokens tokens), the modeled
+  cost of answering --queries queries: (a) scans of --scan-queries queries each, (b) the index
+  (build once + search of N rows + re-scoring), both divided by one full scan at Q =
+  --scan-queries. Re-scoring covers 2 x --candidates x --queries (query, sequence) pairs on
+  min(N, 2 x --candidates x --queries) distinct sequences (the upper bound: no two queries
+  share a candidate). The scan grows with N, the re-scoring does not once N exceeds the pairs,
+  so the ratio falls as 1/N towards the search term; ``corpus_for_ratio_0.1`` is the N where
+  it reaches 0.1.
 
 Part 2, recall: a tiny GPT-2 (width --tiny-width, 2 blocks) trained for --train-steps steps
 on a synthetic corpus of topic Markov chains (each topic: its own sparse successor table),
@@ -91,7 +99,10 @@ def timing(args) -> dict:
     model.zero_grad(set_to_none=True)
     res["index_build_tokens_s"] = tokens / timed(dev, build, args.repeats)
     res["build_over_train"] = res["index_build_tokens_s"] / res["train_step_tokens_s"]
-    for name, q in (("scan", args.scan_queries), ("rescore", args.queries)):
+    union = min(args.queries, args.nominations * args.batch)  # queries of one re-scoring batch
+    timed_q = [("scan", args.scan_queries), ("rescore", union)] + \
+        ([("rescore_all_queries", args.queries)] if not args.skip_all_queries else [])
+    for name, q in timed_q:
         pq = lowrank_queries(layers, q, args.rank, dev, args.seed)
         res[f"{name}_tokens_s_q{q}"] = tokens / timed(dev, lambda: io.score_batch(model, pq, batch), args.repeats)
     width = proj.width
@@ -105,21 +116,42 @@ def timing(args) -> dict:
             torch.topk(-s, min(args.candidates, s.shape[0]), dim=0)
 
     res["search_rows_s_q%d" % args.queries] = args.search_rows / timed(dev, search, args.repeats)
-    corpus_tokens = args.corpus * args.tokens
-    scan_once = corpus_tokens / res[f"scan_tokens_s_q{args.scan_queries}"]
-    cand_tokens = min(args.corpus, args.queries * 2 * args.candidates) * args.tokens
-    index_build = corpus_tokens / res["index_build_tokens_s"]
-    index_query = args.corpus / res["search_rows_s_q%d" % args.queries] + \
-        cand_tokens / res[f"rescore_tokens_s_q{args.queries}"]
-    res["model"] = {"corpus_sequences": args.corpus, "one_scan_s": scan_once,
-                    "scans_for_all_queries_s": math.ceil(args.queries / args.scan_queries) * scan_once,
-                    "index_build_s": index_build, "index_queries_s": index_query,
-                    "index_total_over_one_scan": (index_build + index_query) / scan_once,
-                    "index_queries_over_one_scan": index_query / scan_once,
-                    "scans_over_one_scan": math.ceil(args.queries / args.scan_queries)}
+    res["model"] = cost_model(args, res, union)
     res["index_width"] = width
     res["bytes_per_sequence_float16"] = 2 * width
     return res
+
+
+def cost_model(args, res: dict, union: int) -> dict:
+    """Modeled cost of answering --queries queries, per corpus size of --corpus, in units of one scan at
+    Q = --scan-queries (formulas in the module docstring)."""
+    scan_rate = res[f"scan_tokens_s_q{args.scan_queries}"]
+    rescore_rate = res[f"rescore_tokens_s_q{union}"]
+    search_rate = res["search_rows_s_q%d" % args.queries]
+    pairs = 2 * args.candidates * args.queries
+    out: dict = {"pairs": pairs, "queries_per_rescore_batch": union, "per_corpus": {}}
+    for n in [int(float(c)) for c in str(args.corpus).split(",")]:
+        corpus_tokens = n * args.tokens
+        scan_once = corpus_tokens / scan_rate
+        distinct = min(n, pairs)
+        search = n / search_rate
+        rescore = distinct * args.tokens / rescore_rate
+        build = corpus_tokens / res["index_build_tokens_s"]
+        row = {"one_scan_s": scan_once, "scans_over_one_scan": math.ceil(args.queries / args.scan_queries),
+               "rescored_sequences": distinct, "index_build_s": build, "search_s": search, "rescore_s": rescore,
+               "index_queries_over_one_scan": (search + rescore) / scan_once,
+               "index_total_over_one_scan": (build + search + rescore) / scan_once}
+        if f"rescore_all_queries_tokens_s_q{args.queries}" in res:  # re-scoring as it ran before
+            before = distinct * args.tokens / res[f"rescore_all_queries_tokens_s_q{args.queries}"]
+            row["index_queries_over_one_scan_all_queries_rescore"] = (search + before) / scan_once
+        out["per_corpus"][str(n)] = row
+    # for N >= pairs: ratio(N) = search term + pairs * scan_rate / (N * rescore_rate)
+    search_term = scan_rate / (args.tokens * search_rate)
+    flat = search_term + scan_rate / rescore_rate  # the ratio while N <= pairs
+    out["search_term"] = search_term
+    out["corpus_for_ratio_0.1"] = (1 if flat <= 0.1 else None if search_term >= 0.1 else
+                                   max(pairs, math.ceil(pairs * scan_rate / rescore_rate / (0.1 - search_term))))
+    return out
 
 
 def topic_corpus(n: int, tokens: int, vocab: int, topics: int, gen: torch.Generator) -> tuple[list, list]:
@@ -207,7 +239,9 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--scan-queries", type=int, default=32)
     p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--corpus", type=int, default=1_000_000)
+    p.add_argument("--corpus", default="1000000,10000000", help="corpus sizes (sequences), comma-separated")
+    p.add_argument("--nominations", type=int, default=2, help="queries naming each re-scored sequence (timing)")
+    p.add_argument("--skip-all-queries", action="store_true", help="do not time re-scoring against all queries")
     p.add_argument("--search-rows", type=int, default=262144)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tiny-width", type=int, default=128)

@@ -6,6 +6,7 @@ The Ray-starting tests share one module fixture (a tiny corpus, ``scoring.mode =
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -196,3 +197,72 @@ def test_tfidf_mode_rescores_its_candidates_exactly(index_run):
     for r in rows:
         key = (r["query_id"], r["doc_id"], r["shard"])
         assert key in named and r["score"] == pytest.approx(exact[key], rel=1e-4, abs=1e-6)
+
+
+def test_rescore_unit_scores_only_the_nominated_pairs(index_run, monkeypatch):
+    """A unit emits exactly the nominated (query, sequence) pairs, each equal to ``score_batch`` with all the
+    queries on those sequences; its batches are scored with their own queries only (no Ray: called directly)."""
+    from pipelines.stages import rescore as rs
+
+    cfg, _, _ = index_run
+    shard = list_shards(cfg.data.corpus)[0]
+    seqs = read_rows(shard, None, None)
+    queries = load_queries(storage.local_copy(storage.join(cfg.data.output, "queries")))
+    q0, q1, q2 = queries.query_ids
+    d = seqs.doc_ids
+    candidates = {q0: {(x, shard): "index" for x in d[0:5]}, q1: {(x, shard): "index" for x in d[3:6]},
+                  q2: {(x, shard): "tfidf" for x in d[9:11]}}
+    (unit,) = rs.rescore_units(candidates)
+    assert unit["doc_ids"] == sorted(d[0:6] + d[9:11]) and unit["query_ids"] == [q0, q1, q2]
+    calls = []
+
+    def spy(model, qs, batch, **kw):
+        calls.append((list(qs.query_ids), int(batch.input_ids.shape[0])))
+        return score_batch(model, qs, batch, **kw)
+
+    monkeypatch.setattr(rs, "score_batch", spy)
+    scorer = rs.Rescorer(cfg.model, storage.join(cfg.data.output, "queries"), top_k=3, batch_size=2, sort_window=64)
+    rows = scorer.rescore(json_round_trip(unit)).to_pylist()
+    named = {(q, x, s) for q, found in candidates.items() for x, s in found}
+    got = {(r["query_id"], r["doc_id"], r["shard"]): r["score"] for r in rows}
+    assert len(rows) == len(named) == 10 and set(got) == named
+    assert sum(n for _, n in calls) == 8  # every sequence once
+    assert sum(len(qs) < 3 for qs, _ in calls) >= 2  # q2 names 2 of 8 sequences: at most 2 of 4 batches hold it
+    assert sum(len(qs) * n for qs, n in calls) < 3 * 8  # fewer (query, sequence) products than all queries
+    m = load_model(cfg.model)
+    pos = {x: i for i, x in enumerate(d)}
+    full = score_batch(m.model, queries, collate([seqs.input_ids[pos[x]] for x in unit["doc_ids"]])).scores
+    for (q, x, _), score in got.items():
+        want = float(full[queries.query_ids.index(q), unit["doc_ids"].index(x)])
+        assert score == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert all(r["score_normalized"] == pytest.approx(r["score"] / queries.factor_tokens) for r in rows)
+
+
+def json_round_trip(unit: dict) -> dict:
+    return json.loads(json.dumps(unit, sort_keys=True))  # as run_units hands it to the actor
+
+
+def test_fold_groups_rows_by_query_into_exact_topk():
+    from pipelines.stages.rescore import RESCORED, fold
+
+    rng = np.random.default_rng(1)
+    rows = [(f"q{rng.integers(3)}", f"d{i % 7}", f"s{i % 2}", float(rng.standard_normal()), 0.0) for i in range(30)]
+    rows = list({(q, d, s): (q, d, s, v, v / 10) for q, d, s, v, _ in rows}.values())
+    table = pa.table(list(map(list, zip(*rows))), schema=RESCORED)
+    merges = fold(table, ["q0", "q1", "q2", "q-none"], 2)
+    assert merges["q-none"].table().num_rows == 0
+    for q in ("q0", "q1", "q2"):
+        mine = sorted((r for r in rows if r[0] == q), key=lambda r: (-r[3], row_key(r[1], r[2])))
+        t = merges[q].table().to_pylist()
+        top = [(r["doc_id"], r["shard"], r["score"], r["score_normalized"]) for r in t if r["sign"] == "top"]
+        assert top == [(r[1], r[2], r[3], r[4]) for r in mine[:2]]
+        low = sorted(mine, key=lambda r: (r[3], row_key(r[1], r[2])))[:2]
+        assert [(r["doc_id"], r["score"]) for r in t if r["sign"] == "bottom"] == [(r[1], r[3]) for r in low]
+
+
+def test_rescore_order_groups_by_length_class_then_first_query():
+    from pipelines.stages.rescore import rescore_order
+
+    lengths = np.array([10, 10, 11, 30, 31, 10])  # classes (factor 1.25): 10, 10, 10, 15, 15, 10
+    first = np.array([2, 0, 1, 0, 0, 1])
+    assert rescore_order(lengths, first, np.arange(6)).tolist() == [1, 5, 2, 0, 3, 4]
