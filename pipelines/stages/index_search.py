@@ -117,13 +117,15 @@ def _npz(**arrays: np.ndarray) -> bytes:
 class IndexSearcher:
     """Ray Data callable: ``{"unit": [JSON {"parts": [url, ...]}]}`` -> one row per part: its top-M and bottom-M.
 
-    ``queries``: P [Q, D] float64, or an object reference to it (``ray.put``). Returns per part ``part``
+    ``queries``: P [Q, D] float64, or an object reference to it (``ray.put``); ``chunk_rows``: rows scored
+    at once (``part_top``). Returns per part ``part``
     (its URL), ``seen`` (its rows), ``keys`` (JSON list of the row keys the sides name) and ``sides`` (an
     .npz of top_scores, top_rows, bottom_scores, bottom_rows [Q, n]; rows index ``keys``).
     """
 
-    def __init__(self, queries: Any, m: int, threads: int = 0) -> None:
+    def __init__(self, queries: Any, m: int, threads: int = 0, chunk_rows: int = SEARCH_ROWS) -> None:
         set_threads(threads)
+        self.chunk_rows = chunk_rows
         if not isinstance(queries, np.ndarray):
             import ray
 
@@ -138,7 +140,7 @@ class IndexSearcher:
                                  bottom_rows=empty.astype(np.int32))
         if X.shape[1] != self.P.shape[1]:
             raise ValueError(f"{url}: index rows have width {X.shape[1]}, the queries {self.P.shape[1]}")
-        ts, tr, bs, br = part_top(X, keys, self.P, self.m)
+        ts, tr, bs, br = part_top(X, keys, self.P, self.m, self.chunk_rows)
         named, inverse = np.unique(np.concatenate([tr, br], 1), return_inverse=True)
         inverse = inverse.reshape(tr.shape[0], -1).astype(np.int32)
         return len(keys), json.dumps([keys[i] for i in named]), _npz(
