@@ -170,8 +170,14 @@ def part_key(projection_digest: str, fingerprint: tuple[str, int], groups: tuple
 def plan_parts(cfg: JobConfig, projection_digest: str) -> Ranges:
     """The units of the corpus, each with its current part (``Unit.files``: none when it must be built)."""
     too_long, dtype = cfg.data.too_long.value, cfg.index.dtype.value
-    return plan_ranges(cfg, index_url(cfg, "parts"),
-                       lambda fingerprint, groups: part_key(projection_digest, fingerprint, groups, too_long, dtype))
+    r = plan_ranges(cfg, index_url(cfg, "parts"),
+                    lambda fingerprint, groups: part_key(projection_digest, fingerprint, groups, too_long, dtype))
+    for unit in r.units:  # one part per unit, the file named by it (a copy under another name is stale)
+        unit.files = [f for f in unit.files if f.rsplit("/", 1)[-1] == f"{unit.name}.parquet"]
+        if unit.files:
+            footer = r.footers[unit.files[0]]
+            unit.done_rows, unit.done_sequences = footer["rows"], footer["sequences"]
+    return r
 
 
 def current_parts(cfg: JobConfig) -> list[str]:
