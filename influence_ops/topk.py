@@ -75,3 +75,13 @@ class TopKAccumulator:
         out._absorb(other.top, other.bottom)
         out.seen += other.seen
         return out
+
+    def add_sides(self, top: TopKSide, bottom: TopKSide, seen: int) -> None:
+        """Fold in the kept rows of another part: its top and bottom sides (scores and ids [Q, n], n <= k, over
+        ``seen`` sequences whose doc ids are disjoint from those seen so far)."""
+        for name, side in (("top", top), ("bottom", bottom)):
+            if side.scores.ndim != 2 or side.scores.shape[0] != self.num_queries or side.ids.shape != side.scores.shape:
+                raise ValueError(f"{name} side has scores {side.scores.shape} and ids {side.ids.shape}, expected "
+                                 f"({self.num_queries}, n) for both")
+        self._absorb(top, bottom)
+        self.seen += seen

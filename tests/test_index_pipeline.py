@@ -16,16 +16,17 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from influence_ops import collate, load_queries, score_batch
+from influence_ops import TopKAccumulator, collate, load_queries, score_batch
 from pipelines import config_from_dict
 from pipelines.config import ConfigError
 from pipelines.errors import UserError
 from pipelines.io import storage
 from pipelines.io.model_loading import load_model
-from pipelines.io.shards import list_shards, read_rows
+from pipelines.io.shards import list_shards, read_rows, row_group_rows
 from pipelines.run import run_job
-from pipelines.stages.index_build import build_index, decode_rows, encode_rows, from_arrow, to_arrow
-from pipelines.stages.index_query import candidates_of, top_candidates
+from pipelines.stages.index_build import build_index, current_parts, decode_rows, encode_rows, from_arrow, to_arrow
+from pipelines.stages.index_query import candidates_of
+from pipelines.stages.index_search import IndexSearcher, fold, part_top, read_part, search_units, top_candidates
 from pipelines.stages.merge import row_key
 
 
@@ -34,7 +35,7 @@ def job(world: Path, output: str, corpus: str, candidates: int) -> dict:
         "run_id": "index",
         "model": {"path": str(world / "model")},
         "data": {"raw": str(world / "raw"), "corpus": corpus, "queries": str(world / "queries.jsonl"),
-                 "output": output},
+                 "output": output, "row_group_rows": 4},
         "factors": {"fisher": "empirical", "sample_sequences": 30, "seed": 7, "unit_sequences": 8},
         "scoring": {"top_k": 3, "rank": 4, "per_token": True, "query_precision": "float64", "mode": "index",
                     "candidates": candidates},
@@ -57,14 +58,25 @@ def test_vectors_round_trip_in_each_storage_dtype(dtype, tol):
     np.testing.assert_allclose(got, big.float().numpy(), rtol=max(tol, 1e-6), atol=tol * 4e6)
 
 
-def test_top_m_over_parts_equals_sorting_everything(tmp_path):
+def sorted_sides(scores: np.ndarray, keys: list[str], m: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Top-m and bottom-m keys per query of scores [N, Q] by sorting everything (ties: key ascending)."""
+    top = [[keys[i] for i in sorted(range(len(keys)), key=lambda i: (-scores[i, q], keys[i]))[:m]]
+           for q in range(scores.shape[1])]
+    low = [[keys[i] for i in sorted(range(len(keys)), key=lambda i: (scores[i, q], keys[i]))[:m]]
+           for q in range(scores.shape[1])]
+    return top, low
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 8192])
+def test_top_m_over_parts_equals_sorting_everything(tmp_path, chunk_rows):
+    """Each part's top-M (IndexSearcher, as an actor runs it, in row chunks), folded on the driver == sorting."""
     rng = np.random.default_rng(0)
     parts, keys, mats = [], [], []
     for p in range(3):
         n = 7 + p
-        X = rng.standard_normal((n, 6)).astype(np.float32)
+        X = rng.integers(-2, 3, (n, 6)).astype(np.float32)  # small integers: many tied scores
         X[0] = X[1]  # ties: broken by (doc_id, shard)
-        docs = [f"d{i}" for i in range(n)]
+        docs = [f"d{i}" for i in rng.permutation(n)]
         url = str(tmp_path / f"part{p}.parquet")
         vector, scale = encode_rows(torch.from_numpy(X), "float32")
         storage.write_parquet(url, pa.table({"doc_id": docs, "shard": [f"s{p}"] * n, "tokens": [3] * n,
@@ -72,18 +84,51 @@ def test_top_m_over_parts_equals_sorting_everything(tmp_path):
         parts.append(url)
         keys += [row_key(d, f"s{p}") for d in docs]
         mats.append(X)
-    P = rng.standard_normal((2, 6))
-    acc = top_candidates(parts, P, 4)
+    empty = str(tmp_path / "empty.parquet")
+    vector, scale = encode_rows(torch.zeros(0, 6), "float32")
+    storage.write_parquet(empty, pa.table({"doc_id": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
+                                           "tokens": pa.array([], pa.int32()), "vector": vector, "scale": scale}))
+    P = rng.integers(-2, 3, (2, 6)).astype(np.float64)
+    searcher = IndexSearcher(P, 4, chunk_rows=chunk_rows)
+    out = searcher({"unit": np.asarray([json.dumps({"parts": parts[:2]}), json.dumps({"parts": [parts[2], empty]})],
+                                       dtype=object)})
+    assert list(out["part"]) == parts + [empty] and list(out["seen"]) == [7, 8, 9, 0]
+    acc = TopKAccumulator(2, 4)
+    for i in range(len(out["part"])):
+        fold(acc, {k: v[i] for k, v in out.items()})
+    assert acc.seen == 24
     scores = np.concatenate(mats).astype(np.float64) @ P.T  # (N, Q)
+    top, low = sorted_sides(scores, keys, 4)
     for q in range(2):
-        order = sorted(range(len(keys)), key=lambda i: (-scores[i, q], keys[i]))[:4]
-        assert list(acc.top.ids[q]) == [keys[i] for i in order]
-        np.testing.assert_allclose(acc.top.scores[q], scores[order, q], rtol=1e-12)
-        low = sorted(range(len(keys)), key=lambda i: (scores[i, q], keys[i]))[:4]
-        assert list(acc.bottom.ids[q]) == [keys[i] for i in low]
+        assert list(acc.top.ids[q]) == top[q]
+        np.testing.assert_allclose(acc.top.scores[q], [scores[keys.index(k), q] for k in top[q]], rtol=1e-12)
+        assert list(acc.bottom.ids[q]) == low[q]
     found = candidates_of(acc, ["a", "b"])
     assert set(found) == {"a", "b"} and all(v == "index" for f in found.values() for v in f.values())
     assert all(len(f) <= 8 for f in found.values())
+
+
+def test_part_top_with_ties_equals_sorting_for_any_chunk():
+    """The selection inside a part (partial sort, ties kept at the cut) == sorting, whatever the chunk size."""
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        n, q, m = int(rng.integers(1, 30)), int(rng.integers(1, 4)), int(rng.integers(1, 8))
+        X = rng.integers(-2, 3, (n, 3)).astype(np.float32)
+        keys = [f"d{i}" for i in rng.permutation(n)]
+        P = rng.integers(-2, 3, (q, 3)).astype(np.float64)
+        ts, tr, bs, br = part_top(X, keys, P, m, chunk=int(rng.integers(1, 12)))
+        scores = X.astype(np.float64) @ P.T
+        top, low = sorted_sides(scores, keys, m)
+        assert [[keys[i] for i in r] for r in tr] == top and [[keys[i] for i in r] for r in br] == low
+        np.testing.assert_array_equal(ts, np.take_along_axis(scores.T, tr, 1))
+        np.testing.assert_array_equal(bs, np.take_along_axis(scores.T, br, 1))
+
+
+def test_search_units_cover_every_part_once():
+    urls = [f"p{i}" for i in range(11)]
+    units = search_units(urls, actors=2)
+    assert len(units) == 8 and [u for unit in units for u in unit["parts"]] == urls
+    assert search_units(urls[:3], actors=2) == [{"parts": ["p0"]}, {"parts": ["p1"]}, {"parts": ["p2"]}]
 
 
 def test_config_keys_checked(tmp_path):
@@ -96,8 +141,6 @@ def test_config_keys_checked(tmp_path):
 
 
 def test_index_queries_without_an_index_say_so(tiny_world, tmp_path):
-    from pipelines.stages.index_build import current_parts
-
     corpus = tmp_path / "shards"
     corpus.mkdir()
     storage.write_parquet(str(corpus / "a.parquet"), pa.table({"doc_id": ["x"], "input_ids": [[1, 2, 3]]}))
@@ -176,6 +219,61 @@ def test_new_shard_builds_only_its_unit(index_run):
         (Path(cfg.data.corpus) / "zz-new.parquet").unlink()
         shutil.rmtree(Path(cfg.data.output) / "index" / "parts" / "zz-new.parquet", ignore_errors=True)
         (Path(cfg.data.output) / "index" / "parts" / "zz-new.parquet").unlink(missing_ok=True)
+
+
+def index_rows(urls: list[str]) -> dict[str, tuple[np.ndarray, int]]:
+    """row key -> (vector, tokens) over index parts."""
+    out = {}
+    for url in urls:
+        X, keys = read_part(url)
+        tokens = storage.read_parquet(url, columns=["tokens"]).column(0).to_pylist()
+        assert not set(keys) & set(out), f"{url}: a row in two parts"
+        out.update({k: (x, t) for k, x, t in zip(keys, X, tokens)})
+    return out
+
+
+def test_units_of_a_shard_give_the_rows_of_the_whole_shard(index_run):
+    """scoring.unit_rows cuts shards into row-group units: one part per unit, the rows of the whole-shard build;
+    a re-run builds nothing; a stale part is refused by queries and removed by the build; the Ray search over
+    the unit parts == sorting every score."""
+    cfg, _, root = index_run
+    out = root / "split"
+    shutil.copytree(Path(cfg.data.output) / "factors", out / "factors")
+    shutil.copytree(Path(cfg.data.output) / "index" / "projection", out / "index" / "projection")
+    split = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(out)),
+                                scoring=dataclasses.replace(cfg.scoring, unit_rows=4))
+    groups = sum(len(row_group_rows(s)) for s in list_shards(cfg.data.corpus))
+    built = build_index(split)
+    assert groups > 3 and built["units_total"] == built["scored"] == groups and built["skipped"] == 0
+    assert built["index"]["projection_skipped"] is True
+    parts = current_parts(split)
+    assert len(parts) == groups and all(".rg" in Path(p).name for p in parts)
+    whole, units = index_rows(current_parts(cfg)), index_rows(parts)
+    assert sorted(units) == sorted(whole) and len(units) == built["rows"]["scored"] == built["rows"]["rows"]
+    for key, (x, tokens) in whole.items():
+        assert units[key][1] == tokens
+        np.testing.assert_allclose(units[key][0], x, rtol=1e-5, atol=1e-6 * np.abs(x).max(), err_msg=key)
+
+    again = build_index(split)
+    assert again["scored"] == 0 and again["skipped"] == groups and again["stale_files_removed"] == 0
+
+    stale = out / "index" / "parts" / "old-shard.parquet"
+    shutil.copy(parts[0], stale)  # a part no current unit names
+    with pytest.raises(UserError, match="missing or stale"):
+        current_parts(split)
+    again = build_index(split)
+    assert again["scored"] == 0 and again["stale_files_removed"] == 1 and not stale.exists()
+
+    keys = sorted(units)
+    X = np.stack([units[k][0] for k in keys]).astype(np.float64)
+    P = np.random.default_rng(5).standard_normal((3, X.shape[1]))
+    acc = top_candidates(split, parts, P, 5)
+    assert acc.seen == len(keys)
+    scores = X @ P.T  # (N, Q)
+    top, low = sorted_sides(scores, keys, 5)
+    for q in range(3):
+        assert list(acc.top.ids[q]) == top[q] and list(acc.bottom.ids[q]) == low[q]
+        np.testing.assert_allclose(acc.top.scores[q], [scores[keys.index(k), q] for k in top[q]], rtol=1e-10)
 
 
 def test_tfidf_mode_rescores_its_candidates_exactly(index_run):

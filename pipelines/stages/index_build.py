@@ -10,9 +10,12 @@ Folders under ``<output>/index/``:
     were made from), made once per model and ``[index]`` settings; their key does not depend on
     the factors, the corpus or the queries, so refitted factors keep the index (queries take Lambda~
     from the current factors: ``refit_preconditioner``).
-  - ``parts/<shard name>.parquet``: one file per unit, the same units, actors, resumability and
-    ``on_error`` as ``score`` (``score.run_shard_units``): a unit whose file carries the current key
-    is skipped, so a re-run builds nothing and a new shard builds only its units. Columns:
+  - ``parts/<unit name>.parquet``: one file per unit, the same units (row-group ranges of a shard,
+    ``scoring.unit_rows``, named as ``score_plan.py`` names them: ``<shard name>`` or
+    ``<shard name>.rg<lo>-<hi - 1>``), actors, resumability and ``on_error`` as ``score``
+    (``score_plan.plan_ranges``, ``score.run_tasks``): a unit whose part carries the current key is
+    skipped, so a re-run builds nothing and a new shard builds only its units; parts of no current
+    unit are removed. Columns:
     doc_id string, shard string, tokens int32, vector fixed_size_list<D> of float16 or float32
     (``index.dtype``), or of int16 holding the bfloat16 bits (the top half of a float32), scale
     float32: the row is vector x scale (float16 rows are stored divided by their largest |entry|,
@@ -21,6 +24,7 @@ Folders under ``<output>/index/``:
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from typing import Any
@@ -41,7 +45,8 @@ from ..io.model_loading import load_model, model_identity, pick_device
 from ..io.shards import row_counts
 from ..runtime.batching import prefetch
 from ..runtime.ray_runtime import set_threads
-from .score import KEY, ROWS, SEQUENCES, ShardScorer, run_shard_units
+from .score import ShardScorer, planned_summary, run_tasks
+from .score_plan import GROUPS, KEY, ROWS, SEQUENCES, SHARD, Ranges, Unit, plan_ranges, stale_files
 
 PARTS = "index/parts"
 DTYPE_META = "influence.index_dtype"
@@ -131,80 +136,95 @@ class IndexBuilder(ShardScorer):
         self.dtype, self.batch_size, self.sort_window, self.too_long = dtype, batch_size, sort_window, too_long
         self.objective = LanguageModelObjective()
 
-    def score_unit(self, unit: dict[str, str]) -> tuple[int, int, int]:
-        """Compress every sequence of the unit and write its part; returns (sequences, tokens, rows of the shard)."""
+    def score_unit(self, unit: dict[str, Any]) -> tuple[int, int, int]:
+        """Compress every sequence of the unit and write its part; returns (sequences, tokens, rows of the unit)."""
+        groups = None if unit.get("groups") is None else tuple(unit["groups"])
         self.rows_read, tokens = 0, 0
         ids: list[str] = []
         lengths: list[int] = []
         vectors: list[torch.Tensor] = []
-        for part, batch in prefetch(self.batches(unit["shard"])):
+        for part, batch in prefetch(self.batches(unit["shard"], groups)):
             out = backward_pass(self.m.model, self.m.layers, self.objective, batch, Fisher.EMPIRICAL, None,
                                 self.m.autocast)
             vectors.append(compress(self.proj, out.captured.activations, out.captured.output_grads).cpu())
             ids += [str(d) for d in part.doc_ids]
             lengths += part.lengths.tolist()
             tokens += int(part.lengths.sum())
-        rows = row_counts([unit["shard"]])[0]
+        rows = row_counts([unit["shard"]])[0] if groups is None else int(unit["rows"])
         width = self.proj.width
         matrix = torch.cat(vectors) if vectors else torch.zeros(0, width)
         vector, scale = encode_rows(matrix, self.dtype)
         table = pa.table({"doc_id": pa.array(ids, pa.string()), "shard": pa.array([unit["shard"]] * len(ids)),
                           "tokens": pa.array(lengths, pa.int32()), "vector": vector, "scale": scale})
         storage.write_parquet(unit["output"], table.replace_schema_metadata(
-            {KEY: unit["key"], ROWS: str(rows), SEQUENCES: str(self.rows_read), DTYPE_META: self.dtype}))
+            {KEY: unit["key"], SHARD: unit["shard"], GROUPS: json.dumps(unit.get("groups")), ROWS: str(rows),
+             SEQUENCES: str(self.rows_read), DTYPE_META: self.dtype}))
         return self.rows_read, tokens, rows
 
 
-def part_key(projection_digest: str, fingerprint: tuple[str, int], too_long: str, dtype: str) -> str:
-    return completion.inputs_key("index-part", projection_digest, fingerprint, too_long, dtype)
+def part_key(projection_digest: str, fingerprint: tuple[str, int], groups: tuple[int, int] | None, too_long: str,
+             dtype: str) -> str:
+    return completion.inputs_key("index-part", projection_digest, fingerprint, groups, too_long, dtype)
+
+
+def plan_parts(cfg: JobConfig, projection_digest: str) -> Ranges:
+    """The units of the corpus, each with its current part (``Unit.files``: none when it must be built)."""
+    too_long, dtype = cfg.data.too_long.value, cfg.index.dtype.value
+    r = plan_ranges(cfg, index_url(cfg, "parts"),
+                    lambda fingerprint, groups: part_key(projection_digest, fingerprint, groups, too_long, dtype))
+    for unit in r.units:  # one part per unit, the file named by it (a copy under another name is stale)
+        unit.files = [f for f in unit.files if f.rsplit("/", 1)[-1] == f"{unit.name}.parquet"]
+        if unit.files:
+            footer = r.footers[unit.files[0]]
+            unit.done_rows, unit.done_sequences = footer["rows"], footer["sequences"]
+    return r
 
 
 def current_parts(cfg: JobConfig) -> list[str]:
     """The index parts of the corpus's units, each checked to be current for this projection and settings.
 
-    Raises UserError when the projection or a part is missing or stale (unless ``on_error = "skip"``
-    left out a failed unit's part: then only parts present are returned, and at least one must be).
+    Raises UserError when the projection or a unit's part is missing, or a part is stale (unless
+    ``on_error = "skip"`` left out a failed unit's part: then only parts present are returned, and at
+    least one must be).
     """
-    from ..io.shards import list_shards
-    from .score import score_outputs
-
     projection = completion.completed(index_url(cfg, "projection"), projection_key(cfg))
     if projection is None:
         raise UserError(f"{index_url(cfg, 'projection')} is missing or made with other settings: "
                         "run `influence index` first")
-    shards = list_shards(cfg.data.corpus)
-    urls = score_outputs(cfg, shards, PARTS)
-    present, stale = [], []
-    for fp, url in zip(completion.shard_fingerprints(shards), urls):
-        meta = storage.footer_metadata(url)
-        if meta is None and cfg.on_error == "skip":
-            continue
-        if meta is None or meta.get(KEY) != part_key(projection["digest"], fp, cfg.data.too_long.value,
-                                                     cfg.index.dtype.value):
-            stale.append(url)
-        else:
-            present.append(url)
-    if stale or not present:
-        raise UserError(f"{len(stale) or len(urls)} of {len(urls)} index parts are missing or stale, e.g. "
-                        f"{(stale or urls)[0]}: run `influence index` first")
+    r = plan_parts(cfg, projection["digest"])
+    present = [f for u in r.units for f in u.files]
+    missing = [part_url(cfg, u) for u in r.units if not u.files]
+    stale = stale_files(index_url(cfg, "parts"), r.units)
+    if stale or (missing and cfg.on_error != "skip") or not present:
+        bad = stale + missing
+        raise UserError(f"{len(bad) or len(r.units)} index parts are missing or stale ({len(r.units)} units), e.g. "
+                        f"{(bad or missing or [index_url(cfg, 'parts')])[0]}: run `influence index` first")
     return present
 
 
 def build_index(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
-    """The projection (when missing), then every unit whose part is not current; counts, timings and bytes."""
+    """The projection (when missing), then every unit whose part is not current; counts, timings and bytes.
+
+    Parts of no current unit (another projection or dtype, a removed shard, older units) are removed first.
+    """
     start = time.perf_counter()
     projection = ensure_projection(cfg)
-    digest = projection["digest"]
-
-    def key_of(fingerprint: tuple[str, int]) -> str:
-        return part_key(digest, fingerprint, cfg.data.too_long.value, cfg.index.dtype.value)
+    r = plan_parts(cfg, projection["digest"])
+    removed = stale_files(index_url(cfg, "parts"), r.units)
+    for url in removed:
+        storage.remove(url)
+    todo = [u for u in r.units if not u.files]
+    summary, rows = planned_summary(r.units, todo, r.unit_rows)
+    summary["stale_files_removed"] = len(removed)
 
     def args_of(use_gpu: bool) -> dict[str, Any]:
         return {"model": cfg.model, "projection_url": index_url(cfg, "projection"), "dtype": cfg.index.dtype.value,
                 "batch_size": cfg.resources.batch_size, "sort_window": cfg.scoring.sort_window,
                 "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value}
 
-    summary = run_shard_units(cfg, "index", IndexBuilder, args_of, key_of, PARTS, show_progress)
+    tasks = [u.range_task(part_url(cfg, u)) for u in todo]
+    done = [f for u in r.units for f in u.files]
+    summary = run_tasks(cfg, "index", IndexBuilder, args_of, tasks, summary, rows, done, start, show_progress)
     current = {u.rsplit("/", 1)[-1] for u in summary["outputs"]}
     stored = sum(n for name, n in storage.file_sizes(index_url(cfg, "parts")).items() if name in current)
     sequences = summary["rows"]["scored"]
@@ -216,3 +236,8 @@ def build_index(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
                         "stored_bytes_per_sequence": round(stored / sequences, 1) if sequences else None}
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary
+
+
+def part_url(cfg: JobConfig, unit: Unit) -> str:
+    """``<output>/index/parts/<unit name>.parquet``."""
+    return storage.join(index_url(cfg, "parts"), f"{unit.name}.parquet")

@@ -4,10 +4,10 @@ The queries (tokenized by ``build-queries``: ``queries/queries.parquet``) are co
 with the index's projections on an actor (``QueryCompressor``: one forward/backward per
 query batch) and preconditioned in the projected space with Lambda~ of the current
 factors (``refit_preconditioner``, ``precondition``). Every index part is then scored
-with one matrix product [N, D] x [D, Q] (a simple loop over the parts in the driver:
-the index is small, D numbers per sequence), folded into a ``TopKAccumulator`` of M per
-query and side: the union of the parts' top-M holds the global top-M (ties broken by
-(doc_id, shard)), so the candidates are exactly the index's best M.
+with one matrix product [N, D] x [D, Q] on actors (a Ray Data pass over the parts:
+``index_search.py``), each part's top-M and bottom-M per query folded into a
+``TopKAccumulator`` on the driver: the union of the parts' top-M holds the global
+top-M (ties broken by (doc_id, shard)), so the candidates are exactly the index's best M.
 
 Candidates are ``{query_id: {(doc_id, shard): found_by}}`` (``found_by = "index"``), the
 set that ``rescore.py`` scores exactly (``tfidf`` candidates have the same form).
@@ -30,8 +30,9 @@ from ..config import JobConfig, ModelConfig
 from ..io import storage
 from ..io.model_loading import load_model, pick_device
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
-from .index_build import DTYPE_META, current_parts, decode_rows, index_url
-from .merge import row_key, split_key
+from .index_build import current_parts, index_url
+from .index_search import top_candidates
+from .merge import split_key
 
 Candidates = dict[str, dict[tuple[str, str], str]]
 
@@ -93,21 +94,6 @@ def query_rows(cfg: JobConfig) -> tuple[list[str], torch.Tensor]:
     return ids, precondition(refit_preconditioner(proj, factors, cfg.factors.damping), raw)
 
 
-def top_candidates(part_urls: list[str], P: np.ndarray, m: int) -> TopKAccumulator:
-    """Top-M and bottom-M of each query over the index parts: scores X @ P^T, part by part. P: [Q, D]."""
-    acc = TopKAccumulator(P.shape[0], m)
-    for url in part_urls:
-        table = storage.read_parquet(url)
-        if table.num_rows == 0:
-            continue
-        dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
-        X = decode_rows(table, dtype)  # (N, D)
-        scores = (X.astype(np.float64) @ P.T).T  # (Q, N)
-        keys = [row_key(d, s) for d, s in zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist())]
-        acc.update(scores, keys)
-    return acc
-
-
 def candidates_of(acc: TopKAccumulator, query_ids: list[str], found_by: str = "index") -> Candidates:
     """{query_id: {(doc_id, shard): found_by}} from the top and bottom sides of ``acc``."""
     out: Candidates = {}
@@ -123,7 +109,7 @@ def query_index(cfg: JobConfig) -> tuple[Candidates, dict[str, Any]]:
     present = current_parts(cfg)
     ids, P = query_rows(cfg)
     prepared = time.perf_counter()
-    acc = top_candidates(present, P.numpy(), cfg.scoring.candidates)
+    acc = top_candidates(cfg, present, P.numpy(), cfg.scoring.candidates)
     info = {"queries": len(ids), "parts": len(present), "sequences": acc.seen, "candidates": cfg.scoring.candidates,
             "prepare_seconds": round(prepared - start, 3), "search_seconds": round(time.perf_counter() - prepared, 3)}
     return candidates_of(acc, ids), info

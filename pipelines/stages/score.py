@@ -49,7 +49,7 @@ from ..config import JobConfig, ModelConfig
 from ..errors import UserError
 from ..io import completion, storage
 from ..io.model_loading import load_model, pick_device
-from ..io.shards import Sequences, iter_shard, list_shards, row_counts, shard_name
+from ..io.shards import Sequences, iter_shard, row_counts
 from ..runtime.accounting import UnitLog
 from ..runtime.failures import FailureLog, StageFailed, guard
 from ..runtime.batching import prefetch, token_batches
@@ -57,7 +57,7 @@ from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .build_queries import QUERY_KEYS
 from .distribution import ScoreHistogram, distribution_url
-from .score_plan import GROUPS, KEY, QUERIES, ROWS, SEQUENCES, SHARD, plan
+from .score_plan import GROUPS, KEY, QUERIES, ROWS, SEQUENCES, SHARD, Unit, plan
 from .self_influence import SelfInfluenceRows, self_influence_url
 
 SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64()),
@@ -183,14 +183,6 @@ class ShardScorer:
         return {k: np.asarray(v, dtype=object if k in text else None) for k, v in rows.items()}
 
 
-def score_outputs(cfg: JobConfig, shards: list[str], folder: str = "scores") -> list[str]:
-    """The ``<output>/<folder>/`` file of each whole shard, in shard order (the index's parts: ``index_build``)."""
-    names = [shard_name(s, cfg.data.corpus) for s in shards]
-    if len(set(names)) != len(names):
-        raise ValueError(f"corpus {cfg.data.corpus!r}: two shards map to the same output name")
-    return [storage.join(cfg.data.output, folder, f"{n}.parquet") for n in names]
-
-
 def unit_rows_label(unit: dict[str, Any], failure: dict[str, Any] | None) -> str:
     """The rows a failed unit leaves out, for the errors/ table: "all" (a whole shard) or "first-last" file rows."""
     if failure is None:
@@ -237,16 +229,8 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
     start = time.perf_counter()
     p = plan(cfg, current_query_keys(cfg, queries_digest))
     todo = p.todo
-    rows = {"rows": 0, "scored": 0, "skipped": 0, "unreadable_shards": 0}
-    for unit in p.units:
-        if not unit.missing:
-            rows["rows"] += unit.done_rows if unit.done_rows >= 0 else unit.rows
-            rows["scored"] += unit.done_sequences if unit.done_sequences >= 0 else unit.rows
-    summary: dict[str, Any] = {"shards": len({u.shard for u in p.units}), "units_total": len(p.units),
-                               "unit_rows": p.unit_rows, "skipped": len(p.units) - len(todo), "scored": 0,
-                               "failed": 0, "sequences": 0, "tokens": 0, "failures": [], "actor_seconds": 0.0,
-                               "peak_rss_mb": 0.0, "timeline": [], "stale_files_removed": len(p.removed),
-                               "new_query_units": sum(bool(u.files) for u in todo)}
+    summary, rows = planned_summary(p.units, todo, p.unit_rows)
+    summary.update({"stale_files_removed": len(p.removed), "new_query_units": sum(bool(u.files) for u in todo)})
 
     def args_of(use_gpu: bool) -> dict[str, Any]:
         return {"model": cfg.model, "queries_url": storage.join(cfg.data.output, "queries"),
@@ -257,40 +241,27 @@ def score(cfg: JobConfig, queries_digest: str, show_progress: bool = False) -> d
                 "factors_url": storage.join(cfg.data.output, "factors") if cfg.scoring.writes_self_influence else None}
 
     tasks = [u.task(p.scores_dir, p.queries, p.query_keys) for u in todo]
-    return _run_tasks(cfg, "score", ShardScorer, args_of, tasks, summary, rows, p.files(), start, show_progress)
+    return run_tasks(cfg, "score", ShardScorer, args_of, tasks, summary, rows, p.files(), start, show_progress)
 
 
-def run_shard_units(cfg: JobConfig, stage: str, worker: type, args_of: Any, key_of: Any, folder: str,
-                    show_progress: bool = False) -> dict[str, Any]:
-    """Run ``worker`` (a ``ShardScorer``-like callable) on every whole shard whose output is not current
-    (the index build: ``index_build``; the score stage cuts finer units, ``score``).
-
-    ``key_of(shard fingerprint)`` is the key a unit's output must carry to be skipped; ``args_of(use_gpu)``
-    the worker's constructor arguments; outputs go to ``<output>/<folder>/`` (``score_outputs``).
-    The worker's ``score_unit`` writes each output with KEY, ROWS and SEQUENCES in its footer.
-    The summary has the fields of ``score``'s.
-    """
-    start = time.perf_counter()
-    shards = list_shards(cfg.data.corpus)
-    todo, outputs = [], []
+def planned_summary(units: list[Unit], todo: list[Unit], unit_rows: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """A stage's summary and row counts before the units ``todo`` run: every other unit of ``units`` is done
+    (its rows and sequences from its files' footers). The fields of ``score``'s summary (``run_tasks`` adds
+    the rest); also used by the index build (``index_build``)."""
     rows = {"rows": 0, "scored": 0, "skipped": 0, "unreadable_shards": 0}
-    for (shard, size), out in zip(completion.shard_fingerprints(shards), score_outputs(cfg, shards, folder)):
-        key = key_of((shard, size))
-        meta = storage.footer_metadata(out)
-        if meta is not None and meta.get(KEY) == key:
-            done = int(meta[SEQUENCES]) if SEQUENCES in meta else row_counts([shard])[0]
-            rows["rows"] += int(meta[ROWS]) if ROWS in meta else done
-            rows["scored"] += done
-            outputs.append(out)
-        else:
-            todo.append({"shard": shard, "output": out, "key": key})
-    summary: dict[str, Any] = {"shards": len(shards), "skipped": len(shards) - len(todo), "scored": 0, "failed": 0,
-                               "sequences": 0, "tokens": 0, "failures": [], "actor_seconds": 0.0,
+    running = {id(u) for u in todo}
+    for unit in units:
+        if id(unit) not in running:
+            rows["rows"] += unit.done_rows if unit.done_rows >= 0 else unit.rows
+            rows["scored"] += unit.done_sequences if unit.done_sequences >= 0 else unit.rows
+    summary: dict[str, Any] = {"shards": len({u.shard for u in units}), "units_total": len(units),
+                               "unit_rows": unit_rows, "skipped": len(units) - len(todo), "scored": 0,
+                               "failed": 0, "sequences": 0, "tokens": 0, "failures": [], "actor_seconds": 0.0,
                                "peak_rss_mb": 0.0, "timeline": []}
-    return _run_tasks(cfg, stage, worker, args_of, todo, summary, rows, outputs, start, show_progress)
+    return summary, rows
 
 
-def _run_tasks(cfg: JobConfig, stage: str, worker: type, args_of: Any, tasks: list[dict[str, Any]],
+def run_tasks(cfg: JobConfig, stage: str, worker: type, args_of: Any, tasks: list[dict[str, Any]],
                summary: dict[str, Any], rows: dict[str, int], outputs: list[str], start: float,
                show_progress: bool) -> dict[str, Any]:
     """Run the units ``tasks`` on actors, fold their rows into ``summary`` / ``rows``; check the row accounting."""

@@ -30,6 +30,10 @@ threads or sort_window.
 File names: ``<shard name>`` for a unit that covers the whole shard, else
 ``<shard name>.rg<lo>-<hi - 1>`` (5 digits each); a file that holds only some
 of the unit's queries adds ``.q<hash of its query keys>``.
+
+The influence index (``index_build.py``) is cut into the same units by
+``plan_ranges`` (one part per unit in ``index/parts/``, named like the unit; its
+footers carry no queries: a unit is done when its part carries the current key).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from ..config import JobConfig
@@ -76,11 +81,14 @@ class Unit:
 
     def task(self, scores_dir: str, all_queries: list[str], query_keys: dict[str, str]) -> dict[str, Any]:
         """The JSON unit an actor gets."""
+        return {**self.range_task(self.output(scores_dir, all_queries, query_keys)),
+                "queries": [[q, query_keys[q]] for q in self.missing], "all_queries": self.missing == all_queries}
+
+    def range_task(self, output: str) -> dict[str, Any]:
+        """The JSON unit of any stage that writes one file per unit (``output``): shard, rows, key."""
         return {"shard": self.shard, "name": self.name, "groups": None if self.groups is None else list(self.groups),
-                "first_row": self.first_row, "rows": self.rows, "key": self.key,
-                "output": self.output(scores_dir, all_queries, query_keys),
-                "queries": [[q, query_keys[q]] for q in self.missing],
-                "all_queries": self.missing == all_queries, "whole": self.whole}
+                "first_row": self.first_row, "rows": self.rows, "key": self.key, "output": output,
+                "whole": self.whole}
 
 
 def unit_key(cfg: JobConfig, shard: tuple[str, int], groups: tuple[int, int] | None) -> str:
@@ -133,48 +141,63 @@ class Plan:
         return [f for u in self.units for f in u.files]
 
 
-def _existing(scores_dir: str, unreadable: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Readable footers of the score files already written, by shard: {url, key, groups, queries, rows, sequences}.
+def _existing(folder: str, unreadable: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Readable footers of the files already written in ``folder``, by shard: {url, key, groups, queries, rows,
+    sequences} (queries None when the footer names none: index parts, or an older version's score files).
 
     Files whose footer does not read are appended to ``unreadable``.
     """
     found: dict[str, list[dict[str, Any]]] = {}
-    for url in storage.list_files(scores_dir, suffix=".parquet"):
+    for url in storage.list_files(folder, suffix=".parquet"):
         meta = storage.footer_metadata(url)
         if meta is None:
             unreadable.append(url)
-        if meta is None or not {SHARD, GROUPS, QUERIES} <= set(meta):
+        if meta is None or not {SHARD, GROUPS} <= set(meta):
             continue  # truncated, or written by an older version: stale
         groups = json.loads(meta[GROUPS])
         found.setdefault(meta[SHARD], []).append({
             "url": url, "key": meta.get(KEY), "groups": None if groups is None else tuple(groups),
-            "queries": {tuple(p) for p in json.loads(meta[QUERIES])},
+            "queries": {tuple(p) for p in json.loads(meta[QUERIES])} if QUERIES in meta else None,
             "rows": int(meta.get(ROWS, -1)), "sequences": int(meta.get(SEQUENCES, -1))})
     return found
 
 
-def kept_ranges(cfg: JobConfig, shard: tuple[str, int], files: list[dict[str, Any]], num_groups: int,
-                current: set[tuple[str, str]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
-    """The shard's files still current, by row-group range (ranges never overlap: the first in range order wins)."""
+def kept_ranges(files: list[dict[str, Any]], num_groups: int, key_of: Callable[[tuple[int, int]], str],
+                keep: Callable[[dict[str, Any]], bool]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """A shard's files still current (``key_of(range)`` in the footer, and ``keep(file)``), by row-group range
+    (ranges never overlap: the first in range order wins)."""
     ranges: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for f in sorted(files, key=lambda f: (f["groups"] or (-1, -1), f["url"])):
         g = f["groups"]
-        if g is None or not 0 <= g[0] < g[1] <= num_groups or f["key"] != unit_key(cfg, shard, g) \
-                or not f["queries"] <= current:
+        if g is None or not 0 <= g[0] < g[1] <= num_groups or f["key"] != key_of(g) or not keep(f):
             continue
         if g in ranges or not any(a < g[1] and g[0] < b for a, b in ranges):
             ranges.setdefault(g, []).append(f)
     return ranges
 
 
-def plan(cfg: JobConfig, query_keys: dict[str, str], clean: bool = True) -> Plan:
-    """The units of the corpus with what each still needs (``clean``: remove the stale files)."""
-    scores_dir = storage.join(cfg.data.output, "scores")
+@dataclass
+class Ranges:
+    """The units of the corpus (shard order, then range order), each with its kept files (``Unit.files``)."""
+
+    units: list[Unit]
+    unit_rows: int
+    footers: dict[str, dict[str, Any]]  # kept file URL -> what its footer says (``_existing``)
+    unreadable: list[str]  # files whose footer did not read (truncated)
+
+
+def plan_ranges(cfg: JobConfig, folder: str, key_of: Callable[[tuple[str, int], tuple[int, int] | None], str],
+                keep: Callable[[dict[str, Any]], bool] = lambda f: True) -> Ranges:
+    """The units of the corpus for a stage that writes files named by unit into ``folder`` (``score``: scores/,
+    the index: index/parts/): kept ranges as they are, new units (``scoring.unit_rows``) over the rest.
+
+    ``key_of(shard fingerprint, row-group range)`` is the key a current file's footer carries; ``keep(file)``
+    any further test of a file (the score stage: its queries are current). ``Unit.missing`` is left empty.
+    """
     shards = list_shards(cfg.data.corpus)
     names = [shard_name(s, cfg.data.corpus) for s in shards]
     if len(set(names)) != len(names):
         raise ValueError(f"corpus {cfg.data.corpus!r}: two shards map to the same output name")
-    queries = list(query_keys)
     sizes: dict[str, list[int] | None] = {}
     for shard in shards:
         try:
@@ -184,16 +207,16 @@ def plan(cfg: JobConfig, query_keys: dict[str, str], clean: bool = True) -> Plan
     total = sum(sum(s) for s in sizes.values() if s is not None)
     unit_rows = cfg.scoring.unit_rows or auto_unit_rows(total, cfg.resources.actors)
     unreadable: list[str] = []
-    existing = _existing(scores_dir, unreadable)
+    existing = _existing(folder, unreadable)
     units: list[Unit] = []
-    current = set(query_keys.items())
+    footers: dict[str, dict[str, Any]] = {}
     for (shard, size), base in zip(completion.shard_fingerprints(shards), names):
         groups = sizes[shard]
         if groups is None:
-            units.append(Unit(shard, base, unit_key(cfg, (shard, size), None), None, missing=list(queries)))
+            units.append(Unit(shard, base, key_of((shard, size), None), None))
             continue
         starts = [sum(groups[:i]) for i in range(len(groups) + 1)]
-        ranges = kept_ranges(cfg, (shard, size), existing.get(shard, []), len(groups), current)
+        ranges = kept_ranges(existing.get(shard, []), len(groups), lambda g, fp=(shard, size): key_of(fp, g), keep)
         gaps, at = [], 0
         for a, b in sorted(ranges) + [(len(groups), len(groups))]:
             if at < a:
@@ -201,17 +224,35 @@ def plan(cfg: JobConfig, query_keys: dict[str, str], clean: bool = True) -> Plan
             at = max(at, b)
         for g in sorted(list(ranges) + gaps):
             files = ranges.get(g, [])
-            have = {q for f in files for q, _ in f["queries"]}
-            unit = Unit(shard, unit_name(base, g, len(groups)), unit_key(cfg, (shard, size), g), g, starts[g[0]],
-                        starts[g[1]] - starts[g[0]], [f["url"] for f in files], [q for q in queries if q not in have])
+            footers.update({f["url"]: f for f in files})
+            unit = Unit(shard, unit_name(base, g, len(groups)), key_of((shard, size), g), g, starts[g[0]],
+                        starts[g[1]] - starts[g[0]], [f["url"] for f in files])
             unit.whole = g == (0, len(groups))
             if files:
                 unit.done_rows, unit.done_sequences = files[0]["rows"], files[0]["sequences"]
             units.append(unit)
-    p = Plan(units, queries, query_keys, scores_dir, unit_rows, [], unreadable)
+    return Ranges(units, unit_rows, footers, unreadable)
+
+
+def stale_files(folder: str, units: list[Unit]) -> list[str]:
+    """The files in ``folder`` that no unit keeps."""
+    kept = {f for u in units for f in u.files}
+    return [u for u in storage.list_files(folder, suffix=".parquet") if u not in kept]
+
+
+def plan(cfg: JobConfig, query_keys: dict[str, str], clean: bool = True) -> Plan:
+    """The units of the corpus with what each still needs (``clean``: remove the stale files)."""
+    scores_dir = storage.join(cfg.data.output, "scores")
+    queries = list(query_keys)
+    current = set(query_keys.items())
+    r = plan_ranges(cfg, scores_dir, lambda shard, groups: unit_key(cfg, shard, groups),
+                    lambda f: f["queries"] is not None and f["queries"] <= current)
+    for unit in r.units:
+        have = {q for f in unit.files for q, _ in r.footers[f]["queries"]}
+        unit.missing = [q for q in queries if q not in have]
+    p = Plan(r.units, queries, query_keys, scores_dir, r.unit_rows, [], r.unreadable)
     if clean:
-        kept = set(p.files())
-        p.removed = [u for u in storage.list_files(scores_dir, suffix=".parquet") if u not in kept]
+        p.removed = stale_files(scores_dir, p.units)
         _remove_stale(p, cfg.data.output)
     return p
 
