@@ -67,8 +67,11 @@ def test_projected_preconditioner_equals_dense_formula(fitted, kind):
         q = torch.kron(lf.eigen.q_s, lf.eigen.q_a)  # (d_out d_in', d_out d_in')
         H = q @ torch.diag(lf.eigenvalues.flatten()) @ q.T  # fitted EK-FAC, dense
         R = torch.kron(p.r_out, p.r_in)  # (k_out k_in, d_out d_in')
-        # orthonormal rows; whitened: O W with O orthonormal, i.e. R [(S + d_S I) x (A + d_A I)] R^T = I
-        K = torch.eye(R.shape[1], dtype=R.dtype) if kind != ProjectionKind.WHITENED else _damped_kron(lf)
+        # orthonormal rows; whitened: O K^(-1/2) with O orthonormal, K = (S + d_S I) x (A + d_A I), i.e.
+        # R K R^T = I; weighted: O K^(1/2), R K^-1 R^T = I
+        K = {ProjectionKind.WHITENED: lambda: _damped_kron(lf),
+             ProjectionKind.WEIGHTED: lambda: torch.linalg.inv(_damped_kron(lf))}.get(
+            kind, lambda: torch.eye(R.shape[1], dtype=R.dtype))()
         assert_close(R @ K @ R.T, torch.eye(12, dtype=R.dtype), 1e-9, 1e-12, f"{name} orthonormal rows")
         Hp = R @ H @ R.T
         assert_close(p.lam.flatten(), torch.diagonal(Hp), 1e-8, 1e-12, f"{name} Lambda~")
@@ -182,3 +185,11 @@ def test_refit_preconditioner_keeps_the_rows_and_follows_the_factors(fitted):
     for name, p in proj.layers.items():
         assert_close(moved.layers[name].lam, 2 * p.lam, EXACT_RTOL, EXACT_ATOL, f"{name} Lambda~ x 2")
         assert moved.layers[name].damping == 0.5
+
+
+def test_index_projection_job_key_accepts_every_kind():
+    from pipelines.config import ConfigError, IndexConfig
+
+    assert IndexConfig(projection="whitened").projection == ProjectionKind.WHITENED
+    with pytest.raises(ConfigError, match="index.projection.*eigen.*random.*whitened"):
+        IndexConfig(projection="pca")
