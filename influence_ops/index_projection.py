@@ -76,6 +76,8 @@ widths and c = 1, R = O W with O orthogonal and rotated into the eigenbasis, i.e
 permutation of diag(e + delta)^(-1/2) Q^T per factor: D_ij = (Lambda_ij + lambda) w_s,i^2 w_a,j^2
 and I~ is again the EK-FAC score exactly. With k < d it is the JL estimate above with the
 EK-FAC correction D applied diagonally in the projected basis.
+The rows of ``whitened`` and ``weighted`` use the factors and damping of the build; after a refit
+(``refit_preconditioner``) only Lambda~, lambda and so D follow the new factors (N and c are the rows').
 """
 
 from __future__ import annotations
