@@ -26,9 +26,10 @@ Part 2, recall: a tiny GPT-2 (width --tiny-width, 2 blocks) trained for --train-
 on a synthetic corpus of topic Markov chains (each topic: its own sparse successor table),
 EK-FAC fitted (empirical Fisher), --tiny-queries queries from the same topics. Exact
 scores (``score_batch``, rank-r queries, as the scan) of --tiny-corpus sequences give each
-query's top-10; reported: the fraction of it inside the index's top-100 (M = --candidates),
-curvature-aware (eigen) vs random projection, both k = --tiny-k; and bytes per sequence of a
-float16 Parquet part.
+query's top-10; reported: the fraction of it inside the index's top-100 (M = --candidates)
+for every projection kind (--tiny-kinds: eigen, random, whitened, weighted) at each k of
+--tiny-k, mean over the projection seeds --tiny-projection-seeds (per seed in the JSON); and
+bytes per sequence of a float16 Parquet part.
 
 Run (numbers in README "Choosing a scoring mode"):
     PYTHONPATH=. .venv/bin/python benchmarks/index_search.py --device cuda
@@ -50,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import influence_ops as io  # noqa: E402
-from influence_ops.index_projection import compress, make_projection, precondition  # noqa: E402
+from influence_ops.index_projection import ProjectionKind, compress, make_projection, precondition  # noqa: E402
 from influence_ops.objectives import LanguageModelObjective  # noqa: E402
 from index import gpt2, random_factors, sync  # noqa: E402  (benchmarks/index.py)
 
@@ -197,22 +198,31 @@ def recall(args) -> dict:
     top10 = exact.topk(10, dim=1).indices
     res: dict = {"final_train_loss": float(loss.detach()), "queries": len(qids), "corpus": len(corpus)}
     obj = LanguageModelObjective()
-    for kind, k in [(kind, int(k)) for k in args.tiny_k.split(",") for kind in ("eigen", "random")]:
-        proj = make_projection(factors, kind, k, k, seed=args.seed)
-        on = proj.to(dev, torch.float32)
-        qc = io.backward_pass(model, layers, obj, qbatch).captured
-        P = precondition(proj, compress(on, qc.activations, qc.output_grads).cpu())  # (Q, D)
-        rows = []
-        for b in batches:
-            c = io.backward_pass(model, layers, obj, b).captured
-            rows.append(compress(on, c.activations, c.output_grads).cpu().half())
-        X = torch.cat(rows)  # (N, D) float16, as stored
-        approx = P @ X.double().T
+    kinds = [k.value for k in ProjectionKind] if args.tiny_kinds == "all" else args.tiny_kinds.split(",")
+    seeds = [int(s) for s in args.tiny_projection_seeds.split(",")]
+    configs = [(kind, int(k), s) for k in args.tiny_k.split(",") for kind in kinds
+               for s in (seeds[:1] if kind == "eigen" else seeds)]  # eigen has no randomness
+    projs = {c: make_projection(factors, c[0], c[1], c[1], seed=c[2]) for c in configs}
+    on = {c: p.to(dev, torch.float32) for c, p in projs.items()}
+    qc = io.backward_pass(model, layers, obj, qbatch).captured
+    P = {c: precondition(projs[c], compress(on[c], qc.activations, qc.output_grads).cpu()) for c in configs}  # (Q, D)
+    rows: dict = {c: [] for c in configs}
+    for b in batches:  # one backward pass per batch, compressed by every projection
+        cap = io.backward_pass(model, layers, obj, b).captured
+        for c in configs:
+            rows[c].append(compress(on[c], cap.activations, cap.output_grads).cpu().half())
+    key = "recall_top10_in_top%d" % args.candidates
+    for kind, k, seed in configs:
+        X = torch.cat(rows[(kind, k, seed)])  # (N, D) float16, as stored
+        approx = P[(kind, k, seed)] @ X.double().T
         found = approx.topk(args.candidates, dim=1).indices
         hits = [len(set(top10[q].tolist()) & set(found[q].tolist())) / 10 for q in range(len(qids))]
-        res[f"{kind}_k{k}"] = {"recall_top10_in_top%d" % args.candidates: sum(hits) / len(hits), "min": min(hits),
-                               "width": proj.width}
-        if kind == "eigen":  # as index_build.py stores it: fixed_size_list<float16>, zstd
+        one = {key: sum(hits) / len(hits), "min": min(hits), "width": projs[(kind, k, seed)].width, "seed": seed}
+        entry = res.setdefault(f"{kind}_k{k}", {key: 0.0, "per_seed": []})
+        entry["per_seed"].append(one)
+        entry[key] = sum(e[key] for e in entry["per_seed"]) / len(entry["per_seed"])  # mean over seeds
+        print(f"recall k={k} {kind} seed {seed}: {one}", flush=True)
+        if kind == kinds[0] and seed == seeds[0]:  # as index_build.py stores it: fixed_size_list<float16>, zstd
             import numpy as np
             import pyarrow as pa
             import pyarrow.parquet as pq_
@@ -220,7 +230,7 @@ def recall(args) -> dict:
             flat = pa.array(X.numpy().astype(np.float16).reshape(-1), pa.float16())
             buf = pyio.BytesIO()
             pq_.write_table(pa.table({"doc_id": [f"doc-{i:08d}" for i in range(len(corpus))],
-                                      "vector": pa.FixedSizeListArray.from_arrays(flat, proj.width)}), buf,
+                                      "vector": pa.FixedSizeListArray.from_arrays(flat, X.shape[1])}), buf,
                             compression="zstd")
             res[f"parquet_bytes_per_sequence_float16_k{k}"] = len(buf.getvalue()) / len(corpus)
     return res
@@ -249,6 +259,8 @@ def main() -> None:
     p.add_argument("--tiny-corpus", type=int, default=4096)
     p.add_argument("--tiny-queries", type=int, default=32)
     p.add_argument("--tiny-k", default="8,16,32", help="projected widths k_out = k_in, comma-separated")
+    p.add_argument("--tiny-kinds", default="all", help="projection kinds of the recall part, comma-separated")
+    p.add_argument("--tiny-projection-seeds", default="0", help="seeds of the random projections (recall: mean)")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-recall", action="store_true")

@@ -62,11 +62,12 @@ Sections (every key optional unless marked required)::
     candidates = 100                    # index / tfidf: candidates per query and side, re-scored exactly
     [index]                             # the influence index (scoring.mode = "index"; `influence index`)
     projection = "eigen"                # eigen (top eigenvectors of the fitted S and A) | random (seeded Gaussian)
+                                        # | weighted (Gaussian x (S + d I)^1/2) | whitened (x (S + d I)^-1/2)
     k_out = 16                          # projected output width per layer
     k_in = 16                           # projected input width per layer (bytes per sequence: layers x k_out x k_in
                                         # x 2 for float16 / bfloat16, x 4 for float32)
     dtype = "float16"                   # float16 | bfloat16 | float32: storage of the compressed gradients
-    seed = 0                            # seed of the random projection
+    seed = 0                            # seed of the random, weighted and whitened projections
     [resources]
     ray_address = ""                    # empty: start a local Ray sized for this machine
     actors = 1

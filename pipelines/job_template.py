@@ -69,11 +69,12 @@ mode = "scan"                     # scan: score every sequence | index: the infl
 candidates = 100                  # index / tfidf: candidates per query and side re-scored exactly
 
 [index]                           # the influence index (scoring.mode = "index", or `influence index job.toml`)
-projection = "eigen"              # eigen: top eigenvectors of the fitted factors | random: seeded Gaussian
+projection = "eigen"              # eigen: top eigenvectors of the fitted factors | random: seeded Gaussian |
+                                  # weighted / whitened: Gaussian x (S + d I)^(+-1/2) (README "Choosing a scoring mode")
 k_out = 16                        # projected output width per layer
 k_in = 16                         # projected input width per layer
 dtype = "float16"                 # float16 | bfloat16 | float32 (bytes per sequence: layers x k_out x k_in x 2 or 4)
-seed = 0                          # seed of the random projection
+seed = 0                          # seed of the random, weighted and whitened projections
 
 [resources]
 ray_address = ""                  # "" = a local Ray sized for this machine; or "ray://host:10001", "auto"

@@ -19,6 +19,7 @@ from influence_ops.index_projection import (
     project_gradient,
     refit_preconditioner,
     save_projection,
+    whitening_damping,
 )
 from influence_ops.objectives import LanguageModelObjective
 from ops_helpers import assert_close, batches_of, random_queries, random_sequences, tiny_gpt2
@@ -66,7 +67,12 @@ def test_projected_preconditioner_equals_dense_formula(fitted, kind):
         q = torch.kron(lf.eigen.q_s, lf.eigen.q_a)  # (d_out d_in', d_out d_in')
         H = q @ torch.diag(lf.eigenvalues.flatten()) @ q.T  # fitted EK-FAC, dense
         R = torch.kron(p.r_out, p.r_in)  # (k_out k_in, d_out d_in')
-        assert_close(R @ R.T, torch.eye(12, dtype=R.dtype), EXACT_RTOL, 1e-12, f"{name} orthonormal rows")
+        # orthonormal rows; whitened: O K^(-1/2) with O orthonormal, K = (S + d_S I) x (A + d_A I), i.e.
+        # R K R^T = I; weighted: O K^(1/2), R K^-1 R^T = I
+        K = {ProjectionKind.WHITENED: lambda: _damped_kron(lf),
+             ProjectionKind.WEIGHTED: lambda: torch.linalg.inv(_damped_kron(lf))}.get(
+            kind, lambda: torch.eye(R.shape[1], dtype=R.dtype))()
+        assert_close(R @ K @ R.T, torch.eye(12, dtype=R.dtype), 1e-9, 1e-12, f"{name} orthonormal rows")
         Hp = R @ H @ R.T
         assert_close(p.lam.flatten(), torch.diagonal(Hp), 1e-8, 1e-12, f"{name} Lambda~")
         # the rows are the eigenbasis of the projected factors: S~ and A~ are diagonal
@@ -78,8 +84,9 @@ def test_projected_preconditioner_equals_dense_formula(fitted, kind):
         v = torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         one = type(proj)({name: p}, proj.kind, proj.fingerprint)
         got = precondition(one, v)
-        want = torch.linalg.solve(torch.diag(torch.diagonal(Hp)) + p.damping * torch.eye(12, dtype=Hp.dtype), v.T).T
-        assert_close(got, want, EXACT_RTOL, EXACT_ATOL, f"{name} P~")
+        # D = diag(R (H + lambda I) R^T) / c (orthonormal rows: Lambda~ + lambda)
+        want = torch.linalg.solve(torch.diag(torch.diagonal(Hp + p.damping * R @ R.T)) / p.scale, v.T).T
+        assert_close(got, want, 1e-9, EXACT_ATOL, f"{name} P~")
         if kind == ProjectionKind.EIGEN:
             dense = torch.linalg.solve(Hp + p.damping * torch.eye(12, dtype=Hp.dtype), v.T).T
             assert_close(got, dense, 1e-8, 1e-12, f"{name} P~ vs (R H R^T + lambda I)^-1")
@@ -103,6 +110,45 @@ def test_full_width_index_scores_equal_exact_ekfac_scores(fitted, kind, tmp_path
     want = score_batch(model, pq, train).scores  # (Q, B)
     tol = (EXACT_RTOL, EXACT_ATOL) if kind == ProjectionKind.EIGEN else (ROTATED_RTOL, ROTATED_ATOL)
     assert_close(P @ X.T, want, *tol, name=f"{kind.value} index scores")
+
+
+def _damped_kron(lf, damping=None):
+    """(S + delta_S I) x (A + delta_A I) [d_out d_in', d_out d_in'] dense (torch.kron), the whitened split."""
+    d_s, d_a = whitening_damping(lf, damping)
+    S = lf.eigen.q_s * lf.eigen.e_s.clamp_min(0) @ lf.eigen.q_s.T
+    A = lf.eigen.q_a * lf.eigen.e_a.clamp_min(0) @ lf.eigen.q_a.T
+    return torch.kron(S + d_s * torch.eye(len(S), dtype=S.dtype), A + d_a * torch.eye(len(A), dtype=A.dtype))
+
+
+def test_full_width_whitened_inner_product_is_the_split_damped_kfac_influence(fitted, tmp_path):
+    """k = d: <G~_q, G~_m> (no preconditioner) = vec(q)^T [(S + d_S I) x (A + d_A I)]^-1 vec(m), dense."""
+    model, layers, factors = fitted
+    proj = make_projection(factors, ProjectionKind.WHITENED, k_out=10_000, k_in=10_000, seed=3)
+    qb, train = random_queries(3, seed=31), batches_of(random_sequences(5, seed=32), 5)[0]
+    qc, tc = captured(model, layers, qb), captured(model, layers, train)
+    for layer in layers:
+        name, lf, p = layer.name, factors.layers[layer.name], proj.layers[layer.name]
+        assert p.scale == 1.0 and p.r_out.shape[0] == p.r_out.shape[1] and p.r_in.shape[0] == p.r_in.shape[1]
+        got = torch.einsum("qoi,boi->qb", compress_layer(p, qc.activations[name], qc.output_grads[name]),
+                           compress_layer(p, tc.activations[name], tc.output_grads[name]))
+        gq = sequence_gradient(qc.activations[name], qc.output_grads[name]).flatten(1)  # (Q, d_out d_in')
+        gm = sequence_gradient(tc.activations[name], tc.output_grads[name]).flatten(1)  # (B, d_out d_in')
+        want = gq @ torch.linalg.solve(_damped_kron(lf), gm.T)
+        assert_close(got, want, 1e-8, 1e-12, f"{name} split-damped K-FAC")
+
+
+def test_whitened_projection_scale_and_save_load(fitted, tmp_path):
+    """k < d: the score scale c = d_out d_in' / (k_out k_in) (unbiased JL estimate) survives save / load."""
+    _, _, factors = fitted
+    proj = make_projection(factors, ProjectionKind.WHITENED, k_out=4, k_in=3, seed=8)
+    save_projection(proj, tmp_path)
+    back = load_projection(tmp_path)
+    assert back.kind == ProjectionKind.WHITENED
+    for name, (d_out, d_in) in factors.shapes.items():
+        p, b = proj.layers[name], back.layers[name]
+        assert p.scale == d_out * d_in / 12 and b.scale == p.scale
+        assert_close(b.denominator(), p.denominator(), EXACT_RTOL, EXACT_ATOL, f"{name} D after load")
+        assert float((p.denominator() - (p.lam + p.damping)).abs().max()) > 0  # not the orthonormal formula
 
 
 def test_truncated_eigen_projection_is_the_restricted_score(fitted):
@@ -139,3 +185,11 @@ def test_refit_preconditioner_keeps_the_rows_and_follows_the_factors(fitted):
     for name, p in proj.layers.items():
         assert_close(moved.layers[name].lam, 2 * p.lam, EXACT_RTOL, EXACT_ATOL, f"{name} Lambda~ x 2")
         assert moved.layers[name].damping == 0.5
+
+
+def test_index_projection_job_key_accepts_every_kind():
+    from pipelines.config import ConfigError, IndexConfig
+
+    assert IndexConfig(projection="whitened").projection == ProjectionKind.WHITENED
+    with pytest.raises(ConfigError, match="index.projection.*eigen.*random.*whitened"):
+        IndexConfig(projection="pca")
