@@ -78,7 +78,9 @@ def analyse(scores: torch.Tensor, docs: list[dict], queries: list[dict], facts: 
     """Counts of each class above the first source (corpus queries) and the metric with and without (a)."""
     counts = dict.fromkeys(CLASSES, 0)
     queries_with = dict.fromkeys(CLASSES, 0)
-    ranks, ranks_no_a, a_only = [], [], 0
+    distinct: dict[str, set[str]] = {c: set() for c in CLASSES}
+    hubs: dict[str, int] = {}  # doc id -> corpus queries whose first source it outranks
+    ranks, ranks_no_a, ranks_no_ac3, a_only = [], [], [], 0
     for qi, q in enumerate(queries):
         if q["set"] != "corpus":
             continue
@@ -87,15 +89,22 @@ def analyse(scores: torch.Tensor, docs: list[dict], queries: list[dict], facts: 
         is_src = [d["source_of"] == q["fact"] for d in docs]
         ranks.append(first_source_rank(row, is_src))
         best = max(s for s, src in zip(row, is_src) if src)
-        above = [classify(d, fact, facts) for d, s, src in zip(docs, row, is_src) if not src and s > best]
+        above_docs = [d for d, s, src in zip(docs, row, is_src) if not src and s > best]
+        above = [classify(d, fact, facts) for d in above_docs]
+        for d, c in zip(above_docs, above):
+            distinct[c].add(d["id"])
+            hubs[d["id"]] = hubs.get(d["id"], 0) + 1
         for c in CLASSES:
             counts[c] += above.count(c)
             queries_with[c] += c in above
         a_only += bool(above) and all(c == CLASSES[0] for c in above)
-        keep = [i for i, d in enumerate(docs) if classify(d, fact, facts) != CLASSES[0] or is_src[i]]
-        ranks_no_a.append(first_source_rank([row[i] for i in keep], [is_src[i] for i in keep]))
+        cls = [classify(d, fact, facts) for d in docs]
+        for out, drop in ((ranks_no_a, {CLASSES[0]}), (ranks_no_ac3, {CLASSES[0], "c3_distractor_naming_value"})):
+            keep = [i for i in range(len(docs)) if is_src[i] or cls[i] not in drop]
+            out.append(first_source_rank([row[i] for i in keep], [is_src[i] for i in keep]))
     total = sum(counts.values())
-    return {"ranks": ranks, "ranks_no_a": ranks_no_a, "counts": counts, "queries_with": queries_with,
+    return {"ranks": ranks, "ranks_no_a": ranks_no_a, "ranks_no_ac3": ranks_no_ac3, "counts": counts, "queries_with": queries_with,
+            "distinct": {c: len(v) for c, v in distinct.items()}, "hubs": hubs,
             "total_above": total, "a_only": a_only, "n": len(ranks)}
 
 
@@ -130,24 +139,34 @@ def main() -> None:
 
     _, fact_list, _ = make_facts_corpus(FULL.people, FULL.towns, FULL.jobs, 3, FULL.distractors, seed=0)
     facts = {x.key: x for x in fact_list}
-    shares, metrics = [], []
+    shares, metrics, hubs = [], [], []
     for normalize in ("none", "train_norm"):
         scores = torch.cat([ops.score_batch(model, pq, b, normalize=ops.Normalize(normalize)).scores
                             for b in batches], dim=1)
         r = analyse(scores, docs, queries, facts)
-        m, m_no_a = retrieval(r["ranks"], 10), retrieval(r["ranks_no_a"], 10)
+        m, m_no_a, m_no_ac3 = (retrieval(r[k], 10) for k in ("ranks", "ranks_no_a", "ranks_no_ac3"))
         suite_recall, suite_mrr = SUITE[normalize]
         metrics.append({"normalize": normalize, "recall@10 (suite's metric, here)": round(m["recall@10"], 4),
                         "mrr (suite's metric, here)": round(m["mrr"], 4),
                         "suite facts.md recall@10 / mrr": f"{suite_recall:.4f} / {suite_mrr:.4f}",
                         "DIAGNOSTIC recall@10 without (a)": round(m_no_a["recall@10"], 4),
                         "DIAGNOSTIC mrr without (a)": round(m_no_a["mrr"], 4),
+                        "DIAGNOSTIC recall@10 without (a), (c3)": round(m_no_ac3["recall@10"], 4),
+                        "DIAGNOSTIC mrr without (a), (c3)": round(m_no_ac3["mrr"], 4),
                         "queries with a non-source above": sum(x > 1 for x in r["ranks"]),
                         "of them only (a) above": r["a_only"], "queries": r["n"]})
         for c in CLASSES:
             shares.append({"normalize": normalize, "class": c, "documents_above": r["counts"][c],
                            "share_of_documents_above": round(r["counts"][c] / max(r["total_above"], 1), 4),
-                           "queries_with_it_above": r["queries_with"][c]})
+                           "queries_with_it_above": r["queries_with"][c],
+                           "distinct_documents": r["distinct"][c]})
+        by_id = {d["id"]: d for d in docs}
+        for doc_id, n in sorted(r["hubs"].items(), key=lambda kv: -kv[1])[:5]:
+            hubs.append({"normalize": normalize, "doc_id": doc_id, "corpus_queries_outranked": n,
+                         "tokens": len(seqs[[d["id"] for d in docs].index(doc_id)]),
+                         "text": by_id[doc_id]["text"]})
+        hubs.append({"normalize": normalize, "doc_id": "(all)", "corpus_queries_outranked": sum(r["hubs"].values()),
+                     "tokens": "", "text": f"{len(r['hubs'])} distinct documents"})
         print(markdown_table(metrics[-1:], list(metrics[-1])), flush=True)
     seconds = time.perf_counter() - started
     text = f"""# Facts suite: what ranks above the first planted source (corpus phrasing)
@@ -172,9 +191,14 @@ query's value; (c4) any other distractor.
 
 {markdown_table(shares, list(shares[0]))}
 
-The "without (a)" columns are a DIAGNOSTIC ONLY, not the suite's metric: MRR and recall@10 recomputed after
-removing the (a) documents from each query's ranking (what the metric would be if same-value sources of other
-people did not compete).
+The documents that outrank the first source for the most corpus queries (all classes; documents median
+{sorted(map(len, seqs))[len(seqs) // 2]} tokens):
+
+{markdown_table(hubs, list(hubs[0]))}
+
+The "without ..." columns are a DIAGNOSTIC ONLY, not the suite's metric: MRR and recall@10 recomputed after
+removing the (a) documents (and, in the last two, also the (c3) distractors naming the query's value) from each
+query's ranking: what the metric would be if those documents did not compete.
 
 {markdown_table(metrics, list(metrics[0]))}
 """
