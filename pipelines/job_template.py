@@ -41,7 +41,7 @@ row_group_rows = 1024             # rows per Parquet row group of the shards `to
 [factors]
 # sample_sequences = 1000         # sequences the factors are fitted on; default: the whole corpus
 # sample_tokens = 100000          # or a token budget (not both)
-fisher = "gaussian"               # gaussian | sampled | empirical | expected (tiny models only)
+fisher = "gaussian"               # gaussian | topm | sampled | empirical | expected (tiny models only)
 fisher_samples = 4                # label draws per position for the covariances (stage 1)
 lambda_samples = 4                # label draws per position for the eigenvalue correction (stage 3)
 # damping = 0.001                 # absolute damping; default: 0.1 x mean eigenvalue, per layer
