@@ -3,6 +3,7 @@
 Usage:
 
     python benchmarks/facts_fisher.py [--out benchmarks/eval] [--variants topm4,topm3]
+    python benchmarks/facts_fisher.py --cost 3 [--variants ...]   # fitting cost only
 
 Builds the world of ``influence eval facts`` (``pipelines.eval.facts.build_world``,
 the FULL size: planted-fact corpus, tiny GPT-2 trained here), tokenizes it with
@@ -12,11 +13,18 @@ dense queries, seeds 0 and 1) for the chosen variants. The old default (sampled
 k=1) is always measured first: ``cost_vs_old_default`` is each row's fitting CPU
 seconds per token relative to it, in the same run. Writes
 ``<out>/facts_fisher.md`` and ``.parquet`` with the machine, load and command.
+
+``--cost R``: the fitting cost only (it does not depend on the weights): the same
+corpus and model size, trained for one epoch, every variant fitted R times,
+interleaved (round after round, so that a change of the machine's load hits
+every variant alike); the least CPU and wall seconds per variant, relative to
+sampled k=1. Writes ``<out>/facts_fisher_cost.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -42,8 +50,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/eval")
     parser.add_argument("--variants", default="gaussian4,topm4,topm3")
+    parser.add_argument("--cost", type=int, default=0, help="only the fitting cost, this many interleaved rounds")
     args = parser.parse_args()
     chosen = [VARIANTS[v] for v in args.variants.split(",")]
+    if args.cost:
+        cost(args, chosen)
+        return
     started = time.perf_counter()
     load_before = os.getloadavg()
     progress = Progress(1 + 2 * (1 + len(chosen)), print)
@@ -79,6 +91,46 @@ Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x the old f
 """
     command = "python benchmarks/facts_fisher.py " + " ".join(sys.argv[1:])
     parquet, md = write_table(args.out, "facts_fisher", rows, command, notes, started)
+    print(f"wrote {md} and {parquet}")
+
+
+def cost(args: argparse.Namespace, chosen: list[Variant]) -> None:
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    variants = [OLD_DEFAULT, *chosen]
+    with tempfile.TemporaryDirectory(prefix="influence-facts-cost-") as tmp:
+        world = build_world(Path(tmp), dataclasses.replace(FULL, epochs=1), print)
+        from pipelines.run import run_job
+
+        cfg = job(world, "mlp", "mlp", "none")
+        run_job(cfg, stages=("tokenize",))
+        ip = in_process(world, cfg)
+        case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
+        cpu = {v.label: [] for v in variants}
+        wall = {v.label: [] for v in variants}
+        for r in range(args.cost):
+            for v in variants:
+                t0, c0 = time.perf_counter(), time.process_time()
+                v.fit(case, r)
+                cpu[v.label].append(time.process_time() - c0)
+                wall[v.label].append(time.perf_counter() - t0)
+                print(f"round {r}: {v.label}: {cpu[v.label][-1]:.2f} s CPU, {wall[v.label][-1]:.2f} s wall", flush=True)
+    base_cpu, base_wall = min(cpu[OLD_DEFAULT.label]), min(wall[OLD_DEFAULT.label])
+    rows = [{"variant": v.label, "fisher": v.fisher.value, "samples": v.samples,
+             "lambda_samples": v.samples if v.lambda_samples is None else v.lambda_samples,
+             "fit_cpu_seconds_min": round(min(cpu[v.label]), 2), "fit_wall_seconds_min": round(min(wall[v.label]), 2),
+             "cpu_vs_old_default": round(min(cpu[v.label]) / base_cpu, 2),
+             "wall_vs_old_default": round(min(wall[v.label]) / base_wall, 2)} for v in variants]
+    load_after = os.getloadavg()
+    notes = f"""
+Fitting cost (`fit_ekfac`: covariances, eigendecomposition, Lambda) on the facts corpus ({len(ip.sequences)}
+documents) with the facts suite's model size, trained one epoch (the cost does not depend on the weights). Each
+variant fitted {args.cost} times, interleaved round by round; the least CPU and wall seconds, relative to sampled
+k=1. Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after:
+{' '.join(f'{x:.2f}' for x in load_after)} (2 CPUs shared with other jobs).
+"""
+    command = "python benchmarks/facts_fisher.py " + " ".join(sys.argv[1:])
+    parquet, md = write_table(args.out, "facts_fisher_cost", rows, command, notes, started)
     print(f"wrote {md} and {parquet}")
 
 
