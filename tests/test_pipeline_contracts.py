@@ -109,8 +109,8 @@ def test_config_file_resolves_relative_paths_and_defaults(tmp_path):
                                        'queries = "q.jsonl"\noutput = "out"\n[scoring]\nrank = 0\n')
     cfg = load_config(tmp_path / "job.toml")
     assert cfg.model.path == str(tmp_path / "model") and cfg.data.corpus == "s3://b/shards/"
-    assert cfg.scoring.rank is None and cfg.factors.fisher == Fisher.GAUSSIAN
-    assert json.loads(json.dumps(cfg.to_dict()))["factors"]["fisher"] == "gaussian"
+    assert cfg.scoring.rank is None and cfg.factors.fisher == Fisher.TOPM
+    assert json.loads(json.dumps(cfg.to_dict()))["factors"]["fisher"] == "topm"
 
 
 def test_config_accepts_the_topm_fisher():

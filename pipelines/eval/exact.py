@@ -153,9 +153,9 @@ def factor_scores(s: Setup, factors: ops.EKFACFactors, damping: dict[str, float]
 def _methods(seeds: int, quick: bool = False) -> list[tuple[str, ops.Fisher, int, int]]:
     """(label, fisher, samples, seeds)."""
     return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k, seeds) for k in (SAMPLES[:2] if quick else SAMPLES)]
-            + [(f"EK-FAC gaussian k={k}" + (" (default)" if k == 4 else ""), ops.Fisher.GAUSSIAN, k, seeds)
-               for k in ((4,) if quick else (1, 4))]
-            + [(f"EK-FAC topm k={k}", ops.Fisher.TOPM, k, seeds) for k in ((2,) if quick else (2, 4))]
+            + [(f"EK-FAC gaussian k={k}", ops.Fisher.GAUSSIAN, k, seeds) for k in ((4,) if quick else (1, 4))]
+            + [(f"EK-FAC topm k={k}" + (" (default)" if k == 3 else ""), ops.Fisher.TOPM, k, seeds)
+               for k in ((3,) if quick else (2, 3, 4))]
             + [("EK-FAC expected", ops.Fisher.EXPECTED, 1, 1), ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1, 1)])
 
 
