@@ -60,7 +60,7 @@ class Covariances:
     layers: dict[str, LayerCovariance]
     sequences: int
     fisher: Fisher
-    samples: int = 1  # random label draws per position (1 unless fisher is SAMPLED or GAUSSIAN)
+    samples: int = 1  # random label draws per position (1 unless fisher is SAMPLED, GAUSSIAN or TOPM)
 
     def merge(self, other: Covariances) -> Covariances:
         """Exact sum of two partial results over disjoint data."""
@@ -89,7 +89,7 @@ def empty_covariances(layers: Sequence[TrackedLayer], fisher: Fisher, dtype: tor
 
 
 def effective_samples(fisher: Fisher, samples: int) -> int:
-    """k for SAMPLED and GAUSSIAN, 1 otherwise (``samples`` only applies to random draws)."""
+    """k for SAMPLED, GAUSSIAN and TOPM, 1 otherwise (``samples`` only applies to random draws)."""
     return check_samples(samples) if is_random(fisher) else 1
 
 
@@ -127,7 +127,7 @@ def fit_covariances(
         seed: seed of the label-sampling generator.
         objective: defaults to ``LanguageModelObjective``.
         autocast_dtype: optional bf16/fp16 autocast; sums stay float32.
-        samples: k label draws per position (SAMPLED and GAUSSIAN only), averaged into g g^T.
+        samples: k label draws per position (SAMPLED, GAUSSIAN, TOPM only), averaged into g g^T (TOPM: summed, weights in the losses).
 
     Returns:
         Covariances with per-layer sums and token counts (sequences counted too).

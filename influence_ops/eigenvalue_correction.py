@@ -36,7 +36,7 @@ class LambdaSums:
     sums: dict[str, torch.Tensor]
     sequences: int
     fisher: Fisher
-    samples: int = 1  # random label draws per position (1 unless fisher is SAMPLED or GAUSSIAN)
+    samples: int = 1  # random label draws per position (1 unless fisher is SAMPLED, GAUSSIAN or TOPM)
 
     def merge(self, other: LambdaSums) -> LambdaSums:
         """Exact sum of two partial results over disjoint data."""

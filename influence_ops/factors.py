@@ -70,7 +70,7 @@ class EKFACFactors:
         fisher: label mode used for fitting.
         covariance_sequences: sequences seen in stage 1.
         blocks: diagonal blocks per factor (1 = exact).
-        samples: random label draws per position in stage 1 (1 unless fisher is SAMPLED or GAUSSIAN).
+        samples: random label draws per position in stage 1 (1 unless fisher is SAMPLED, GAUSSIAN or TOPM).
         lambda_samples: the same in stage 3 (Lambda).
     """
 
@@ -136,7 +136,7 @@ def fit_ekfac(
             stage 1 and, unless ``lambda_batches`` is given, stage 3 read it.
         lambda_batches: optional separate batches for stage 3.
         blocks: diagonal blocks per factor (paper Appendix A).
-        samples: k random label draws per position in stage 1 (SAMPLED and GAUSSIAN only).
+        samples: k random label draws per position in stage 1 (SAMPLED, GAUSSIAN and TOPM only).
         lambda_samples: draws per position in stage 3; None = ``samples``. Lambda's
             estimate is the noisier one (a square per sequence), so more draws help
             it most (``influence eval stability``).

@@ -17,7 +17,10 @@ models: T x V backward passes per batch); ``GAUSSIAN`` replaces the one-hot
 label draw by a Gaussian probe of the logit gradient with the same covariance,
 diag(p) - p p^T (``gaussian_probe``): the same expectation as SAMPLED, with a
 lighter-tailed estimator (measured: more stable across seeds, see the README's
-Accuracy section).
+Accuracy section). ``TOPM`` (``topm_terms``) is the sampled Fisher Rao-Blackwellized
+over the labels: per position, the m = k - 1 most probable labels enumerated
+exactly (each weighted by its probability) plus one draw from the remaining
+tail weighted by the tail's mass; k = 1 is exactly SAMPLED with one draw.
 
 Label draws (``draw_losses``): one forward pass, then one summed loss [B] per
 draw, all sharing the forward graph. SAMPLED with k samples: k independent label
@@ -51,16 +54,87 @@ class Fisher(str, enum.Enum):
     EMPIRICAL = "empirical"
     EXPECTED = "expected"
     GAUSSIAN = "gaussian"
+    TOPM = "topm"
 
 
 def is_random(fisher: Fisher) -> bool:
-    """True for the modes that draw from a seeded generator (SAMPLED, GAUSSIAN)."""
-    return fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN)
+    """True for the modes that draw from a seeded generator (SAMPLED, GAUSSIAN, TOPM)."""
+    return fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN, Fisher.TOPM)
 
 
 def draw_weight(fisher: Fisher, samples: int) -> float:
-    """The weight of one draw's statistics: 1/k for k random draws, else 1."""
-    return 1.0 / samples if is_random(fisher) else 1.0
+    """The weight of one draw's statistics: 1/k for k SAMPLED or GAUSSIAN draws, else 1 (TOPM weighs in the loss)."""
+    return 1.0 / samples if fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN) else 1.0
+
+
+def topm_terms(logits: torch.Tensor, samples: int,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and coefficients of the k = m + 1 draws of ``Fisher.TOPM`` per position (no gradient flows).
+
+    Per position with probabilities p: draws j < m take the j-th most probable
+    label y_j with coefficient c_j = s_j sqrt(p_{y_j}); the last draw takes y
+    from p restricted to the other labels (the tail), with c = s sqrt(P_tail).
+    s = +-1 are independent random signs. A draw's loss c NLL(y) has the logit
+    gradient c (p - e_y), so per position
+        sum_j c_j^2 (p - e_{y_j})(p - e_{y_j})^T
+            = sum_{top m} p_y (p - e_y)(p - e_y)^T + P_tail (p - e_y)(p - e_y)^T,   y ~ p | tail,
+    whose expectation is E_{y ~ p}[(p - e_y)(p - e_y)^T] = diag(p) - p p^T, with
+    no randomness left where the top m labels hold all the mass. The signs make
+    the products of different positions' terms (which meet in the per-sequence
+    gradient of Lambda and, through attention, in the covariances) vanish in
+    expectation, as they do for independent sampled labels. With m >= V - 1 the
+    enumeration is exact (the tail holds one label or none, c = 0).
+
+    Args:
+        logits: [..., V].
+        samples: k >= 2 (k = 1 is ``Fisher.SAMPLED``: no signs, one draw from p).
+        generator: seeded generator on the logits' device (None: global RNG).
+
+    Returns:
+        (labels [..., m' + 1] int64, coefficients [..., m' + 1] in the logits' dtype), m' = min(k - 1, V).
+    """
+    with torch.no_grad():
+        p = torch.softmax(logits.double() if logits.dtype == torch.float64 else logits.float(), dim=-1)
+        m = min(samples - 1, p.shape[-1])
+        top_p, top_y = p.topk(m, dim=-1)  # (..., m)
+        tail = p.scatter(-1, top_y, 0.0)  # (..., V)
+        mass = tail.sum(dim=-1)  # (...)
+        flat = tail.reshape(-1, p.shape[-1])
+        has_tail = flat.sum(dim=-1, keepdim=True) > 0
+        drawn = torch.multinomial(torch.where(has_tail, flat, torch.ones_like(flat)), 1,
+                                  generator=generator).reshape(mass.shape)  # (...)
+        signs = torch.randint(0, 2, (*mass.shape, m + 1), generator=generator, device=p.device).to(p.dtype) * 2 - 1
+        labels = torch.cat([top_y, drawn.unsqueeze(-1)], dim=-1)  # (..., m + 1)
+        coef = signs * torch.cat([top_p, mass.unsqueeze(-1)], dim=-1).sqrt()  # (..., m + 1)
+    return labels, coef.to(logits.dtype)
+
+
+def topm_losses(logits: torch.Tensor, labels: torch.Tensor, samples: int, generator: torch.Generator | None,
+                row_gens: list[torch.Generator] | None = None,
+                lengths: list[int] | None = None) -> list[torch.Tensor]:
+    """``Fisher.TOPM`` (k >= 2): one [B] loss per draw, sum over label positions of c_tj NLL_t(y_tj).
+
+    Args:
+        logits: [B, T, V]; position t - 1 predicts the label at t.
+        labels: [B, T] data labels (only their -100 pattern is kept).
+        samples: k; draws: min(k - 1, V) + 1.
+        generator: one stream for the batch; or ``row_gens`` (one per sequence) with
+            ``lengths`` [B]: each sequence's terms drawn over its real positions only.
+    """
+    shift = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    keep = (labels[:, 1:] != IGNORE_INDEX).to(shift.dtype)  # (B, T-1)
+    if row_gens is None:
+        ys, coef = topm_terms(shift, samples, generator)  # (B, T-1, k')
+    else:
+        k = min(samples - 1, shift.shape[-1]) + 1
+        ys = torch.zeros(*shift.shape[:2], k, dtype=torch.int64, device=shift.device)
+        coef = torch.zeros(*shift.shape[:2], k, dtype=shift.dtype, device=shift.device)
+        for b, (gen, n) in enumerate(zip(row_gens, lengths)):
+            if n >= 2:
+                ys[b, :n - 1], coef[b, :n - 1] = topm_terms(shift[b, :n - 1], samples, gen)
+    nll = -torch.log_softmax(shift, dim=-1).gather(-1, ys)  # (B, T-1, k')
+    weighted = (coef * nll * keep.unsqueeze(-1)).sum(dim=1)  # (B, k')
+    return list(weighted.unbind(dim=1))
 
 
 def gaussian_probe(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -255,7 +329,7 @@ class LanguageModelObjective:
         rows = row_generators(batch, logits.device) if is_random(fisher) else None
         if fisher == Fisher.GAUSSIAN:
             return gaussian_losses(logits, labels, generator, rows, _row_lengths(batch) if rows else None)
-        if fisher == Fisher.SAMPLED:
+        if fisher in (Fisher.SAMPLED, Fisher.TOPM):  # one TOPM draw is one sampled draw
             labels = (sample_labels(logits, labels, generator) if rows is None
                       else sample_labels_by_row(logits, labels, rows, _row_lengths(batch)))
         return token_nll(logits, labels).sum(dim=1)  # (B,)
@@ -271,6 +345,8 @@ class LanguageModelObjective:
         lengths = _row_lengths(batch) if rows is not None else None
         if fisher == Fisher.GAUSSIAN:
             return (gaussian_losses(logits, batch.labels, generator, rows, lengths) for _ in range(samples))
+        if fisher == Fisher.TOPM and samples > 1:
+            return iter(topm_losses(logits, batch.labels, samples, generator, rows, lengths))
 
         def draws() -> Iterator[torch.Tensor]:
             for _ in range(samples):  # draw j uses the generator after j draws: k = 1 is today's single draw

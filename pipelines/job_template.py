@@ -41,9 +41,9 @@ row_group_rows = 1024             # rows per Parquet row group of the shards `to
 [factors]
 # sample_sequences = 1000         # sequences the factors are fitted on; default: the whole corpus
 # sample_tokens = 100000          # or a token budget (not both)
-fisher = "gaussian"               # gaussian | sampled | empirical | expected (tiny models only)
-fisher_samples = 4                # label draws per position for the covariances (stage 1)
-lambda_samples = 4                # label draws per position for the eigenvalue correction (stage 3)
+fisher = "topm"                   # topm | gaussian | sampled | empirical | expected (tiny models only)
+fisher_samples = 3                # label draws per position for the covariances (stage 1; topm: 2 top labels + 1 tail)
+lambda_samples = 3                # label draws per position for the eigenvalue correction (stage 3)
 # damping = 0.001                 # absolute damping; default: 0.1 x mean eigenvalue, per layer
 seed = 0                          # seed of the sample and of the sampled labels
 blocks = 1                        # block-diagonal blocks per factor (more: less memory, coarser)

@@ -75,8 +75,8 @@ def test_exact_suite_quick_writes_its_table(tmp_path):
     table = pq.read_table(tmp_path / "exact.parquet")
     rows = table.to_pylist()
     methods = {r["method"] for r in rows}
-    assert {"EK-FAC sampled k=2", "EK-FAC gaussian k=4 (default)", "EK-FAC expected", "EK-FAC empirical",
-            "identity (gradient dot product)", "K-FAC expected (no eigenvalue correction)"} <= methods
+    assert {"EK-FAC sampled k=2", "EK-FAC gaussian k=4", "EK-FAC topm k=3 (default)", "EK-FAC expected",
+            "EK-FAC empirical", "identity (gradient dot product)", "K-FAC expected (no eigenvalue correction)"} <= methods
     assert len({r["model"] for r in rows}) == 2
     assert all(-1.0 - 1e-9 <= r["spearman"] <= 1.0 + 1e-9 for r in rows)
     meta = table.schema.metadata

@@ -87,7 +87,7 @@ def test_lds_suite_quick_writes_its_table(tmp_path):
                              "vs_default_ci95_low", "vs_default_ci95_high", "seconds", "note"]
     models = {r["model"] for r in rows}
     assert len(models) == 2 and any(m.startswith("digits") for m in models)
-    assert len(rows) == 2 * 6
+    assert len(rows) == 2 * (len(FITS) + 3)  # + K-FAC, identity, kronfluence
     for r in rows:
         if r["method"] == KRONFLUENCE:
             assert r["lds"] is None and r["note"] == "skipped with --quick"

@@ -161,7 +161,7 @@ def test_fit_ekfac_draws_stage_3_separately_and_saves_both_counts(setup, tmp_pat
     assert torch.equal(same.layers[layers[0].name].lambda_sum, lam_same.sums[layers[0].name])
 
 
-@pytest.mark.parametrize("fisher", [ops.Fisher.SAMPLED, ops.Fisher.GAUSSIAN])
+@pytest.mark.parametrize("fisher", [ops.Fisher.SAMPLED, ops.Fisher.GAUSSIAN, ops.Fisher.TOPM])
 def test_per_sequence_seeds_make_the_draws_independent_of_batching(setup, fisher):
     """With ``TokenBatch.seeds`` the sums are the same for any batch size and order (to float rounding)."""
     model, layers, _, eigen = setup

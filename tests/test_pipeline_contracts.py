@@ -82,7 +82,8 @@ BASE = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl",
 
 
 @pytest.mark.parametrize("patch, words", [
-    ({"factors": {"fisher": "bogus"}}, "factors.fisher = 'bogus'"),
+    ({"factors": {"fisher": "bogus"}},
+     "factors.fisher = 'bogus': must be one of ['sampled', 'empirical', 'expected', 'gaussian', 'topm']"),
     ({"scoring": {"top_k": 0}}, "scoring.top_k = 0"),
     ({"scoring": {"topk": 3}}, "scoring.topk = 3: unknown key"),
     ({"factors": {"sample_sequences": 5, "sample_tokens": 100}}, "give at most one"),
@@ -108,8 +109,14 @@ def test_config_file_resolves_relative_paths_and_defaults(tmp_path):
                                        'queries = "q.jsonl"\noutput = "out"\n[scoring]\nrank = 0\n')
     cfg = load_config(tmp_path / "job.toml")
     assert cfg.model.path == str(tmp_path / "model") and cfg.data.corpus == "s3://b/shards/"
-    assert cfg.scoring.rank is None and cfg.factors.fisher == Fisher.GAUSSIAN
-    assert json.loads(json.dumps(cfg.to_dict()))["factors"]["fisher"] == "gaussian"
+    assert cfg.scoring.rank is None and cfg.factors.fisher == Fisher.TOPM
+    assert json.loads(json.dumps(cfg.to_dict()))["factors"]["fisher"] == "topm"
+
+
+def test_config_accepts_the_topm_fisher():
+    cfg = config_from_dict({**BASE, "factors": {"fisher": "topm", "fisher_samples": 4, "lambda_samples": 4}})
+    assert cfg.factors.fisher == Fisher.TOPM and cfg.factors.fisher_samples == 4
+    assert cfg.to_dict()["factors"]["fisher"] == "topm"
 
 
 def test_cli_reports_bad_config(tmp_path):

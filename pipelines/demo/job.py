@@ -37,7 +37,7 @@ queries = "queries.jsonl"
 output = "results"
 
 [factors]
-fisher = "gaussian"
+fisher = "topm"
 seed = 0
 
 [scoring]

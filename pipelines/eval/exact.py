@@ -153,8 +153,9 @@ def factor_scores(s: Setup, factors: ops.EKFACFactors, damping: dict[str, float]
 def _methods(seeds: int, quick: bool = False) -> list[tuple[str, ops.Fisher, int, int]]:
     """(label, fisher, samples, seeds)."""
     return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k, seeds) for k in (SAMPLES[:2] if quick else SAMPLES)]
-            + [(f"EK-FAC gaussian k={k}" + (" (default)" if k == 4 else ""), ops.Fisher.GAUSSIAN, k, seeds)
-               for k in ((4,) if quick else (1, 4))]
+            + [(f"EK-FAC gaussian k={k}", ops.Fisher.GAUSSIAN, k, seeds) for k in ((4,) if quick else (1, 4))]
+            + [(f"EK-FAC topm k={k}" + (" (default)" if k == 3 else ""), ops.Fisher.TOPM, k, seeds)
+               for k in ((3,) if quick else (2, 3, 4))]
             + [("EK-FAC expected", ops.Fisher.EXPECTED, 1, 1), ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1, 1)])
 
 
@@ -197,7 +198,8 @@ def evaluate(s: Setup, seeds: int, progress: Progress, quick: bool = False) -> l
 NOTES = """
 Correlation of approximate influence with exact influence (exact damped Gauss-Newton matrix of the tracked
 layers = true Fisher, float64, inverted). Per query over all training examples, then averaged over queries
-(`*_min`: the worst query). Sampled and Gaussian rows: the mean over `seeds` fits. Same gradients and same
+(`*_min`: the worst query). Sampled, Gaussian and topm rows: the mean over `seeds` fits (topm k: the k - 1
+most probable labels enumerated, one tail draw). Same gradients and same
 per-layer damping (0.1 x trace(F_ll)/P_l) for every method; only the curvature differs. `fit_seconds`: one fit (tiny models,
 so this mostly measures per-pass overhead). The last row keeps the exact GGN but drops the blocks between
 layers, as EK-FAC, K-FAC and every per-layer method do: the gap between it and 1.0 is what the layer-wise

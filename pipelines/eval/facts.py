@@ -73,7 +73,7 @@ FULL = Size(24, 10, 10, 216, 64, 2, 100, 600.0, TRACKS, NORMALIZES,
              Variant("gaussian k=4 in stage 1, k=16 in stage 3 (4 / 16)", ops.Fisher.GAUSSIAN, 4, 16)), True)
 QUICK = Size(4, 3, 3, 16, 16, 1, 40, 10.0, ("mlp",), ("none", "cosine"), (), False)
 OLD_DEFAULT = Variant("sampled k=1 (1 / 1), the old default", ops.Fisher.SAMPLED, 1)
-DEFAULT = Variant("gaussian k=4 (4 / 4), the default", ops.Fisher.GAUSSIAN, 4, 4)
+DEFAULT = Variant("topm k=3 (3 / 3), the default", ops.Fisher.TOPM, 3, 3)
 
 
 @dataclass
@@ -281,8 +281,9 @@ def run_facts(out: str | Path, quick: bool = False, command: str = "influence ev
             t0 = time.perf_counter()
             seed0 = pipeline_scores(world, base_cfg, "score")  # complete already: nothing re-runs
             seed1 = pipeline_scores(world, job(world, "mlp-seed1", "mlp", "none", seed=1), "score")
-            stab.append({"variant": DEFAULT.label + ", pipeline (rank-32 queries)", "fisher": "gaussian",
-                         "samples": 4, "lambda_samples": 4, "seeds": "0, 1", **pipeline_stability(world, seed0, seed1),
+            stab.append({"variant": DEFAULT.label + ", pipeline (rank-32 queries)", "fisher": DEFAULT.fisher.value,
+                         "samples": DEFAULT.samples, "lambda_samples": DEFAULT.lambda_samples, "seeds": "0, 1",
+                         **pipeline_stability(world, seed0, seed1),
                          "fit_cpu_seconds": float("nan"), "cost_vs_old_default": float("nan")})
             progress.step(f"pipeline refit with factors.seed = 1: Spearman {stab[0]['spearman_mean']:.3f}, "
                           f"top-10 overlap {stab[0][f'top{TOP}_overlap_mean']:.3f}", t0)
@@ -317,8 +318,8 @@ queries' completions: corpus phrasing {world.recall['corpus']:.2f}, paraphrases 
 {facts} queries in the corpus's phrasing (`<person> lives in` -> town, `<person> works as a` -> job) and {facts} in a
 phrasing no document uses, made of corpus words (`the town where <person> lives is`, `for a living , <person> is a`).
 EK-FAC rows: the real pipeline (`run_job` on a local Ray: tokenize, fit-factors, build-queries, score, merge) with
-the default Fisher (gaussian, 4 / 4 draws, seed 0), rank-32 queries, `top_k` above the corpus size (every document
-ranked). Baselines on the same shards and tracked layers (mlp): the gradient dot product (no preconditioner), the
+the default Fisher ({DEFAULT.fisher.value}, {DEFAULT.samples} / {DEFAULT.lambda_samples} draws, seed 0), rank-32
+queries, `top_k` above the corpus size (every document ranked). Baselines on the same shards and tracked layers (mlp): the gradient dot product (no preconditioner), the
 gradient cosine (dot product / ||g_m||), BM25 over token ids (query = prompt + completion). recall@10: share of
 queries with a planted source in the top 10; MRR: mean 1 / rank of the first planted source (ties broken at random,
 in expectation). `*_mrr_vs_ekfac`: MRR minus EK-FAC mlp/none's, mean over queries with a 95% paired bootstrap interval.

@@ -35,11 +35,12 @@ from .exact import factor_scores
 from .lds_cases import LdsCase, digits_case, lm_case
 from .report import Progress, write_table
 
-DEFAULT = "EK-FAC gaussian k=4 (default)"
+DEFAULT = "EK-FAC topm k=3 (default)"
 KRONFLUENCE = "kronfluence EK-FAC (true Fisher, 1 sampled label)"
-FITS = ((DEFAULT, ops.Fisher.GAUSSIAN, 4), ("EK-FAC sampled k=1", ops.Fisher.SAMPLED, 1),
+FITS = ((DEFAULT, ops.Fisher.TOPM, 3), ("EK-FAC gaussian k=4", ops.Fisher.GAUSSIAN, 4),
+        ("EK-FAC sampled k=1", ops.Fisher.SAMPLED, 1),
         ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1))
-KFAC = "K-FAC gaussian k=4 (no eigenvalue correction)"
+KFAC = "K-FAC topm k=3 (no eigenvalue correction)"
 IDENTITY = "identity (gradient dot product)"
 # setup -> (subsets M, retraining seeds S), full and --quick
 SIZES = {"digits": ((100, 2), (8, 1)), "lm": ((50, 2), (6, 1))}

@@ -3,7 +3,8 @@
 The planted-fact corpus and tiny GPT-2 of the demo (``pipelines/demo``) are
 built and trained here; then, for each Fisher variant (k = 1, 2, 4, 8 sampled
 label draws per position, ``factors.fisher_samples``; k = 1 with Lambda fitted
-on the same draws as the covariances; the empirical Fisher as the
+on the same draws as the covariances; Gaussian probes; top-m labels enumerated
+plus a tail draw (``topm``); the empirical Fisher as the
 deterministic reference), factors are fitted twice (seeds 0 and 1) on the whole
 corpus with ``influence_ops.fit_ekfac``, every query is scored against every
 document (dense queries, damping 0.1 x mean(Lambda)), and the two seeds' score
@@ -58,8 +59,9 @@ VARIANTS = ([Variant(f"sampled k={k}", ops.Fisher.SAMPLED, k) for k in SAMPLES]
                Variant("sampled k=1 in stage 1, k=8 in stage 3 (Lambda)", ops.Fisher.SAMPLED, 1, 8),
                Variant("sampled k=4 in stage 1, k=1 in stage 3 (Lambda)", ops.Fisher.SAMPLED, 4, 1)]
             + [Variant(f"gaussian k={k}", ops.Fisher.GAUSSIAN, k) for k in (1, 2, 4)]
-            + [Variant("gaussian k=1 in stage 1, k=4 in stage 3 (Lambda)", ops.Fisher.GAUSSIAN, 1, 4),
-               Variant("empirical (data labels)", ops.Fisher.EMPIRICAL)])
+            + [Variant("gaussian k=1 in stage 1, k=4 in stage 3 (Lambda)", ops.Fisher.GAUSSIAN, 1, 4)]
+            + [Variant(f"topm k={k}", ops.Fisher.TOPM, k) for k in (2, 3, 4)]
+            + [Variant("empirical (data labels)", ops.Fisher.EMPIRICAL)])
 SEEDS = (0, 1, 2)
 QUICK = ("sampled k=1", "sampled k=2", "sampled k=1 in stage 1, k=4 in stage 3 (Lambda)", "gaussian k=1",
          "empirical (data labels)")

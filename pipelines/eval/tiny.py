@@ -4,7 +4,8 @@ Symbols: N examples, C classes, d input features.
 
 The classifier runs through the engine with ``ClassifierObjective``: a batch is
 (x [B, d], y [B]); each example is one "token" (mask [B, 1]); labels are the
-data's (EMPIRICAL), drawn from the softmax (SAMPLED, k draws), or every class
+data's (EMPIRICAL), drawn from the softmax (SAMPLED, k draws; TOPM: the k - 1 most probable
+classes and one tail draw), or every class
 weighted by its probability (EXPECTED), as ``LanguageModelObjective`` does for tokens.
 """
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from influence_ops import Fisher
-from influence_ops.objectives import gaussian_probe
+from influence_ops.objectives import gaussian_probe, topm_terms
 
 
 @dataclass
@@ -60,6 +61,10 @@ class ClassifierObjective:
             return iter([F.cross_entropy(logits, batch.y, reduction="none")])
         if fisher == Fisher.GAUSSIAN:
             return ((gaussian_probe(logits, generator) * logits).sum(dim=-1) for _ in range(samples))
+        if fisher == Fisher.TOPM and samples > 1:
+            ys, coef = topm_terms(logits, samples, generator)  # (B, k')
+            nll = -torch.log_softmax(logits, -1).gather(-1, ys)  # (B, k')
+            return iter(list((coef * nll).unbind(dim=1)))
         return (F.cross_entropy(logits, self._labels(logits, batch, fisher, generator), reduction="none")
                 for _ in range(samples))
 

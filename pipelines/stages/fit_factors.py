@@ -40,6 +40,7 @@ import pyarrow as pa
 import torch
 
 from influence_ops import Fisher, fit_covariances, fit_lambda, model_fingerprint
+from influence_ops.objectives import is_random
 from influence_ops.storage import MANIFEST, build_manifest, layer_file
 
 from ..config import JobConfig, ModelConfig
@@ -359,8 +360,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     (fingerprint,) = fingerprints
     manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
                               f.blocks, {"pipeline_key": key, "config": cfg.to_dict()},
-                              samples=f.fisher_samples if f.fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN) else 1,
-                              lambda_samples=f.lambda_samples if f.fisher in (Fisher.SAMPLED, Fisher.GAUSSIAN) else 1)
+                              samples=f.fisher_samples if is_random(f.fisher) else 1,
+                              lambda_samples=f.lambda_samples if is_random(f.fisher) else 1)
     storage.write_json(storage.join(out, MANIFEST), manifest)
     shard_of = {u.index: u.shard for u in units}
     storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({

@@ -1,0 +1,138 @@
+"""Seed-to-seed stability of Fisher estimators on the facts suite's corpus and model, in one run.
+
+Usage:
+
+    python benchmarks/facts_fisher.py [--out benchmarks/eval] [--variants topm4,topm3]
+    python benchmarks/facts_fisher.py --cost 3 [--variants ...]   # fitting cost only
+
+Builds the world of ``influence eval facts`` (``pipelines.eval.facts.build_world``,
+the FULL size: planted-fact corpus, tiny GPT-2 trained here), tokenizes it with
+the pipeline's tokenize stage only, and runs the in-process stability rows of
+``facts_stability`` (``stability.measure``: ``fit_ekfac`` on the whole corpus,
+dense queries, seeds 0 and 1) for the chosen variants. The old default (sampled
+k=1) is always measured first: ``cost_vs_old_default`` is each row's fitting CPU
+seconds per token relative to it, in the same run. Writes
+``<out>/facts_fisher.md`` and ``.parquet`` with the machine, load and command.
+
+``--cost R``: the fitting cost only (it does not depend on the weights): the same
+corpus and model size, trained for one epoch, every variant fitted R times,
+interleaved (round after round, so that a change of the machine's load hits
+every variant alike); the least CPU and wall seconds per variant, relative to
+sampled k=1. Writes ``<out>/facts_fisher_cost.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import influence_ops as ops
+from pipelines.eval.facts import FULL, OLD_DEFAULT, TOP, build_world, in_process, job
+from pipelines.eval.report import Progress, write_table
+from pipelines.eval.stability import Case, Variant, measure
+
+VARIANTS = {
+    "gaussian4": Variant("gaussian k=4 (4 / 4)", ops.Fisher.GAUSSIAN, 4, 4),
+    "gaussian8": Variant("gaussian k=8 (8 / 8)", ops.Fisher.GAUSSIAN, 8, 8),
+    "topm2": Variant("topm k=2 (1 top label + 1 tail draw; 2 / 2)", ops.Fisher.TOPM, 2, 2),
+    "topm3": Variant("topm k=3 (2 top labels + 1 tail draw; 3 / 3)", ops.Fisher.TOPM, 3, 3),
+    "topm4": Variant("topm k=4 (3 top labels + 1 tail draw; 4 / 4)", ops.Fisher.TOPM, 4, 4),
+    "sampled4": Variant("sampled k=4 (4 / 4)", ops.Fisher.SAMPLED, 4, 4),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/eval")
+    parser.add_argument("--variants", default="gaussian4,topm4,topm3")
+    parser.add_argument("--cost", type=int, default=0, help="only the fitting cost, this many interleaved rounds")
+    args = parser.parse_args()
+    chosen = [VARIANTS[v] for v in args.variants.split(",")]
+    if args.cost:
+        cost(args, chosen)
+        return
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    progress = Progress(1 + 2 * (1 + len(chosen)), print)
+    with tempfile.TemporaryDirectory(prefix="influence-facts-fisher-") as tmp:
+        t0 = time.perf_counter()
+        world = build_world(Path(tmp), FULL, print)
+        progress.step(f"trained a tiny GPT-2 on {len(world.docs)} documents: {world.training['epochs']} epochs, "
+                      f"loss {world.training['loss']:.3f}; greedy recall corpus {world.recall['corpus']:.2f}", t0)
+        from pipelines.run import run_job
+
+        cfg = job(world, "mlp", "mlp", "none")
+        run_job(cfg, stages=("tokenize",))
+        ip = in_process(world, cfg)
+        case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
+        measured = [measure(case, v, progress, (0, 1)) for v in [OLD_DEFAULT, *chosen]]
+    base = measured[0]["us_per_token"]
+    rows = [{"variant": m["variant"] + ", in process (dense queries)", "fisher": m["fisher"], "samples": m["samples"],
+             "lambda_samples": m["lambda_samples"], "seeds": "0, 1",
+             **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
+                                  f"top{TOP}_overlap_min", "fit_cpu_seconds")},
+             "cost_vs_old_default": round(m["us_per_token"] / base, 2)} for m in measured]
+    load_after = os.getloadavg()
+    notes = f"""
+Seed to seed on the planted-fact corpus of `influence eval facts` (same corpus, model size and training; see
+facts.md), in process as the facts suite's in-process rows (`stability.measure`: `fit_ekfac` on the whole corpus,
+dense queries, seeds 0 and 1; per query Spearman over all {len(ip.sequences)} documents and top-{TOP} overlap; mean
+and worst query). `cost_vs_old_default`: fitting CPU seconds per token (the least of the two seeds) relative to
+sampled k=1 in this run. `topm` k: per position the k - 1 most probable labels enumerated exactly (weighted by
+their probabilities) plus one draw from the remaining tail (weighted by its mass), random signs; k backward passes
+like k sampled draws. Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after:
+{' '.join(f'{x:.2f}' for x in load_after)} (2 CPUs shared with other jobs: CPU seconds, not wall seconds).
+Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x the old fitting cost.
+"""
+    command = "python benchmarks/facts_fisher.py " + " ".join(sys.argv[1:])
+    parquet, md = write_table(args.out, "facts_fisher", rows, command, notes, started)
+    print(f"wrote {md} and {parquet}")
+
+
+def cost(args: argparse.Namespace, chosen: list[Variant]) -> None:
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    variants = [OLD_DEFAULT, *chosen]
+    with tempfile.TemporaryDirectory(prefix="influence-facts-cost-") as tmp:
+        world = build_world(Path(tmp), dataclasses.replace(FULL, epochs=1), print)
+        from pipelines.run import run_job
+
+        cfg = job(world, "mlp", "mlp", "none")
+        run_job(cfg, stages=("tokenize",))
+        ip = in_process(world, cfg)
+        case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
+        cpu = {v.label: [] for v in variants}
+        wall = {v.label: [] for v in variants}
+        for r in range(args.cost):
+            for v in variants:
+                t0, c0 = time.perf_counter(), time.process_time()
+                v.fit(case, r)
+                cpu[v.label].append(time.process_time() - c0)
+                wall[v.label].append(time.perf_counter() - t0)
+                print(f"round {r}: {v.label}: {cpu[v.label][-1]:.2f} s CPU, {wall[v.label][-1]:.2f} s wall", flush=True)
+    base_cpu, base_wall = min(cpu[OLD_DEFAULT.label]), min(wall[OLD_DEFAULT.label])
+    rows = [{"variant": v.label, "fisher": v.fisher.value, "samples": v.samples,
+             "lambda_samples": v.samples if v.lambda_samples is None else v.lambda_samples,
+             "fit_cpu_seconds_min": round(min(cpu[v.label]), 2), "fit_wall_seconds_min": round(min(wall[v.label]), 2),
+             "cpu_vs_old_default": round(min(cpu[v.label]) / base_cpu, 2),
+             "wall_vs_old_default": round(min(wall[v.label]) / base_wall, 2)} for v in variants]
+    load_after = os.getloadavg()
+    notes = f"""
+Fitting cost (`fit_ekfac`: covariances, eigendecomposition, Lambda) on the facts corpus ({len(ip.sequences)}
+documents) with the facts suite's model size, trained one epoch (the cost does not depend on the weights). Each
+variant fitted {args.cost} times, interleaved round by round; the least CPU and wall seconds, relative to sampled
+k=1. Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after:
+{' '.join(f'{x:.2f}' for x in load_after)} (2 CPUs shared with other jobs).
+"""
+    command = "python benchmarks/facts_fisher.py " + " ".join(sys.argv[1:])
+    parquet, md = write_table(args.out, "facts_fisher_cost", rows, command, notes, started)
+    print(f"wrote {md} and {parquet}")
+
+
+if __name__ == "__main__":
+    main()
