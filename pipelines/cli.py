@@ -91,6 +91,8 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     stages = record["stages"]
     for name, info in stages.items():
         skipped = " (already complete, skipped)" if info.get("skipped") is True else ""
+        if info.get("refit"):  # fit-factors kept for a grown corpus: say why
+            skipped = f" ({info['refit']})"
         lines.append(f"  {name:<14}{_stage_line(name, info)}{skipped}")
     score = stages.get("score")
     if score and score.get("tokens") and score.get("actor_seconds"):

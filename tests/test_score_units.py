@@ -22,6 +22,7 @@ import torch
 
 from influence_ops import load_queries
 from pipelines import config_from_dict
+from pipelines.cli import summarize
 from pipelines.run import run_job
 from pipelines.stages.score_plan import split_groups
 
@@ -178,6 +179,8 @@ def test_new_shard_scores_only_its_units(fitted):
     stage = record["stages"]["score"]
     assert record["stages"]["fit-factors"]["skipped"] and record["stages"]["build-queries"]["skipped"]
     assert record["stages"]["fit-factors"]["refit"].startswith("kept: the corpus grew by")
+    shown = [line for line in summarize(config_from_dict(spec), record) if line.lstrip().startswith("fit-factors")]
+    assert len(shown) == 1 and "(kept: the corpus grew by" in shown[0], shown
     assert stage["scored"] == 2 and stage["skipped"] == 4 and stage["units"]["units"] == 2  # c: 16 + 8 rows
     assert stage["rows"] == {"rows": 88, "scored": 88, "skipped": 0, "unreadable_shards": 0}
     assert not record["stages"]["merge"]["skipped"]
