@@ -83,7 +83,6 @@ The rows of ``whitened`` and ``weighted`` use the factors and damping of the bui
 from __future__ import annotations
 
 import enum
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -93,7 +92,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .factors import EKFACFactors, LayerFactors
-from .storage import write_json_atomic
+from .storage import read_meta, write_json_atomic
 
 INDEX_FORMAT = "influence-index-projection-1"
 TENSORS, META = "projection.safetensors", "projection.json"
@@ -308,12 +307,7 @@ def save_projection(proj: IndexProjection, directory: str | os.PathLike, extra: 
 
 
 def load_projection(directory: str | os.PathLike, device: torch.device | str = "cpu") -> IndexProjection:
-    path = Path(directory) / META
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no projection.json; the index projection is missing or incomplete")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {INDEX_FORMAT!r}; rebuild the index")
+    meta = read_meta(Path(directory) / META, INDEX_FORMAT, "the index projection", "format", "rebuild the index")
     t = load_file(str(Path(directory) / TENSORS), device=str(device))
     scales = meta.get("scale", [1.0] * len(meta["layers"]))  # absent: written before ``whitened`` existed
     layers = {n: LayerProjection(t[f"{i}.r_out"], t[f"{i}.r_in"], t[f"{i}.lam"], float(meta["damping"][i]),

@@ -6,7 +6,6 @@ without it is incomplete. The pipelines add ``queries.parquet`` beside them.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .queries import LayerQuery, PreconditionedQueries
-from .storage import write_json_atomic
+from .storage import read_meta, write_json_atomic
 from .version import QUERIES_FORMAT, __version__
 
 TENSORS = "queries.safetensors"
@@ -47,12 +46,8 @@ def save_queries(queries: PreconditionedQueries, directory: str | os.PathLike) -
 def load_queries(directory: str | os.PathLike, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> PreconditionedQueries:
     """Load queries saved by ``save_queries`` (optionally cast the layer tensors to ``dtype``)."""
-    path = Path(directory) / META
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no queries.json; the query directory is missing or incomplete")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != QUERIES_FORMAT:
-        raise ValueError(f"{path}: query format {meta.get('format')!r} is not {QUERIES_FORMAT!r}; rebuild the queries")
+    meta = read_meta(Path(directory) / META, QUERIES_FORMAT, "the query directory", "query format",
+                     "rebuild the queries")
     t = load_file(str(Path(directory) / TENSORS), device=str(device))
     layers = {}
     for i, name in enumerate(meta["layers"]):

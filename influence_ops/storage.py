@@ -64,6 +64,20 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def read_meta(path: Path, fmt: str, what: str, kind: str, remedy: str) -> dict[str, Any]:
+    """The JSON a save writes last beside its tensors (queries, index projection), checked.
+
+    Raises FileNotFoundError when ``path`` is absent (``what`` is missing or incomplete) and
+    ValueError when its ``format`` is not ``fmt`` (the message names ``kind`` and ends with ``remedy``).
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no {path.name}; {what} is missing or incomplete")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: {kind} {meta.get('format')!r} is not {fmt!r}; {remedy}")
+    return meta
+
+
 def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write ``factors`` to ``directory`` (created). ``extra`` is stored in the manifest."""
     out = Path(directory)
