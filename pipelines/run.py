@@ -26,9 +26,7 @@ from importlib import metadata
 from typing import Any
 
 from .config import JobConfig, ScoringMode
-from .errors import UserError
 from .io import storage
-from .io.model_source import check_model_folder, check_tokenizer
 from .io.completion import digest_of
 from .runtime.failures import StageFailed, errors_table
 from .stages.build_queries import build_queries
@@ -64,38 +62,13 @@ def run_id_of(cfg: JobConfig) -> str:
     return cfg.run_id or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{cfg.digest()[:8]}"
 
 
-def needs_tokenizer(cfg: JobConfig, stages: tuple[str, ...]) -> bool:
-    """Whether these stages tokenize text: raw documents, or queries given as text (not as token ids).
-
-    Reads the queries file when ``build-queries`` is among the stages, so that a missing or unreadable
-    file is reported before any stage starts.
-    """
-    text_queries = False
-    if "build-queries" in stages:
-        if not storage.exists(cfg.data.queries):
-            raise UserError(f"data.queries '{cfg.data.queries}' does not exist")
-        columns = storage.read_table(cfg.data.queries).column_names
-        text_queries = not {"prompt_ids", "completion_ids"} <= set(columns)
-    return text_queries or ("tokenize" in stages and cfg.data.raw is not None)
-
-
-def check_model(cfg: JobConfig, stages: tuple[str, ...]) -> None:
-    """Before any stage starts: the model folder (and its tokenizer when text is tokenized) can be loaded."""
-    if set(stages) & {"tokenize", "fit-factors", "build-queries", "index", "score"}:
-        check_model_folder(cfg.model)
-        if needs_tokenizer(cfg, stages):
-            check_tokenizer(cfg.model)
-
-
 def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
     """Run the stages in order; returns (and writes) the run record.
 
-    The inputs are checked first (``check_model``: the model folder or Hub name
-    and its tokenizer; ``validate.preflight``: model, raw files, queries, before
-    Ray starts) and, before the corpus is read, its shards and doc_ids
+    The inputs are checked first (``validate.preflight``: the model folder or
+    Hub name and its tokenizer, raw files, queries, before Ray starts) and, before the corpus is read, its shards and doc_ids
     (``validate.preflight_corpus``); the first problem raises with one line.
     """
-    check_model(cfg, stages)
     preflight(cfg, stages)
     write_resolved_config(cfg)
     record: dict[str, Any] = {"run_id": run_id_of(cfg), "started": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -157,7 +157,7 @@ def test_run_record_failure_never_masks_the_error(tmp_path, monkeypatch, caplog)
 
     monkeypatch.setattr(storage, "write_json", write_json)
     import pipelines.run as run_module
-    for check in ("check_model", "preflight", "preflight_corpus"):  # straight to the stage's own error
+    for check in ("preflight", "preflight_corpus"):  # straight to the stage's own error
         monkeypatch.setattr(run_module, check, lambda *args, **kwargs: {})
     with pytest.raises(ValueError, match="is not complete: run `fit-factors` first"):  # the run's own error
         run_job(cfg, stages=("score",))

@@ -318,7 +318,7 @@ def test_leading_space_warning_shows_both_tokenizations(tmp_path):
 def test_missing_weights_name_model_path(world):
     (world.model / "model.safetensors").rename(world.model / "model.ckpt")
     line = first_error(validate(world.job))
-    assert f"model.path = {str(world.model)!r}" in line and "model.ckpt" in line and "safetensors" in line
+    assert f"model.path '{world.model}': no weights" in line and "model.ckpt" in line and "safetensors" in line
 
 
 def test_tracked_layers_not_found_names_layer_pattern(world):
@@ -330,7 +330,7 @@ def test_model_without_tokenizer_names_the_key(world):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (world.model / name).unlink(missing_ok=True)
     line = first_error(validate(world.job))
-    assert f"model.path = {str(world.model)!r}: no tokenizer in this folder" in line and "model.tokenizer" in line
+    assert f"no tokenizer in model.path '{world.model}'" in line and "set model.tokenizer" in line
 
 
 def test_missing_model_folder_is_named(world):

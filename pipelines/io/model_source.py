@@ -46,6 +46,8 @@ TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model")
 WEIGHT_INDEX = SAFETENSORS[1]
+# Weight formats the loader does not read (named in the error so the user sees what was found).
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 def hub_cache() -> Path:
@@ -153,6 +155,9 @@ def check_model_folder(cfg: ModelConfig, tokenizer: bool = False) -> None:
             raise UserError(f"model.path '{cfg.path}': no {CONFIG}, not a Hugging Face model folder "
                             "(for a plain torch model, set model.factory instead)")
         if not names & set(SAFETENSORS + TORCH_BIN) and not any(n.endswith(".safetensors") for n in names):
-            raise UserError(f"model.path '{cfg.path}': no weights (model.safetensors or pytorch_model.bin)")
+            others = sorted(n for n in names if n.endswith(OTHER_WEIGHTS))
+            found = f"only {others}" if others else "no weight file"
+            raise UserError(f"model.path '{cfg.path}': no weights, found {found}; weights must be safetensors "
+                            f"(model.safetensors or {WEIGHT_INDEX} with its shards) or pytorch_model.bin")
     if tokenizer:
         check_tokenizer(cfg)

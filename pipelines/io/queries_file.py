@@ -37,7 +37,7 @@ def query_rows(url: str) -> list[tuple[str, dict[str, Any]]]:
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError as err:
-        raise ConfigError(f"data.queries = {url!r}: no such file") from err
+        raise ConfigError(f"data.queries '{url}' does not exist") from err
     if url.endswith(".parquet"):
         return [(f"row {i}", r) for i, r in enumerate(storage.read_parquet(url).to_pylist())]
     try:

@@ -18,12 +18,9 @@ from typing import Any
 
 from ..config import ConfigError, ModelConfig
 from ..io import storage
-from ..io.model_source import TOKENIZER_FILES, WEIGHT_INDEX, model_source
-from ..io.model_source import TORCH_BIN as TORCH_WEIGHTS
+from ..io.model_source import check_model_folder, model_source
+from ..io.model_source import check_tokenizer as check_tokenizer_folder
 
-# Weights the loader reads (``io.model_loading.load_model``): safetensors, or pytorch_model.bin through
-# torch.load(weights_only=True) (never unpickling arbitrary objects). One list of names for every check.
-WEIGHT_SUFFIXES = (".safetensors",)
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 
 
@@ -53,14 +50,6 @@ def is_byte_level(tokenizer: Any) -> bool:
     return "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
 
 
-def _files(cfg_key: str, url: str) -> list[str]:
-    """Names of the files directly in the folder ``url``; ConfigError when it does not exist."""
-    if not storage.exists(url):
-        raise ConfigError(f"{cfg_key} = {url!r}: does not exist")
-    root = url.rstrip("/")
-    return sorted(f[len(root) + 1:] for f in storage.list_files(url) if "/" not in f[len(root) + 1:])
-
-
 def _read_config(path: str) -> dict[str, Any]:
     url = storage.join(path, "config.json")
     try:
@@ -74,28 +63,11 @@ def _read_config(path: str) -> dict[str, Any]:
     return config
 
 
-def _check_weights(path: str, names: list[str]) -> None:
-    if WEIGHT_INDEX in names or any(n.endswith(WEIGHT_SUFFIXES) or n in TORCH_WEIGHTS for n in names):
-        return
-    others = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"))]
-    found = f"found only {others}" if others else "found no weight file"
-    raise ConfigError(f"model.path = {path!r}: {found}; weights must be safetensors (model.safetensors or "
-                      f"{WEIGHT_INDEX} with its shards) or pytorch_model.bin")
-
-
 def check_tokenizer(cfg: ModelConfig) -> Any:
-    """The tokenizer (loaded); ConfigError when there is none where the job says."""
-    url = cfg.tokenizer_path
+    """The tokenizer (loaded); UserError when there is none where the job says (``io.model_source``'s check)."""
+    check_tokenizer_folder(cfg)
     key = "model.tokenizer" if cfg.tokenizer else "model.path"
-    if url is not None:
-        url = model_source(url, key)
-    if url is None:
-        raise ConfigError("model.tokenizer is not set: a factory model needs a tokenizer folder for text "
-                          "(data.raw or text queries)")
-    names = _files(key, url)
-    if not any(n in TOKENIZER_FILES for n in names):
-        raise ConfigError(f"{key} = {url!r}: no tokenizer in this folder (none of {list(TOKENIZER_FILES)}); "
-                          "set model.tokenizer to a folder that has one")
+    url = model_source(cfg.tokenizer_path, key)
     from ..io.model_loading import load_tokenizer
 
     try:
@@ -163,10 +135,9 @@ def check_model(cfg: ModelConfig, needs_tokenizer: bool) -> ModelInfo:
         model, config = _factory_model(cfg), {}
         description = f"factory {cfg.factory}"
     else:
+        check_model_folder(cfg)  # the folder, config.json and weights, from the listing (the stages' own check)
         source = model_source(cfg.path)  # a folder, an object-storage URL, or a Hub name's cached snapshot
-        names = _files("model.path", source)
         config = _read_config(source)
-        _check_weights(cfg.path, names)
         try:
             model = _meta_model(config, cfg.trust_remote_code)
         except (ValueError, KeyError, OSError, ImportError) as err:
