@@ -125,9 +125,10 @@ def faiss_top(X: np.ndarray, keys: list[str], P: np.ndarray, m: int,
             found, idx = index.search(np.ascontiguousarray(P[todo] if largest else -P[todo], dtype=np.float32), k)
             sure = np.ones(len(todo), bool) if k == n else found[:, m - 1] - found[:, k - 1] > 2 * bound[todo]
             done, idx = todo[sure], idx[sure].astype(np.int64)
-            s = exact_scores(X, P[done], idx)
-            cols = best_columns(s, idx, rank, kept, largest)
-            scores[done], rows[done] = np.take_along_axis(s, cols, 1), np.take_along_axis(idx, cols, 1)
+            if len(done):
+                s = exact_scores(X, P[done], idx)
+                cols = best_columns(s, idx, rank, kept, largest)
+                scores[done], rows[done] = np.take_along_axis(s, cols, 1), np.take_along_axis(idx, cols, 1)
             todo, k = todo[~sure], min(n, 2 * k)
         sides += [scores, rows]
     return sides[0], sides[1], sides[2], sides[3]
