@@ -27,7 +27,6 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 
 from influence_ops import TopKAccumulator
 from influence_ops.topk import TopKSide
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 
 FAISS_MAX_BYTES = 16 << 30  # X and FAISS's copy of it, at most (and at most half the available memory)
 FIRST_K = 2  # FAISS is first asked for max(FIRST_K x M, M + 16) rows per query
-RESCORE_ELEMENTS = 1 << 24  # float64 entries of the gathered rows [q, K, D] re-scored at once
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 INSTALL = "pip install faiss-cpu (or pip install 'corpus-influence[faiss]')"
 
@@ -86,13 +84,14 @@ def float32_error(P: np.ndarray, squared_norms: np.ndarray) -> np.ndarray:
 
 
 def exact_scores(X: np.ndarray, P: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """[q, K] float64 scores P_i . X_rows[i, j]. X: [N, D], P: [q, D], rows: [q, K] row numbers of X."""
+    """[q, K] float64 scores P_i . X_rows[i, j]. X: [N, D], P: [q, D], rows: [q, K] row numbers of X.
+
+    One query at a time: its K rows [K, D] as float64 stay in cache (a gather of all queries' rows at once
+    measured several times slower).
+    """
     out = np.empty(rows.shape)
-    step = max(1, RESCORE_ELEMENTS // max(1, rows.shape[1] * X.shape[1]))
-    for lo in range(0, len(rows), step):
-        x = torch.from_numpy(X[rows[lo:lo + step]]).double()  # (q, K, D)
-        p = torch.from_numpy(np.ascontiguousarray(P[lo:lo + step], dtype=np.float64))
-        out[lo:lo + step] = torch.bmm(x, p.unsqueeze(2)).squeeze(2).numpy()
+    for i in range(len(rows)):
+        out[i] = X[rows[i]].astype(np.float64) @ P[i]
     return out
 
 
