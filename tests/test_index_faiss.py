@@ -143,3 +143,12 @@ def test_index_search_key_checked(tmp_path):
     assert config_from_dict(job(tmp_path, search="faiss")).index.search == IndexSearch.FAISS
     with pytest.raises(ConfigError, match=r"index.search = 'hnsw': must be one of \['scan', 'faiss'\]"):
         config_from_dict(job(tmp_path, search="hnsw"))
+
+
+def test_validate_reports_missing_faiss(tmp_path, monkeypatch):
+    from pipelines.validate.preflight import validate
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    faiss_errors = [e for e in validate(config_from_dict(job(tmp_path, search="faiss"))).errors if "faiss" in e]
+    assert len(faiss_errors) == 1 and "index.search = 'faiss'" in faiss_errors[0]
+    assert not [e for e in validate(config_from_dict(job(tmp_path))).errors if "faiss" in e]

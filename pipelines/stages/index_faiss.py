@@ -10,8 +10,9 @@ FAISS's float32 score of a row differs from its float64 score by at most
 b_q = 2 (D + 2) u ||P_q|| max_r ||X_r|| (u = 2^-24: the query rounded to float32, then a float32
 dot product of length D; the classic bound, doubled for margin). When a query's M-th FAISS score
 exceeds its K-th by more than 2 b_q, no row outside the K can reach its M best (ties included);
-the other queries are searched again with K doubled, up to N. The K rows are then scored in
-float64 from X and cut to M with ``best_columns`` (score, then row key (doc_id, shard)), as
+the other queries are searched again with K doubled, up to N. The rows within 2 b_q of the M-th
+FAISS score (the others cannot be among the M best) are then scored in float64 from X and cut
+to M with ``best_columns`` (score, then row key (doc_id, shard)), as
 ``part_top`` cuts a part, so the candidates are the scan's (``index_search.py``) and their
 scores equal the scan's up to float64 rounding.
 
@@ -123,7 +124,10 @@ def faiss_top(X: np.ndarray, keys: list[str], P: np.ndarray, m: int,
         while len(todo):
             found, idx = index.search(np.ascontiguousarray(P[todo] if largest else -P[todo], dtype=np.float32), k)
             sure = np.ones(len(todo), bool) if k == n else found[:, m - 1] - found[:, k - 1] > 2 * bound[todo]
-            done, idx = todo[sure], idx[sure].astype(np.int64)
+            done, found, idx = todo[sure], found[sure], idx[sure].astype(np.int64)
+            if len(done) and k > m:  # only rows within 2 b of the M-th can be among the M best: a prefix
+                near = found >= found[:, m - 1:m] - 2 * bound[done, None]
+                idx = idx[:, :max(m, int(near.sum(1).max()))]
             if len(done):
                 s = exact_scores(X, P[done], idx)
                 cols = best_columns(s, idx, rank, kept, largest)
