@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipelines,test,cluster,eval]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipelines,test,cluster,eval,faiss]'
 	touch $(STAMP)
 
 test: $(STAMP)

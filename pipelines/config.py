@@ -68,6 +68,8 @@ Sections (every key optional unless marked required)::
                                         # x 2 for float16 / bfloat16, x 4 for float32)
     dtype = "float16"                   # float16 | bfloat16 | float32: storage of the compressed gradients
     seed = 0                            # seed of the random, weighted and whitened projections
+    search = "scan"                     # scan (every part scored on actors) | faiss (the whole index in memory on
+                                        # the driver, FAISS IndexFlatIP; the same candidates; needs faiss-cpu)
     [resources]
     ray_address = ""                    # empty: start a local Ray sized for this machine
     actors = 1
@@ -129,6 +131,13 @@ class IndexDType(str, enum.Enum):
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
     FLOAT32 = "float32"
+
+
+class IndexSearch(str, enum.Enum):
+    """How queries search the index: every part scored on actors, or the whole index in memory with FAISS."""
+
+    SCAN = "scan"
+    FAISS = "faiss"
 
 
 class TooLong(str, enum.Enum):
@@ -311,6 +320,7 @@ class IndexConfig:
     k_in: int = 16
     dtype: IndexDType = IndexDType.FLOAT16
     seed: int = 0
+    search: IndexSearch = IndexSearch.SCAN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "projection", _enum("index.projection", ProjectionKind, self.projection))
@@ -318,6 +328,7 @@ class IndexConfig:
         _check_int("index.k_in", self.k_in, 1)
         object.__setattr__(self, "dtype", _enum("index.dtype", IndexDType, self.dtype))
         _check_int("index.seed", self.seed, 0)
+        object.__setattr__(self, "search", _enum("index.search", IndexSearch, self.search))
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,8 @@ k_out = 16                        # projected output width per layer
 k_in = 16                         # projected input width per layer
 dtype = "float16"                 # float16 | bfloat16 | float32 (bytes per sequence: layers x k_out x k_in x 2 or 4)
 seed = 0                          # seed of the random, weighted and whitened projections
+search = "scan"                   # scan: every part scored on actors | faiss: the whole index in memory on the
+                                  # driver (FAISS, exact: the same candidates; pip install faiss-cpu)
 
 [resources]
 ray_address = ""                  # "" = a local Ray sized for this machine; or "ray://host:10001", "auto"

@@ -25,7 +25,7 @@ from pipelines.io.model_loading import load_model
 from pipelines.io.shards import list_shards, read_rows, row_group_rows
 from pipelines.run import run_job
 from pipelines.stages.index_build import build_index, current_parts, decode_rows, encode_rows, from_arrow, to_arrow
-from pipelines.stages.index_query import candidates_of
+from pipelines.stages.index_query import candidates_of, search_index
 from pipelines.stages.index_search import IndexSearcher, fold, part_top, read_part, search_units, top_candidates
 from pipelines.stages.merge import row_key
 
@@ -202,6 +202,23 @@ def test_rerun_builds_nothing_and_all_candidates_give_the_scan_topk(index_run, b
     assert record["stages"]["index"]["index"]["projection_skipped"] is True
     qids, acc = brute_force_topk(wide)
     assert_topk_equal(topk_rows(wide), qids, acc)
+
+
+def test_faiss_search_gives_the_scan_candidates(index_run):
+    """index.search = "faiss" (the whole index in memory) over the job's parts == the Ray scan of them."""
+    pytest.importorskip("faiss")
+    cfg, _, _ = index_run
+    parts = current_parts(cfg)
+    width = max(read_part(url)[0].shape[1] for url in parts)
+    P = np.random.default_rng(0).standard_normal((5, width))
+    scan = top_candidates(cfg, parts, P, 4)
+    in_memory = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, search="faiss"))
+    acc, search = search_index(in_memory, parts, P, 4)
+    assert search == "faiss" and acc.seen == scan.seen > 8
+    for side in ("top", "bottom"):
+        got, want = getattr(acc, side), getattr(scan, side)
+        assert got.ids.tolist() == want.ids.tolist()
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
 
 
 def test_new_shard_builds_only_its_unit(index_run):

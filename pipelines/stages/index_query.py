@@ -8,6 +8,8 @@ with one matrix product [N, D] x [D, Q] on actors (a Ray Data pass over the part
 ``index_search.py``), each part's top-M and bottom-M per query folded into a
 ``TopKAccumulator`` on the driver: the union of the parts' top-M holds the global
 top-M (ties broken by (doc_id, shard)), so the candidates are exactly the index's best M.
+With ``index.search = "faiss"`` the driver searches the whole index in memory instead
+(``index_faiss.py``: exact inner products, the same candidates) when it fits.
 
 Candidates are ``{query_id: {(doc_id, shard): found_by}}`` (``found_by = "index"``), the
 set that ``rescore.py`` scores exactly (``tfidf`` candidates have the same form).
@@ -26,11 +28,12 @@ from influence_ops import TopKAccumulator, backward_pass, load_factors, query_ba
 from influence_ops.index_projection import compress, load_projection, precondition, refit_preconditioner
 from influence_ops.objectives import Fisher, LanguageModelObjective
 
-from ..config import JobConfig, ModelConfig
+from ..config import IndexSearch, JobConfig, ModelConfig
 from ..io import storage
 from ..io.model_loading import load_model, pick_device
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .index_build import current_parts, index_url
+from .index_faiss import faiss_candidates, require_faiss
 from .index_search import top_candidates
 from .merge import split_key
 
@@ -103,13 +106,26 @@ def candidates_of(acc: TopKAccumulator, query_ids: list[str], found_by: str = "i
     return out
 
 
+def search_index(cfg: JobConfig, part_urls: list[str], P: np.ndarray, m: int) -> tuple[TopKAccumulator, str]:
+    """The top-M and bottom-M of each query (P: [Q, D]) with ``index.search``, and the search that ran
+    (``faiss`` falls back to ``scan`` when the index does not fit in memory: ``index_faiss.py``)."""
+    if cfg.index.search == IndexSearch.FAISS:
+        acc = faiss_candidates(cfg, part_urls, P, m)
+        if acc is not None:
+            return acc, IndexSearch.FAISS.value
+    return top_candidates(cfg, part_urls, P, m), IndexSearch.SCAN.value
+
+
 def query_index(cfg: JobConfig) -> tuple[Candidates, dict[str, Any]]:
     """Candidates of every query from the (current) index parts, and the time each step took."""
     start = time.perf_counter()
     present = current_parts(cfg)
+    if cfg.index.search == IndexSearch.FAISS:
+        require_faiss()  # before the queries' model passes
     ids, P = query_rows(cfg)
     prepared = time.perf_counter()
-    acc = top_candidates(cfg, present, P.numpy(), cfg.scoring.candidates)
+    acc, search = search_index(cfg, present, P.numpy(), cfg.scoring.candidates)
     info = {"queries": len(ids), "parts": len(present), "sequences": acc.seen, "candidates": cfg.scoring.candidates,
+            "search": search,
             "prepare_seconds": round(prepared - start, 3), "search_seconds": round(time.perf_counter() - prepared, 3)}
     return candidates_of(acc, ids), info

@@ -71,6 +71,11 @@ def best_columns(scores: np.ndarray, rows: np.ndarray, rank: np.ndarray, m: int,
     return np.take_along_axis(safe, order, 1)
 
 
+def key_rank(keys: list[str]) -> np.ndarray:
+    """[N] int: the position of each row key in ascending key order (the tie order of ``TopKAccumulator``)."""
+    return np.argsort(np.argsort(np.asarray(keys, dtype=str), kind="stable"), kind="stable")
+
+
 def part_top(X: np.ndarray, keys: list[str], P: np.ndarray, m: int,
              chunk: int = SEARCH_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The part's top-m and bottom-m per query of S = P X^T. X: [N, D] rows, keys: N row keys, P: [Q, D].
@@ -79,7 +84,7 @@ def part_top(X: np.ndarray, keys: list[str], P: np.ndarray, m: int,
     sorted: top by (score descending, key ascending), bottom by (score ascending, key ascending).
     """
     n, q = X.shape[0], P.shape[0]
-    rank = np.argsort(np.argsort(np.asarray(keys, dtype=str), kind="stable"), kind="stable")  # key order in the part
+    rank = key_rank(keys)
     Pt = torch.from_numpy(np.ascontiguousarray(P, dtype=np.float64))
     kept = {largest: (np.zeros((q, 0)), np.zeros((q, 0), dtype=np.int64)) for largest in (True, False)}
     for lo in range(0, n, chunk):

@@ -7,7 +7,8 @@ every shard (token ids within the vocabulary, lengths against the context
 under ``data.too_long``) and the queries file.
 
 The stages run the same checks before Ray starts (``preflight``: the model,
-the raw files for ``tokenize``, the queries for ``build-queries``) and before
+the raw files for ``tokenize``, the queries for ``build-queries``, the faiss
+package for ``score`` with ``index.search = "faiss"``) and before
 they read the corpus (``preflight_corpus``: footers, schemas and doc_id
 uniqueness; remembered in ``<output>/preflight/corpus.json`` for the same
 shard files, so a re-run does not read the doc_ids again). Token ids and
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, IndexSearch, JobConfig, ScoringMode
 from ..io import completion, storage
 from .doc_ids import check_unique_doc_ids
 from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
@@ -93,8 +94,20 @@ def validate(cfg: JobConfig, job: str = "") -> Report:
         if checked is not None:
             report.queries = checked.queries
             report.warnings += checked.warnings
+    if _needs_faiss(cfg):
+        _step(report, _require_faiss)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _needs_faiss(cfg: JobConfig) -> bool:
+    return cfg.scoring.mode == ScoringMode.INDEX and cfg.index.search == IndexSearch.FAISS
+
+
+def _require_faiss() -> None:
+    from ..stages.index_faiss import require_faiss
+
+    require_faiss()
 
 
 def _corpus_shards(cfg: JobConfig, report: Report) -> list[str] | None:
@@ -114,6 +127,8 @@ def preflight(cfg: JobConfig, stages: tuple[str, ...]) -> ModelInfo:
     tokenize = "tokenize" in stages and cfg.data.raw is not None
     queries = "build-queries" in stages
     info = check_model(cfg.model, needs_tokenizer=tokenize)
+    if "score" in stages and _needs_faiss(cfg):
+        _require_faiss()  # before the index pass, not after it
     if tokenize:
         raw_files(cfg)
     if queries:
