@@ -21,6 +21,8 @@ Models (--model):
     --tokens tokens from 32 topic Markov chains (``index_search.topic_corpus``), EK-FAC fitted
     on 512 of them (top-m Fisher, 3 draws: the project's default), --queries queries
     (prompt: a corpus sequence's first 8 tokens, completion: the next 4), rank --rank.
+The scan's queries are rank-r (the job's ``scoring.rank``; the demo job: 16), so its "exact"
+scores carry the truncation of the preconditioned queries; --rank 0 scans with dense queries.
 
 Run:
     influence demo --output /tmp/demo
@@ -154,6 +156,9 @@ def demo(args) -> dict:
     assert table.column("query_id").to_pylist() == list(queries.query_ids)
     prompts, completions = table.column("prompt_ids").to_pylist(), table.column("completion_ids").to_pylist()
     qbatch = io.query_batch(prompts, completions)
+    if args.rank == 0:  # dense queries prepared here instead of the job's rank-r ones
+        queries = io.precondition_queries(m.model, factors, [qbatch], rank=None, damping=cfg.factors.damping,
+                                          query_ids=list(queries.query_ids))
     corpus: list[list[int]] = []
     for shard in list_shards(cfg.data.corpus):
         seqs = read_rows(shard, None, m.vocab_size, context=m.context, too_long=cfg.data.too_long)
@@ -162,7 +167,8 @@ def demo(args) -> dict:
     batches = [collate(corpus[i:i + bs]) for i in range(0, len(corpus), bs)]
     exact = torch.cat([io.score_batch(m.model, queries, b).scores.double() for b in batches], dim=1)  # (Q, N)
     res = {"model": "demo", "job": args.job, "sequences": len(corpus), "queries": len(queries.query_ids),
-           "rank": queries.rank, "damping": cfg.factors.damping, "fisher": cfg.factors.fisher.value}
+           "rank": queries.rank or "dense", "truncation_error_mean": float(queries.truncation_error.mean()),
+           "damping": cfg.factors.damping, "fisher": cfg.factors.fisher.value}
     res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
     res["kinds"] = measure(m.model, m.layers, factors, qbatch, batches, exact, args, cfg.factors.damping, "cpu")
     return res
@@ -183,13 +189,14 @@ def random_model(args) -> dict:
     qids = torch.randint(0, len(corpus), (args.queries,), generator=gen).tolist()
     prompts, completions = [corpus[i][:8] for i in qids], [corpus[i][8:12] for i in qids]
     qbatch = io.query_batch(prompts, completions)
-    pq = io.precondition_queries(model, factors, [qbatch], rank=args.rank)
+    pq = io.precondition_queries(model, factors, [qbatch], rank=args.rank or None)
     batches = [io.collate(corpus[i:i + 32]) for i in range(0, len(corpus), 32)]
     t0 = time.perf_counter()
     exact = torch.cat([io.score_batch(model, pq, b).scores.double() for b in batches], dim=1)  # (Q, N)
     res = {"model": "random", "width": args.width, "blocks": args.layers, "vocab": args.vocab,
            "tracked_layers": {l.name: list(l.shape) for l in layers}, "sequences": len(corpus),
-           "tokens": args.tokens, "queries": len(qids), "rank": args.rank, "fisher": "topm 3/3",
+           "tokens": args.tokens, "queries": len(qids), "rank": args.rank or "dense", "fisher": "topm 3/3",
+           "truncation_error_mean": float(pq.truncation_error.mean()),
            "damping": "0.1 x mean(Lambda) per layer", "fit_seconds": fit_s,
            "scan_seconds": time.perf_counter() - t0}
     res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
@@ -212,7 +219,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--corpus", type=int, default=4096)
     p.add_argument("--queries", type=int, default=32)
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--rank", type=int, default=32, help="rank of the scan's queries, 0 = dense (demo: 0 = dense queries prepared here, else the job's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_output/index_recall.json")
     args = p.parse_args()
