@@ -14,19 +14,20 @@ TF-IDF (BM25 of ``pipelines/stages/tfidf.py``, prompt + completion tokens, in pr
 them: its top-M's recall of the same exact top-10.
 
 Models (--model):
-  - ``demo``: the job written by ``influence demo --output DIR`` (--job DIR/job.toml): its
-    model, shards, fitted factors and queries, the damping of ``factors.damping``.
+  - ``job``: a job that has run fit-factors and build-queries (--job job.toml), e.g. the one
+    ``influence demo --output DIR`` writes: its model, shards, fitted factors and queries, the
+    damping of ``factors.damping``. Everything runs in this process: small corpora only.
   - ``random``: a GPT-2-shaped model with random weights (``benchmarks/index.py`` ``gpt2``:
     width --width, --layers blocks, vocabulary --vocab), a corpus of --corpus sequences of
     --tokens tokens from 32 topic Markov chains (``index_search.topic_corpus``), EK-FAC fitted
     on 512 of them (top-m Fisher, 3 draws: the project's default), --queries queries
     (prompt: a corpus sequence's first 8 tokens, completion: the next 4), rank --rank.
-The scan's queries are rank-r (the job's ``scoring.rank``; the demo job: 16), so its "exact"
+The scan's queries are rank-r (the job's ``scoring.rank``; the demo job's: 16), so its "exact"
 scores carry the truncation of the preconditioned queries; --rank 0 scans with dense queries.
 
 Run:
     influence demo --output /tmp/demo
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model demo \\
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model job \\
         --job /tmp/demo/job.toml --out bench_output/index_recall_demo.json
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model random \\
         --width 256 --layers 2 --out bench_output/index_recall_random.json
@@ -140,7 +141,7 @@ def tfidf_entry(exact: torch.Tensor, corpus: list[list[int]], query_tokens: list
     return out
 
 
-def demo(args) -> dict:
+def job_model(args) -> dict:
     from influence_ops import collate, load_factors, load_queries
     from pipelines.config import load_config
     from pipelines.io import storage
@@ -166,7 +167,7 @@ def demo(args) -> dict:
     bs = 16
     batches = [collate(corpus[i:i + bs]) for i in range(0, len(corpus), bs)]
     exact = torch.cat([io.score_batch(m.model, queries, b).scores.double() for b in batches], dim=1)  # (Q, N)
-    res = {"model": "demo", "job": args.job, "sequences": len(corpus), "queries": len(queries.query_ids),
+    res = {"model": "job", "job": args.job, "sequences": len(corpus), "queries": len(queries.query_ids),
            "rank": queries.rank or "dense", "truncation_error_mean": float(queries.truncation_error.mean()),
            "damping": cfg.factors.damping, "fisher": cfg.factors.fisher.value}
     res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
@@ -206,8 +207,8 @@ def random_model(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["demo", "random"], default="demo")
-    p.add_argument("--job", default="/tmp/demo/job.toml", help="demo: the job.toml of `influence demo`")
+    p.add_argument("--model", choices=["job", "random"], default="job")
+    p.add_argument("--job", default="/tmp/demo/job.toml", help="job: its job.toml (e.g. `influence demo`'s)")
     p.add_argument("--kinds", default="eigen,random,weighted")
     p.add_argument("--k", default="16,32,48", help="k_out = k_in, comma-separated")
     p.add_argument("--projection-seeds", default="0,1,2", help="seeds of random / weighted (mean reported)")
@@ -219,13 +220,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--corpus", type=int, default=4096)
     p.add_argument("--queries", type=int, default=32)
-    p.add_argument("--rank", type=int, default=32, help="rank of the scan's queries, 0 = dense (demo: 0 = dense queries prepared here, else the job's)")
+    p.add_argument("--rank", type=int, default=32, help="rank of the scan's queries, 0 = dense (job: 0 = dense queries prepared here, else the job's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_output/index_recall.json")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     start, load = time.perf_counter(), os.getloadavg()
-    res = demo(args) if args.model == "demo" else random_model(args)
+    res = job_model(args) if args.model == "job" else random_model(args)
     res.update({"args": vars(args), "seconds": time.perf_counter() - start,
                 "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
                             "threads": torch.get_num_threads(), "loadavg_start": load,
