@@ -22,6 +22,8 @@ Models (--model):
     --tokens tokens from 32 topic Markov chains (``index_search.topic_corpus``), EK-FAC fitted
     on 512 of them (top-m Fisher, 3 draws: the project's default), --queries queries
     (prompt: a corpus sequence's first 8 tokens, completion: the next 4), rank --rank.
+  - ``tiny``: ``index_search.py`` part 2's model and setup (trained --train-steps steps; vocabulary
+    256, 2 blocks; empirical Fisher); its defaults there: --width 128 --corpus 4096 --queries 32.
 The scan's queries are rank-r (the job's ``scoring.rank``; the demo job's: 16), so its "exact"
 scores carry the truncation of the preconditioned queries; --rank 0 scans with dense queries.
 
@@ -205,9 +207,30 @@ def random_model(args) -> dict:
     return res
 
 
+def tiny_model(args) -> dict:
+    from index_search import trained_tiny  # benchmarks/index_search.py
+
+    model, corpus, gen, loss = trained_tiny(args.width, args.tokens, args.corpus, args.train_steps, args.seed, "cpu")
+    layers = io.find_mlp_layers(model)
+    fit = [io.collate(corpus[i:i + 32]) for i in range(0, min(512, len(corpus)), 32)]
+    factors = io.fit_ekfac(model, layers, fit, fisher=io.Fisher.EMPIRICAL)
+    qids = torch.randint(0, len(corpus), (args.queries,), generator=gen).tolist()
+    prompts, completions = [corpus[i][:8] for i in qids], [corpus[i][8:12] for i in qids]
+    qbatch = io.query_batch(prompts, completions)
+    pq = io.precondition_queries(model, factors, [qbatch], rank=args.rank or None)
+    batches = [io.collate(corpus[i:i + 64]) for i in range(0, len(corpus), 64)]
+    exact = torch.cat([io.score_batch(model, pq, b).scores.double() for b in batches], dim=1)  # (Q, N)
+    res = {"model": "tiny", "width": args.width, "final_train_loss": float(loss.detach()), "sequences": len(corpus),
+           "queries": len(qids), "rank": args.rank or "dense", "fisher": "empirical",
+           "truncation_error_mean": float(pq.truncation_error.mean())}
+    res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
+    res["kinds"] = measure(model, layers, factors, qbatch, batches, exact, args, None, "cpu")
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["job", "random"], default="job")
+    p.add_argument("--model", choices=["job", "random", "tiny"], default="job")
     p.add_argument("--job", default="/tmp/demo/job.toml", help="job: its job.toml (e.g. `influence demo`'s)")
     p.add_argument("--kinds", default="eigen,random,weighted")
     p.add_argument("--k", default="16,32,48", help="k_out = k_in, comma-separated")
@@ -221,12 +244,13 @@ def main() -> None:
     p.add_argument("--corpus", type=int, default=4096)
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--rank", type=int, default=32, help="rank of the scan's queries, 0 = dense (job: 0 = dense queries prepared here, else the job's)")
+    p.add_argument("--train-steps", type=int, default=300, help="tiny: training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_output/index_recall.json")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     start, load = time.perf_counter(), os.getloadavg()
-    res = job_model(args) if args.model == "job" else random_model(args)
+    res = {"job": job_model, "random": random_model, "tiny": tiny_model}[args.model](args)
     res.update({"args": vars(args), "seconds": time.perf_counter() - start,
                 "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
                             "threads": torch.get_num_threads(), "loadavg_start": load,
