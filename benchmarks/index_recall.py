@@ -1,4 +1,4 @@
-"""Candidate recall of the influence index per projection kind and width (issue 10), on two models.
+"""Candidate recall of the influence index per projection kind and width (issue 10), on a job or a test model.
 
 For each query: the exact top-10 of a full scan (``score_batch`` with the preconditioned
 queries, every sequence of the corpus), and the index's top-M and bottom-M (M = --candidates)
@@ -33,6 +33,8 @@ Run:
         --job /tmp/demo/job.toml --out bench_output/index_recall_demo.json
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model random \\
         --width 256 --layers 2 --out bench_output/index_recall_random.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model tiny --width 128 \\
+        --out bench_output/index_recall_tiny.json
 """
 
 from __future__ import annotations
@@ -237,13 +239,14 @@ def main() -> None:
     p.add_argument("--projection-seeds", default="0,1,2", help="seeds of random / weighted (mean reported)")
     p.add_argument("--candidates", type=int, default=100, help="M: index candidates per query and side")
     p.add_argument("--also-m", default="20,50", help="smaller M at which recall is also reported")
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=256, help="random, tiny: model width")
+    p.add_argument("--layers", type=int, default=2, help="random: blocks")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--corpus", type=int, default=4096)
     p.add_argument("--queries", type=int, default=32)
-    p.add_argument("--rank", type=int, default=32, help="rank of the scan's queries, 0 = dense (job: 0 = dense queries prepared here, else the job's)")
+    p.add_argument("--rank", type=int, default=32,
+                   help="rank of the scan's queries, 0 = dense (job: 0 = dense queries prepared here, else the job's)")
     p.add_argument("--train-steps", type=int, default=300, help="tiny: training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_output/index_recall.json")
