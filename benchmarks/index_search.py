@@ -169,21 +169,28 @@ def topic_corpus(n: int, tokens: int, vocab: int, topics: int, gen: torch.Genera
     return seqs, labels
 
 
-def recall(args) -> dict:
-    dev = args.device
-    gen = torch.Generator().manual_seed(args.seed)
+def trained_tiny(width: int, tokens: int, sequences: int, steps: int, seed: int, dev: str):
+    """Part 2's model: a GPT-2 (width, 2 blocks, vocabulary 256) trained ``steps`` AdamW steps of 64
+    sequences on a topic corpus. Returns (model in eval mode, corpus, the generator (drawn on), last loss)."""
+    gen = torch.Generator().manual_seed(seed)
     vocab = 256
-    corpus, _ = topic_corpus(args.tiny_corpus, args.tiny_tokens, vocab, 32, gen)
-    model = gpt2(args.tiny_width, 2, vocab, args.tiny_tokens, args.seed, torch.float32).to(dev).train()
+    corpus, _ = topic_corpus(sequences, tokens, vocab, 32, gen)
+    model = gpt2(width, 2, vocab, tokens, seed, torch.float32).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = torch.tensor(corpus, device=dev)
-    for step in range(args.train_steps):
+    for step in range(steps):
         idx = torch.randint(0, len(corpus), (64,), generator=gen).to(dev)
         loss = model(input_ids=data[idx], labels=data[idx]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval(), corpus, gen, loss
+
+
+def recall(args) -> dict:
+    dev = args.device
+    model, corpus, gen, loss = trained_tiny(args.tiny_width, args.tiny_tokens, args.tiny_corpus, args.train_steps,
+                                            args.seed, dev)
     layers = io.find_mlp_layers(model)
     fit = [io.collate(corpus[i:i + 32]).to(dev) for i in range(0, min(512, len(corpus)), 32)]
     factors = io.fit_ekfac(model, layers, fit, fisher=io.Fisher.EMPIRICAL)

@@ -1,0 +1,269 @@
+"""Candidate recall of the influence index per projection kind and width (issue 10), on a job or a test model.
+
+For each query: the exact top-10 of a full scan (``score_batch`` with the preconditioned
+queries, every sequence of the corpus), and the index's top-M and bottom-M (M = --candidates)
+from compressed gradients stored in float16 (``compress``, ``precondition``: what
+``index_build`` / ``index_query`` compute). Reported per projection kind and k = k_out = k_in:
+  - recall = |exact top-10 & index top-M| / 10, mean over queries (and the worst query),
+    also at the smaller M of --also-m;
+  - final_equal = the fraction of queries whose final top-10 (exact scores of the top-M and
+    bottom-M candidates, as ``rescore`` re-scores them) equals the full scan's top-10;
+  - bytes per sequence in float16, per layer (2 k_out k_in, k clipped to the layer's widths)
+    and in total.
+TF-IDF (BM25 of ``pipelines/stages/tfidf.py``, prompt + completion tokens, in process) beside
+them: its top-M's recall of the same exact top-10.
+
+Models (--model):
+  - ``job``: a job that has run fit-factors and build-queries (--job job.toml), e.g. the one
+    ``influence demo --output DIR`` writes: its model, shards, fitted factors and queries, the
+    damping of ``factors.damping``. Everything runs in this process: small corpora only.
+  - ``random``: a GPT-2-shaped model with random weights (``benchmarks/index.py`` ``gpt2``:
+    width --width, --layers blocks, vocabulary --vocab), a corpus of --corpus sequences of
+    --tokens tokens from 32 topic Markov chains (``index_search.topic_corpus``), EK-FAC fitted
+    on 512 of them (top-m Fisher, 3 draws: the project's default), --queries queries
+    (prompt: a corpus sequence's first 8 tokens, completion: the next 4), rank --rank.
+  - ``tiny``: ``index_search.py`` part 2's model and setup (trained --train-steps steps; vocabulary
+    256, 2 blocks; empirical Fisher); its defaults there: --width 128 --corpus 4096 --queries 32.
+The scan's queries are rank-r (the job's ``scoring.rank``; the demo job's: 16), so its "exact"
+scores carry the truncation of the preconditioned queries; --rank 0 scans with dense queries.
+
+Run:
+    influence demo --output /tmp/demo
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model job \\
+        --job /tmp/demo/job.toml --out bench_output/index_recall_demo.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model random \\
+        --width 256 --layers 2 --out bench_output/index_recall_random.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/index_recall.py --model tiny --width 128 \\
+        --out bench_output/index_recall_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import influence_ops as io  # noqa: E402
+from influence_ops.index_projection import compress, make_projection, precondition  # noqa: E402
+from influence_ops.objectives import LanguageModelObjective  # noqa: E402
+from pipelines.io.shards import Sequences  # noqa: E402
+from pipelines.stages.tfidf import TopNScorer, idf, matched_terms, query_terms  # noqa: E402
+
+TOP = 10
+
+
+def tfidf_scores(corpus: list[list[int]], queries: list[list[int]]) -> np.ndarray:
+    """BM25 scores [Q, N] of ``pipelines/stages/tfidf.py`` (binary presence), computed in process."""
+    seqs = Sequences([str(i) for i in range(len(corpus))], [np.asarray(s, dtype=np.int64) for s in corpus], None,
+                     np.arange(len(corpus)))
+    terms = sorted({int(t) for q in queries for t in q})
+    _, pos = matched_terms(seqs, np.asarray(terms, dtype=np.int64))
+    df = np.bincount(pos, minlength=len(terms))
+    scorer = TopNScorer(terms, [idf(int(f), len(corpus)) for f in df], query_terms(dict(enumerate(queries)), terms),
+                        float(seqs.lengths.mean()), 1)
+    rows, scores = scorer.window_scores(seqs)
+    out = np.zeros((len(queries), len(corpus)))
+    out[:, rows] = scores.T
+    return out
+
+
+def recall_of(top10: torch.Tensor, approx: torch.Tensor, m: int) -> list[float]:
+    """Per query |top10 & the m largest of approx| / 10. top10: [Q, 10] indices, approx: [Q, N]."""
+    found = approx.topk(min(m, approx.shape[1]), dim=1).indices
+    return [len(set(top10[q].tolist()) & set(found[q].tolist())) / TOP for q in range(top10.shape[0])]
+
+
+def final_equal(exact: torch.Tensor, approx: torch.Tensor, m: int) -> list[bool]:
+    """Per query: the top-10 of the exact scores of the index's top-m and bottom-m equals the scan's."""
+    m = min(m, approx.shape[1])
+    keep = torch.cat([approx.topk(m, dim=1).indices, (-approx).topk(m, dim=1).indices], dim=1)  # (Q, 2m)
+    masked = torch.full_like(exact, -torch.inf).scatter(1, keep, exact.gather(1, keep))
+    return [set(a) == set(b) for a, b in zip(masked.topk(TOP, dim=1).indices.tolist(),
+                                             exact.topk(TOP, dim=1).indices.tolist())]
+
+
+def summary(hits: list[float], equal: list[bool] | None = None) -> dict:
+    out = {"recall": sum(hits) / len(hits), "worst": min(hits)}
+    if equal is not None:
+        out["final_equal"] = sum(equal) / len(equal)
+    return out
+
+
+def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, args, damping: float | None,
+            device: str) -> dict:
+    """Recall and bytes of every (kind, k, seed) of args; exact: [Q, N] scan scores of the sequences of batches."""
+    obj = LanguageModelObjective()
+    kinds, ks = args.kinds.split(","), [int(k) for k in args.k.split(",")]
+    seeds = [int(s) for s in args.projection_seeds.split(",")]
+    configs = [(kind, k, s) for k in ks for kind in kinds for s in (seeds[:1] if kind == "eigen" else seeds)]
+    projs = {c: make_projection(factors, c[0], c[1], c[1], seed=c[2], damping=damping) for c in configs}
+    on = {c: p.to(device, torch.float32) for c, p in projs.items()}
+    qc = io.backward_pass(model, layers, obj, qbatch, io.Fisher.EMPIRICAL).captured
+    P = {c: precondition(projs[c], compress(on[c], qc.activations, qc.output_grads).cpu()) for c in configs}  # (Q, D)
+    rows: dict = {c: [] for c in configs}
+    for b in batches:  # one backward pass per batch, compressed by every projection
+        cap = io.backward_pass(model, layers, obj, b, io.Fisher.EMPIRICAL).captured
+        for c in configs:
+            rows[c].append(compress(on[c], cap.activations, cap.output_grads).cpu().half())
+    top10 = exact.topk(TOP, dim=1).indices
+    also = [int(m) for m in args.also_m.split(",") if m]
+    res: dict = {}
+    for kind, k, seed in configs:
+        approx = P[(kind, k, seed)] @ torch.cat(rows[(kind, k, seed)]).double().T  # (Q, N), the index as stored
+        one = {"seed": seed, **summary(recall_of(top10, approx, args.candidates),
+                                       final_equal(exact, approx, args.candidates))}
+        one.update({f"recall_top{m}": summary(recall_of(top10, approx, m))["recall"] for m in also})
+        entry = res.setdefault(f"{kind}_k{k}", {"kind": kind, "k": k, "per_seed": [],
+                                                "bytes_per_layer_float16": {n: 2 * p.width for n, p in
+                                                                            projs[(kind, k, seed)].layers.items()},
+                                                "bytes_per_sequence_float16": 2 * projs[(kind, k, seed)].width})
+        entry["per_seed"].append(one)
+        for key in [x for x in one if x != "seed"]:  # mean over seeds
+            entry[key] = sum(e[key] for e in entry["per_seed"]) / len(entry["per_seed"])
+        entry["recall_range"] = [min(e["recall"] for e in entry["per_seed"]),
+                                 max(e["recall"] for e in entry["per_seed"])]
+        print(f"{kind} k={k} seed {seed}: {one}", flush=True)
+    return res
+
+
+def tfidf_entry(exact: torch.Tensor, corpus: list[list[int]], query_tokens: list[list[int]], args) -> dict:
+    scores = torch.from_numpy(tfidf_scores(corpus, query_tokens))  # (Q, N)
+    approx = scores - 1e-9 * torch.arange(scores.shape[1], dtype=scores.dtype)  # ties by position, as doc_id order
+    approx[scores <= 0] = -torch.inf  # no shared token: not a candidate
+    top10 = exact.topk(TOP, dim=1).indices
+    out = summary(recall_of(top10, approx, args.candidates))
+    out.update({f"recall_top{m}": summary(recall_of(top10, approx, int(m)))["recall"]
+                for m in args.also_m.split(",") if m})
+    return out
+
+
+def job_model(args) -> dict:
+    from influence_ops import collate, load_factors, load_queries
+    from pipelines.config import load_config
+    from pipelines.io import storage
+    from pipelines.io.model_loading import load_model
+    from pipelines.io.shards import list_shards, read_rows
+
+    cfg = load_config(args.job)
+    m = load_model(cfg.model)
+    out = cfg.data.output
+    queries = load_queries(storage.local_copy(storage.join(out, "queries")))
+    factors = load_factors(storage.local_copy(storage.join(out, "factors")))
+    table = storage.read_parquet(storage.join(out, "queries", "queries.parquet"))
+    assert table.column("query_id").to_pylist() == list(queries.query_ids)
+    prompts, completions = table.column("prompt_ids").to_pylist(), table.column("completion_ids").to_pylist()
+    qbatch = io.query_batch(prompts, completions)
+    if args.rank == 0:  # dense queries prepared here instead of the job's rank-r ones
+        queries = io.precondition_queries(m.model, factors, [qbatch], rank=None, damping=cfg.factors.damping,
+                                          query_ids=list(queries.query_ids))
+    corpus: list[list[int]] = []
+    for shard in list_shards(cfg.data.corpus):
+        seqs = read_rows(shard, None, m.vocab_size, context=m.context, too_long=cfg.data.too_long)
+        corpus += [list(map(int, x)) for x in seqs.input_ids]
+    bs = 16
+    batches = [collate(corpus[i:i + bs]) for i in range(0, len(corpus), bs)]
+    exact = torch.cat([io.score_batch(m.model, queries, b).scores.double() for b in batches], dim=1)  # (Q, N)
+    res = {"model": "job", "job": args.job, "sequences": len(corpus), "queries": len(queries.query_ids),
+           "rank": queries.rank or "dense", "truncation_error_mean": float(queries.truncation_error.mean()),
+           "damping": cfg.factors.damping, "fisher": cfg.factors.fisher.value}
+    res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
+    res["kinds"] = measure(m.model, m.layers, factors, qbatch, batches, exact, args, cfg.factors.damping, "cpu")
+    return res
+
+
+def random_model(args) -> dict:
+    from index import gpt2  # benchmarks/index.py
+    from index_search import topic_corpus  # benchmarks/index_search.py
+
+    gen = torch.Generator().manual_seed(args.seed)
+    corpus, _ = topic_corpus(args.corpus, args.tokens, args.vocab, 32, gen)
+    model = gpt2(args.width, args.layers, args.vocab, args.tokens, args.seed, torch.float32).eval()
+    layers = io.find_mlp_layers(model)
+    fit = [io.collate(corpus[i:i + 32]) for i in range(0, min(512, len(corpus)), 32)]
+    t0 = time.perf_counter()
+    factors = io.fit_ekfac(model, layers, fit, fisher=io.Fisher.TOPM, samples=3, lambda_samples=3)
+    fit_s = time.perf_counter() - t0
+    qids = torch.randint(0, len(corpus), (args.queries,), generator=gen).tolist()
+    prompts, completions = [corpus[i][:8] for i in qids], [corpus[i][8:12] for i in qids]
+    qbatch = io.query_batch(prompts, completions)
+    pq = io.precondition_queries(model, factors, [qbatch], rank=args.rank or None)
+    batches = [io.collate(corpus[i:i + 32]) for i in range(0, len(corpus), 32)]
+    t0 = time.perf_counter()
+    exact = torch.cat([io.score_batch(model, pq, b).scores.double() for b in batches], dim=1)  # (Q, N)
+    res = {"model": "random", "width": args.width, "blocks": args.layers, "vocab": args.vocab,
+           "tracked_layers": {l.name: list(l.shape) for l in layers}, "sequences": len(corpus),
+           "tokens": args.tokens, "queries": len(qids), "rank": args.rank or "dense", "fisher": "topm 3/3",
+           "truncation_error_mean": float(pq.truncation_error.mean()),
+           "damping": "0.1 x mean(Lambda) per layer", "fit_seconds": fit_s,
+           "scan_seconds": time.perf_counter() - t0}
+    res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
+    res["kinds"] = measure(model, layers, factors, qbatch, batches, exact, args, None, "cpu")
+    return res
+
+
+def tiny_model(args) -> dict:
+    from index_search import trained_tiny  # benchmarks/index_search.py
+
+    model, corpus, gen, loss = trained_tiny(args.width, args.tokens, args.corpus, args.train_steps, args.seed, "cpu")
+    layers = io.find_mlp_layers(model)
+    fit = [io.collate(corpus[i:i + 32]) for i in range(0, min(512, len(corpus)), 32)]
+    factors = io.fit_ekfac(model, layers, fit, fisher=io.Fisher.EMPIRICAL)
+    qids = torch.randint(0, len(corpus), (args.queries,), generator=gen).tolist()
+    prompts, completions = [corpus[i][:8] for i in qids], [corpus[i][8:12] for i in qids]
+    qbatch = io.query_batch(prompts, completions)
+    pq = io.precondition_queries(model, factors, [qbatch], rank=args.rank or None)
+    batches = [io.collate(corpus[i:i + 64]) for i in range(0, len(corpus), 64)]
+    exact = torch.cat([io.score_batch(model, pq, b).scores.double() for b in batches], dim=1)  # (Q, N)
+    res = {"model": "tiny", "width": args.width, "final_train_loss": float(loss.detach()), "sequences": len(corpus),
+           "queries": len(qids), "rank": args.rank or "dense", "fisher": "empirical",
+           "truncation_error_mean": float(pq.truncation_error.mean())}
+    res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
+    res["kinds"] = measure(model, layers, factors, qbatch, batches, exact, args, None, "cpu")
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["job", "random", "tiny"], default="job")
+    p.add_argument("--job", default="/tmp/demo/job.toml", help="job: its job.toml (e.g. `influence demo`'s)")
+    p.add_argument("--kinds", default="eigen,random,weighted")
+    p.add_argument("--k", default="16,32,48", help="k_out = k_in, comma-separated")
+    p.add_argument("--projection-seeds", default="0,1,2", help="seeds of random / weighted (mean reported)")
+    p.add_argument("--candidates", type=int, default=100, help="M: index candidates per query and side")
+    p.add_argument("--also-m", default="20,50", help="smaller M at which recall is also reported")
+    p.add_argument("--width", type=int, default=256, help="random, tiny: model width")
+    p.add_argument("--layers", type=int, default=2, help="random: blocks")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--corpus", type=int, default=4096)
+    p.add_argument("--queries", type=int, default=32)
+    p.add_argument("--rank", type=int, default=32,
+                   help="rank of the scan's queries, 0 = dense (job: 0 = dense queries prepared here, else the job's)")
+    p.add_argument("--train-steps", type=int, default=300, help="tiny: training steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_output/index_recall.json")
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    start, load = time.perf_counter(), os.getloadavg()
+    res = {"job": job_model, "random": random_model, "tiny": tiny_model}[args.model](args)
+    res.update({"args": vars(args), "seconds": time.perf_counter() - start,
+                "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                            "threads": torch.get_num_threads(), "loadavg_start": load,
+                            "loadavg_end": os.getloadavg()}})
+    print(json.dumps({k: v for k, v in res.items() if k != "kinds"}, indent=1))
+    for name, e in res["kinds"].items():
+        print(name, {k: v for k, v in e.items() if k not in ("per_seed", "bytes_per_layer_float16")})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
