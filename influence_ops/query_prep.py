@@ -22,7 +22,8 @@ Steps and their multiply-adds per query:
   EXACT: full SVD of M. RANDOMIZED: range finder with k columns and ``power``
   subspace iterations (Halko et al. 2011, Alg. 4.4), about
   (2 power + 2) k d_out d_in', seeded so the same queries give the same factors.
-- dense queries rotate back: P = Q_S M Q_A^T (d_out^2 d_in' + d_out d_in'^2).
+- dense queries rotate back: P = Q_S M Q_A^T (d_out^2 d_in' + d_out d_in'^2), unless they
+  are kept in the eigenbasis for scoring (``query_basis.py``).
 
 The relative truncation error is measured on the returned factors,
 ||M - U_r diag(sv_r) V_r^T||_F / ||M||_F, so it is exact for either method.
