@@ -31,6 +31,7 @@ preparation: query gradients, preconditioning and, at rank r, the SVD):
     .venv/bin/python benchmarks/kronfluence_agreement.py --models gpt2 --width 768 --layers 2 \
         --train-seqs 64 --min-len 128 --max-len 128 --queries 32 --ranks 0 32 --dtype float32 \
         --query-prep fast --pretrain-steps 20 --repeats 2
+``--bases weight eigen auto``: time our queries kept in each basis (``influence_ops/query_basis.py``).
 ``--ranks 0 32``: factors are fitted once per library and repeat, then each rank is scored
 (0 = dense). ``--dtype float32``: model, per-sample gradients, preconditioning and scores in
 float32 on both sides, covariances/eigendecompositions/Lambda in float64 (kronfluence's
@@ -233,13 +234,15 @@ def run_kronfluence(model: nn.Module, module_names: list[str], train_rows, query
 # ----------------------------------------------------------------------------- our side
 
 def run_ours(model: nn.Module, train_seqs, queries, batch_size: int, ranks: tuple[int, ...] = (0,),
-             prep: io.QueryPrep | None = None, fit_seqs: int | None = None
-             ) -> tuple[dict[int, np.ndarray], dict[str, float]]:
-    """Factors once (on the first ``fit_seqs`` sequences; None: all), then per rank (0 = dense)
-    query preparation + scores: ({rank: [Q, N]}, times in s).
+             prep: io.QueryPrep | None = None, fit_seqs: int | None = None, bases: tuple[str, ...] = ("weight",)
+             ) -> tuple[dict[tuple[int, str], np.ndarray], dict[str, float]]:
+    """Factors once (on the first ``fit_seqs`` sequences; None: all), then per rank (0 = dense) and
+    query basis (``io.Basis``) query preparation + scores: ({(rank, basis): [Q, N]}, times in s).
 
-    ``scores_s_r{rank}`` = query gradients, preconditioning (and SVD) + scoring every batch;
-    ``prep_s_r{rank}`` is the query preparation part of it.
+    ``scores_s_r{rank}_{basis}`` = query gradients, preconditioning (and SVD) + scoring every batch;
+    ``prep_s_r{rank}_{basis}`` is the query preparation part of it; ``scores_s_r{rank}`` and
+    ``prep_s_r{rank}`` are those of the first basis. Basis ``auto`` is given the training set's
+    tokens and sequences; ``basis_r{rank}_{basis}`` records what each layer got (1 = eigen).
     """
     layers = io.find_mlp_layers(model)
     batches = [io.collate(train_seqs[i:i + batch_size]) for i in range(0, len(train_seqs), batch_size)]
@@ -249,17 +252,23 @@ def run_ours(model: nn.Module, train_seqs, queries, batch_size: int, ranks: tupl
     factors = io.fit_ekfac(model, layers, fit_batches, fisher=io.Fisher.EMPIRICAL)
     times = {"factors_s": time.perf_counter() - t0}
     prompts, completions = zip(*queries)
+    tokens = sum(len(s) for s in train_seqs)
     out = {}
     for rank in ranks:
-        t1 = time.perf_counter()
-        pq = io.precondition_queries(model, factors, [io.query_batch(prompts, completions)], rank=rank or None,
-                                     damping=None, prep=prep)
-        t2 = time.perf_counter()
-        scores = torch.cat([io.score_batch(model, pq, b).scores for b in batches], dim=1)  # (Q, N)
-        times[f"prep_s_r{rank}"] = t2 - t1
-        times[f"scores_s_r{rank}"] = time.perf_counter() - t1
-        out[rank] = scores.to(torch.float64).numpy()
-        del pq
+        for basis in bases:
+            t1 = time.perf_counter()
+            pq = io.precondition_queries(model, factors, [io.query_batch(prompts, completions)], rank=rank or None,
+                                         damping=None, prep=prep, basis=basis, train_tokens=tokens,
+                                         train_sequences=len(train_seqs))
+            t2 = time.perf_counter()
+            scores = torch.cat([io.score_batch(model, pq, b).scores for b in batches], dim=1)  # (Q, N)
+            times[f"prep_s_r{rank}_{basis}"] = t2 - t1
+            times[f"scores_s_r{rank}_{basis}"] = time.perf_counter() - t1
+            times[f"eigen_layers_r{rank}_{basis}"] = float(sum(b is io.Basis.EIGEN for b in pq.bases.values()))
+            out[rank, basis] = scores.to(torch.float64).numpy()
+            del pq
+        times[f"prep_s_r{rank}"] = times[f"prep_s_r{rank}_{bases[0]}"]
+        times[f"scores_s_r{rank}"] = times[f"scores_s_r{rank}_{bases[0]}"]
     times["scores_s"] = times[f"scores_s_r{ranks[0]}"]
     return out, times
 
@@ -300,12 +309,13 @@ def run_model(kind: str, args) -> dict:
     names = [l.name for l in layers]
     ranks = tuple(args.ranks)
     prep = io.QueryPrep(precision="float32", lowrank="randomized") if args.query_prep == "fast" else None
+    bases = tuple(args.bases)
 
     train_rows = [(s, s) for s in train]
     query_rows = [(p + c, [IGNORE] * len(p) + c) for p, c in queries]
     ours_times, kf_times = [], []
     for _ in range(args.repeats):  # alternate the two libraries; report median wall times
-        ours, t = run_ours(model, train, queries, args.batch_size, ranks, prep, args.fit_seqs)
+        ours, t = run_ours(model, train, queries, args.batch_size, ranks, prep, args.fit_seqs, bases)
         ours_times.append(t)
         print(f"{kind} ours: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
@@ -315,21 +325,30 @@ def run_model(kind: str, args) -> dict:
         print(f"{kind} kronfluence: {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True)
     median = (lambda ts: {k: float(np.median([t[k] for t in ts])) for k in ts[0]})
     t_ours, t_kf = median(ours_times), median(kf_times)
-    by_rank = {}
-    for rank in ranks:
-        rows = compare(ours[rank], kf[rank])
-        key = f"scores_s_r{rank}"
-        by_rank[rank] = {
-            "per_query": rows, "min_spearman": min(r["spearman"] for r in rows),
-            "min_pearson": min(r["pearson"] for r in rows), "max_rel_diff": max(r["max_rel_diff"] for r in rows),
-            "ours_scores_s": t_ours[key], "ours_prep_s": t_ours[f"prep_s_r{rank}"], "kronfluence_scores_s": t_kf[key],
-            # score pairs (query x training sequence) per second, query preparation included
-            "ours_pairs_per_s": len(queries) * len(train) / t_ours[key],
-            "kronfluence_pairs_per_s": len(queries) * len(train) / t_kf[key],
-            "speedup": t_kf[key] / t_ours[key],
-            # per repeat (the runs alternate, so each ratio compares neighbours in time)
-            "speedups_all": [k[key] / o[key] for o, k in zip(ours_times, kf_times)],
-        }
+    by_basis = {}
+    for basis in bases:
+        by_rank = {}
+        for rank in ranks:
+            rows = compare(ours[rank, basis], kf[rank])
+            key, mine = f"scores_s_r{rank}", f"scores_s_r{rank}_{basis}"
+            by_rank[rank] = {
+                "per_query": rows, "min_spearman": min(r["spearman"] for r in rows),
+                "min_pearson": min(r["pearson"] for r in rows), "max_rel_diff": max(r["max_rel_diff"] for r in rows),
+                "ours_scores_s": t_ours[mine], "ours_prep_s": t_ours[f"prep_s_r{rank}_{basis}"],
+                "kronfluence_scores_s": t_kf[key],
+                # score pairs (query x training sequence) per second, query preparation included
+                "ours_pairs_per_s": len(queries) * len(train) / t_ours[mine],
+                "kronfluence_pairs_per_s": len(queries) * len(train) / t_kf[key],
+                "speedup": t_kf[key] / t_ours[mine],
+                # per repeat (the runs alternate, so each ratio compares neighbours in time)
+                "speedups_all": [k[key] / o[mine] for o, k in zip(ours_times, kf_times)],
+                "eigen_layers": t_ours[f"eigen_layers_r{rank}_{basis}"],
+                # against the first basis (the same queries scored another way: rounding only)
+                "max_rel_diff_vs_first_basis": float(np.abs(ours[rank, basis] - ours[rank, bases[0]]).max()
+                                                     / np.abs(ours[rank, bases[0]]).max()),
+            }
+        by_basis[basis] = by_rank
+    by_rank = by_basis[bases[0]]
     first = by_rank[ranks[0]]
     return {
         "model": kind, "tracked_layers": names, "pretrain_final_nll": final_nll,
@@ -337,7 +356,7 @@ def run_model(kind: str, args) -> dict:
         "train_tokens": sum(len(s) for s in train),
         "ours_time": t_ours, "kronfluence_time": t_kf, "ours_times_all": ours_times, "kronfluence_times_all": kf_times,
         "per_query": first["per_query"], "min_spearman": first["min_spearman"], "min_pearson": first["min_pearson"],
-        "max_rel_diff": first["max_rel_diff"], "by_rank": by_rank,
+        "max_rel_diff": first["max_rel_diff"], "by_rank": by_rank, "by_basis": by_basis,
     }
 
 
@@ -349,16 +368,18 @@ def markdown(results: list[dict]) -> str:
             for r in r_res["per_query"]:
                 lines.append(f"| {res['model']} | {rank or 'dense'} | {r['query']} | {r['spearman']:.6f} | "
                              f"{r['pearson']:.6f} | {r['max_rel_diff']:.2e} | {r['sign_agreement']:.3f} |")
-    lines += ["", "| model | rank | train seqs x queries | ours factors (s) | ours scores (s) (of which query prep) | "
+    lines += ["", "| model | rank | basis (eigen layers) | train seqs x queries | ours factors (s) | ours scores (s) (of which query prep) | "
               "kronfluence factors (s) | kronfluence scores (s) | speedup (scores) | min Spearman | max rel diff |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        for rank, r in res["by_rank"].items():
-            lines.append(
-                f"| {res['model']} | {rank or 'dense'} | {res['train_sequences']} x {res['queries']} | "
-                f"{res['ours_time']['factors_s']:.2f} | {r['ours_scores_s']:.2f} ({r['ours_prep_s']:.2f}) | "
-                f"{res['kronfluence_time']['factors_s']:.2f} | {r['kronfluence_scores_s']:.2f} | "
-                f"{r['speedup']:.2f}x | {r['min_spearman']:.6f} | {r['max_rel_diff']:.2e} |")
+        for basis, by_rank in res["by_basis"].items():
+            for rank, r in by_rank.items():
+                lines.append(
+                    f"| {res['model']} | {rank or 'dense'} | {basis} ({r['eigen_layers']:.0f}) | "
+                    f"{res['train_sequences']} x {res['queries']} | "
+                    f"{res['ours_time']['factors_s']:.2f} | {r['ours_scores_s']:.2f} ({r['ours_prep_s']:.2f}) | "
+                    f"{res['kronfluence_time']['factors_s']:.2f} | {r['kronfluence_scores_s']:.2f} | "
+                    f"{r['speedup']:.2f}x | {r['min_spearman']:.6f} | {r['max_rel_diff']:.2e} |")
     return "\n".join(lines)
 
 
@@ -384,6 +405,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--query-prep", default="float64", choices=["float64", "fast"],
                         help="our query preparation: float64 + exact SVD, or QueryPrep(float32, randomized)")
+    parser.add_argument("--bases", nargs="+", default=["weight"], choices=[b.value for b in io.Basis],
+                        help="our query bases to time (precondition_queries(basis=...)); auto is told the "
+                             "training set's size")
     parser.add_argument("--out", default="bench_output/kronfluence_agreement.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

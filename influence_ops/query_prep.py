@@ -22,7 +22,8 @@ Steps and their multiply-adds per query:
   EXACT: full SVD of M. RANDOMIZED: range finder with k columns and ``power``
   subspace iterations (Halko et al. 2011, Alg. 4.4), about
   (2 power + 2) k d_out d_in', seeded so the same queries give the same factors.
-- dense queries rotate back: P = Q_S M Q_A^T (d_out^2 d_in' + d_out d_in'^2).
+- dense queries rotate back: P = Q_S M Q_A^T (d_out^2 d_in' + d_out d_in'^2), unless they
+  are kept in the eigenbasis for scoring (``query_basis.py``).
 
 The relative truncation error is measured on the returned factors,
 ||M - U_r diag(sv_r) V_r^T||_F / ||M||_F, so it is exact for either method.
@@ -118,17 +119,17 @@ def svd_lowrank_batched(m: torch.Tensor, k: int, power: int, seed: int) -> tuple
     return basis @ u_small, sv, vh
 
 
-def lowrank_in_eigenbasis(middle: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, rank: int,
-                          prep: QueryPrep = QueryPrep()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-r factors of P = Q_S M Q_A^T from an SVD of M.
+def lowrank_factors(middle: torch.Tensor, rank: int, prep: QueryPrep = QueryPrep()
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-r factors of M itself (the eigenbasis): M_r = left right^T.
 
     Args:
         middle: M, [B, d_out, d_in'].
-        q_s: [d_out, d_out]; q_a: [d_in', d_in'].
         rank: r >= 1 (capped at min(d_out, d_in')).
 
     Returns:
-        left [B, d_out, r'], right [B, d_in', r'], relative Frobenius error [B] (float64).
+        left = U_r diag(sv_r) [B, d_out, r'], right = V_r [B, d_in', r'],
+        relative Frobenius error ||M - M_r|| / ||M|| [B] (float64).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
@@ -144,6 +145,22 @@ def lowrank_in_eigenbasis(middle: torch.Tensor, q_s: torch.Tensor, q_a: torch.Te
     residual = torch.linalg.matrix_norm(middle - u_r @ v_r.transpose(-1, -2)).to(torch.float64)
     total = torch.linalg.matrix_norm(middle).to(torch.float64)
     error = torch.where(total > 0, residual / total.clamp_min(1e-300), torch.zeros_like(total))
+    return u_r, v_r, error
+
+
+def lowrank_in_eigenbasis(middle: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, rank: int,
+                          prep: QueryPrep = QueryPrep()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-r factors of P = Q_S M Q_A^T from an SVD of M (``lowrank_factors``, rotated to the weight basis).
+
+    Args:
+        middle: M, [B, d_out, d_in'].
+        q_s: [d_out, d_out]; q_a: [d_in', d_in'].
+        rank: r >= 1 (capped at min(d_out, d_in')).
+
+    Returns:
+        left [B, d_out, r'], right [B, d_in', r'], relative Frobenius error [B] (float64).
+    """
+    u_r, v_r, error = lowrank_factors(middle, rank, prep)
     return q_s @ u_r, q_a @ v_r, error
 
 

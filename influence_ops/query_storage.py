@@ -21,7 +21,8 @@ META = "queries.json"
 
 
 def save_queries(queries: PreconditionedQueries, directory: str | os.PathLike) -> Path:
-    """Write ``queries`` to ``directory`` (created)."""
+    """Write ``queries`` to ``directory`` (created), in the weight basis (``PreconditionedQueries.to_weight_basis``)."""
+    queries = queries.to_weight_basis()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if (out / META).exists():

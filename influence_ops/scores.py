@@ -11,7 +11,8 @@ lowers the query's loss (makes the completion more likely).
 Per-token: c_t = sum_l g_{t,l}^T P_l a_{t,l}; sum_t c_t = I(q, m) exactly.
 Per-layer: the terms of the sum over l.
 Two strategies (``strategy.py``) give the same numbers; the cost model picks one
-per layer. With ``factors``, every sequence's self-influence g^T (G + lambda I)^-1 g
+per layer. Queries kept in the eigenbasis (``query_basis.py``) score the rotated
+training side, <M, Q_S^T G_m Q_A>, the same numbers to rounding. With ``factors``, every sequence's self-influence g^T (G + lambda I)^-1 g
 is computed too (``self_influence.py``), by the cheapest exact way per layer;
 ``normalize`` divides the scores as in ``normalize.py``.
 """
@@ -149,20 +150,29 @@ def score_batch(
             (query.left.shape[1], query.right.shape[1])
         if q_shape != (g.shape[-1], d_in):
             raise ValueError(f"layer {layer.name}: queries have shape {q_shape}, the layer {(g.shape[-1], d_in)}")
-        chosen = plan(B, T, Q, g.shape[-1], d_in, query.rank, per_token, want_self, strategy)
+        rotated = query.in_eigenbasis
+        chosen = plan(B, T, Q, g.shape[-1], d_in, query.rank, per_token, want_self, strategy, rotated)
         used[layer.name] = chosen.strategy
-        G = None
+        G = None  # in the eigenbasis: G~ = Q_S^T G Q_A = R
+        if rotated:
+            q_s, q_a, query = query.q_s, query.q_a, query.coordinates()
+            if chosen.rotation == "rotate_gradient":  # MATERIALIZE only
+                G = q_s.T @ sequence_gradient(a, g) @ q_a  # (B, d_out, d_in')
+            else:
+                a, g = a @ q_a, g @ q_s  # (B, T, d_in'), (B, T, d_out): a~_t, g~_t
         if chosen.strategy == Strategy.PER_TOKEN:
             contrib = score_per_token(a, g, query)  # (Q, B, T)
             layer_scores.append(contrib.sum(-1))
             if per_token:
                 token_total = contrib if token_total is None else token_total + contrib
         else:
-            G = sequence_gradient(a, g)  # (B, d_out, d_in')
+            G = sequence_gradient(a, g) if G is None else G  # (B, d_out, d_in')
             layer_scores.append(score_materialized(a, g, query, G))
         if want_self:
             lf = factors.layers[layer.name]
-            if chosen.rotation == "rotate_tokens":
+            if rotated:  # a and g, or G, are already rotated
+                R = sequence_gradient(a, g) if G is None else G
+            elif chosen.rotation == "rotate_tokens":
                 R = rotate_tokens(lf, a, g)
             else:
                 R = rotate_gradient(lf, sequence_gradient(a, g) if G is None else G)

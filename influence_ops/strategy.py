@@ -29,6 +29,11 @@ d_out 3072, d_in' 769, T 512): ROTATE_TOKENS 6.3e9 and ROTATE_GRADIENT 9.1e9
 gradient: self-influence costs several times the scoring itself at that
 width; ROTATE_TOKENS wins while T < d_out d_in' (d_out + d_in') /
 (d_out^2 + d_in'^2 + d_out d_in'), about 730 here.
+Queries kept in the eigenbasis (``query_basis.py``, ``rotated``) score the rotated training
+side, g~_t = Q_S^T g_t and a~_t = Q_A^T a_t, with the same two strategies:
+    PER_TOKEN    + B T (d_out^2 + d_in'^2)             (rotate the tokens)
+                 + B T d_out d_in' with self-influence (R = sum_t g~_t a~_t^T)
+    MATERIALIZE  + the cheaper ``rotation_costs`` entry: G~ = R, so self-influence is free.
 The Euclidean norm ``normalize = train_norm`` needs is ||R||_F when R exists,
 else ||G||_F (B d_out d_in' once G exists) or, without G, the cheaper of forming
 G and the Gram form sum_{t,u} (g_t . g_u)(a_t . a_u) (B T^2 (d_out + d_in')).
@@ -95,8 +100,12 @@ class Plan(NamedTuple):
 
 
 def plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None, per_token: bool = False,
-         self_influence: bool = False, strategy: Strategy = Strategy.AUTO) -> Plan:
-    """The cheapest (strategy, rotation) for one layer; ``strategy`` other than AUTO is kept as given."""
+         self_influence: bool = False, strategy: Strategy = Strategy.AUTO, rotated: bool = False) -> Plan:
+    """The cheapest (strategy, rotation) for one layer; ``strategy`` other than AUTO is kept as given.
+
+    ``rotated``: the queries are in the eigenbasis; the rotation (of tokens or of G) is then always
+    part of the plan, self-influence or not.
+    """
     if strategy == Strategy.AUTO:
         options = [Strategy.PER_TOKEN] if per_token else [Strategy.PER_TOKEN, Strategy.MATERIALIZE]
     else:
@@ -104,7 +113,15 @@ def plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None, per_to
     best: Plan | None = None
     for s in options:
         base = (per_token_cost if s == Strategy.PER_TOKEN else materialize_cost)(B, T, Q, d_out, d_in, rank)
-        rotations = rotation_costs(B, T, d_out, d_in, s == Strategy.MATERIALIZE) if self_influence else {None: 0}
+        if rotated and s == Strategy.PER_TOKEN:
+            rotations = {"rotate_tokens": B * T * (d_out * d_out + d_in * d_in)
+                         + (B * T * d_out * d_in if self_influence else 0)}
+        elif rotated:  # G~ = R: the rotation, not its product with G, is the extra (G's forming is in base)
+            costs = rotation_costs(B, T, d_out, d_in, True)
+            rotations = {"rotate_gradient": costs["rotate_gradient"],
+                         "rotate_tokens": costs["rotate_tokens"] - B * T * d_out * d_in}
+        else:
+            rotations = rotation_costs(B, T, d_out, d_in, s == Strategy.MATERIALIZE) if self_influence else {None: 0}
         for rotation, extra in rotations.items():
             if best is None or base + extra < best.cost:
                 best = Plan(s, rotation, base + extra)
