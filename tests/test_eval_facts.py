@@ -70,6 +70,22 @@ def test_the_corpus_generator_keeps_its_invariants():
     assert len({f.value for f in facts if f.relation == "town"}) < len([f for f in facts if f.relation == "town"])
 
 
+def test_pipeline_stability_takes_mean_and_worst_over_every_pair_of_runs(tmp_path):
+    from pipelines.eval.facts import World, pipeline_stability
+
+    docs = [{"id": f"d{i}"} for i in range(20)]
+    queries = [{"query_id": "q0"}, {"query_id": "q1"}]
+    world = World(tmp_path, docs, queries, {}, {}, {}, 0)
+    up = {q["query_id"]: {d["id"]: float(i) for i, d in enumerate(docs)} for q in queries}
+    down = {q["query_id"]: {d["id"]: -float(i) for i, d in enumerate(docs)} for q in queries}
+    same = pipeline_stability(world, [up, dict(up), dict(up)])
+    assert same["spearman_min"] == pytest.approx(1.0) and same["top10_overlap_min"] == 1.0
+    # pairs (up, up) agree, (up, down) twice reverse: mean over 3 pairs, worst is the reversed pair
+    got = pipeline_stability(world, [up, up, down])
+    assert got["spearman_mean"] == pytest.approx((1 - 1 - 1) / 3) and got["spearman_min"] == pytest.approx(-1.0)
+    assert got["top10_overlap_mean"] == pytest.approx(1 / 3) and got["top10_overlap_min"] == 0.0
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_eval_facts_quick_runs_the_pipeline_and_writes_its_tables(tmp_path):
     from pipelines.cli import main
