@@ -148,8 +148,10 @@ def run_model(spec: str, echo: Any) -> dict[str, Any]:
             for v in VARIANTS:
                 S[(v, "ekfac")][n].append(pre[v][n] @ G[n].T)
                 S[(v, "identity")][n].append(raw[v][n] @ G[n].T)
-        for k in NORMALIZES:
-            anchor[k].append(ops.score_batch(model, pq, b, factors=factors, normalize=ops.Normalize(k)).scores)
+        res = ops.score_batch(model, pq, b, factors=factors)  # raw; the normalizations as normalize.py
+        anchor["none"].append(res.scores)
+        anchor["train_norm"].append(res.scores / res.train_norm[None, :])
+        anchor["cosine"].append(res.scores / torch.sqrt(pq.self_influence[:, None] * res.self_influence[None, :]))
     S = {k: {n: torch.cat(x, 1) for n, x in d.items()} for k, d in S.items()}
     tnorm = {n: torch.cat(x) for n, x in tnorm.items()}
     tself = {n: torch.cat(x) for n, x in tself.items()}
@@ -202,12 +204,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="w64b2e100,w64b2e200,w128b2e100,w128b4e100")
     ap.add_argument("--markdown", help="write the tables here")
+    ap.add_argument("--cache", help="keep each model's scores here (<model>.pt) and reuse them")
     args = ap.parse_args()
     torch.set_num_threads(1)
     started, load = time.perf_counter(), os.getloadavg()
     results = []
     for m in args.models.split(","):  # the tables are rewritten after each model: a slow last model loses nothing
-        results.append(run_model(m, lambda s: print(s, flush=True)))
+        cached = Path(args.cache) / f"{m}.pt" if args.cache else None
+        if cached is not None and cached.exists():
+            results.append(torch.load(cached, weights_only=False))
+        else:
+            results.append(run_model(m, lambda s: print(s, flush=True)))
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(results[-1], cached)
         text = render(results, args.models, load, time.perf_counter() - started)
         if args.markdown:
             Path(args.markdown).write_text(text)
