@@ -16,8 +16,11 @@ row is reported too), every combination of:
 - query (Q = 96 queries: 48 corpus-phrased, 48 paraphrases; q = gradient of a NLL on the tracked layers):
   ``completion``  the suite's: NLL of the completion tokens;
   ``whole``       NLL of every token of prompt + completion;
+  ``prompt_only`` NLL of the prompt tokens after the first (= whole - completion; no cosine);
   ``centered``    completion minus the mean of the 96 queries' completion gradients
                   (removes the direction every query shares);
+  ``centered_set`` completion minus the mean over the queries of the same set (48 corpus-phrased, or
+                  48 paraphrases): the batch a user submits is usually of one kind;
   ``contrastive`` q(answer) - mean over the relation's other values v of q(v), the gradient of
                   -(log p(answer) - mean_v log p(v)) = -(logit answer - mean_v logit v): "why this
                   value rather than the other values of the relation" (needs the candidate values);
@@ -157,25 +160,51 @@ def run_model(spec: str, echo: Any) -> dict[str, Any]:
     tself = {n: torch.cat(x) for n, x in tself.items()}
     qself = {(v, "ekfac"): {n: (raw[v][n] * pre[v][n]).sum(1) for n in names} for v in VARIANTS}
     qself |= {(v, "identity"): {n: (raw[v][n] ** 2).sum(1) for n in names} for v in VARIANTS}
+    # [Q, Q] q_i^T M q_j of the completion queries (M = H^-1 or I): the self-influence of any linear combination
+    gram = {p: {n: raw["completion"][n] @ (pre if p == "ekfac" else raw)["completion"][n].T for n in names}
+            for p in ("ekfac", "identity")}
     score_s = time.perf_counter() - t0
     echo(f"{spec}: fit {fit_s:.0f} s, queries + scores {score_s:.0f} s")
     bm25 = BM25(seqs)
-    return {"spec": spec, "world": world, "names": names, "S": S, "tnorm": tnorm, "tself": tself, "qself": qself,
+    return {"spec": spec, "world": world, "names": names, "S": S, "tnorm": tnorm, "tself": tself, "qself": qself, "gram": gram,
             "anchor": {k: torch.cat(x, 1) for k, x in anchor.items()},
             "bm25": torch.tensor([bm25.scores(enc(q["prompt"]) + enc(q["completion"])) for q in queries],
                                  dtype=torch.float64),
             "seconds": {"train": train_s, "fit": fit_s, "score": score_s}}
 
 
-def combine(r: dict, variant: str, precond: str, normalize: str, subset: list[str]) -> torch.Tensor:
-    """[Q, N] scores of one setting from the per-layer parts."""
-    num = sum(r["S"][(variant, precond)][n] for n in subset)
+def set_centering(world: Any) -> torch.Tensor:
+    """[Q, Q] C with (C q)_i = q_i - mean of q_j over the queries j of i's query set (corpus / paraphrase)."""
+    sets = [q["set"] for q in world.queries]
+    same = torch.tensor([[a == b for b in sets] for a in sets], dtype=torch.float64)
+    return torch.eye(len(sets), dtype=torch.float64) - same / same.sum(1, keepdim=True)
+
+
+def combine(r: dict, variant: str, precond: str, normalize: str, subset: list[str]) -> torch.Tensor | None:
+    """[Q, N] scores of one setting from the per-layer parts (None: not computable from this cache).
+
+    ``centered_set`` is derived exactly from the completion query's parts: scores are linear in the query, so
+    (C q) . g = C (q . g), and its self-influence is diag(C K C^T) with K the queries' Gram matrix in the metric.
+    """
+    if variant == "centered_set":
+        C = set_centering(r["world"])
+        num = C @ sum(r["S"][("completion", precond)][n] for n in subset)
+        if normalize == "cosine" and "gram" not in r:
+            return None
+        q = torch.diagonal(C @ sum(r["gram"][precond][n] for n in subset) @ C.T) if normalize == "cosine" else None
+    elif variant == "prompt_only":  # the loss is a sum over tokens: q(prompt tokens) = q(whole) - q(completion)
+        if normalize == "cosine":
+            return None
+        num = sum(r["S"][("whole", precond)][n] - r["S"][("completion", precond)][n] for n in subset)
+        q = None
+    else:
+        num = sum(r["S"][(variant, precond)][n] for n in subset)
+        q = sum(r["qself"][(variant, precond)][n] for n in subset)
     if normalize == "none":
         return num
     if normalize == "train_norm":
         return num / torch.sqrt(sum(r["tnorm"][n] for n in subset)).clamp_min(1e-30)[None, :]
     t = r["tself"] if precond == "ekfac" else r["tnorm"]
-    q = sum(r["qself"][(variant, precond)][n] for n in subset)
     return num / torch.sqrt(q.clamp_min(0)[:, None] * sum(t[n] for n in subset).clamp_min(0)[None, :]).clamp_min(1e-30)
 
 
@@ -238,9 +267,11 @@ def render(results: list[dict], spec: str, load: tuple[float, ...], seconds: flo
         for k in NORMALIZES:
             main_rows.append(row(r, {"query": "completion", "preconditioner": "EK-FAC rank 32 (suite's)",
                                      "normalize": k, "layers": "all"}, r["anchor"][k], best)[0])
-        for v in VARIANTS:
+        for v in ("completion", "whole", "prompt_only", "centered", "centered_set", "contrastive"):
             for p in ("ekfac", "identity"):
                 for k in NORMALIZES:
+                    if combine(r, v, p, k, r["names"]) is None:
+                        continue
                     main_rows.append(row(r, {"query": v, "preconditioner": "EK-FAC dense" if p == "ekfac" else
                                              "identity", "normalize": k, "layers": "all"},
                                          combine(r, v, p, k, r["names"]), best)[0])
