@@ -24,7 +24,8 @@ row is reported too), every combination of:
   ``contrastive`` q(answer) - mean over the relation's other values v of q(v), the gradient of
                   -(log p(answer) - mean_v log p(v)) = -(logit answer - mean_v logit v): "why this
                   value rather than the other values of the relation" (needs the candidate values);
-- preconditioner: EK-FAC (H^-1, damping 0.1 x mean(Lambda)) or identity (plain gradients);
+- preconditioner: EK-FAC (H^-1, damping 0.1 x mean(Lambda); the completion query also at 0.001, 0.01 and
+  1 x mean(Lambda)) or identity (plain gradients);
 - normalize: none, train_norm (/ ||g_m||), cosine (/ sqrt(self_inf(q) self_inf(m)), in the metric of the
   preconditioner: TrackStar's unit normalization of both sides);
 - tracked layers: all MLP layers (the suite's), each block, each layer alone.
@@ -61,6 +62,7 @@ from pipelines.eval.metrics import first_source_rank, paired_interval, retrieval
 from pipelines.eval.report import markdown_table  # noqa: E402
 
 VARIANTS = ("completion", "whole", "centered", "contrastive")
+DAMPINGS = (0.001, 0.01, 1.0)  # besides the default 0.1: damping = c x mean(Lambda) per layer
 NORMALIZES = ("none", "train_norm", "cosine")
 TOP = 10
 
@@ -131,6 +133,11 @@ def run_model(spec: str, echo: Any) -> dict[str, Any]:
     lf = factors.layers
     pre = {v: {n: flat(ops.apply_inverse(lf[n], t.reshape(t.shape[0], *lf[n].eigenvalues.shape), f.damping))
                for n, t in layer.items()} for v, layer in raw.items()}
+    for c in DAMPINGS:  # the completion query at other dampings (c x mean(Lambda) per layer)
+        key = f"completion, damping {c}"
+        pre[key] = {n: flat(ops.apply_inverse(lf[n], t.reshape(t.shape[0], *lf[n].eigenvalues.shape),
+                                              c * float(lf[n].eigenvalues.mean())))
+                    for n, t in raw["completion"].items()}
     # anchor: the suite's rank-32 queries and score_batch (completion, all layers)
     enc = (lambda text: tok(text, add_special_tokens=False)["input_ids"])
     qb = ops.query_batch([enc(q["prompt"]) for q in queries], [enc(q["completion"]) for q in queries])
@@ -138,6 +145,8 @@ def run_model(spec: str, echo: Any) -> dict[str, Any]:
     pq = ops.precondition_queries(model, factors, [qb], rank=cfg.scoring.rank, damping=f.damping, prep=prep)
     # per layer: [Q, N] scores for each (variant, preconditioner); train norm^2 and self-influence [N]
     S = {(v, p): {n: [] for n in names} for v in VARIANTS for p in ("ekfac", "identity")}
+    S |= {(f"completion, damping {c}", "ekfac"): {n: [] for n in names} for c in DAMPINGS}
+    tself_d = {c: {n: [] for n in names} for c in DAMPINGS}
     tnorm = {n: [] for n in names}
     tself = {n: [] for n in names}
     anchor = {k: [] for k in NORMALIZES}
@@ -148,6 +157,12 @@ def run_model(spec: str, echo: Any) -> dict[str, Any]:
             tnorm[n].append((G[n] ** 2).sum(1))
             HG = flat(ops.apply_inverse(lf[n], G[n].reshape(G[n].shape[0], *lf[n].eigenvalues.shape), f.damping))
             tself[n].append((G[n] * HG).sum(1))
+            for c in DAMPINGS:
+                key = f"completion, damping {c}"
+                S[(key, "ekfac")][n].append(pre[key][n] @ G[n].T)
+                HG = flat(ops.apply_inverse(lf[n], G[n].reshape(G[n].shape[0], *lf[n].eigenvalues.shape),
+                                            c * float(lf[n].eigenvalues.mean())))
+                tself_d[c][n].append((G[n] * HG).sum(1))
             for v in VARIANTS:
                 S[(v, "ekfac")][n].append(pre[v][n] @ G[n].T)
                 S[(v, "identity")][n].append(raw[v][n] @ G[n].T)
@@ -160,13 +175,16 @@ def run_model(spec: str, echo: Any) -> dict[str, Any]:
     tself = {n: torch.cat(x) for n, x in tself.items()}
     qself = {(v, "ekfac"): {n: (raw[v][n] * pre[v][n]).sum(1) for n in names} for v in VARIANTS}
     qself |= {(v, "identity"): {n: (raw[v][n] ** 2).sum(1) for n in names} for v in VARIANTS}
+    qself |= {(f"completion, damping {c}", "ekfac"): {
+        n: (raw["completion"][n] * pre[f"completion, damping {c}"][n]).sum(1) for n in names} for c in DAMPINGS}
+    tself_d = {c: {n: torch.cat(x) for n, x in d.items()} for c, d in tself_d.items()}
     # [Q, Q] q_i^T M q_j of the completion queries (M = H^-1 or I): the self-influence of any linear combination
     gram = {p: {n: raw["completion"][n] @ (pre if p == "ekfac" else raw)["completion"][n].T for n in names}
             for p in ("ekfac", "identity")}
     score_s = time.perf_counter() - t0
     echo(f"{spec}: fit {fit_s:.0f} s, queries + scores {score_s:.0f} s")
     bm25 = BM25(seqs)
-    return {"spec": spec, "world": world, "names": names, "S": S, "tnorm": tnorm, "tself": tself, "qself": qself, "gram": gram,
+    return {"spec": spec, "world": world, "names": names, "S": S, "tnorm": tnorm, "tself": tself, "qself": qself, "gram": gram, "tself_d": tself_d,
             "anchor": {k: torch.cat(x, 1) for k, x in anchor.items()},
             "bm25": torch.tensor([bm25.scores(enc(q["prompt"]) + enc(q["completion"])) for q in queries],
                                  dtype=torch.float64),
@@ -205,6 +223,8 @@ def combine(r: dict, variant: str, precond: str, normalize: str, subset: list[st
     if normalize == "train_norm":
         return num / torch.sqrt(sum(r["tnorm"][n] for n in subset)).clamp_min(1e-30)[None, :]
     t = r["tself"] if precond == "ekfac" else r["tnorm"]
+    if variant.startswith("completion, damping "):
+        t = r["tself_d"][float(variant.rsplit(" ", 1)[1])]
     return num / torch.sqrt(q.clamp_min(0)[:, None] * sum(t[n] for n in subset).clamp_min(0)[None, :]).clamp_min(1e-30)
 
 
@@ -275,6 +295,11 @@ def render(results: list[dict], spec: str, load: tuple[float, ...], seconds: flo
                     main_rows.append(row(r, {"query": v, "preconditioner": "EK-FAC dense" if p == "ekfac" else
                                              "identity", "normalize": k, "layers": "all"},
                                          combine(r, v, p, k, r["names"]), best)[0])
+        for c in DAMPINGS if "tself_d" in r else ():
+            for k in NORMALIZES:
+                main_rows.append(row(r, {"query": "completion", "preconditioner": f"EK-FAC dense, damping {c} x "
+                                         "mean(Lambda)", "normalize": k, "layers": "all"},
+                                     combine(r, f"completion, damping {c}", "ekfac", k, r["names"]), best)[0])
         main_rows.append(row(r, {"query": "prompt + completion ids", "preconditioner": "BM25", "normalize": "",
                                  "layers": ""}, r["bm25"], best)[0])
         blocks = sorted({n.split(".mlp")[0] for n in r["names"]})
