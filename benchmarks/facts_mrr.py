@@ -3,7 +3,10 @@
 Usage:
 
     OMP_NUM_THREADS=1 python benchmarks/facts_mrr.py [--models w64b2e100,w128b2e100] \
-        [--markdown benchmarks/eval/facts_mrr.md]
+        [--cache DIR] [--markdown benchmarks/eval/facts_mrr.md]
+
+(``--cache``: each model's scores are kept as DIR/<model>.pt and reused, so several processes can compute
+models in parallel and a last run renders them all.)
 
 For each model configuration (``w<width>b<blocks>e<epochs>``; w64b2e100 is the
 suite's) the corpus is built and the tiny GPT-2 trained exactly as ``influence
