@@ -18,8 +18,8 @@ default):
 - ``lds`` (``pipelines/eval/lds.py``): digits MLP and tiny GPT-2, the suite's subsets and retrainings (done
   once; they do not depend on damping), EK-FAC default topm k=3 (seed 0) scored at c x mean(Lambda) of the
   fit, LDS mean with 95% bootstrap interval over queries and the paired difference to c = 0.1.
-- ``stability`` (``pipelines/eval/stability.py``): the demo planted-fact corpus and GPT-2, topm k=3 fitted
-  with each seed, every query scored against every document with dense queries at c x mean(Lambda) per
+- ``stability`` (``pipelines/eval/stability.py``): the demo planted-fact corpus and GPT-2, topm k=3 (and the
+  other Fisher variants named in ``--stability-variants``) fitted with each seed, every query scored against every document with dense queries at c x mean(Lambda) per
   layer; Spearman and top-10 overlap between every pair of seeds (mean and min over pairs and queries).
 
 Each part is written to ``damping_scale.md`` / ``.parquet`` as soon as it finishes (earlier parts kept).
@@ -120,7 +120,8 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).double()
 
 
-def part_stability(seeds: tuple[int, ...], echo: Any, quick: bool = False) -> list[dict[str, Any]]:
+def part_stability(seeds: tuple[int, ...], echo: Any, quick: bool = False,
+                   variants: tuple[str, ...] = (TOPM.label,)) -> list[dict[str, Any]]:
     case = stability.build_case(quick, echo)
     obj = ops.LanguageModelObjective()
     qg, _ = query_gradients(case.model, case.layers, case.queries, obj)  # name -> [Q, d_out, d_in']
@@ -130,33 +131,36 @@ def part_stability(seeds: tuple[int, ...], echo: Any, quick: bool = False) -> li
         for n, g in ops.per_sequence_gradients(out.captured).items():
             train[n].append(flat(g.detach()))
     G = {n: torch.cat(x) for n, x in train.items()}  # name -> [N, d_out * d_in']
-    progress = Progress(len(seeds), echo)
-    scores: dict[float, list[torch.Tensor]] = {c: [] for c in SCALES}
-    for seed in seeds:
-        t0 = time.perf_counter()
-        f = TOPM.fit(case, seed)
-        for c in SCALES:
-            d = relative(f, c)
-            scores[c].append(sum(flat(ops.apply_inverse(f.layers[n], q.double(), d[n])) @ G[n].T
-                                 for n, q in qg.items()))  # [Q, N]
-        if seed == seeds[0]:  # the hand-made scores at 0.1 are the suite's (damping None, score_batch)
-            ref = stability.all_scores(case, f)
-            gap = float((scores[DEFAULT_SCALE][-1] - ref).abs().max() / ref.abs().max())
-            echo(f"stability: scores at 0.1 vs the suite's all_scores: max relative difference {gap:.1e}")
-            if gap > 1e-4:  # score_batch accumulates in float32 in places
-                raise RuntimeError(f"hand-made scores differ from stability.all_scores by {gap:.1e}")
-        progress.step(f"stability: topm k=3 seed {seed}", t0)
+    by_label = {v.label: v for v in stability.VARIANTS}
+    progress = Progress(len(seeds) * len(variants), echo)
     rows = []
     pairs = list(itertools.combinations(range(len(seeds)), 2))
-    for c in SCALES:
-        s = scores[c]
-        rho = torch.stack([spearman(s[i], s[j]) for i, j in pairs])  # (pairs, Q)
-        top = torch.stack([top_overlap(s[i], s[j], TOP) for i, j in pairs])
-        rows.append({"suite": "stability", "model": case.description, "scale": c, "method": f"EK-FAC {TOPM.label}",
-                     "seeds": len(seeds), "spearman_mean": float(rho.mean()), "spearman_min": float(rho.min()),
-                     f"top{TOP}_overlap_mean": float(top.mean()), f"top{TOP}_overlap_min": float(top.min())})
-        echo(f"stability: scale {c}: spearman {rows[-1]['spearman_mean']:.3f}, top-{TOP} "
-             f"{rows[-1][f'top{TOP}_overlap_mean']:.3f}")
+    for label in variants:
+        v = by_label[label]
+        scores: dict[float, list[torch.Tensor]] = {c: [] for c in SCALES}
+        for seed in seeds:
+            t0 = time.perf_counter()
+            f = v.fit(case, seed)
+            for c in SCALES:
+                d = relative(f, c)
+                scores[c].append(sum(flat(ops.apply_inverse(f.layers[n], q.double(), d[n])) @ G[n].T
+                                     for n, q in qg.items()))  # [Q, N]
+            if seed == seeds[0] and label == variants[0]:  # the hand-made scores at 0.1 are the suite's
+                ref = stability.all_scores(case, f)
+                gap = float((scores[DEFAULT_SCALE][-1] - ref).abs().max() / ref.abs().max())
+                echo(f"stability: scores at 0.1 vs the suite's all_scores: max relative difference {gap:.1e}")
+                if gap > 1e-4:  # score_batch accumulates in float32 in places
+                    raise RuntimeError(f"hand-made scores differ from stability.all_scores by {gap:.1e}")
+            progress.step(f"stability: {label} seed {seed}", t0)
+        for c in SCALES:
+            s = scores[c]
+            rho = torch.stack([spearman(s[i], s[j]) for i, j in pairs])  # (pairs, Q)
+            top = torch.stack([top_overlap(s[i], s[j], TOP) for i, j in pairs])
+            rows.append({"suite": "stability", "model": case.description, "scale": c, "method": f"EK-FAC {label}",
+                         "seeds": len(seeds), "spearman_mean": float(rho.mean()), "spearman_min": float(rho.min()),
+                         f"top{TOP}_overlap_mean": float(top.mean()), f"top{TOP}_overlap_min": float(top.min())})
+            echo(f"stability: {label}: scale {c}: spearman {rows[-1]['spearman_mean']:.3f}, top-{TOP} "
+                 f"{rows[-1][f'top{TOP}_overlap_mean']:.3f}")
     return rows
 
 
@@ -200,6 +204,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--seeds", default="0,1,2", help="fit seeds (exact: topm; stability: the pairs)")
+    ap.add_argument("--stability-variants", default=TOPM.label,
+                    help="comma-separated labels of stability.VARIANTS (default: the default topm k=3)")
     ap.add_argument("--quick", action="store_true", help="the suites' --quick sizes (a smoke test)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "eval"))
     args = ap.parse_args()
@@ -211,7 +217,8 @@ def main() -> None:
     for part in args.parts.split(","):
         started = time.perf_counter()
         rows = {"exact": lambda: part_exact(seeds, echo, args.quick), "lds": lambda: part_lds(echo, args.quick),
-                "stability": lambda: part_stability(seeds, echo, args.quick)}[part]()
+                "stability": lambda: part_stability(seeds, echo, args.quick,
+                                                     tuple(args.stability_variants.split(",")))}[part]()
         save(Path(args.out), rows, f"{command} (part {part})", started)
         echo(f"{part}: written ({time.perf_counter() - started:.0f} s)")
 
