@@ -1,4 +1,4 @@
-"""The commented job file ``influence init`` writes: every key of ``config.py``, with its default.
+"""The commented job file ``influence init`` writes: every key of ``pipelines/config``, with its default.
 
 Keys without a default value are commented out (``# key = ...``); the four
 paths every job needs hold placeholders. ``load_config`` accepts the file as

@@ -280,10 +280,10 @@ def test_init_writes_a_template_load_config_accepts(tmp_path):
     assert text == TEMPLATE
     head = text.split("\n[")[0]
     for f in dataclasses.fields(config.JobConfig):  # top-level keys
-        if f.name not in config._SECTIONS:
+        if f.name not in config.SECTIONS:
             assert re.search(rf"^#? ?{f.name} = ", head, re.M), f"{f.name} is not in the template"
     placeholders = {"path", "corpus", "queries", "output"}
-    for section, cls in config._SECTIONS.items():  # every key of config.py is in the template, with its default
+    for section, cls in config.SECTIONS.items():  # every key of config.py is in the template, with its default
         body = text.split(f"[{section}]")[1].split("\n[")[0]
         for f in dataclasses.fields(cls):
             assert re.search(rf"^#? ?{f.name} = ", body, re.M), f"{section}.{f.name} is not in the template"
