@@ -33,7 +33,7 @@ from ..io import storage
 from ..io.model_loading import load_model, pick_device
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .index_build import current_parts, index_url
-from .index_faiss import faiss_candidates, require_faiss
+from .index_faiss import faiss_candidates
 from .index_search import top_candidates
 from .merge import split_key
 
@@ -120,8 +120,6 @@ def query_index(cfg: JobConfig) -> tuple[Candidates, dict[str, Any]]:
     """Candidates of every query from the (current) index parts, and the time each step took."""
     start = time.perf_counter()
     present = current_parts(cfg)
-    if cfg.index.search == IndexSearch.FAISS:
-        require_faiss()  # before the queries' model passes
     ids, P = query_rows(cfg)
     prepared = time.perf_counter()
     acc, search = search_index(cfg, present, P.numpy(), cfg.scoring.candidates)
