@@ -11,9 +11,10 @@ right [Q, d_in', r]) with its relative error per query and layer. The steps
 precision are in ``query_prep.py``.
 
 Each query's self-influence q^T (G + lambda I)^-1 q, summed over layers, is kept
-too: for rank-r queries from the stored factors (``self_influence.stored_query_self_influence``),
-for dense ones from the damped rotated gradient M (``query_prep.dense_self_influence``, equal
-to rotating the stored P back but without its cost): the cosine normalization divides by it.
+too, computed in the eigenbasis before any rotation back (``query_prep.dense_self_influence``
+from the damped rotated gradient M, ``query_prep.lowrank_self_influence`` from the rank-r
+factors; equal to rotating the stored P back but without its cost): the cosine normalization
+divides by it.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from .gradients import backward_pass, per_sequence_gradients
 from .layers import TrackedLayer, layers_by_name
 from .objectives import Fisher, LanguageModelObjective, Objective
 from .query_basis import Basis, choose_basis
-from .query_prep import QueryPrep, damped_middle, dense_self_influence, lowrank_factors
-from .self_influence import damped_eigenvalues, stored_query_self_influence
+from .query_prep import QueryPrep, damped_middle, dense_self_influence, lowrank_factors, lowrank_self_influence
+from .self_influence import damped_eigenvalues
 
 
 @dataclass
@@ -288,14 +289,10 @@ def _store(part: LayerQuery, self_inf: torch.Tensor | None, basis: Basis, q_s: t
            factors: LayerFactors, damping: float, dtype: torch.dtype) -> tuple[LayerQuery, torch.Tensor]:
     """One batch's eigenbasis tensors (preparation dtype) -> the stored tensors in ``basis`` and ``dtype``,
     with the query self-influence [B] (float64, CPU): given for dense, else that of the stored P_r."""
+    if self_inf is None:  # rank r, still in the eigenbasis: Q_S^T P_r Q_A = left right^T
+        self_inf = lowrank_self_influence(part.left, part.right, damped_eigenvalues(factors, damping))
     if basis is Basis.WEIGHT:
         part = LayerQuery(part.dense, part.left, part.right, q_s, q_a).to_weight_basis()
     probe = part.dense if part.dense is not None else part.left
     part = part.to(probe.device, dtype)
-    if self_inf is None:  # rank r: sum (Q_S^T P_r Q_A)^2 (Lambda + lambda) of the P_r that scores use
-        if basis is Basis.WEIGHT:
-            self_inf = stored_query_self_influence(factors, None, part.left, part.right, damping)
-        else:  # Q_S^T P_r Q_A = left right^T
-            R = part.left.to(torch.float64) @ part.right.to(torch.float64).mT
-            self_inf = (R ** 2 * damped_eigenvalues(factors, damping).to(R.device)).sum((-2, -1))
     return part, self_inf.to("cpu")

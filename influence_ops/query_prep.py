@@ -25,8 +25,9 @@ Steps and their multiply-adds per query:
 - dense queries rotate back: P = Q_S M Q_A^T (d_out^2 d_in' + d_out d_in'^2), unless they
   are kept in the eigenbasis for scoring (``query_basis.py``).
 
-The relative truncation error is measured on the returned factors,
-||M - U_r diag(sv_r) V_r^T||_F / ||M||_F, so it is exact for either method.
+The relative truncation error ||M - U_r diag(sv_r) V_r^T||_F / ||M||_F of the returned
+factors comes from the singular values (``truncation_error``); forming the residual
+matrix instead took about a third of the low-rank step's time.
 Precision FLOAT32 runs every step in float32 (TF32 on GPUs where the caller
 enables it); FLOAT64 is the reference.
 """
@@ -142,10 +143,29 @@ def lowrank_factors(middle: torch.Tensor, rank: int, prep: QueryPrep = QueryPrep
         u, sv, vh = torch.linalg.svd(middle, full_matrices=False)
     u_r = u[..., :r] * sv[..., None, :r]  # (B, d_out, r)
     v_r = vh[..., :r, :].transpose(-1, -2)  # (B, d_in', r)
-    residual = torch.linalg.matrix_norm(middle - u_r @ v_r.transpose(-1, -2)).to(torch.float64)
-    total = torch.linalg.matrix_norm(middle).to(torch.float64)
-    error = torch.where(total > 0, residual / total.clamp_min(1e-300), torch.zeros_like(total))
-    return u_r, v_r, error
+    return u_r, v_r, truncation_error(middle, sv.to(torch.float64), r)
+
+
+def truncation_error(middle: torch.Tensor, sv: torch.Tensor, r: int) -> torch.Tensor:
+    """||M - M_r||_F / ||M||_F [B] float64, without forming the d_out x d_in' residual.
+
+    Both methods return M_r = U_r U_r^T M, an orthogonal projection of M, so
+    ||M - M_r||^2 = ||M||^2 - ||sv_r||^2. When ``sv`` holds every singular value
+    (full SVD) the tail sum ||sv_{r+1:}||^2 gives it without cancellation; after the
+    randomized SVD (k < min(d_out, d_in') values) the difference is taken in float64
+    (row norms in M's dtype, summed in float64), which in float32 leaves an absolute
+    rounding of about 1e-3 on errors near 0.
+
+    Args:
+        middle: M, [B, d_out, d_in']; sv: [B, k] float64 singular values, descending.
+    """
+    if sv.shape[-1] == min(middle.shape[-2:]):
+        total = (sv ** 2).sum(-1)
+        dropped = (sv[..., r:] ** 2).sum(-1)
+    else:
+        total = (torch.linalg.vector_norm(middle, dim=-1).to(torch.float64) ** 2).sum(-1)  # rows, then float64
+        dropped = (total - (sv[..., :r] ** 2).sum(-1)).clamp_min(0.0)
+    return torch.where(total > 0, torch.sqrt(dropped / total.clamp_min(1e-300)), torch.zeros_like(total))
 
 
 def lowrank_in_eigenbasis(middle: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, rank: int,
@@ -194,6 +214,25 @@ def dense_self_influence(middle: torch.Tensor, denom: torch.Tensor) -> torch.Ten
     rotates a stored P back, 2 (d_out^2 d_in' + d_out d_in'^2) multiply-adds per query).
     """
     return (middle.to(torch.float64) ** 2 * denom.to(middle.device, torch.float64)).sum((-2, -1))
+
+
+def lowrank_self_influence(left: torch.Tensor, right: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """q^T (G + lambda I)^-1 q of rank-r queries P_r = Q_S left right^T Q_A^T -> [B] float64.
+
+    In the eigenbasis Q_S^T P_r Q_A = left right^T, so the sum of its squares times
+    Lambda + lambda needs no rotation: B d_out d_in' r multiply-adds, one query at a time
+    (rotating the stored weight-basis factors back cost about r (d_out^2 + d_in'^2) more per query).
+
+    Args:
+        left: [B, d_out, r]; right: [B, d_in', r] (eigenbasis, ``lowrank_factors``);
+        denom: Lambda + lambda [d_out, d_in'].
+    """
+    d = denom.to(left.device, left.dtype)
+    out = torch.zeros(left.shape[0], dtype=torch.float64, device=left.device)
+    for i, (l, r) in enumerate(zip(left, right)):  # rows summed in the factors' dtype, then float64
+        R = l @ r.T  # (d_out, d_in')
+        out[i] = R.mul_(R).mul_(d).sum(-1).to(torch.float64).sum()
+    return out
 
 
 def prepare_layer(factors: LayerFactors, activations: torch.Tensor, output_grads: torch.Tensor,

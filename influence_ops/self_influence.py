@@ -68,20 +68,6 @@ def query_self_influence(factors: LayerFactors, P: torch.Tensor, damping: float)
     return (R ** 2 * damped_eigenvalues(factors, damping).to(R.device)).sum((-2, -1))
 
 
-def stored_query_self_influence(factors: LayerFactors, dense: torch.Tensor | None, left: torch.Tensor | None,
-                                right: torch.Tensor | None, damping: float) -> torch.Tensor:
-    """``query_self_influence`` of a stored query without forming a rank-r P. -> [Q] float64.
-
-    dense: [Q, d_out, d_in'], or left [Q, d_out, r] and right [Q, d_in', r] (P = left right^T):
-    then R = (Q_S^T left)(Q_A^T right)^T, cost r (d_out^2 + d_in'^2 + d_out d_in') per query.
-    """
-    if dense is not None:
-        return query_self_influence(factors, dense, damping)
-    q_s, q_a = _basis(factors, left.device, torch.float64)
-    R = (q_s.T @ left.to(torch.float64)) @ (q_a.T @ right.to(torch.float64)).transpose(-2, -1)
-    return (R ** 2 * damped_eigenvalues(factors, damping).to(R.device)).sum((-2, -1))
-
-
 def gram_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """||sum_t g_t a_t^T||_F^2 = sum_{t,u} (g_t . g_u)(a_t . a_u) without forming G. -> [B] float64.
 
