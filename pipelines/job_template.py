@@ -77,6 +77,7 @@ dtype = "float16"                 # float16 | bfloat16 | float32 (bytes per sequ
 seed = 0                          # seed of the random, weighted and whitened projections
 search = "scan"                   # scan: every part scored on actors | faiss: the whole index in memory on the
                                   # driver (FAISS, exact: the same candidates; pip install faiss-cpu)
+faiss_memory_gb = 16              # faiss: the most memory it may hold (at most half the available); else the scan
 
 [resources]
 ray_address = ""                  # "" = a local Ray sized for this machine; or "ray://host:10001", "auto"

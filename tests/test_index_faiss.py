@@ -118,13 +118,13 @@ def test_faiss_candidates_read_every_part_and_equal_sorting(tmp_path):
 def test_faiss_candidates_leave_an_index_too_large_to_the_scan(tmp_path, monkeypatch, caplog):
     pytest.importorskip("faiss")
     urls, _, _ = write_parts(tmp_path, np.random.default_rng(2))
-    cfg = config_from_dict(job(tmp_path, search="faiss"))
-    monkeypatch.setattr(index_faiss, "FAISS_MAX_BYTES", 2 * 28 * 6 * 4 - 1)  # one byte short
+    need = 2 * 28 * 6 * 4  # X and FAISS's copy: 28 rows of width 6 in float32
+    short = config_from_dict(job(tmp_path, search="faiss", faiss_memory_gb=(need - 1) / 2**30))  # one byte short
     with caplog.at_level(logging.WARNING, logger=index_faiss.__name__):
-        assert faiss_candidates(cfg, urls, np.ones((2, 6)), 4) is None
-    assert "index.search = 'faiss'" in caplog.text and "searching with the scan instead" in caplog.text
-    monkeypatch.setattr(index_faiss, "FAISS_MAX_BYTES", 2 * 28 * 6 * 4)
-    assert faiss_candidates(cfg, urls, np.ones((2, 6)), 4).seen == 28
+        assert faiss_candidates(short, urls, np.ones((2, 6)), 4) is None
+    assert "index.faiss_memory_gb" in caplog.text and "searching with the scan instead" in caplog.text
+    enough = config_from_dict(job(tmp_path, search="faiss", faiss_memory_gb=need / 2**30))
+    assert faiss_candidates(enough, urls, np.ones((2, 6)), 4).seen == 28
 
 
 def test_missing_faiss_is_one_line_naming_the_key_and_the_install(tmp_path, monkeypatch):
@@ -152,3 +152,21 @@ def test_validate_reports_missing_faiss(tmp_path, monkeypatch):
     faiss_errors = [e for e in validate(config_from_dict(job(tmp_path, search="faiss"))).errors if "faiss" in e]
     assert len(faiss_errors) == 1 and "index.search = 'faiss'" in faiss_errors[0]
     assert not [e for e in validate(config_from_dict(job(tmp_path))).errors if "faiss" in e]
+
+
+def test_faiss_search_uses_threads_per_actor_and_restores_the_default(tmp_path, monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    urls, _, _ = write_parts(tmp_path, np.random.default_rng(3))
+    before = faiss.omp_get_max_threads()
+    seen = []
+    real_top = index_faiss.faiss_top
+
+    def spy(*args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return real_top(*args, **kwargs)
+
+    monkeypatch.setattr(index_faiss, "faiss_top", spy)
+    for threads, want in ((1, 1), (0, before)):
+        cfg = config_from_dict({**job(tmp_path, search="faiss"), "resources": {"threads_per_actor": threads}})
+        assert faiss_candidates(cfg, urls, np.ones((2, 6)), 4).seen == 28
+        assert seen[-1] == want and faiss.omp_get_max_threads() == before

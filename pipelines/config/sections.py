@@ -192,6 +192,7 @@ class IndexConfig:
     dtype: IndexDType = IndexDType.FLOAT16
     seed: int = 0
     search: IndexSearch = IndexSearch.SCAN
+    faiss_memory_gb: float = 16.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "projection", enum_value("index.projection", ProjectionKind, self.projection))
@@ -200,6 +201,7 @@ class IndexConfig:
         object.__setattr__(self, "dtype", enum_value("index.dtype", IndexDType, self.dtype))
         check_int("index.seed", self.seed, 0)
         object.__setattr__(self, "search", enum_value("index.search", IndexSearch, self.search))
+        check_number("index.faiss_memory_gb", self.faiss_memory_gb, 0.0)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ to M with ``best_columns`` (score, then row key (doc_id, shard)), as
 scores equal the scan's up to float64 rounding.
 
 Memory: X and FAISS's copy of it, 2 x N x D x 4 bytes. FAISS is used when that is at most
-min(``FAISS_MAX_BYTES``, half the memory available on the driver); a larger index is searched
-with the scan instead, with a logged warning (the same candidates, only on actors).
+min(``index.faiss_memory_gb``, half the memory available on the driver); a larger index is
+searched with the scan instead, with a logged warning (the same candidates, only on actors).
+Threads: FAISS's OpenMP threads are set to ``resources.threads_per_actor`` for the search when
+that is above 0 (0: FAISS's default, every core of the driver).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from .index_search import best_columns, key_rank, read_part
 
 log = logging.getLogger(__name__)
 
-FAISS_MAX_BYTES = 16 << 30  # X and FAISS's copy of it, at most (and at most half the available memory)
 FIRST_K = 2  # FAISS is first asked for max(FIRST_K x M, M + 16) rows per query
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 INSTALL = "pip install faiss-cpu (or pip install 'corpus-influence[faiss]')"
@@ -72,9 +73,10 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def faiss_limit() -> int:
-    """The most bytes the in-memory search may hold (``faiss_bytes``)."""
-    return min(FAISS_MAX_BYTES, available_memory() // 2)
+def faiss_limit(memory_gb: float) -> int:
+    """The most bytes the in-memory search may hold (``faiss_bytes``): ``index.faiss_memory_gb``, at most
+    half the available memory."""
+    return min(int(memory_gb * 2**30), available_memory() // 2)
 
 
 def float32_error(P: np.ndarray, squared_norms: np.ndarray) -> np.ndarray:
@@ -147,11 +149,12 @@ def faiss_candidates(cfg: JobConfig, part_urls: list[str], P: np.ndarray, m: int
     if not part_urls:
         return acc
     width, total = P.shape[1], sum(row_counts(part_urls))
-    need, limit = faiss_bytes(total, width), faiss_limit()
+    need, limit = faiss_bytes(total, width), faiss_limit(cfg.index.faiss_memory_gb)
     if need > limit:
         log.warning("index.search = 'faiss': the index needs %.2f GiB in memory (2 x %d rows x %d float32), "
-                    "more than %.2f GiB (the smaller of %.0f GiB and half the available memory); searching "
-                    "with the scan instead", need / 2**30, total, width, limit / 2**30, FAISS_MAX_BYTES / 2**30)
+                    "more than %.2f GiB (the smaller of index.faiss_memory_gb = %g and half the available "
+                    "memory); searching with the scan instead", need / 2**30, total, width, limit / 2**30,
+                    cfg.index.faiss_memory_gb)
         return None
     X, keys = np.empty((total, width), np.float32), []
     for url in part_urls:
@@ -164,7 +167,14 @@ def faiss_candidates(cfg: JobConfig, part_urls: list[str], P: np.ndarray, m: int
         keys += part_keys
     if not keys:
         return acc
-    ts, tr, bs, br = faiss_top(X[:len(keys)], keys, P, m, faiss)
+    threads = cfg.resources.threads_per_actor
+    before = faiss.omp_get_max_threads()
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    try:
+        ts, tr, bs, br = faiss_top(X[:len(keys)], keys, P, m, faiss)
+    finally:
+        faiss.omp_set_num_threads(before)
     named = np.asarray(keys, dtype=object)
     acc.add_sides(TopKSide(ts, named[tr]), TopKSide(bs, named[br]), len(keys))
     return acc
