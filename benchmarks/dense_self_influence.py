@@ -4,7 +4,6 @@ One GPT-2-small c_fc layer (d_out 3072, d_in' 769), 8 dense queries, random orth
     PYTHONPATH=. .venv/bin/python benchmarks/dense_self_influence.py
 """
 import time, torch
-from influence_ops.self_influence import rotate_gradient
 from influence_ops.query_prep import dense_self_influence
 torch.set_num_threads(2); torch.manual_seed(0)
 Q, d_out, d_in = 8, 3072, 769

@@ -153,7 +153,6 @@ def measure(model, batch, queries, strategies: list[io.Strategy], args, timer) -
             if s not in slow:
                 t_score[s].append(timer(score(s)))
     model.zero_grad(set_to_none=True)
-    tokens = batch.input_ids.numel()
     keep = [i for i, t in enumerate(t_train) if quiet(t)]
     out = {}
     for s in strategies:

@@ -27,7 +27,7 @@ GOOD = ("part0.parquet", "part1.parquet")
 
 
 def write_job(folder: Path, world: Path, corpus: Path, on_error: str, raw: Path | None = None) -> Path:
-    lines = [f'run_id = "case"', f'on_error = "{on_error}"', "[model]", f'path = "{world / "model"}"', "[data]",
+    lines = ['run_id = "case"', f'on_error = "{on_error}"', "[model]", f'path = "{world / "model"}"', "[data]",
              f'corpus = "{corpus}"', f'queries = "{world / "queries.jsonl"}"', f'output = "{folder / "out"}"']
     if raw is not None:
         lines.append(f'raw = "{raw}"')

@@ -16,7 +16,6 @@ from ops_helpers import assert_close as check_close
 from torch import nn
 
 import influence_ops as ops
-from influence_ops.eigen import LayerEigen
 from influence_ops.factors import LayerFactors
 
 # Float64 throughout: where the math is exact, agreement is to rounding.

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest

@@ -209,7 +209,7 @@ def test_duplicate_doc_ids_found_through_spilled_buckets(world):
     check_unique_doc_ids(shards, total, bucket_rows=3)  # many buckets, on disk: no false alarm
     first = pq.read_table(shards[0]).column("doc_id")[0].as_py()
     world.rewrite("part1", lambda rows: rows[:5] + [{**rows[5], "doc_id": first}] + rows[6:])
-    with pytest.raises(ShardError, match=rf"part0.parquet: row 0, field 'doc_id'.*part1.parquet row 5"):
+    with pytest.raises(ShardError, match=r"part0.parquet: row 0, field 'doc_id'.*part1.parquet row 5"):
         check_unique_doc_ids(shards, total, bucket_rows=3)
 
 

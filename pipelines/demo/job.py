@@ -98,7 +98,7 @@ def show_results(results: Path, queries: list[dict], docs: list[dict], per_query
         top1 += bool(planted and planted[0])
         found += sum(planted)
     k = max((r["rank"] for r in table), default=0)
-    echo(f"\n* = a document that states the queried fact (2 per fact are planted in the corpus).")
+    echo("\n* = a document that states the queried fact (2 per fact are planted in the corpus).")
     echo(f"top-1 is a planted source for {top1} of {len(queries)} queries; "
          f"planted sources in the top {k}: {found} of {2 * len(queries)}.")
     return {"top1_is_source": top1, "sources_in_topk": found, "queries": len(queries)}
