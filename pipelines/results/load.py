@@ -131,6 +131,16 @@ class Run:
             "HAVING v > ? ORDER BY v DESC", [query_id, threshold if math.isfinite(threshold) else -1e308]).fetchall()]
         return Tail(values, threshold)
 
+    def index_health(self) -> dict[str, Any] | None:
+        """The index health summary (``stages/index_health.summarize``) of an index-mode run, from its
+        index_health table and the run's settings; None without the table."""
+        if "index_health" not in self.out.tables:
+            return None
+        from ..stages.index_health import summarize
+
+        table = self.con.execute("SELECT * FROM index_health ORDER BY query_id, sign").fetch_arrow_table()
+        return summarize(table, int(self.config.get("scoring", {}).get("candidates") or 0), self.config.get("index"))
+
     @property
     def sequences(self) -> int | None:
         counts = self.record.get("counts") or {}
