@@ -119,10 +119,10 @@ def health(exact: torch.Tensor, approx: torch.Tensor, m: int, top_k: int = TOP) 
     return summarize(table, m), table.to_pylist()
 
 
-def by_depth(rows: list[dict], m: int, hits: list[float], equal: list[bool]) -> dict:
-    """Recall and final_equal of the queries whose top side's deepest final top-10 rank is <= m / 2 (shallow) or
-    deeper; rows: HEALTH rows in query order (q0000, ...)."""
-    deep = {r["query_id"]: r["deepest_rank_top10"] for r in rows if r["sign"] == "top"}
+def by_depth(rows: list[dict], m: int, hits: list[float], equal: list[bool], sign: str = "top") -> dict:
+    """Recall and final_equal of the queries whose ``sign`` side's deepest final top-10 rank is <= m / 2 (shallow)
+    or deeper; rows: HEALTH rows in query order (q0000, ...)."""
+    deep = {r["query_id"]: r["deepest_rank_top10"] for r in rows if r["sign"] == sign}
     out = {}
     for name, pick in (("shallow", lambda d: d <= m / 2), ("deep", lambda d: d > m / 2)):
         qs = [q for q in range(len(hits)) if pick(deep[f"q{q:04d}"])]
@@ -161,16 +161,21 @@ def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, 
         approx = P[(kind, k, seed)] @ torch.cat(rows[(kind, k, seed)]).double().T  # (Q, N), the index as stored
         hits, equal = recall_of(top10, approx, args.candidates), final_equal(exact, approx, args.candidates)
         one = {"seed": seed, **summary(hits, equal)}
+        low_hits = recall_of((-exact).topk(TOP, dim=1).indices, -approx, args.candidates)  # the bottom side
+        low_equal = final_equal(-exact, -approx, args.candidates)
+        one.update({f"bottom_{k}": v for k, v in summary(low_hits, low_equal).items()})
         signals, health_table = health(exact, approx, args.candidates)
         one["health"] = {k: v for k, v in signals.items() if k not in ("queries", "candidates")}
         one["by_depth"] = by_depth(health_table, min(args.candidates, approx.shape[1]), hits, equal)
+        one["bottom_by_depth"] = by_depth(health_table, min(args.candidates, approx.shape[1]), low_hits, low_equal,
+                                          "bottom")
         one.update({f"recall_top{m}": summary(recall_of(top10, approx, m))["recall"] for m in also})
         entry = res.setdefault(f"{kind}_k{k}", {"kind": kind, "k": k, "per_seed": [],
                                                 "bytes_per_layer_float16": {n: 2 * p.width for n, p in
                                                                             projs[(kind, k, seed)].layers.items()},
                                                 "bytes_per_sequence_float16": 2 * projs[(kind, k, seed)].width})
         entry["per_seed"].append(one)
-        for key in [x for x in one if x not in ("seed", "health", "by_depth")]:  # mean over seeds
+        for key in [x for x in one if x not in ("seed", "health", "by_depth", "bottom_by_depth")]:  # mean over seeds
             entry[key] = sum(e[key] for e in entry["per_seed"]) / len(entry["per_seed"])
         entry["recall_range"] = [min(e["recall"] for e in entry["per_seed"]),
                                  max(e["recall"] for e in entry["per_seed"])]
@@ -305,17 +310,19 @@ def main() -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "kinds"}, indent=1))
     for name, e in res["kinds"].items():
         print(name, {k: v for k, v in e.items() if k not in ("per_seed", "bytes_per_layer_float16")})
-    print("| kind | k | seed | recall | final | Spearman median (worst) | deepest rank median (worst) | "
-          "last-half share | loose | final: shallow / deep queries (count) |")
+    print("| kind | k | seed | side | recall | final | Spearman median | deepest rank median (worst) | last-half share "
+          "| loose | final: shallow / deep queries (count) |")
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for name, e in res["kinds"].items():
         for one in e["per_seed"]:
-            h, d = one["health"], one["by_depth"]
-            fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-            print(f"| {e['kind']} | {e['k']} | {one['seed']} | {one['recall']:.3f} | {one['final_equal']:.2f} | "
-                  f"{fmt(h['spearman_median'])} ({fmt(h['spearman_worst'])}) | {h['deepest_rank_top10_median']:g} "
-                  f"({h['deepest_rank_top10_worst']}) | {fmt(h['last_half_top10_share'])} | "
-                  f"{'yes' if h['loose'] else 'no'} | {fmt(d['shallow']['final_equal'])} ({d['shallow']['queries']}) "
-                  f"/ {fmt(d['deep']['final_equal'])} ({d['deep']['queries']}) |")
+            for sign, pre in (("top", ""), ("bottom", "bottom_")):
+                h, d = one["health"]["sides"][sign], one[f"{pre}by_depth"]
+                print(f"| {e['kind']} | {e['k']} | {one['seed']} | {sign} | {one[pre + 'recall']:.3f} | "
+                      f"{one[pre + 'final_equal']:.2f} | {fmt(h['spearman_median'])} | "
+                      f"{h['deepest_rank_top10_median']:g} ({h['deepest_rank_top10_worst']}) | "
+                      f"{fmt(h['last_half_top10_share'])} | {'yes' if h['loose'] else 'no'} | "
+                      f"{fmt(d['shallow']['final_equal'])} ({d['shallow']['queries']}) / "
+                      f"{fmt(d['deep']['final_equal'])} ({d['deep']['queries']}) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -462,30 +462,34 @@ def test_index_health_of_a_hand_made_query():
     assert summary["loose"] is True
 
 
-def health_summary(deepest: int, rho: float, m: int = 100) -> dict:
+def health_summary(top_deepest: int, bottom_deepest: int, rho: float = 0.9, m: int = 100) -> dict:
     from pipelines.stages.index_health import HEALTH, summarize
 
     rows = [{"query_id": f"q{i}", "sign": s, "candidates": m, "spearman": rho, "top10_rows": 10,
-             "deepest_rank_top10": deepest, "deepest_rank_topk": deepest, "last_half_top10": int(deepest > m / 2)}
-            for i in range(3) for s in ("top", "bottom")]
+             "deepest_rank_top10": d, "deepest_rank_topk": d, "last_half_top10": int(d > m / 2)}
+            for i in range(3) for s, d in (("top", top_deepest), ("bottom", bottom_deepest))]
     return summarize(pa.Table.from_pylist(rows, schema=HEALTH), m, {"k_out": 16, "k_in": 16, "projection": "eigen"})
 
 
 def test_health_warning_for_a_loose_index_only(caplog):
-    """One warning line through logging (the CLI prints WARNING lines) for a loose index, none for a tight one."""
+    """One warning line through logging (the CLI prints WARNING lines) when a side's final top-10 rows come from
+    beyond half the candidate list for the median query; none for a tight index (whatever its Spearman)."""
     from pipelines.stages.rescore import warn_if_loose
 
-    with caplog.at_level("WARNING"):
-        warn_if_loose(health_summary(deepest=14, rho=0.9))
-    assert caplog.records == []
-    for loose in (health_summary(deepest=97, rho=0.9), health_summary(deepest=14, rho=0.2)):
+    for tight in (health_summary(14, 40), health_summary(50, 20, rho=0.1)):
+        with caplog.at_level("WARNING"):
+            warn_if_loose(tight)
+        assert caplog.records == [] and tight["loose"] is False
+    for loose, named in ((health_summary(97, 20), "proponents"), (health_summary(20, 51), "opponents")):
         caplog.clear()
         with caplog.at_level("WARNING"):
             warn_if_loose(loose)
         (record,) = caplog.records
         line = record.getMessage()
         assert record.levelname == "WARNING" and "\n" not in line
-        assert line.startswith("index (k = 16, eigen) ranks this model's candidates loosely: median Spearman")
+        assert line.startswith(f"index (k = 16, eigen) ranks this model's candidates loosely: {named}: median "
+                               "Spearman 0.90")
+        assert ({"proponents", "opponents"} - {named}).pop() not in line  # only the loose side is named
         assert "of 100" in line and "scoring.candidates" in line
 
 
