@@ -490,7 +490,7 @@ def test_health_warning_for_a_loose_index_only(caplog):
         assert line.startswith(f"index (k = 16, eigen) ranks this model's candidates loosely: {named}: median "
                                "Spearman 0.90")
         assert ({"proponents", "opponents"} - {named}).pop() not in line  # only the loose side is named
-        assert "of 100" in line and "scoring.candidates" in line
+        assert "/100" in line and "scoring.candidates" in line
 
 
 def test_candidates_file_without_index_columns_still_reads(tmp_path):

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from ..io import storage
 from .tables import Output, connect, open_output
 
@@ -138,7 +140,10 @@ class Run:
             return None
         from ..stages.index_health import summarize
 
-        table = self.con.execute("SELECT * FROM index_health ORDER BY query_id, sign").fetch_arrow_table()
+        from ..stages.index_health import HEALTH
+
+        cur = self.con.execute(f"SELECT {', '.join(HEALTH.names)} FROM index_health ORDER BY query_id, sign")
+        table = pa.Table.from_pylist([dict(zip(HEALTH.names, r)) for r in cur.fetchall()], schema=HEALTH)
         return summarize(table, int(self.config.get("scoring", {}).get("candidates") or 0), self.config.get("index"))
 
     @property

@@ -170,10 +170,12 @@ def describe(summary: dict[str, Any], sides: tuple[str, ...] = ("top", "bottom")
             continue
         rho = "n/a" if s["spearman_median"] is None else f"{s['spearman_median']:.2f}"
         share = s["last_half_top10_share"]
+        m = summary["candidates"]
+        where = (lambda r: f"{r:g}/{m}" if r <= m else "beyond the list")  # noqa: E731 -- M + 1: other list only
         parts.append(f"{SIDE_NAMES[sign]}: median Spearman {rho} between index and exact scores, final top-10 rows "
-                     f"from index rank {s['deepest_rank_top10_median']:g} (median query) up to "
-                     f"{s['deepest_rank_top10_worst']} of {summary['candidates']}"
-                     + ("" if share is None else f", {share:.0%} from the list's last half"))
+                     f"reach index rank {where(s['deepest_rank_top10_median'])} for the median query "
+                     f"({where(s['deepest_rank_top10_worst'])} at worst)"
+                     + ("" if share is None else f", {share:.0%} of them from the list's last half"))
     return "; ".join(parts) + f" ({summary['queries']} queries)"
 
 
