@@ -227,6 +227,16 @@ def test_full_width_index_estimates_are_the_exact_scores(index_run):
         assert h["spearman"] == pytest.approx(1.0, abs=1e-3) and h["candidates"] == 12
         assert h["deepest_rank_topk"] == 3 and h["deepest_rank_top10"] == 10 and h["last_half_top10"] == 4
     assert record["stages"]["merge"]["index_health"]["loose"] is False
+    from pipelines.results.load import open_run
+    from pipelines.results.report.page import render_report
+    from pipelines.results.show import show_lines
+
+    run = open_run(str(out))  # `influence show` has one health line, the report a paragraph; tight: no warning
+    (line,) = [x for x in show_lines(run) if x.startswith("index health")]
+    assert line.startswith("index health (k = 4096 x 4096, eigen, 12 candidates a side): proponents: median "
+                           "Spearman 1.00") and "LOOSE" not in line
+    page = render_report(run)
+    assert '<p class="health">' in page and "loosely" not in page
 
 
 def test_rerun_builds_nothing_and_all_candidates_give_the_scan_topk(index_run, brute_force_topk, assert_topk_equal):
