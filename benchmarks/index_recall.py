@@ -9,7 +9,12 @@ from compressed gradients stored in float16 (``compress``, ``precondition``: wha
   - final_equal = the fraction of queries whose final top-10 (exact scores of the top-M and
     bottom-M candidates, as ``rescore`` re-scores them) equals the full scan's top-10;
   - bytes per sequence in float16, per layer (2 k_out k_in, k clipped to the layer's widths)
-    and in total.
+    and in total;
+  - the index health signals the pipeline reports from the same numbers (``pipelines/stages/index_health.py``:
+    per query and side, the Spearman between index estimates and exact scores over the candidates, the
+    deepest index rank among the final top-10, how many final top-10 rows came from the last half of the
+    list; ``summarize``'s medians and worst, and whether its rule calls the index loose), and per query
+    the final_equal / recall of the queries whose own top side is shallow (deepest rank <= M / 2) or deep.
 TF-IDF (BM25 of ``pipelines/stages/tfidf.py``, prompt + completion tokens, in process) beside
 them: its top-M's recall of the same exact top-10.
 
@@ -55,6 +60,7 @@ import influence_ops as io  # noqa: E402
 from influence_ops.index_projection import compress, make_projection, precondition  # noqa: E402
 from influence_ops.objectives import LanguageModelObjective  # noqa: E402
 from pipelines.io.shards import Sequences  # noqa: E402
+from pipelines.stages.index_health import IndexEstimate, health_rows, summarize  # noqa: E402
 from pipelines.stages.tfidf import TopNScorer, idf, matched_terms, query_terms  # noqa: E402
 
 TOP = 10
@@ -90,6 +96,41 @@ def final_equal(exact: torch.Tensor, approx: torch.Tensor, m: int) -> list[bool]
                                              exact.topk(TOP, dim=1).indices.tolist())]
 
 
+def health(exact: torch.Tensor, approx: torch.Tensor, m: int, top_k: int = TOP) -> tuple[dict, list[dict]]:
+    """The pipeline's index health (``summarize`` over ``health_rows``) of the index's top-m and bottom-m per query,
+    re-scored exactly; and the HEALTH rows. exact, approx: [Q, N]."""
+    import pyarrow as pa
+
+    m = min(m, approx.shape[1])
+    top, bottom = approx.topk(m, dim=1).indices, (-approx).topk(m, dim=1).indices  # (Q, m) each
+    estimates, cols = {}, {"query_id": [], "doc_id": [], "shard": [], "score": []}
+    for q in range(approx.shape[0]):
+        ranks = {"top": {int(i): r for r, i in enumerate(top[q].tolist(), 1)},
+                 "bottom": {int(i): r for r, i in enumerate(bottom[q].tolist(), 1)}}
+        named = sorted(set(ranks["top"]) | set(ranks["bottom"]))
+        qid = f"q{q:04d}"
+        estimates[qid] = {(f"{i:08d}", "s"): IndexEstimate(float(approx[q, i]), ranks["top"].get(i),
+                                                           ranks["bottom"].get(i)) for i in named}
+        cols["query_id"] += [qid] * len(named)
+        cols["doc_id"] += [f"{i:08d}" for i in named]
+        cols["shard"] += ["s"] * len(named)
+        cols["score"] += [float(exact[q, i]) for i in named]
+    table = health_rows(pa.table(cols), estimates, top_k)
+    return summarize(table, m), table.to_pylist()
+
+
+def by_depth(rows: list[dict], m: int, hits: list[float], equal: list[bool], sign: str = "top") -> dict:
+    """Recall and final_equal of the queries whose ``sign`` side's deepest final top-10 rank is <= m / 2 (shallow)
+    or deeper; rows: HEALTH rows in query order (q0000, ...)."""
+    deep = {r["query_id"]: r["deepest_rank_top10"] for r in rows if r["sign"] == sign}
+    out = {}
+    for name, pick in (("shallow", lambda d: d <= m / 2), ("deep", lambda d: d > m / 2)):
+        qs = [q for q in range(len(hits)) if pick(deep[f"q{q:04d}"])]
+        out[name] = {"queries": len(qs), "recall": sum(hits[q] for q in qs) / len(qs) if qs else None,
+                     "final_equal": sum(equal[q] for q in qs) / len(qs) if qs else None}
+    return out
+
+
 def summary(hits: list[float], equal: list[bool] | None = None) -> dict:
     out = {"recall": sum(hits) / len(hits), "worst": min(hits)}
     if equal is not None:
@@ -118,15 +159,23 @@ def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, 
     res: dict = {}
     for kind, k, seed in configs:
         approx = P[(kind, k, seed)] @ torch.cat(rows[(kind, k, seed)]).double().T  # (Q, N), the index as stored
-        one = {"seed": seed, **summary(recall_of(top10, approx, args.candidates),
-                                       final_equal(exact, approx, args.candidates))}
+        hits, equal = recall_of(top10, approx, args.candidates), final_equal(exact, approx, args.candidates)
+        one = {"seed": seed, **summary(hits, equal)}
+        low_hits = recall_of((-exact).topk(TOP, dim=1).indices, -approx, args.candidates)  # the bottom side
+        low_equal = final_equal(-exact, -approx, args.candidates)
+        one.update({f"bottom_{k}": v for k, v in summary(low_hits, low_equal).items()})
+        signals, health_table = health(exact, approx, args.candidates)
+        one["health"] = {k: v for k, v in signals.items() if k not in ("queries", "candidates")}
+        one["by_depth"] = by_depth(health_table, min(args.candidates, approx.shape[1]), hits, equal)
+        one["bottom_by_depth"] = by_depth(health_table, min(args.candidates, approx.shape[1]), low_hits, low_equal,
+                                          "bottom")
         one.update({f"recall_top{m}": summary(recall_of(top10, approx, m))["recall"] for m in also})
         entry = res.setdefault(f"{kind}_k{k}", {"kind": kind, "k": k, "per_seed": [],
                                                 "bytes_per_layer_float16": {n: 2 * p.width for n, p in
                                                                             projs[(kind, k, seed)].layers.items()},
                                                 "bytes_per_sequence_float16": 2 * projs[(kind, k, seed)].width})
         entry["per_seed"].append(one)
-        for key in [x for x in one if x != "seed"]:  # mean over seeds
+        for key in [x for x in one if x not in ("seed", "health", "by_depth", "bottom_by_depth")]:  # mean over seeds
             entry[key] = sum(e[key] for e in entry["per_seed"]) / len(entry["per_seed"])
         entry["recall_range"] = [min(e["recall"] for e in entry["per_seed"]),
                                  max(e["recall"] for e in entry["per_seed"])]
@@ -261,6 +310,19 @@ def main() -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "kinds"}, indent=1))
     for name, e in res["kinds"].items():
         print(name, {k: v for k, v in e.items() if k not in ("per_seed", "bytes_per_layer_float16")})
+    print("| kind | k | seed | side | recall | final | Spearman median | deepest rank median (worst) | last-half share "
+          "| loose | final: shallow / deep queries (count) |")
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for name, e in res["kinds"].items():
+        for one in e["per_seed"]:
+            for sign, pre in (("top", ""), ("bottom", "bottom_")):
+                h, d = one["health"]["sides"][sign], one[f"{pre}by_depth"]
+                print(f"| {e['kind']} | {e['k']} | {one['seed']} | {sign} | {one[pre + 'recall']:.3f} | "
+                      f"{one[pre + 'final_equal']:.2f} | {fmt(h['spearman_median'])} | "
+                      f"{h['deepest_rank_top10_median']:g} ({h['deepest_rank_top10_worst']}) | "
+                      f"{fmt(h['last_half_top10_share'])} | {'yes' if h['loose'] else 'no'} | "
+                      f"{fmt(d['shallow']['final_equal'])} ({d['shallow']['queries']}) / "
+                      f"{fmt(d['deep']['final_equal'])} ({d['deep']['queries']}) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

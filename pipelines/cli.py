@@ -108,6 +108,12 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
         by_stage = ", ".join(f"{n} in {s}" for s, n in errors["by_stage"].items())
         lines.append(f"  skipped after errors (on_error = 'skip'): {_count(errors['units'], 'unit')} ({by_stage}); "
                      f"reasons: {errors['table']}")
+    health = (stages.get("merge") or {}).get("index_health")
+    if health:
+        from .stages.index_health import describe
+
+        lines.append(f"  index health: {describe(health)}" + (" (loose: see the warning)" if health.get("loose")
+                                                               else ""))
     units = (score or {}).get("units")
     if units:
         lines.append(f"  score units ran on {_count(len(units['nodes']), 'node')}, "

@@ -5,7 +5,8 @@ interrupted run resumes where it stopped): tokenize (when ``data.raw`` is set)
 -> fit-factors -> build-queries -> index (``scoring.mode = "index"``, or asked for alone)
 -> score -> merge. With ``scoring.mode = "scan"`` score scores every sequence; with
 "index" or "tfidf" it finds candidates (``stages/candidates.py``) and merge re-scores them
-exactly (``stages/rescore.py``). The resolved config is
+exactly (``stages/rescore.py``; for the index it also reports how closely the index ranked them:
+``stages.merge.index_health`` in the record, ``stages/index_health.py``). The resolved config is
 written to ``<output>/resolved_config.json``; the run record holds the config,
 library versions, counts (scored, skipped, failed, and the corpus rows: scored +
 skipped == rows), the units each stage skipped under ``on_error = "skip"``,
@@ -30,7 +31,7 @@ from .io import storage
 from .io.completion import digest_of
 from .runtime.failures import StageFailed, errors_table
 from .stages.build_queries import build_queries
-from .stages.candidates import find_candidates, load_candidates
+from .stages.candidates import find_candidates, read_candidates
 from .stages.index_build import build_index
 from .stages.fit_factors import fit_factors
 from .stages.merge import merge
@@ -113,7 +114,8 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
                 outputs, pending, unreadable = current_score_files(cfg, record["queries_hash"])
             ran("merge", merge(cfg, outputs, show_progress, pending, unreadable))
         elif "merge" in stages:
-            ran("merge", rescore(cfg, load_candidates(cfg), record["queries_hash"], show_progress))
+            candidates, estimates = read_candidates(cfg)
+            ran("merge", rescore(cfg, candidates, record["queries_hash"], show_progress, estimates))
         record["status"] = "ok"
     except BaseException as err:
         failed = err

@@ -192,6 +192,51 @@ def test_rescored_rows_equal_exact_scores(index_run):
     sums = tokens.groupby(["query_id", "doc_id"])["score"].sum()
     for r in rows:
         assert sums[(r["query_id"], r["doc_id"])] == pytest.approx(r["score"], rel=1e-3, abs=1e-5)
+    # each candidate keeps its index estimate and rank; the health report has a row per query and side
+    assert all(c["index_score"] is not None and (c["index_top_rank"] or c["index_bottom_rank"]) for c in cands)
+    assert sorted(c["index_top_rank"] for c in cands if c["query_id"] == cands[0]["query_id"]
+                  and c["index_top_rank"]) == [1, 2, 3, 4]
+    health = storage.read_parquet(str(Path(cfg.data.output) / "index_health" / "index_health.parquet")).to_pylist()
+    assert sorted((h["query_id"], h["sign"]) for h in health) == sorted((q, s) for q in {r["query_id"] for r in rows}
+                                                                       for s in ("top", "bottom"))
+    assert all(h["candidates"] == 4 and 1 <= h["deepest_rank_topk"] <= 5 for h in health)
+    summary = record["stages"]["merge"]["index_health"]
+    assert summary["queries"] == 3 and summary["candidates"] == 4 and summary["k_out"] == 8
+
+
+def test_full_width_index_estimates_are_the_exact_scores(index_run):
+    """index.k_out = k_in = full widths (an orthogonal projection) and dense queries: the index estimates are the
+    exact scores, so per query and side the Spearman is 1 and the final rows are the index's first ones."""
+    cfg, _, root = index_run
+    out = root / "full"
+    shutil.copytree(Path(cfg.data.output) / "factors", out / "factors")
+    full = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(out)),
+                               scoring=dataclasses.replace(cfg.scoring, rank=None, candidates=12),
+                               index=dataclasses.replace(cfg.index, k_out=4096, k_in=4096))
+    record = run_job(full, stages=("build-queries", "index", "score", "merge"))
+    assert record["status"] == "ok"
+    cands = storage.read_parquet(str(out / "candidates" / "candidates.parquet")).to_pylist()
+    exact = {(r["query_id"], r["doc_id"], r["shard"]): r["score"] for r in topk_rows(full)}
+    shared = [c for c in cands if (c["query_id"], c["doc_id"], c["shard"]) in exact]
+    assert len(shared) >= 3 * 2 * 3
+    for c in shared:
+        assert c["index_score"] == pytest.approx(exact[(c["query_id"], c["doc_id"], c["shard"])], rel=1e-4, abs=1e-7)
+    health = storage.read_parquet(str(out / "index_health" / "index_health.parquet")).to_pylist()
+    assert len(health) == 3 * 2
+    for h in health:
+        assert h["spearman"] == pytest.approx(1.0, abs=1e-3) and h["candidates"] == 12
+        assert h["deepest_rank_topk"] == 3 and h["deepest_rank_top10"] == 10 and h["last_half_top10"] == 4
+    assert record["stages"]["merge"]["index_health"]["loose"] is False
+    from pipelines.results.load import open_run
+    from pipelines.results.report.page import render_report
+    from pipelines.results.show import show_lines
+
+    run = open_run(str(out))  # `influence show` has one health line, the report a paragraph; tight: no warning
+    (line,) = [x for x in show_lines(run) if x.startswith("index health")]
+    assert line.startswith("index health (k = 4096 x 4096, eigen, 12 candidates a side): proponents: median "
+                           "Spearman 1.00") and "LOOSE" not in line
+    page = render_report(run)
+    assert '<p class="health">' in page and "loosely" not in page
 
 
 def test_rerun_builds_nothing_and_all_candidates_give_the_scan_topk(index_run, brute_force_topk, assert_topk_equal):
@@ -381,3 +426,89 @@ def test_rescore_order_groups_by_length_class_then_first_query():
     lengths = np.array([10, 10, 11, 30, 31, 10])  # classes (factor 1.25): 10, 10, 10, 15, 15, 10
     first = np.array([2, 0, 1, 0, 0, 1])
     assert rescore_order(lengths, first, np.arange(6)).tolist() == [1, 5, 2, 0, 3, 4]
+
+
+def hand_made_health_case() -> tuple[pa.Table, dict]:
+    """One query, M = 12 a side. Top list t01..t12 (index rank r = estimate order), exact 100 - r except t11
+    (1000: the best, from deep in the list) and t02 (-1000: the worst); bottom list b01..b12, exact -100 + r
+    (same order as the index) except b12 (500: a final top-10 row found only on the bottom list)."""
+    from pipelines.stages.index_health import IndexEstimate
+
+    est, exact = {}, {}
+    for r in range(1, 13):
+        est[(f"t{r:02d}", "s")] = IndexEstimate(13.0 - r, r, None)
+        exact[(f"t{r:02d}", "s")] = {11: 1000.0, 2: -1000.0}.get(r, 100.0 - r)
+        est[(f"b{r:02d}", "s")] = IndexEstimate(-13.0 + r, None, r)
+        exact[(f"b{r:02d}", "s")] = 500.0 if r == 12 else -100.0 + r
+    rows = pa.table({"query_id": ["q"] * 24, "doc_id": [d for d, _ in exact], "shard": ["s"] * 24,
+                     "score": list(exact.values())})
+    return rows, {"q": est}
+
+
+def test_index_health_of_a_hand_made_query():
+    """Spearman over each side's list, the deepest index rank of the final top-10 / top-k, the last-half count."""
+    from scipy.stats import spearmanr
+
+    from pipelines.stages.index_health import health_rows, summarize
+
+    rows, estimates = hand_made_health_case()
+    got = {r["sign"]: r for r in health_rows(rows, estimates, top_k=3).to_pylist()}
+    top, bottom = got["top"], got["bottom"]
+    t_est = [13.0 - r for r in range(1, 13)]
+    t_exact = [{11: 1000.0, 2: -1000.0}.get(r, 100.0 - r) for r in range(1, 13)]
+    assert top["spearman"] == pytest.approx(spearmanr(t_est, t_exact).statistic, abs=1e-12)
+    assert top["spearman"] < 0.9
+    assert bottom["spearman"] == pytest.approx(1.0)  # b12's 500 is still the highest of the bottom list
+    # final top-10 by exact score: t11, b12 (only on the bottom list: rank M + 1 = 13), t01, t03..t09
+    assert top["top10_rows"] == 10 and top["deepest_rank_top10"] == 13 and top["deepest_rank_topk"] == 13
+    assert top["last_half_top10"] == 5  # ranks > 6: t07, t08, t09, t11, b12
+    # final bottom-10 by lowest exact score: t02 (only on the top list: 13), b01..b09
+    assert bottom["deepest_rank_top10"] == 13 and bottom["deepest_rank_topk"] == 13  # t02 is the lowest
+    assert bottom["last_half_top10"] == 4  # b07, b08, b09, t02
+    assert top["candidates"] == bottom["candidates"] == 12
+    summary = summarize(health_rows(rows, estimates, top_k=3), 12, {"k_out": 16, "k_in": 16, "projection": "eigen"})
+    assert summary["deepest_rank_top10_worst"] == 13 and summary["deepest_rank_top10_median"] == 13
+    assert summary["spearman_worst"] == pytest.approx(top["spearman"]) and summary["last_half_top10_share"] == 0.45
+    assert summary["loose"] is True
+
+
+def health_summary(top_deepest: int, bottom_deepest: int, rho: float = 0.9, m: int = 100) -> dict:
+    from pipelines.stages.index_health import HEALTH, summarize
+
+    rows = [{"query_id": f"q{i}", "sign": s, "candidates": m, "spearman": rho, "top10_rows": 10,
+             "deepest_rank_top10": d, "deepest_rank_topk": d, "last_half_top10": int(d > m / 2)}
+            for i in range(3) for s, d in (("top", top_deepest), ("bottom", bottom_deepest))]
+    return summarize(pa.Table.from_pylist(rows, schema=HEALTH), m, {"k_out": 16, "k_in": 16, "projection": "eigen"})
+
+
+def test_health_warning_for_a_loose_index_only(caplog):
+    """One warning line through logging (the CLI prints WARNING lines) when a side's final top-10 rows come from
+    beyond half the candidate list for the median query; none for a tight index (whatever its Spearman)."""
+    from pipelines.stages.rescore import warn_if_loose
+
+    for tight in (health_summary(14, 40), health_summary(50, 20, rho=0.1)):
+        with caplog.at_level("WARNING"):
+            warn_if_loose(tight)
+        assert caplog.records == [] and tight["loose"] is False
+    for loose, named in ((health_summary(97, 20), "proponents"), (health_summary(20, 51), "opponents")):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            warn_if_loose(loose)
+        (record,) = caplog.records
+        line = record.getMessage()
+        assert record.levelname == "WARNING" and "\n" not in line
+        assert line.startswith(f"index (k = 16, eigen) ranks this model's candidates loosely: {named}: median "
+                               "Spearman 0.90")
+        assert ({"proponents", "opponents"} - {named}).pop() not in line  # only the loose side is named
+        assert "/100" in line and "scoring.candidates" in line
+
+
+def test_candidates_file_without_index_columns_still_reads(tmp_path):
+    """A candidates.parquet written before the index columns: the candidates read back, without estimates."""
+    from pipelines.stages.candidates import candidates_url, read_candidates
+
+    cfg = config_from_dict(job(tmp_path, str(tmp_path / "out"), str(tmp_path / "s"), 5))
+    storage.write_parquet(candidates_url(cfg), pa.table({"query_id": ["q", "q"], "doc_id": ["a", "b"],
+                                                          "shard": ["s", "s"], "found_by": ["index", "index"]}))
+    candidates, estimates = read_candidates(cfg)
+    assert candidates == {"q": {("a", "s"): "index", ("b", "s"): "index"}} and estimates is None

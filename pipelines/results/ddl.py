@@ -32,7 +32,8 @@ class Engine(str, enum.Enum):
 
 # (folder, file glob suffix); queries/ also holds the safetensors of the preconditioned queries
 TABLES = {"topk": "topk", "scores": "scores", "token_scores": "token_scores", "layer_scores": "layer_scores",
-          "distribution": "distribution", "queries": "queries", "self_influence": "self_influence"}
+          "distribution": "distribution", "queries": "queries", "self_influence": "self_influence",
+          "index_health": "index_health"}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from ..io import storage
 from .tables import Output, connect, open_output
 
@@ -130,6 +132,19 @@ class Run:
             "SELECT max(score_normalized) AS v FROM scores WHERE query_id = ? AND sign = 'top' GROUP BY doc_id "
             "HAVING v > ? ORDER BY v DESC", [query_id, threshold if math.isfinite(threshold) else -1e308]).fetchall()]
         return Tail(values, threshold)
+
+    def index_health(self) -> dict[str, Any] | None:
+        """The index health summary (``stages/index_health.summarize``) of an index-mode run, from its
+        index_health table and the run's settings; None without the table."""
+        if "index_health" not in self.out.tables:
+            return None
+        from ..stages.index_health import summarize
+
+        from ..stages.index_health import HEALTH
+
+        cur = self.con.execute(f"SELECT {', '.join(HEALTH.names)} FROM index_health ORDER BY query_id, sign")
+        table = pa.Table.from_pylist([dict(zip(HEALTH.names, r)) for r in cur.fetchall()], schema=HEALTH)
+        return summarize(table, int(self.config.get("scoring", {}).get("candidates") or 0), self.config.get("index"))
 
     @property
     def sequences(self) -> int | None:

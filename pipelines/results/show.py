@@ -126,6 +126,21 @@ def legend(run: Run, color: bool) -> list[str]:
             "activations times the loss gradient at its position, mostly from predicting the token after it)."]
 
 
+def health_line(run: Run, color: bool) -> list[str]:
+    """One line for an index-mode run: how closely the index ranked the candidates (``stages/index_health.py``)."""
+    from ..stages.index_health import describe
+
+    health = run.index_health()
+    if health is None:
+        return []
+    line = (f"index health (k = {health.get('k_out')} x {health.get('k_in')}, {health.get('projection')}, "
+            f"{health['candidates']} candidates a side): {describe(health)}")
+    if health["loose"]:
+        line += ("; LOOSE: the final top-10 may differ from a full scan's (raise index.k_out / index.k_in or "
+                 "scoring.candidates, or compare with scoring.mode = \"scan\" on a sample)")
+    return [_escape(line, color) if not (color and health["loose"]) else f"[bold red]{_escape(line, color)}[/]"]
+
+
 def show_lines(run: Run, query: str | None = None, k: int = 5, bottom: bool = False, color: bool = False,
                limit: int | None = None) -> list[str]:
     """The whole view as lines (rich markup when ``color``)."""
@@ -136,7 +151,7 @@ def show_lines(run: Run, query: str | None = None, k: int = 5, bottom: bool = Fa
         chosen = [ids.index(query)]
     else:
         chosen = list(range(len(ids)))[:limit]
-    lines = legend(run, color)
+    lines = legend(run, color) + health_line(run, color)
     for i in chosen:
         lines.append("")
         lines += query_lines(run, i, k, bottom, color)

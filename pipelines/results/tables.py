@@ -10,6 +10,7 @@ has no view):
     queries       queries/queries.parquet: prompt, completion, measurement, truncation errors
     distribution  distribution/*.parquet: histograms of every scored sequence's score
     self_influence self_influence/*.parquet: g^T (G + lambda I)^-1 g of every scored sequence (when computed)
+    index_health  index_health/index_health.parquet: how closely the index ranked each query's candidates (index mode)
     documents     the corpus shards (data.corpus of the run): doc_id, text (null without a text column), shard
 
 Object storage (``s3://`` ...) is read through the fsspec filesystem registered
@@ -27,7 +28,7 @@ from ..io import storage
 
 HIVE = ("topk", "token_scores", "layer_scores")
 FLAT = {"scores": "scores/*.parquet", "queries": "queries/queries.parquet", "distribution": "distribution/*.parquet",
-        "self_influence": "self_influence/*.parquet"}
+        "self_influence": "self_influence/*.parquet", "index_health": "index_health/*.parquet"}
 
 
 @dataclass(frozen=True)

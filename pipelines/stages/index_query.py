@@ -12,7 +12,9 @@ With ``index.search = "faiss"`` the driver searches the whole index in memory in
 (``index_faiss.py``: exact inner products, the same candidates) when it fits.
 
 Candidates are ``{query_id: {(doc_id, shard): found_by}}`` (``found_by = "index"``), the
-set that ``rescore.py`` scores exactly (``tfidf`` candidates have the same form).
+set that ``rescore.py`` scores exactly (``tfidf`` candidates have the same form); each one's index
+estimate and rank on each side's list (``estimates_of``) go along for the index health report
+(``index_health.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..io.model_loading import load_model, pick_device
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
 from .index_build import current_parts, index_url
 from .index_faiss import faiss_candidates
+from .index_health import Estimates, IndexEstimate
 from .index_search import top_candidates
 from .merge import split_key
 
@@ -106,6 +109,22 @@ def candidates_of(acc: TopKAccumulator, query_ids: list[str], found_by: str = "i
     return out
 
 
+def estimates_of(acc: TopKAccumulator, query_ids: list[str]) -> Estimates:
+    """{query_id: {(doc_id, shard): IndexEstimate}}: each candidate's index score and its rank (1 = first) on the
+    top and bottom lists of ``acc`` (None on a list that does not hold it)."""
+    out: Estimates = {}
+    for q, qid in enumerate(query_ids):
+        score: dict[str, float] = {}
+        ranks: dict[str, dict[str, int]] = {"top": {}, "bottom": {}}
+        for name, side in (("top", acc.top), ("bottom", acc.bottom)):
+            for r, (key, s) in enumerate(zip(side.ids[q], side.scores[q]), start=1):
+                score[str(key)] = float(s)
+                ranks[name][str(key)] = r
+        out[qid] = {split_key(k): IndexEstimate(v, ranks["top"].get(k), ranks["bottom"].get(k))
+                    for k, v in score.items()}
+    return out
+
+
 def search_index(cfg: JobConfig, part_urls: list[str], P: np.ndarray, m: int) -> tuple[TopKAccumulator, str]:
     """The top-M and bottom-M of each query (P: [Q, D]) with ``index.search``, and the search that ran
     (``faiss`` falls back to ``scan`` when the index does not fit in memory: ``index_faiss.py``)."""
@@ -116,8 +135,9 @@ def search_index(cfg: JobConfig, part_urls: list[str], P: np.ndarray, m: int) ->
     return top_candidates(cfg, part_urls, P, m), IndexSearch.SCAN.value
 
 
-def query_index(cfg: JobConfig) -> tuple[Candidates, dict[str, Any]]:
-    """Candidates of every query from the (current) index parts, and the time each step took."""
+def query_index(cfg: JobConfig) -> tuple[Candidates, Estimates, dict[str, Any]]:
+    """Candidates of every query from the (current) index parts, their index estimates and ranks, and the time
+    each step took."""
     start = time.perf_counter()
     present = current_parts(cfg)
     ids, P = query_rows(cfg)
@@ -126,4 +146,4 @@ def query_index(cfg: JobConfig) -> tuple[Candidates, dict[str, Any]]:
     info = {"queries": len(ids), "parts": len(present), "sequences": acc.seen, "candidates": cfg.scoring.candidates,
             "search": search,
             "prepare_seconds": round(prepared - start, 3), "search_seconds": round(time.perf_counter() - prepared, 3)}
-    return candidates_of(acc, ids), info
+    return candidates_of(acc, ids), estimates_of(acc, ids), info

@@ -147,6 +147,8 @@ def write_topk(cfg: JobConfig, merges: dict[str, QueryMerge], key: str, info: di
     storage.remove(topk_dir)
     storage.remove(storage.join(cfg.data.output, "token_scores"))
     storage.remove(storage.join(cfg.data.output, "layer_scores"))
+    if found_by is None:  # a scan: no index health report (``rescore.index_health`` writes it for the index)
+        storage.remove(storage.join(cfg.data.output, "index_health"))
     tables = {qid: m.table() for qid, m in merges.items()}
     info = {"queries": len(tables), "rows": sum(t.num_rows for t in tables.values()), **info}
     tables, info["details"] = write_token_scores(cfg, tables, show_progress)  # text, tokens, layer/token scores

@@ -17,12 +17,16 @@ on the candidate sequences, not Q x every candidate.
 
 Each query keeps its own candidates, folded into the exact top-k and bottom-k of that set
 (``merge.QueryMerge``); ``merge.write_topk`` then writes topk/ (with ``found_by``),
-layer_scores/ and token_scores/ as for a scan. Skipped when topk/ is complete for these
-candidates and inputs.
+layer_scores/ and token_scores/ as for a scan. With the index's estimates of the candidates
+(``index_health.py``), the exact scores of every candidate also give the index health report:
+``<output>/index_health/index_health.parquet`` and its summary in the stage's record
+(``index_health``), with a logged warning when the index ranks loosely. Skipped when topk/ is
+complete for these candidates and inputs (the summary and the warning come back from the marker).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -39,6 +43,7 @@ from ..io.shards import read_rows
 from ..runtime.batching import prefetch, token_batches
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, units_of
+from .index_health import Estimates, health_rows, summarize, warning
 from .merge import QueryMerge, write_topk
 from .score import ShardScorer
 from .token_scores import _from_ipc, _ipc
@@ -46,6 +51,7 @@ from .token_scores import _from_ipc, _ipc
 RESCORED = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("shard", pa.string()),
                       ("score", pa.float64()), ("score_normalized", pa.float64())])
 LENGTH_CLASS = 1.25  # sequences within a factor 1.25 in length share a class: padding <= 25% inside one
+log = logging.getLogger(__name__)
 
 
 def rescore_order(lengths: np.ndarray, first_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -144,16 +150,40 @@ def fold(rows: pa.Table, query_ids: list[str], k: int) -> dict[str, QueryMerge]:
     return merges
 
 
+def health_url(cfg: JobConfig) -> str:
+    return storage.join(cfg.data.output, "index_health", "index_health.parquet")
+
+
+def index_health(cfg: JobConfig, rows: pa.Table, estimates: Estimates | None) -> dict[str, Any] | None:
+    """Write index_health/ from the re-scored rows and the index estimates; returns its summary (None and
+    index_health/ removed without estimates: TF-IDF candidates, or a candidates file older than them)."""
+    storage.remove(storage.join(cfg.data.output, "index_health"))
+    if estimates is None:
+        return None
+    table = health_rows(rows, estimates, cfg.scoring.top_k)
+    storage.write_parquet(health_url(cfg), table)
+    return summarize(table, cfg.scoring.candidates, {"k_out": cfg.index.k_out, "k_in": cfg.index.k_in,
+                                                    "projection": cfg.index.projection.value})
+
+
+def warn_if_loose(summary: dict[str, Any] | None) -> None:
+    line = warning(summary) if summary else None
+    if line:
+        log.warning(line)
+
+
 def rescore(cfg: JobConfig, candidates: dict[str, dict[tuple[str, str], str]], queries_digest: str,
-            show_progress: bool = False) -> dict[str, Any]:
-    """Score the candidates exactly and write topk/ (found_by from ``candidates``); skipped when complete."""
+            show_progress: bool = False, estimates: Estimates | None = None) -> dict[str, Any]:
+    """Score the candidates exactly and write topk/ (found_by from ``candidates``) and, with the index's
+    ``estimates`` of them, index_health/; skipped when complete."""
     start = time.perf_counter()
     flat = sorted((q, d, s, f) for q, found in candidates.items() for (d, s), f in found.items())
-    key = completion.inputs_key("rescore-v1", queries_digest, cfg.scoring.top_k, cfg.scoring.per_token,
-                                cfg.scoring.normalize.value, cfg.data.too_long.value, flat)
+    key = completion.inputs_key("rescore-v2", queries_digest, cfg.scoring.top_k, cfg.scoring.per_token,
+                                cfg.scoring.normalize.value, cfg.data.too_long.value, flat, estimates is not None)
     topk_dir = storage.join(cfg.data.output, "topk")
     done = completion.completed(topk_dir, key)
     if done is not None:
+        warn_if_loose(done.get("index_health"))
         return {**done, "skipped": True}
     units = rescore_units(candidates)
     cluster = ensure_ray(cfg.resources)
@@ -172,4 +202,8 @@ def rescore(cfg: JobConfig, candidates: dict[str, dict[tuple[str, str], str]], q
     merges = fold(rows, list(candidates), cfg.scoring.top_k)
     info = {"candidates": len(flat), "sequences": len({(d, s) for _, d, s, _ in flat}), "units": len(units),
             "pairs_scored": rows.num_rows, "rescore_seconds": round(time.perf_counter() - start, 3)}
+    health = index_health(cfg, rows, estimates)
+    if health is not None:
+        info["index_health"] = health
+        warn_if_loose(health)
     return write_topk(cfg, merges, key, info, candidates, start, show_progress)

@@ -191,6 +191,26 @@ def run_summary(run: Run) -> str:
             "</div></section>")
 
 
+def health_paragraph(run: Run) -> str:
+    """A short paragraph for an index-mode run: how closely the index ranked the candidates ('' otherwise)."""
+    from ...stages.index_health import describe
+
+    health = run.index_health()
+    if health is None:
+        return ""
+    head = (f"<b>Index health</b> (<code>scoring.mode = \"index\"</code>, k = {esc(health.get('k_out'))} × "
+            f"{esc(health.get('k_in'))}, {esc(health.get('projection'))}, {esc(health['candidates'])} candidates "
+            f"a side, re-scored exactly): {esc(describe(health))}.")
+    if health["loose"]:
+        tail = (" <b>The index ranks this model's candidates loosely</b>: the final top-10 rows come from deep in "
+                "the candidate lists, so sequences past the cut may be missing and the results may differ from a "
+                "full scan's. Raise <code>index.k_out</code> / <code>index.k_in</code> or "
+                "<code>scoring.candidates</code>, or compare with <code>scoring.mode = \"scan\"</code> on a sample.")
+        return f'<p class="health loose">{head}{tail}</p>'
+    return (f'<p class="health">{head} The final rows come from the head of the candidate lists: the index ranks '
+            "this model's candidates closely enough for the re-scoring to recover the top rows.</p>")
+
+
 def render_report(run: Run, k: int | None = None) -> str:
     """The whole page."""
     toc = "".join(f'<li><a href="#{anchor(q.query_id)}"><code>{esc(q.query_id)}</code></a> '
@@ -209,6 +229,7 @@ def render_report(run: Run, k: int | None = None) -> str:
 <code>{esc(run.out.url)}</code>; report made {now}.
 Scores are <b>normalized</b>: influence divided by {ft} tokens the factors were fitted on.
 <b>Positive</b>: training on the sequence makes the completion more likely; <b>negative</b>: less likely.</p>
+{health_paragraph(run)}
 <nav><h2>Queries</h2><ul>{toc}</ul></nav></header>
 <main>{sections}{run_summary(run)}</main></body></html>
 """

@@ -48,4 +48,6 @@ table.kv { border-collapse: collapse; font-size: 12px; width: 100%; }
 table.kv th { text-align: left; color: var(--muted); font-weight: 500; padding: 2px 8px 2px 0; vertical-align: top;
               white-space: nowrap; }
 table.kv td { padding: 2px 0; word-break: break-all; }
+.health { border-left: 4px solid var(--green); background: #fff; padding: 6px 10px; margin: 8px 0; }
+.health.loose { border-left-color: #e08a00; background: #fff8e6; }
 """
