@@ -56,6 +56,15 @@ def test_ekfac_expected_block_is_the_best_diagonal_in_the_kfac_eigenbasis(make):
     assert errors["all"]["ekfac"] < errors["all"]["kfac"]
     # dropping the cross-layer blocks is part of every per-layer method's error
     assert 0.0 < errors["all"]["exact GGN, block-diagonal"] <= errors["all"]["ekfac"]
+    # the damped inverses: per layer (F_hat + lambda I)^-1 against (F_ll + lambda I)^-1
+    damping = {layer.name: 0.1 * (i + 1) for i, layer in enumerate(s.layers)}
+    inverse = block_errors(ggn, s.layers, {"ekfac": f.layers}, damping)
+    layer, sl = s.layers[-1], slices[s.layers[-1].name]
+    eye = 0.1 * len(s.layers) * torch.eye(sl.stop - sl.start, dtype=torch.float64)
+    want = torch.linalg.matrix_norm(torch.linalg.inv(layer_curvature(f.layers[layer.name]) + eye)
+                                    - torch.linalg.inv(ggn[sl, sl] + eye)) / torch.linalg.matrix_norm(
+        torch.linalg.inv(ggn[sl, sl] + eye))
+    assert inverse[layer.name]["ekfac"] == pytest.approx(float(want), rel=1e-9)
 
 
 def test_layer_curvature_is_what_apply_inverse_inverts():
@@ -86,9 +95,10 @@ def test_exact_suite_quick_reports_paired_intervals_and_blocks(tmp_path):
         assert r["spearman_low"] <= r["spearman_diff"] <= r["spearman_high"]
         assert r["spearman_low_fixed_models"] <= r["spearman_diff"] <= r["spearman_high_fixed_models"]
     blocks = pq.read_table(tmp_path / "exact_blocks.parquet").to_pylist()
-    per_layer = [r for r in blocks if r["layer"] != "all"]
+    per_layer = [r for r in blocks if r["layer"] != "all" and r["matrix"] == "F"]
     assert len(per_layer) == 3 + 2  # MLP 3 layers, GPT-2 1 block x (c_fc, c_proj)
-    assert all(r["ekfac_expected_le_kfac"] == "2/2" for r in per_layer)
+    assert all(r["seeds_ekfac_expected_below_kfac"] == "2/2" for r in per_layer)
+    assert {r["matrix"] for r in blocks} == {"F", "(F + D)^-1"} and len(blocks) == 2 * (3 + 2 + 2)
     md = (tmp_path / "exact.md").read_text()
     assert "EK-FAC expected - K-FAC expected" in md and "| all |" in md
 

@@ -15,7 +15,9 @@ Lambda is exactly that diagonal for the exact F_ll (the sum over label
 positions t and classes v of the squared rotated gradients of sqrt(p_tv) NLL_t(v)
 is diag(K^T J^T H J K)); so ||F_hat - F||_F of EK-FAC (expected) <= that of
 K-FAC (expected), which shares its eigenbasis. Both ignore the blocks between
-layers.
+layers. Influence applies the damped inverse (F_hat + D)^-1, for which no such
+ordering holds (the Frobenius norm weighs the large eigenvalues, the inverse the
+small ones); ``block_errors(..., damping=...)`` measures it.
 """
 
 from __future__ import annotations
@@ -62,27 +64,36 @@ def block_diagonal(ggn: torch.Tensor, layers: Sequence[ops.TrackedLayer]) -> tor
     return out
 
 
-def block_errors(ggn: torch.Tensor, layers: Sequence[ops.TrackedLayer],
-                 methods: dict[str, dict[str, ops.LayerFactors]]) -> dict[str, dict[str, float]]:
+def block_errors(ggn: torch.Tensor, layers: Sequence[ops.TrackedLayer], methods: dict[str, dict[str, ops.LayerFactors]],
+                 damping: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Relative Frobenius error of each method's curvature, per layer block and over the whole matrix.
 
     Args:
         ggn: [P, P] the exact Gauss-Newton matrix (per sequence, as Lambda: divided by N).
         layers: the tracked layers, in the order of ``ggn``.
         methods: label -> layer name -> factors (``kfac_layer(lf)`` for K-FAC).
+        damping: layer name -> lambda_l: compare the damped inverses (F_hat + D)^-1 with (F + D)^-1
+            instead (what influence applies to a gradient); None: the matrices themselves.
 
     Returns:
         layer name, or "all" (the block-diagonal approximation against the whole ``ggn``,
         cross-layer blocks included) -> label -> error; "all" also has "exact GGN, block-diagonal".
     """
     slices = layer_slices(layers)
+    d = None if damping is None else torch.cat([torch.full((sl.stop - sl.start,), damping[name], dtype=ggn.dtype)
+                                                for name, sl in slices.items()])  # (P,)
+
+    def seen(m: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        return m if d is None else torch.linalg.inv(m + torch.diag(d[sl]))
+
     out: dict[str, dict[str, float]] = {name: {} for name in slices}
     whole = {label: torch.zeros_like(ggn) for label in methods}
     for label, factors in methods.items():
         for name, sl in slices.items():
             block = layer_curvature(factors[name])
-            out[name][label] = relative_error(block, ggn[sl, sl])
+            out[name][label] = relative_error(seen(block, sl), seen(ggn[sl, sl], sl))
             whole[label][sl, sl] = block
-    out["all"] = {label: relative_error(m, ggn) for label, m in whole.items()}
-    out["all"]["exact GGN, block-diagonal"] = relative_error(block_diagonal(ggn, layers), ggn)
+    exact = seen(ggn)
+    out["all"] = {label: relative_error(seen(m), exact) for label, m in whole.items()}
+    out["all"]["exact GGN, block-diagonal"] = relative_error(seen(block_diagonal(ggn, layers)), exact)
     return out
