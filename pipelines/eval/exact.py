@@ -38,7 +38,7 @@ import torch
 
 import influence_ops as ops
 
-from .blocks import block_diagonal, block_errors, kfac_layer
+from .blocks import block_diagonal, block_errors, kfac_layer, layer_slices
 from .exact_models import Setup, classifier_setup, lm_setup
 from .ggn import exact_ggn, split_layers
 from .metrics import nested_paired_interval, pearson, spearman
@@ -61,12 +61,7 @@ COMPARISONS = ((EXPECTED, KFAC), (DEFAULT, KFAC), (DEFAULT, IDENTITY))  # (a, b)
 
 def layer_damping(ggn: torch.Tensor, layers: list[ops.TrackedLayer]) -> dict[str, float]:
     """lambda_l = 0.1 x trace(F_ll) / P_l."""
-    out, lo = {}, 0
-    for layer in layers:
-        n = layer.d_out * layer.d_in_h
-        out[layer.name] = 0.1 * float(torch.diagonal(ggn[lo:lo + n, lo:lo + n]).mean())
-        lo += n
-    return out
+    return {name: 0.1 * float(torch.diagonal(ggn[sl, sl]).mean()) for name, sl in layer_slices(layers).items()}
 
 
 def exact_scores(s: Setup, ggn: torch.Tensor, damping: dict[str, float]) -> torch.Tensor:
