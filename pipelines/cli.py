@@ -262,15 +262,29 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
 @click.argument("suite", type=click.Choice(["exact", "stability", "lds", "facts"]))
 @click.option("--out", default="benchmarks/eval", show_default=True, help="Folder for <suite>.parquet and <suite>.md.")
 @click.option("--quick", is_flag=True, help="Very small settings (seconds; for tests), not the reported sizes.")
-def eval_command(suite: str, out: str, quick: bool) -> None:
+@click.option("--model-seeds", default=None, metavar="0,1,...",
+              help="exact only: comma-separated seeds, one trained model each (default 0,1,...,19; --quick: 0,1).")
+def eval_command(suite: str, out: str, quick: bool, model_seeds: str | None) -> None:
     """Accuracy suites: `exact` (against exact influence on tiny models), `stability` (seed to seed), `lds`
     (linear datamodeling score against retraining on subsets), `facts` (planted sources found, against BM25
     and the gradient dot product; starts a local Ray)."""
     from .eval import SUITES
 
+    extra = {}
+    if model_seeds is not None:
+        if suite != "exact":
+            raise click.BadParameter(f"applies to the exact suite only, not {suite}", param_hint="--model-seeds")
+        try:
+            seeds = tuple(int(x) for x in model_seeds.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {model_seeds!r}",
+                                     param_hint="--model-seeds") from None
+        if len(set(seeds)) != len(seeds):
+            raise click.BadParameter(f"repeated seed in {model_seeds!r}", param_hint="--model-seeds")
+        extra["model_seeds"] = seeds
     command = "influence eval " + suite + (f" --out {out}" if out != "benchmarks/eval" else "") + \
-        (" --quick" if quick else "")
-    SUITES[suite](out=out, quick=quick, command=command, echo=click.echo)
+        (" --quick" if quick else "") + (f" --model-seeds {model_seeds}" if model_seeds is not None else "")
+    SUITES[suite](out=out, quick=quick, command=command, echo=click.echo, **extra)
 
 
 register_readers(main)  # influence show / sql / report / ddl (pipelines/results/)

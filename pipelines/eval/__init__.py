@@ -4,7 +4,10 @@ Each suite writes ``<out>/<suite>.parquet`` and ``<out>/<suite>.md`` (the table,
 the machine, the versions and the command that produced it) and prints progress.
 
 - ``exact``: EK-FAC variants, K-FAC and the plain gradient dot product against
-  exact influence (the exact damped Gauss-Newton matrix, inverted) on tiny models.
+  exact influence (the exact damped Gauss-Newton matrix, inverted, and its
+  layer-block-diagonal part) on tiny models, 20 trained models per kind
+  (``--model-seeds``), with paired bootstrap intervals; and the curvature blocks
+  (and their damped inverses) against the exact ones.
 - ``stability``: seed-to-seed agreement of the scores for k = 1, 2, 4, 8 sampled
   label draws (``factors.fisher_samples``), and the fitting cost of each k.
 - ``lds``: the linear datamodeling score against models retrained on random

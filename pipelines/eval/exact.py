@@ -1,117 +1,67 @@
-"""`influence eval exact`: approximations against exact influence on tiny models.
+"""`influence eval exact`: approximations against exact influence on tiny models, over several trained models.
 
-Symbols: N training examples, Q queries, P tracked parameters (a few thousand).
+Symbols: N training examples, Q queries, P tracked parameters (a few thousand), S model seeds.
 
 Exact influence: I(q, n) = grad NLL_q^T (F + D)^-1 grad L_n with F the exact
 Gauss-Newton matrix of the tracked layers (the true Fisher, an expectation over
 the softmax; ``ggn.py``), averaged over training sequences as EK-FAC's Lambda is
 (F = (1/N) sum_n J_n^T H_n J_n), and D the per-layer damping
 lambda_l = 0.1 x trace(F_ll) / P_l (= 0.1 x mean(Lambda) of the exact
-eigenvalue correction), used by every method alike. The methods differ only in
-the curvature: EK-FAC fitted with k sampled label draws (k = 1, 2, 4, 8; the
-mean over seeds), with k Gaussian probes (k = 1 and the default 4, in both
-stages), with the expected Fisher, with the empirical Fisher; K-FAC
-(the Kronecker eigenvalues e_S e_A instead of Lambda, scaled by tokens per
-sequence to approximate the same per-sequence matrix, expected Fisher); and the
-identity (the plain gradient dot product). All gradients are the same brute
-force ones, so the table measures the curvature approximation alone. Per query,
-Pearson and Spearman over the N training examples against exact; the table
-gives the mean (and the minimum) over queries.
+eigenvalue correction), used by every method alike. The second reference keeps
+F's blocks within layers and drops those between layers (what every per-layer
+method approximates), so the Kronecker-eigenbasis approximation is measured
+apart from the layer-wise split.
+
+The methods differ only in the curvature: EK-FAC fitted with k sampled label
+draws (k = 1, 2, 4, 8), with k Gaussian probes (k = 1 and 4, in both stages),
+with k top-m terms (k = 2, 3 (the default), 4), with the expected Fisher, with
+the empirical Fisher; K-FAC (the Kronecker eigenvalues e_S e_A instead of
+Lambda, scaled by tokens per sequence to approximate the same per-sequence
+matrix, expected Fisher); and the identity (the plain gradient dot product).
+All gradients are the same brute force ones, so the table measures the
+curvature approximation alone. Per query, Pearson and Spearman over the N
+training examples against each reference; every model seed (``exact_models.py``)
+trains its own model, fits every method once (fit seed = model seed) and brings
+its own exact influence. Comparisons between methods are paired by (model seed,
+query), with a two-level bootstrap interval (``metrics.nested_paired_interval``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import influence_ops as ops
-from influence_ops.objectives import token_nll
 
-from .ggn import exact_ggn, flat_gradient, num_params, split_layers
-from .metrics import per_query_correlations
+from .blocks import block_diagonal, block_errors, kfac_layer, layer_slices
+from .exact_models import Setup, classifier_setup, lm_setup
+from .ggn import exact_ggn, split_layers
+from .metrics import nested_paired_interval, pearson, spearman
 from .report import Progress, write_table
-from .tiny import (ClassBatch, ClassifierObjective, classifier_data, mlp_classifier, pattern_sequences,
-                   tiny_lm, train_classifier, train_lm)
+
+__all__ = ["Setup", "block_diagonal", "classifier_setup", "exact_scores", "factor_scores", "kfac_layer",
+           "layer_damping", "lm_setup", "run_exact"]
 
 SAMPLES = (1, 2, 4, 8)
-
-
-@dataclass
-class Setup:
-    """A tiny model with its data and the brute-force gradients.
-
-    Attributes:
-        train_grads: [N, P] gradients of the training losses (true labels).
-        query_grads: [Q, P] gradients of the queries' NLL.
-        examples: N callables returning an example's outputs [M, V] (for the GGN).
-    """
-
-    name: str
-    model: nn.Module
-    layers: list[ops.TrackedLayer]
-    objective: Any
-    fit_batches: list[Any]
-    examples: list[Callable[[], torch.Tensor]]
-    train_grads: torch.Tensor
-    query_grads: torch.Tensor
-
-
-def classifier_setup(quick: bool) -> Setup:
-    n, d, hidden, classes, q = (16, 4, 6, 3, 4) if quick else (256, 6, 32, 5, 8)
-    x, y = classifier_data(n + q, d, classes, seed=0)
-    model = mlp_classifier(d, hidden, classes, seed=0)
-    train_classifier(model, x[:n], y[:n], steps=30 if quick else 100)
-    layers = ops.find_mlp_layers(model, pattern=r"^(0|2|4)$")
-    ce = nn.functional.cross_entropy
-    train_grads = torch.stack([flat_gradient(ce(model(x[i:i + 1]), y[i:i + 1], reduction="sum"), layers)
-                               for i in range(n)])
-    query_grads = torch.stack([flat_gradient(ce(model(x[i:i + 1]), y[i:i + 1], reduction="sum"), layers)
-                               for i in range(n, n + q)])
-    batches = [ClassBatch(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)]
-    examples = [lambda i=i: model(x[i:i + 1]) for i in range(n)]
-    return Setup(f"MLP classifier ({num_params(layers)} tracked parameters, {n} examples)", model, layers,
-                 ClassifierObjective(), batches, examples, train_grads, query_grads)
-
-
-def lm_setup(quick: bool) -> Setup:
-    vocab, width, inner, blocks, n, q = (12, 8, 8, 1, 8, 3) if quick else (32, 16, 32, 2, 48, 8)
-    seqs = pattern_sequences(n, vocab, 5, 9, seed=0)
-    model = tiny_lm(vocab, width, inner, blocks, seed=0)
-    train_lm(model, pattern_sequences(4 * n, vocab, 5, 9, seed=1) + seqs, steps=20 if quick else 200)
-    layers = ops.find_mlp_layers(model)
-    train_grads = []
-    for s in seqs:
-        b = ops.collate([s])
-        logits = model(input_ids=b.input_ids).logits
-        train_grads.append(flat_gradient(token_nll(logits, b.labels).sum(), layers))
-    held = pattern_sequences(q, vocab, 6, 8, seed=2)
-    query_grads = []
-    for s in held:
-        b = ops.query_batch([s[:4]], [s[4:]])
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        query_grads.append(flat_gradient(token_nll(logits, b.labels).sum(), layers))
-    examples = [lambda s=s: model(input_ids=torch.tensor([s])).logits[0, :-1] for s in seqs]
-    batches = [ops.collate(seqs[i:i + 16]) for i in range(0, n, 16)]
-    return Setup(f"GPT-2, {blocks} block(s) ({num_params(layers)} tracked parameters, {n} sequences)", model,
-                 layers, ops.LanguageModelObjective(), batches, examples, torch.stack(train_grads),
-                 torch.stack(query_grads))
+MODEL_SEEDS = tuple(range(20))
+QUICK_MODEL_SEEDS = (0, 1)
+EXPECTED = "EK-FAC expected"
+DEFAULT = "EK-FAC topm k=3 (default)"
+KFAC = "K-FAC expected (no eigenvalue correction)"
+IDENTITY = "identity (gradient dot product)"
+BLOCK = "exact GGN, layer-block-diagonal (the bound for per-layer methods)"
+REFERENCES = {"exact": "", "block-diagonal exact": "_bd"}  # reference -> column suffix
+COMPARISONS = ((EXPECTED, KFAC), (DEFAULT, KFAC), (DEFAULT, IDENTITY))  # (a, b): a - b
 
 
 def layer_damping(ggn: torch.Tensor, layers: list[ops.TrackedLayer]) -> dict[str, float]:
     """lambda_l = 0.1 x trace(F_ll) / P_l."""
-    out, lo = {}, 0
-    for layer in layers:
-        n = layer.d_out * layer.d_in_h
-        out[layer.name] = 0.1 * float(torch.diagonal(ggn[lo:lo + n, lo:lo + n]).mean())
-        lo += n
-    return out
+    return {name: 0.1 * float(torch.diagonal(ggn[sl, sl]).mean()) for name, sl in layer_slices(layers).items()}
 
 
 def exact_scores(s: Setup, ggn: torch.Tensor, damping: dict[str, float]) -> torch.Tensor:
@@ -119,22 +69,6 @@ def exact_scores(s: Setup, ggn: torch.Tensor, damping: dict[str, float]) -> torc
     d = torch.cat([torch.full((l.d_out * l.d_in_h,), damping[l.name], dtype=torch.float64) for l in s.layers])
     solved = torch.linalg.solve(ggn + torch.diag(d), s.query_grads.T.to(torch.float64))  # (P, Q)
     return solved.T @ s.train_grads.to(torch.float64).T
-
-
-def block_diagonal(ggn: torch.Tensor, layers: list[ops.TrackedLayer]) -> torch.Tensor:
-    """[P, P] the exact GGN with the blocks between different layers zeroed (what any per-layer method assumes)."""
-    out, lo = torch.zeros_like(ggn), 0
-    for layer in layers:
-        hi = lo + layer.d_out * layer.d_in_h
-        out[lo:hi, lo:hi] = ggn[lo:hi, lo:hi]
-        lo = hi
-    return out
-
-
-def kfac_layer(lf: ops.LayerFactors) -> ops.LayerFactors:
-    """Kronecker eigenvalues e_S e_A (per token), scaled by tokens per sequence, in place of Lambda."""
-    kron = torch.outer(lf.eigen.e_s, lf.eigen.e_a).to(torch.float64)  # (d_out, d_in')
-    return dataclasses.replace(lf, lambda_sum=kron * lf.tokens)
 
 
 def factor_scores(s: Setup, factors: ops.EKFACFactors, damping: dict[str, float], kfac: bool = False) -> torch.Tensor:
@@ -150,72 +84,192 @@ def factor_scores(s: Setup, factors: ops.EKFACFactors, damping: dict[str, float]
     return total
 
 
-def _methods(seeds: int, quick: bool = False) -> list[tuple[str, ops.Fisher, int, int]]:
-    """(label, fisher, samples, seeds)."""
-    return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k, seeds) for k in (SAMPLES[:2] if quick else SAMPLES)]
-            + [(f"EK-FAC gaussian k={k}", ops.Fisher.GAUSSIAN, k, seeds) for k in ((4,) if quick else (1, 4))]
-            + [(f"EK-FAC topm k={k}" + (" (default)" if k == 3 else ""), ops.Fisher.TOPM, k, seeds)
+def _methods(quick: bool = False) -> list[tuple[str, ops.Fisher, int]]:
+    """(label, fisher, samples) of the fitted methods."""
+    return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k) for k in (SAMPLES[:2] if quick else SAMPLES)]
+            + [(f"EK-FAC gaussian k={k}", ops.Fisher.GAUSSIAN, k) for k in ((4,) if quick else (1, 4))]
+            + [(DEFAULT if k == 3 else f"EK-FAC topm k={k}", ops.Fisher.TOPM, k)
                for k in ((3,) if quick else (2, 3, 4))]
-            + [("EK-FAC expected", ops.Fisher.EXPECTED, 1, 1), ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1, 1)])
+            + [(EXPECTED, ops.Fisher.EXPECTED, 1), ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1)])
 
 
-def evaluate(s: Setup, seeds: int, progress: Progress, quick: bool = False) -> list[dict[str, Any]]:
+@dataclass
+class SeedResult:
+    """One trained model's results.
+
+    Attributes:
+        correlations: (method, reference, "pearson" | "spearman") -> [Q] per query.
+        seconds: method -> seconds of its fit.
+        blocks: "F" (the curvature) or "(F + D)^-1" (its damped inverse) -> layer name or "all" -> label ->
+            relative Frobenius error (``blocks.block_errors``).
+    """
+
+    correlations: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    blocks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+    def add(self, method: str, scores: torch.Tensor, references: dict[str, torch.Tensor], seconds: float) -> None:
+        for ref, exact in references.items():
+            self.correlations[method, ref, "pearson"] = pearson(scores, exact)
+            self.correlations[method, ref, "spearman"] = spearman(scores, exact)
+        self.seconds[method] = seconds
+
+
+def evaluate(s: Setup, fit_seed: int, progress: Progress, quick: bool = False) -> SeedResult:
+    """Every method against both references on one trained model."""
     start = time.perf_counter()
-    n = len(s.examples)
-    ggn = exact_ggn(s.examples, s.layers) / n
+    ggn = exact_ggn(s.examples, s.layers) / len(s.examples)
     damping = layer_damping(ggn, s.layers)
-    exact = exact_scores(s, ggn, damping)
+    refs = {"exact": exact_scores(s, ggn, damping),
+            "block-diagonal exact": exact_scores(s, block_diagonal(ggn, s.layers), damping)}
     progress.step(f"{s.name}: exact GGN {ggn.shape[0]} x {ggn.shape[0]} and its inverse", start)
-    rows = []
-
-    def row(method: str, scores: list[torch.Tensor], seconds: float) -> None:
-        stats = [per_query_correlations(sc, exact) for sc in scores]
-        mean = {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]}
-        rows.append({"model": s.name, "method": method, "seeds": len(scores), **mean,
-                     "fit_seconds": round(seconds / len(scores), 3)})
-
-    expected = None
-    for label, fisher, k, reps in _methods(seeds, quick):
+    out = SeedResult()
+    fitted = {}
+    for label, fisher, k in _methods(quick):
         t0 = time.perf_counter()
-        scores = []
-        for seed in range(reps):
-            f = ops.fit_ekfac(s.model, s.layers, s.fit_batches, fisher=fisher, seed=seed, objective=s.objective,
-                              samples=k)
-            scores.append(factor_scores(s, f, damping))
-            if fisher == ops.Fisher.EXPECTED:
-                expected = f
-        row(label, scores, time.perf_counter() - t0)
+        fitted[label] = ops.fit_ekfac(s.model, s.layers, s.fit_batches, fisher=fisher, seed=fit_seed,
+                                      objective=s.objective, samples=k)
+        scores = factor_scores(s, fitted[label], damping)
+        out.add(label, scores, refs, time.perf_counter() - t0)
         progress.step(f"{s.name}: {label}", t0)
     t0 = time.perf_counter()
-    row("K-FAC expected (no eigenvalue correction)", [factor_scores(s, expected, damping, kfac=True)], 0.0)
-    row("identity (gradient dot product)", [s.query_grads.double() @ s.train_grads.double().T], 0.0)
-    row("exact GGN, layer-block-diagonal (the bound for per-layer methods)",
-        [exact_scores(s, block_diagonal(ggn, s.layers), damping)], 0.0)
-    progress.step(f"{s.name}: K-FAC and identity", t0)
+    out.add(KFAC, factor_scores(s, fitted[EXPECTED], damping, kfac=True), refs, 0.0)
+    out.add(IDENTITY, s.query_grads.double() @ s.train_grads.double().T, refs, 0.0)
+    out.add(BLOCK, refs["block-diagonal exact"], refs, 0.0)
+    curvatures = {EXPECTED: fitted[EXPECTED].layers, DEFAULT: fitted[DEFAULT].layers,
+                  KFAC: {n: kfac_layer(lf) for n, lf in fitted[EXPECTED].layers.items()}}
+    out.blocks = {"F": block_errors(ggn, s.layers, curvatures),
+                  "(F + D)^-1": block_errors(ggn, s.layers, curvatures, damping)}
+    progress.step(f"{s.name}: K-FAC, identity, block-diagonal exact, curvature blocks", t0)
+    return out
+
+
+def summary_rows(name: str, results: Sequence[SeedResult]) -> list[dict[str, Any]]:
+    """Per method: mean over model seeds and queries (and the worst query) against each reference."""
+    rows = []
+    for method in results[0].seconds:
+        row: dict[str, Any] = {"model": name, "method": method, "model_seeds": len(results)}
+        for ref, suffix in REFERENCES.items():
+            for metric in ("pearson", "spearman"):
+                v = torch.stack([r.correlations[method, ref, metric] for r in results])  # (S, Q)
+                row[metric + suffix] = float(v.mean())
+                if not suffix:
+                    row[metric + "_min"] = float(v.min())
+        row["fit_seconds"] = round(sum(r.seconds[method] for r in results) / len(results), 3)
+        rows.append(row)
+    return rows
+
+
+def paired_rows(name: str, results: Sequence[SeedResult]) -> list[dict[str, Any]]:
+    """Per comparison a - b and reference: mean difference over (model seed, query) pairs with 95% intervals."""
+    rows = []
+    for ref in REFERENCES:
+        for a, b in COMPARISONS:
+            row: dict[str, Any] = {"model": name, "reference": ref, "comparison": f"{a} - {b}"}
+            for metric in ("spearman", "pearson"):
+                va = torch.stack([r.correlations[a, ref, metric] for r in results])  # (S, Q)
+                vb = torch.stack([r.correlations[b, ref, metric] for r in results])
+                mean, lo, hi = nested_paired_interval(vb, va)
+                row.update({f"{metric}_diff": mean, f"{metric}_low": lo, f"{metric}_high": hi})
+                if metric == "spearman":
+                    _, lo_fixed, hi_fixed = nested_paired_interval(vb, va, resample_groups=False)
+                    per_seed = (va - vb).mean(dim=1)  # (S,)
+                    row.update({"spearman_low_fixed_models": lo_fixed, "spearman_high_fixed_models": hi_fixed,
+                                "seeds_a_better": f"{int((per_seed > 0).sum())}/{len(results)}"})
+            rows.append(row)
+    return rows
+
+
+def block_rows(name: str, s: Setup, results: Sequence[SeedResult]) -> list[dict[str, Any]]:
+    """Per matrix (F, its damped inverse) and layer (and "all"): relative Frobenius errors, mean over model seeds."""
+    sizes = {l.name: l.d_out * l.d_in_h for l in s.layers}
+    rows = []
+    for matrix, per_layer in results[0].blocks.items():
+        for layer, labels in per_layer.items():
+            row: dict[str, Any] = {"model": name, "matrix": matrix, "layer": layer,
+                                   "params": sizes.get(layer, sum(sizes.values()))}
+            errors = [r.blocks[matrix][layer] for r in results]
+            for label in labels:
+                row[label] = sum(e[label] for e in errors) / len(errors)
+            wins = sum(e[EXPECTED] < e[KFAC] for e in errors)
+            row["seeds_ekfac_expected_below_kfac"] = f"{wins}/{len(results)}"
+            rows.append(row)
     return rows
 
 
 NOTES = """
 Correlation of approximate influence with exact influence (exact damped Gauss-Newton matrix of the tracked
-layers = true Fisher, float64, inverted). Per query over all training examples, then averaged over queries
-(`*_min`: the worst query). Sampled, Gaussian and topm rows: the mean over `seeds` fits (topm k: the k - 1
-most probable labels enumerated, one tail draw). Same gradients and same
-per-layer damping (0.1 x trace(F_ll)/P_l) for every method; only the curvature differs. `fit_seconds`: one fit (tiny models,
-so this mostly measures per-pass overhead). The last row keeps the exact GGN but drops the blocks between
-layers, as EK-FAC, K-FAC and every per-layer method do: the gap between it and 1.0 is what the layer-wise
-assumption costs, the gap between EK-FAC and it what the Kronecker-eigenbasis approximation costs.
+layers = true Fisher, float64, inverted), over {seeds} trained models per model kind (model seeds {seed_list}:
+initialization and, for GPT-2, minibatch order; the same data). Per query over all training examples, then the
+mean over model seeds and queries (`*_min`: the worst query of any model). Every fitted method is fitted once
+per model, with fit seed = model seed (topm k: the k - 1 most probable labels enumerated, one tail draw). Same
+gradients and same per-layer damping (0.1 x trace(F_ll)/P_l) for every method; only the curvature differs.
+`*_bd` columns: against the exact influence of the layer-block-diagonal GGN (the exact within-layer blocks, none
+between layers), which is what EK-FAC, K-FAC and every per-layer method approximate: there the gap to 1.0 is
+what the Kronecker-eigenbasis approximation costs, apart from the layer-wise split. The last row is that
+layer-block-diagonal exact influence against full exact influence (the bound for per-layer methods).
+`fit_seconds`: one fit (tiny models, so this mostly measures per-pass overhead; the machine's load moves it).
+"""
+
+PAIRED_NOTES = """
+Paired differences (method a - method b) of the per-query correlations, per reference, mean over (model seed,
+query) pairs. `*_low` / `*_high`: 95% two-level bootstrap interval (10,000 draws: the model seeds resampled with
+replacement, then the queries within each drawn model seed), an interval for models trained like these. With
+{seeds} model seeds it is only as good as {seeds} clusters allow. `spearman_*_fixed_models`: the queries
+resampled within each model seed, the seeds kept (an interval for these {seeds} models). `seeds_a_better`: model
+seeds whose mean difference is > 0.
+"""
+
+BLOCK_NOTES = """
+Curvature matrices against the exact GGN (per sequence, as Lambda), relative Frobenius error, mean over model
+seeds. `F`: ||F_hat - F||_F / ||F||_F; `(F + D)^-1`: the same for the damped inverses (the suite's damping D),
+which is what influence applies to a gradient. Per layer: the layer's block F_ll. `all`: the block-diagonal
+matrix of all layers against the whole GGN (cross-layer blocks count as error; `exact GGN, block-diagonal` is
+the error of dropping them alone). EK-FAC's Lambda (expected Fisher) is the Frobenius-optimal diagonal in the
+K-FAC eigenbasis, so for `F` EK-FAC expected <= K-FAC expected per layer always (tested); for the inverse no
+such ordering holds. `seeds_ekfac_expected_below_kfac`: model seeds where EK-FAC expected's error is the smaller.
 """
 
 
 def run_exact(out: str | Path, quick: bool = False, command: str = "influence eval exact",
-              echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+              echo: Callable[[str], Any] = print, model_seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Run the suite on one torch thread: on models this small, intra-op threads only add synchronization, and on a
+    loaded machine they cost 100x and more (measured: the GPT-2 expected-Fisher fit 0.75 s on 1 thread, 175 s on 2
+    at load average 8)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(out, quick, command, echo, tuple(model_seeds) if model_seeds else None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: str | Path, quick: bool, command: str, echo: Callable[[str], Any],
+         model_seeds: tuple[int, ...] | None) -> list[dict[str, Any]]:
     started = time.perf_counter()
-    seeds = 1 if quick else 3
-    progress = Progress(2 * (len(_methods(seeds, quick)) + 2), echo)
-    torch.manual_seed(0)
+    seeds = model_seeds or (QUICK_MODEL_SEEDS if quick else MODEL_SEEDS)
+    progress = Progress(2 * len(seeds) * (len(_methods(quick)) + 2), echo)
     rows: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
+    blocks: list[dict[str, Any]] = []
     for make in (classifier_setup, lm_setup):
-        rows += evaluate(make(quick), seeds, progress, quick)
-    parquet, md = write_table(out, "exact", rows, command, NOTES, started)
-    echo(f"wrote {md} and {parquet}")
-    return rows
+        results, s = [], None
+        for seed in seeds:
+            s = make(quick, seed)
+            results.append(evaluate(s, seed, progress, quick))
+        rows += summary_rows(s.name, results)
+        paired += paired_rows(s.name, results)
+        blocks += block_rows(s.name, s, results)
+    fmt = {"seeds": len(seeds), "seed_list": _seed_list(seeds)}
+    parquet, md = write_table(out, "exact", rows, command, NOTES.format(**fmt), started,
+                              sections=[("paired", PAIRED_NOTES.format(**fmt), paired),
+                                        ("blocks", BLOCK_NOTES.format(**fmt), blocks)])
+    echo(f"wrote {md}, {parquet}, exact_paired.parquet and exact_blocks.parquet")
+    return rows + paired + blocks
+
+
+def _seed_list(seeds: Sequence[int]) -> str:
+    """Seeds as text: "0-19" for consecutive seeds, else "0, 3, 5"."""
+    if len(seeds) > 2 and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))

@@ -79,3 +79,26 @@ def paired_interval(a: Sequence[float], b: Sequence[float], draws: int = 10000,
     d = [y - x for x, y in zip(a, b)]
     means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(draws))
     return sum(d) / len(d), means[int(0.025 * draws)], means[int(0.975 * draws)]
+
+
+def nested_paired_interval(a: torch.Tensor, b: torch.Tensor, draws: int = 10000, seed: int = 0,
+                           resample_groups: bool = True) -> tuple[float, float, float]:
+    """Mean of b - a over paired items in groups, with a 95% two-level bootstrap interval: (mean, low, high).
+
+    Items are (group, item) pairs, e.g. (model seed, query): a and b are [S, Q] (S
+    groups of Q items, the same items for both). Each bootstrap draw resamples the S
+    groups with replacement, then the Q items within each drawn group with replacement,
+    and takes the mean difference; the interval is the 2.5% and 97.5% points of the
+    draws. ``resample_groups=False`` keeps every group once (queries resampled within
+    each group only): an interval for these S groups, not for groups like them.
+    """
+    d = (b.to(torch.float64) - a.to(torch.float64))  # (S, Q)
+    if d.ndim != 2 or d.numel() == 0:
+        raise ValueError(f"paired values must be [groups, items], got shape {tuple(d.shape)}")
+    S, Q = d.shape
+    gen = torch.Generator().manual_seed(seed)
+    groups = (torch.randint(S, (draws, S), generator=gen) if resample_groups
+              else torch.arange(S).expand(draws, S))  # (draws, S)
+    items = torch.randint(Q, (draws, S, Q), generator=gen)  # (draws, S, Q)
+    means = d[groups.unsqueeze(-1), items].mean(dim=(1, 2)).sort().values  # (draws,)
+    return float(d.mean()), float(means[int(0.025 * draws)]), float(means[int(0.975 * draws)])

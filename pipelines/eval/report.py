@@ -52,19 +52,33 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_table(out: str | Path, suite: str, rows: Sequence[dict[str, Any]], command: str, notes: str,
-                started: float, env: dict[str, str] | None = None) -> tuple[Path, Path]:
-    """Write ``<out>/<suite>.parquet`` (rows, with the environment in the schema metadata) and ``<suite>.md``."""
+                started: float, env: dict[str, str] | None = None,
+                sections: Sequence[tuple[str, str, Sequence[dict[str, Any]]]] = ()) -> tuple[Path, Path]:
+    """Write ``<out>/<suite>.parquet`` (rows, with the environment in the schema metadata) and ``<suite>.md``.
+
+    ``sections``: further tables as (name, notes, rows), each written to ``<suite>_<name>.parquet``
+    and appended to ``<suite>.md`` after the main table, under its notes.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**(env or environment()), "command": command, "seconds": f"{time.perf_counter() - started:.1f}"}
-    columns = list(rows[0]) if rows else []
-    table = pa.Table.from_pylist(list(rows)).replace_schema_metadata({k.encode(): v.encode() for k, v in env.items()})
-    parquet = out / f"{suite}.parquet"
-    pq.write_table(table, parquet)
-    md = out / f"{suite}.md"
-    head = [f"# influence eval {suite}", "", notes.strip(), "", markdown_table(rows, columns), "",
-            "| run | |", "|---|---|"] + [f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |"
+    meta = {k.encode(): v.encode() for k, v in env.items()}
+
+    def parquet_of(name: str, table_rows: Sequence[dict[str, Any]]) -> Path:
+        path = out / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(list(table_rows)).replace_schema_metadata(meta), path)
+        return path
+
+    parquet = parquet_of(suite, rows)
+    head = [f"# influence eval {suite}", "", notes.strip(), "", markdown_table(rows, list(rows[0]) if rows else []),
+            ""]
+    for name, section_notes, section_rows in sections:
+        parquet_of(f"{suite}_{name}", section_rows)
+        head += [section_notes.strip(), "", markdown_table(section_rows, list(section_rows[0]) if section_rows else []),
+                 ""]
+    head += ["| run | |", "|---|---|"] + [f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |"
                                          for k, v in env.items()]
+    md = out / f"{suite}.md"
     md.write_text("\n".join(head) + "\n")
     return parquet, md
 

@@ -125,11 +125,13 @@ def tiny_lm(vocab: int, width: int, inner: int, layers: int, seed: int) -> nn.Mo
     return GPT2LMHeadModel(cfg).double().eval()
 
 
-def train_lm(model: nn.Module, sequences: list[list[int]], steps: int, lr: float = 1e-2, batch: int = 16) -> float:
+def train_lm(model: nn.Module, sequences: list[list[int]], steps: int, lr: float = 1e-2, batch: int = 16,
+             seed: int = 0) -> float:
+    """Adam on random minibatches of ``sequences`` (their order drawn with ``seed``); returns the last loss."""
     from influence_ops import collate
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = random.Random(0)
+    rng = random.Random(seed)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
