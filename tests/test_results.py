@@ -315,3 +315,12 @@ def test_readers_on_s3(results_s3, tmp_path):
 
     html = storage.read_bytes(f"{url}/report.html").decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "q-fish" in html
+
+
+def test_layer_bars_name_their_unit_and_keep_tick_labels_short():
+    from pipelines.results.report.figures import layer_bars
+
+    small = layer_bars(["a", "b"], [6e-4, 2.1e-3], [-7e-4, -1.3e-3])
+    assert "(x 1e-3)" in small and "0.0005" not in small and "0.0010" not in small
+    plain = layer_bars(["a", "b"], [0.6, 2.1], [-0.7, -1.3])
+    assert "(x 1e" not in plain

@@ -41,18 +41,28 @@ def _setup():
 
 
 def layer_bars(layers: list[str], top: list[float], bottom: list[float]) -> str:
-    """Horizontal bars: per layer, the summed normalized scores of the proponents (green) and opponents (red)."""
+    """Horizontal bars: per layer, the summed normalized scores of the proponents (green) and opponents (red).
+
+    Values are drawn in units of 10^p (p from the largest |value|, named in the axis label), so the tick
+    labels stay short and do not run into each other.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _setup()
+    largest = max((abs(v) for v in [*top, *bottom] if math.isfinite(v)), default=0.0)
+    p = math.floor(math.log10(largest)) if largest > 0 and not 1e-2 <= largest < 1e3 else 0
+    unit = 10.0 ** p
     fig, ax = plt.subplots(figsize=(4.6, 0.36 * len(layers) + 0.8))
     ys = list(range(len(layers)))
     h = 0.38
-    ax.barh([y - h / 2 for y in ys], top, height=h, color=GREEN, label="proponents (sum)")
+    ax.barh([y - h / 2 for y in ys], [v / unit for v in top], height=h, color=GREEN, label="proponents (sum)")
     if bottom:
-        ax.barh([y + h / 2 for y in ys], bottom, height=h, color=RED, label="opponents (sum)")
+        ax.barh([y + h / 2 for y in ys], [v / unit for v in bottom], height=h, color=RED, label="opponents (sum)")
     ax.set_yticks(ys, layers)
     ax.invert_yaxis()
     ax.axvline(0, color="#444", linewidth=0.8)
-    ax.set_xlabel("summed normalized influence of the rows shown")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.set_xlabel("summed normalized influence of the rows shown" + (f" (x 1e{p})" if p else ""))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.1 / (len(layers) + 2)), ncol=2, frameon=False,
               fontsize=8)
     return _svg(fig)
