@@ -472,6 +472,41 @@ def test_index_health_of_a_hand_made_query():
     assert summary["loose"] is True
 
 
+def test_index_health_counts_only_rows_of_the_sides_sign():
+    """A small corpus whose top-10 runs out of proponents: the rows past them (exact <= 0, wherever the index put
+    them) are not final proponents, so they do not make the index look loose."""
+    from pipelines.stages.index_health import IndexEstimate, health_rows
+
+    est, exact = {}, {}
+    for r in range(1, 7):  # top list: 3 proponents at ranks 1-3, then zeros and negatives
+        est[(f"t{r}", "s")] = IndexEstimate(7.0 - r, r, None)
+        exact[(f"t{r}", "s")] = {1: 3.0, 2: 2.0, 3: 1.0, 4: 0.0}.get(r, -r - 0.5)
+        est[(f"b{r}", "s")] = IndexEstimate(-7.0 + r, None, r)
+        exact[(f"b{r}", "s")] = -10.0 + r
+    rows = pa.table({"query_id": ["q"] * 12, "doc_id": [d for d, _ in exact], "shard": ["s"] * 12,
+                     "score": list(exact.values())})
+    got = {r["sign"]: r for r in health_rows(rows, {"q": est}, top_k=5).to_pylist()}
+    assert got["top"]["top10_rows"] == 3 and got["top"]["deepest_rank_top10"] == 3
+    assert got["top"]["deepest_rank_topk"] == 3 and got["top"]["last_half_top10"] == 0
+    # opponents: every negative row, the bottom list's 6 in order and t5, t6 (only on the top list: rank 7)
+    assert got["bottom"]["top10_rows"] == 8 and got["bottom"]["deepest_rank_top10"] == 7
+
+
+def test_index_health_counts_a_duplicate_at_its_twins_rank():
+    """Duplicate sequences: equal exact scores up to rounding, one listed high by the index, the other not listed.
+    The unlisted twin in the final top-10 counts at the listed twin's rank, not beyond the list."""
+    from pipelines.stages.index_health import IndexEstimate, health_rows, tied_depth
+
+    depth, exact = np.array([1, 2, 7, 7, 3]), np.array([5.0, 4.0, 4.0 * (1 + 1e-7), 1.0, 1.0 + 1e-3])
+    assert tied_depth(depth, exact).tolist() == [1, 2, 2, 7, 3]
+    est = {("a", "s"): IndexEstimate(2.0, 1, None), ("dup1", "s"): IndexEstimate(1.0, 2, None),
+           ("dup2", "s"): IndexEstimate(-1.0, None, 1)}
+    rows = pa.table({"query_id": ["q"] * 3, "doc_id": ["a", "dup1", "dup2"], "shard": ["s"] * 3,
+                     "score": [3.0, 2.0, 2.0 * (1 + 1e-9)]})
+    top = {r["sign"]: r for r in health_rows(rows, {"q": est}, top_k=3).to_pylist()}["top"]
+    assert top["top10_rows"] == 3 and top["deepest_rank_top10"] == 2
+
+
 def health_summary(top_deepest: int, bottom_deepest: int, rho: float = 0.9, m: int = 100) -> dict:
     from pipelines.stages.index_health import HEALTH, summarize
 

@@ -43,6 +43,7 @@ HEALTH = pa.schema([("query_id", pa.string()), ("sign", pa.string()), ("candidat
 # The rule (benchmarks/RESULTS.md section 7.2): a side is loose when the median over queries of the deepest index
 # rank among its final top-10 rows is beyond DEEP_SHARE of the list (and beyond 10).
 DEEP_SHARE = 0.5
+TIE_RTOL = 1e-5  # exact scores this close (relative to the largest) are ties: duplicate sequences
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,40 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def tied_depth(depth: np.ndarray, exact: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
+    """Each row's depth [n] lowered to the shallowest depth among the rows whose exact scores tie with it
+    (neighbours in score order within rtol x the largest |score|): duplicate sequences get the same exact
+    score up to the rounding of the batch they were scored in, and the index, which cannot tell them apart,
+    lists only some of them; a final row whose twin the index listed high up was found. O(n log n)."""
+    if len(depth) == 0:
+        return depth
+    tol = rtol * float(np.abs(exact).max())
+    order = np.argsort(exact, kind="stable")
+    x, d = exact[order], depth[order]
+    group = np.concatenate([[0], np.cumsum(np.diff(x) > tol)])  # runs of scores within tol of their neighbour
+    shallowest = np.full(int(group[-1]) + 1, np.iinfo(np.int64).max)
+    np.minimum.at(shallowest, group, d)
+    out = np.empty_like(depth)
+    out[order] = shallowest[group]
+    return out
+
+
 def side_health(estimate: np.ndarray, exact: np.ndarray, rank: np.ndarray, key_order: np.ndarray, largest: bool,
                 top_k: int) -> dict[str, Any]:
     """The health of one query on one side, over all its re-scored candidates [n].
 
     estimate, exact: [n] float (index estimate, exact score); rank: [n] int, the index rank on this side's
     list (0 = not on it); key_order: [n] int, the tie order of the rows (ascending (doc_id, shard)); largest:
-    True for ``top``. Returns the HEALTH columns but query_id and sign.
+    True for ``top``. The final rows are those of the right sign only (exact > 0 for ``top``, < 0 for
+    ``bottom``): on a small corpus a top-10 can run out of proponents, and where the rows past them were
+    found says nothing about the index. Rows whose exact scores tie (duplicate documents) count at the
+    shallowest rank among them (``tied_depth``). Returns the HEALTH columns but query_id and sign.
     """
     listed = rank > 0
     m = int(listed.sum())
     final = np.lexsort((key_order, -exact if largest else exact))  # the final order of this side
-    depth = np.where(listed, rank, m + 1)
+    final = final[(exact[final] > 0) if largest else (exact[final] < 0)]  # proponents raise, opponents lower
+    depth = tied_depth(np.where(listed, rank, m + 1), exact)
     top10, topk = depth[final[:TOP]], depth[final[:top_k]]
     return {"candidates": m, "spearman": spearman(estimate[listed], exact[listed]), "top10_rows": len(top10),
             "deepest_rank_top10": int(top10.max()) if len(top10) else None,
