@@ -28,6 +28,7 @@ are prepared: ``reusable``).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -52,9 +53,12 @@ from ..io import completion, storage
 from ..io.model_loading import LoadedModel, load_model, load_tokenizer, pick_device
 from ..io.model_source import has_tokenizer
 from ..io.queries_file import read_queries
+from ..io.unknown_tokens import count_unknown, unknown_token_id
 from ..runtime.accounting import UnitLog
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
+
+log = logging.getLogger(__name__)
 
 QUERY_KEYS = "query_keys.json"  # query_id -> query key (``query_keys``)
 
@@ -83,6 +87,16 @@ def tokenize_queries(url: str, tokenizer: Any, vocab_size: int | None, context: 
         out.completion_ids.append(c)
         out.dropped.append(dropped)
     return out
+
+
+def warn_unknown_queries(rows: QueryRows, unk: int | None, url: str) -> None:
+    """One warning line naming the queries with the tokenizer's unknown token in their prompt or completion."""
+    bad = [f"{q} ({n} of {len(p) + len(c)})" for q, p, c in zip(rows.ids, rows.prompt_ids, rows.completion_ids)
+           if (n := count_unknown(p, unk) + count_unknown(c, unk))]
+    if bad:
+        log.warning("%s: %d quer%s contain the tokenizer's unknown token (unknown of all tokens): %s%s; queries "
+                    "that differ only in unknown words get the same gradient", url, len(bad),
+                    "y" if len(bad) == 1 else "ies", ", ".join(bad[:5]), ", ..." if len(bad) > 5 else "")
 
 
 def queries_key(cfg: JobConfig, factors_digest: str) -> str:
@@ -203,6 +217,7 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
     tokenizer = load_tokenizer(cfg.model) if has_tokenizer(cfg.model) else None
     rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
     del loaded
+    warn_unknown_queries(rows, unknown_token_id(tokenizer) if tokenizer is not None else None, cfg.data.queries)
     keys = query_keys(cfg, factors_digest, rows)
     kept, index = reusable(out, keys)
     new = [i for i, q in enumerate(rows.ids) if q not in index]

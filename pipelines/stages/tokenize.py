@@ -23,6 +23,7 @@ footer reads and carries the current key.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -35,9 +36,12 @@ from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
 from ..io.model_source import model_source
 from ..io.shards import corpus_root
+from ..io.unknown_tokens import WARN_SHARE, count_unknown, unknown_token_id
 from ..runtime.failures import FailureLog, guard
 from ..runtime.progress import bar
 from ..runtime.ray_runtime import ensure_ray, run_units, units_of
+
+log = logging.getLogger(__name__)
 
 MIN_TOKENS = 2
 
@@ -62,6 +66,7 @@ class Tokenizer:
     def __init__(self, model: ModelConfig, max_length: int, text_column: str, id_column: str,
                  row_group_rows: int | None = None) -> None:
         self.tokenizer = load_tokenizer(model)
+        self.unk = unknown_token_id(self.tokenizer)
         self.max_length, self.text_column, self.id_column = max_length, text_column, id_column
         self.row_group_rows = row_group_rows
 
@@ -91,23 +96,26 @@ class Tokenizer:
                            + [table.schema.field(c) for c in extra])
         return pa.table(out, schema=schema)
 
-    def tokenize_unit(self, unit: dict[str, str]) -> tuple[int, int]:
-        """Tokenize one file and write its shard; returns (sequences, tokens)."""
+    def tokenize_unit(self, unit: dict[str, str]) -> tuple[int, int, int]:
+        """Tokenize one file and write its shard; returns (sequences, tokens, unknown tokens)."""
         table = self.tokenize_file(unit["input"])
         storage.write_parquet(unit["output"], table.replace_schema_metadata({"influence.key": unit["key"]}),
                               self.row_group_rows)
-        return table.num_rows, int(sum(len(x) for x in table.column("input_ids").to_pylist()))
+        ids = table.column("input_ids").to_pylist()
+        return table.num_rows, int(sum(len(x) for x in ids)), sum(count_unknown(x, self.unk) for x in ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, sequences, tokens, errors = [], [], [], []
+        names, sequences, tokens, unknown, errors = [], [], [], [], []
         for unit in units_of(batch):
             done, failure = guard(unit["input"], self.tokenize_unit, unit)
             names.append(unit["output"])
             sequences.append(done[0] if done else 0)
             tokens.append(done[1] if done else 0)
+            unknown.append(done[2] if done else 0)
             errors.append(failure["error"] if failure else "")
         return {"output": np.asarray(names, dtype=object), "sequences": np.asarray(sequences),
-                "tokens": np.asarray(tokens), "error": np.asarray(errors, dtype=object)}
+                "tokens": np.asarray(tokens), "unknown_tokens": np.asarray(unknown),
+                "error": np.asarray(errors, dtype=object)}
 
 
 def raw_columns(url: str) -> list[str]:
@@ -155,6 +163,15 @@ def context_length(model: ModelConfig) -> int:
     raise ValueError("model.max_length is not set and the model's context is unknown")
 
 
+def warn_unknown(unknown: int, tokens: int, cfg: JobConfig) -> None:
+    """One warning line when more than ``WARN_SHARE`` of the tokens just made are the unknown token."""
+    if tokens and unknown > WARN_SHARE * tokens:
+        where = cfg.model.tokenizer_path or cfg.model.path
+        log.warning("tokenize: %d of %d corpus tokens (%.0f%%) are the tokenizer's unknown token: the text may not "
+                    "match the model's tokenizer (%s); documents that differ only in unknown words score alike",
+                    unknown, tokens, 100 * unknown / tokens, where)
+
+
 def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     """Tokenize every raw file whose shard is missing or stale; returns counts."""
     if cfg.data.raw is None:
@@ -177,7 +194,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         if (storage.footer_metadata(out) or {}).get("influence.key") != key:
             units.append({"input": url, "output": out, "key": key})
     summary: dict[str, Any] = {"files": len(inputs), "skipped": len(inputs) - len(units), "failed": 0,
-                               "sequences": 0, "tokens": 0}
+                               "sequences": 0, "tokens": 0, "unknown_tokens": 0}
     failures = FailureLog("tokenize", cfg.on_error)
     by_output = {u["output"]: u["input"] for u in units}
     if units:
@@ -193,6 +210,8 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
                     summary["failed"] += 1
                 summary["sequences"] += int(row["sequences"])
                 summary["tokens"] += int(row["tokens"])
+                summary["unknown_tokens"] += int(row["unknown_tokens"])
+    warn_unknown(summary["unknown_tokens"], summary["tokens"], cfg)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     summary["errors"] = failures.rows
     return summary
