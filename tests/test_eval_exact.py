@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 import influence_ops as ops
 from pipelines.cli import main
-from pipelines.eval.blocks import block_errors, kfac_layer, layer_curvature, layer_slices
+from pipelines.eval.blocks import block_errors, kfac_layer, layer_curvature
+from pipelines.eval.ggn import layer_slices
 from pipelines.eval.exact import classifier_setup, lm_setup
 from pipelines.eval.ggn import exact_ggn
 from pipelines.eval.metrics import nested_paired_interval

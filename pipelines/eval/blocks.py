@@ -29,6 +29,8 @@ import torch
 
 import influence_ops as ops
 
+from .ggn import layer_slices
+
 
 def kfac_layer(lf: ops.LayerFactors) -> ops.LayerFactors:
     """Kronecker eigenvalues e_S e_A (per token), scaled by tokens per sequence, in place of Lambda."""
@@ -40,15 +42,6 @@ def layer_curvature(lf: ops.LayerFactors) -> torch.Tensor:
     """[P_l, P_l] K diag(vec Lambda) K^T, float64 (pass ``kfac_layer(lf)`` for K-FAC)."""
     k = torch.kron(lf.eigen.q_s.to(torch.float64), lf.eigen.q_a.to(torch.float64))  # (P_l, P_l)
     return (k * lf.eigenvalues.reshape(1, -1)) @ k.T
-
-
-def layer_slices(layers: Sequence[ops.TrackedLayer]) -> dict[str, slice]:
-    """name -> the layer's rows of the [P] parameter vector."""
-    out, lo = {}, 0
-    for layer in layers:
-        out[layer.name] = slice(lo, lo + layer.d_out * layer.d_in_h)
-        lo = out[layer.name].stop
-    return out
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

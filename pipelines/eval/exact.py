@@ -38,9 +38,9 @@ import torch
 
 import influence_ops as ops
 
-from .blocks import block_diagonal, block_errors, kfac_layer, layer_slices
+from .blocks import block_diagonal, block_errors, kfac_layer
 from .exact_models import Setup, classifier_setup, lm_setup
-from .ggn import exact_ggn, split_layers
+from .ggn import exact_ggn, layer_slices, split_layers
 from .metrics import nested_paired_interval, pearson, spearman
 from .report import Progress, write_table
 

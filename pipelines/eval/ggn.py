@@ -44,14 +44,19 @@ def flatten_layer_grads(layers: Sequence[TrackedLayer], grads: Sequence[torch.Te
     return torch.cat(out, dim=-1)
 
 
-def split_layers(flat: torch.Tensor, layers: Sequence[TrackedLayer]) -> dict[str, torch.Tensor]:
-    """name -> [..., d_out, d_in'] views of [..., P]."""
+def layer_slices(layers: Sequence[TrackedLayer]) -> dict[str, slice]:
+    """name -> the layer's entries of the [P] parameter vector (the layout of ``flatten_layer_grads``)."""
     out, lo = {}, 0
     for layer in layers:
-        n = layer.d_out * layer.d_in_h
-        out[layer.name] = flat[..., lo:lo + n].reshape(*flat.shape[:-1], layer.d_out, layer.d_in_h)
-        lo += n
+        out[layer.name] = slice(lo, lo + layer.d_out * layer.d_in_h)
+        lo = out[layer.name].stop
     return out
+
+
+def split_layers(flat: torch.Tensor, layers: Sequence[TrackedLayer]) -> dict[str, torch.Tensor]:
+    """name -> [..., d_out, d_in'] views of [..., P]."""
+    return {layer.name: flat[..., sl].reshape(*flat.shape[:-1], layer.d_out, layer.d_in_h)
+            for layer, sl in zip(layers, layer_slices(layers).values())}
 
 
 def num_params(layers: Sequence[TrackedLayer]) -> int:

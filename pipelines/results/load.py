@@ -138,9 +138,7 @@ class Run:
         index_health table and the run's settings; None without the table."""
         if "index_health" not in self.out.tables:
             return None
-        from ..stages.index_health import summarize
-
-        from ..stages.index_health import HEALTH
+        from ..stages.index_health import HEALTH, summarize
 
         cur = self.con.execute(f"SELECT {', '.join(HEALTH.names)} FROM index_health ORDER BY query_id, sign")
         table = pa.Table.from_pylist([dict(zip(HEALTH.names, r)) for r in cur.fetchall()], schema=HEALTH)

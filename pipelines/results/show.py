@@ -128,7 +128,7 @@ def legend(run: Run, color: bool) -> list[str]:
 
 def health_line(run: Run, color: bool) -> list[str]:
     """One line for an index-mode run: how closely the index ranked the candidates (``stages/index_health.py``)."""
-    from ..stages.index_health import describe
+    from ..stages.index_health import ADVICE, LOOSE, describe
 
     health = run.index_health()
     if health is None:
@@ -136,8 +136,7 @@ def health_line(run: Run, color: bool) -> list[str]:
     line = (f"index health (k = {health.get('k_out')} x {health.get('k_in')}, {health.get('projection')}, "
             f"{health['candidates']} candidates a side): {describe(health)}")
     if health["loose"]:
-        line += ("; LOOSE: the final top-10 may differ from a full scan's (raise index.k_out / index.k_in or "
-                 "scoring.candidates, or compare with scoring.mode = \"scan\" on a sample)")
+        line += f"; LOOSE: {LOOSE} ({ADVICE})"
     return [_escape(line, color) if not (color and health["loose"]) else f"[bold red]{_escape(line, color)}[/]"]
 
 

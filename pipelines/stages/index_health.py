@@ -182,6 +182,8 @@ def loose(side: dict[str, Any]) -> bool:
 
 
 SIDE_NAMES = {"top": "proponents", "bottom": "opponents"}
+LOOSE = "the final top-10 may differ from a full scan's"
+ADVICE = 'raise index.k_out / index.k_in or scoring.candidates, or compare with scoring.mode = "scan" on a sample'
 
 
 def describe(summary: dict[str, Any], sides: tuple[str, ...] = ("top", "bottom")) -> str:
@@ -210,5 +212,4 @@ def warning(summary: dict[str, Any]) -> str | None:
     k_text = f"k = {k}" if k == summary.get("k_in") else f"k = {k} x {summary.get('k_in')}"
     bad = tuple(sign for sign in ("top", "bottom") if summary["sides"][sign]["loose"])
     return (f"index ({k_text}, {summary.get('projection')}) ranks this model's candidates loosely: "
-            f"{describe(summary, bad)}: the final top-10 may differ from a full scan's; raise index.k_out / "
-            "index.k_in or scoring.candidates, or compare with scoring.mode = \"scan\" on a sample")
+            f"{describe(summary, bad)}: {LOOSE}; {ADVICE}")
