@@ -86,6 +86,29 @@ def test_pipeline_stability_takes_mean_and_worst_over_every_pair_of_runs(tmp_pat
     assert got["top10_overlap_mean"] == pytest.approx(1 / 3) and got["top10_overlap_min"] == 0.0
 
 
+def test_candidate_rows_rank_only_the_candidates_and_miss_a_source_outside_them(tmp_path):
+    from pipelines.eval.facts import World, first_ranks, retrieval_row
+
+    docs = [{"id": f"d{i}"} for i in range(6)]
+    sources = {"d0": "f1", "d1": "", "d2": "", "d3": "f2", "d4": "", "d5": "f1"}
+    queries = [{"query_id": "a", "set": "corpus", "fact": "f1"}, {"query_id": "b", "set": "corpus", "fact": "f2"},
+               {"query_id": "c", "set": "paraphrase", "fact": "f1"}, {"query_id": "d", "set": "paraphrase",
+                                                                     "fact": "f2"}]
+    world = World(tmp_path, docs, queries, sources, {}, {}, 0)
+    scores = {"a": {"d1": 9.0, "d2": 8.0, "d5": 7.0},  # f1's source d5 third among 3 candidates
+              "b": {"d1": 9.0, "d0": 8.0},  # f2's only source d3 is not a candidate
+              "c": {"d0": 1.0, "d5": 5.0}}  # both sources are candidates, d5 first; "d" has no candidates at all
+    ranks = first_ranks(world, scores, restricted=True)
+    assert ranks == {"corpus": [3.0, math.inf], "paraphrase": [1.0, math.inf]}
+    # a scan ranks a missing document last instead: d3 after d1 and d0, tied with the other 3 absent ones
+    scan = first_ranks(world, {q["query_id"]: scores.get(q["query_id"], {}) for q in queries})
+    assert scan["corpus"][1] == pytest.approx(1 + 2 + 3 / 2)
+    row = retrieval_row("x", "mlp", "none", ranks, None, restricted=True)
+    assert row["corpus_mrr"] == pytest.approx((1 / 3 + 0) / 2) and row["corpus_recall@10"] == 0.5
+    assert row["corpus_in_candidates"] == 0.5 and row["paraphrase_in_candidates"] == 0.5
+    assert retrieval_row("x", "mlp", "none", ranks, None)["corpus_in_candidates"] is None
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_eval_facts_quick_runs_the_pipeline_and_writes_its_tables(tmp_path):
     from pipelines.cli import main
@@ -101,6 +124,13 @@ def test_eval_facts_quick_runs_the_pipeline_and_writes_its_tables(tmp_path):
     for r in rows:
         for s in ("corpus", "paraphrase"):
             assert 0.0 <= r[f"{s}_recall@10"] <= 1.0 and 0.0 < r[f"{s}_mrr"] <= 1.0
+    # the tfidf mode with 10 candidates: every candidate is in the top 10, so recall@10 is the share of queries
+    # whose candidates hold a source; the scan rows have no candidates
+    tfidf = [r for r in rows if r["method"].startswith("EK-FAC, tfidf")]
+    assert [(r["method"], r["normalize"]) for r in tfidf] == [("EK-FAC, tfidf mode (10 candidates)", "none")]
+    for s in ("corpus", "paraphrase"):
+        assert tfidf[0][f"{s}_recall@10"] == tfidf[0][f"{s}_in_candidates"] > 0.0
+    assert all(r["corpus_in_candidates"] is None for r in rows if r["method"] == "EK-FAC")
     # BM25 on the corpus phrasing: prompt + completion name the person and the value of every source
     bm25 = next(r for r in rows if r["method"].startswith("BM25"))
     assert bm25["corpus_recall@10"] == 1.0

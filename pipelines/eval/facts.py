@@ -9,12 +9,19 @@ Symbols: N documents, Q queries (two per fact: corpus phrasing, paraphrase).
 2. The real pipeline (``run_job``: tokenize, fit-factors, build-queries, score,
    merge, on a local Ray) for every ``model.track`` (mlp, mlp+attention) and
    ``scoring.normalize`` (none, cosine, train_norm), default Fisher, with
-   ``top_k`` above N so that the merged table ranks every document.
+   ``top_k`` above N so that the merged table ranks every document; and the
+   pipeline in ``scoring.mode = "tfidf"`` (mlp track, per normalize and
+   ``scoring.candidates`` n): TF-IDF keeps each query's n best sequences,
+   EK-FAC re-scores only those (``top_k`` above n: every candidate ranked). A
+   query whose planted sources are all outside its candidates has not found
+   them (reciprocal rank 0; ``first_ranks(..., restricted=True)``). These jobs
+   share the mlp jobs' output folder, so their factors and queries are reused.
 3. Baselines on the same tokenized shards: BM25 over token ids (``bm25.py``,
    query = prompt + completion ids), the plain gradient dot product q . g_m on
    the same tracked layers (no factors: identity preconditioner) and the
    gradient cosine (the same divided by ||g_m||; ||q|| does not change a
-   query's ranking).
+   query's ranking); the product's TF-IDF ranking alone (``tfidf_topn`` over
+   every sequence: the tfidf mode's candidate order, no re-scoring).
 4. recall@10 and MRR of the first planted source, per query set; the MRR
    difference to raw EK-FAC (mlp, none) with a paired bootstrap interval.
 5. Seed to seed at the default Fisher, over every pair of seeds 0, 1, 2: the
@@ -68,11 +75,14 @@ class Size:
     candidates: tuple[Variant, ...]
     pipeline_refit: bool  # also re-run the pipeline with the other factors.seed values
     seeds: tuple[int, ...]  # fitting seeds compared pairwise
+    tfidf: tuple[tuple[str, int], ...]  # (scoring.normalize, scoring.candidates) of the tfidf-mode rows (mlp)
+    tfidf_alone: bool  # the TF-IDF ranking alone (two more Ray passes)
 
 
 FULL = Size(24, 10, 10, 216, 64, 2, 100, 600.0, TRACKS, NORMALIZES,
-            (Variant("topm k=4 (4 / 4)", ops.Fisher.TOPM, 4),), True, (0, 1, 2))
-QUICK = Size(4, 3, 3, 16, 16, 1, 40, 10.0, ("mlp",), ("none", "cosine"), (), False, (0, 1))
+            (Variant("topm k=4 (4 / 4)", ops.Fisher.TOPM, 4),), True, (0, 1, 2),
+            tuple((norm, n) for norm in NORMALIZES for n in (100, 50, 20)), True)  # 100: the product default
+QUICK = Size(4, 3, 3, 16, 16, 1, 40, 10.0, ("mlp",), ("none", "cosine"), (), False, (0, 1), (("none", 10),), False)
 OLD_DEFAULT = Variant("sampled k=1 (1 / 1), the old default", ops.Fisher.SAMPLED, 1)
 DEFAULT = Variant("topm k=3 (3 / 3), the default", ops.Fisher.TOPM, 3, 3)
 
@@ -120,13 +130,16 @@ def lm_recall(model: torch.nn.Module, tok: Any, queries: list[dict]) -> dict[str
     return {s: sum(h) / max(len(h), 1) for s, h in hits.items()}
 
 
-def job(world: World, name: str, track: str, normalize: str, seed: int = 0) -> Any:
+def job(world: World, name: str, track: str, normalize: str, seed: int = 0, candidates: int | None = None) -> Any:
+    """The job of one row: a scan, or with ``candidates`` the tfidf mode with that many per query."""
     from ..config import config_from_dict
 
+    scoring = {"top_k": len(world.docs) + 10, "per_token": False, "normalize": normalize}
+    if candidates is not None:
+        scoring.update(mode="tfidf", candidates=candidates)
     raw = {"run_id": f"facts-{name}", "model": {"path": "model", "track": track},
            "data": {"raw": "raw", "corpus": "shards", "queries": "queries.jsonl", "output": name},
-           "factors": {"seed": seed},
-           "scoring": {"top_k": len(world.docs) + 10, "per_token": False, "normalize": normalize},
+           "factors": {"seed": seed}, "scoring": scoring,
            "resources": {"actors": 1, "batch_size": 16, "object_store_mb": 512}}
     return config_from_dict(raw, base_dir=world.work)
 
@@ -148,12 +161,19 @@ def pipeline_scores(world: World, cfg: Any, column: str) -> dict[str, dict[str, 
     return out
 
 
-def first_ranks(world: World, scores: dict[str, dict[str, float]]) -> dict[str, list[float]]:
-    """Query set -> first-source rank per query (a document missing from a query's row ranks last)."""
+def first_ranks(world: World, scores: dict[str, dict[str, float]],
+                restricted: bool = False) -> dict[str, list[float]]:
+    """Query set -> first-source rank per query.
+
+    A scan (``restricted`` False): a document missing from a query's row ranks last. Candidates
+    (``restricted``): only the row's documents are ranked; a query whose row holds no planted
+    source (or that has no row) gets rank inf (reciprocal rank 0, a recall miss).
+    """
     out: dict[str, list[float]] = {s: [] for s in SETS}
-    ids = [d["id"] for d in world.docs]
+    every = [d["id"] for d in world.docs]
     for q in world.queries:
-        row = scores[q["query_id"]]
+        row = scores.get(q["query_id"], {}) if restricted else scores[q["query_id"]]
+        ids = list(row) if restricted else every
         out[q["set"]].append(first_source_rank([row.get(i, -float("inf")) for i in ids],
                                                [world.sources[i] == q["fact"] for i in ids]))
     return out
@@ -204,6 +224,15 @@ def gradient_scores(ip: InProcess, normalize: ops.Normalize) -> torch.Tensor:
     return torch.cat([ops.score_batch(ip.model, pq, b, normalize=normalize).scores for b in ip.batches()], dim=1)
 
 
+def tfidf_alone(world: World, cfg: Any) -> dict[str, dict[str, float]]:
+    """The product's TF-IDF scores (``tfidf_topn``, query = prompt + completion) of every sequence that
+    shares a token with the query: query id -> doc id -> score (rank with ``restricted=True``)."""
+    from ..stages.tfidf import query_tokens, tfidf_topn
+
+    found = tfidf_topn(cfg, query_tokens(cfg), len(world.docs))
+    return {q: {d.split(":")[0]: s for d, _, s in rows} for q, rows in found.items()}
+
+
 def bm25_scores(ip: InProcess) -> torch.Tensor:
     """[Q, N] BM25 of prompt + completion ids against every sequence."""
     index = BM25(ip.sequences)
@@ -215,7 +244,9 @@ def as_rows(world: World, ip: InProcess, scores: torch.Tensor) -> dict[str, dict
 
 
 def retrieval_row(method: str, track: str, normalize: str, ranks: dict[str, list[float]],
-                  reference: dict[str, list[float]] | None) -> dict[str, Any]:
+                  reference: dict[str, list[float]] | None, restricted: bool = False) -> dict[str, Any]:
+    """One row of the table; ``restricted`` (candidate rows) adds ``*_in_candidates``: the share of queries
+    whose candidates hold a planted source (the row's recall at any cut-off)."""
     row: dict[str, Any] = {"method": method, "track": track, "normalize": normalize}
     for s in SETS:
         m = retrieval(ranks[s], TOP)
@@ -226,6 +257,9 @@ def retrieval_row(method: str, track: str, normalize: str, ranks: dict[str, list
         else:
             mean, lo, hi = paired_interval([1 / r for r in reference[s]], [1 / r for r in ranks[s]])
             row[f"{s}_mrr_vs_ekfac"] = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    for s in SETS:
+        row[f"{s}_in_candidates"] = sum(r < float("inf") for r in ranks[s]) / max(len(ranks[s]), 1) \
+            if restricted else None
     return row
 
 
@@ -248,7 +282,7 @@ def run_facts(out: str | Path, quick: bool = False, command: str = "influence ev
     size = QUICK if quick else FULL
     runs = len(size.tracks) * len(size.normalizes)
     seeds = ", ".join(map(str, size.seeds))
-    progress = Progress(1 + runs + 2 + size.pipeline_refit + len(size.seeds) * (2 + len(size.candidates)), echo)
+    progress = Progress(1 + runs + len(size.tfidf) + 2 + size.tfidf_alone + size.pipeline_refit + len(size.seeds) * (2 + len(size.candidates)), echo)
     with tempfile.TemporaryDirectory(prefix="influence-facts-") as tmp:
         t0 = time.perf_counter()
         world = build_world(Path(tmp), size, echo)
@@ -268,6 +302,15 @@ def run_facts(out: str | Path, quick: bool = False, command: str = "influence ev
                 rows.append(row)
                 progress.step(f"pipeline, track {track}, normalize {normalize}: paraphrase MRR "
                               f"{row['paraphrase_mrr']:.3f}", t0)
+        for normalize, n in size.tfidf:  # the mlp scans' folder: its factors and queries are reused
+            t0 = time.perf_counter()
+            scores = pipeline_scores(world, job(world, "mlp", "mlp", normalize, candidates=n), "rank")
+            row = retrieval_row(f"EK-FAC, tfidf mode ({n} candidates)", "mlp", normalize,
+                                first_ranks(world, scores, restricted=True), reference, restricted=True)
+            rows.append(row)
+            progress.step(f"pipeline, scoring.mode tfidf, {n} candidates, normalize {normalize}: recall@{TOP} / MRR "
+                          + ", ".join(f"{s} {row[f'{s}_recall@{TOP}']:.3f} / {row[f'{s}_mrr']:.3f} "
+                                      f"(vs EK-FAC {row[f'{s}_mrr_vs_ekfac']})" for s in SETS), t0)
         base_cfg = job(world, "mlp", "mlp", "none")
         ip = in_process(world, base_cfg)
         t0 = time.perf_counter()
@@ -280,6 +323,12 @@ def run_facts(out: str | Path, quick: bool = False, command: str = "influence ev
         rows.append(retrieval_row("BM25 (token ids, k1=1.5, b=0.75)", "", "", first_ranks(
             world, as_rows(world, ip, bm25_scores(ip))), reference))
         progress.step("BM25", t0)
+        if size.tfidf_alone:
+            t0 = time.perf_counter()
+            rows.append(retrieval_row("TF-IDF alone (the tfidf candidates' order: binary BM25, k1=1.5, b=0.75)", "",
+                                      "", first_ranks(world, tfidf_alone(world, base_cfg), restricted=True),
+                                      reference, restricted=True))
+            progress.step("TF-IDF alone (tfidf_topn over every sequence)", t0)
 
         stab = []
         if size.pipeline_refit:
@@ -328,10 +377,18 @@ queries' completions: corpus phrasing {world.recall['corpus']:.2f}, paraphrases 
 phrasing no document uses, made of corpus words (`the town where <person> lives is`, `for a living , <person> is a`).
 EK-FAC rows: the real pipeline (`run_job` on a local Ray: tokenize, fit-factors, build-queries, score, merge) with
 the default Fisher ({DEFAULT.fisher.value}, {DEFAULT.samples} / {DEFAULT.lambda_samples} draws, seed 0), rank-32
-queries, `top_k` above the corpus size (every document ranked). Baselines on the same shards and tracked layers (mlp): the gradient dot product (no preconditioner), the
-gradient cosine (dot product / ||g_m||), BM25 over token ids (query = prompt + completion). recall@10: share of
-queries with a planted source in the top 10; MRR: mean 1 / rank of the first planted source (ties broken at random,
-in expectation). `*_mrr_vs_ekfac`: MRR minus EK-FAC mlp/none's, mean over queries with a 95% paired bootstrap interval.
+queries, `top_k` above the corpus size (every document ranked). `tfidf mode (n candidates)` rows: the same
+pipeline with `scoring.mode = "tfidf"` and `scoring.candidates = n` (mlp track, in the mlp rows' output folder, so
+their factors and queries are reused): TF-IDF (binary-presence BM25, query = prompt + completion) keeps each query's
+n best sequences and EK-FAC re-scores only those, all of them ranked (`top_k` above n); a query whose candidates hold
+no planted source has not found it (reciprocal rank 0, a recall miss). `*_in_candidates`: the share of queries whose
+candidates hold a planted source (the most such a row can recall). Baselines on the same shards and tracked layers
+(mlp): the gradient dot product (no preconditioner), the gradient cosine (dot product / ||g_m||), BM25 over token
+ids (query = prompt + completion, counts), and TF-IDF alone: the product's `tfidf_topn` over every sequence (the
+tfidf mode's candidate order, no re-scoring; sequences sharing no token with the query are not ranked).
+recall@10: share of queries with a planted source in the top 10; MRR: mean 1 / rank of the first planted source
+(ties broken at random, in expectation). `*_mrr_vs_ekfac`: MRR minus EK-FAC mlp/none's, mean over queries with a
+95% paired bootstrap interval.
 
 Seed to seed at the default Fisher (fits differing only in the seed, {", ".join(map(str, size.seeds))}; for every
 pair of seeds and every query, Spearman over all {len(world.docs)} documents and the overlap of the top-{TOP} sets;
