@@ -282,7 +282,8 @@ def run_facts(out: str | Path, quick: bool = False, command: str = "influence ev
     size = QUICK if quick else FULL
     runs = len(size.tracks) * len(size.normalizes)
     seeds = ", ".join(map(str, size.seeds))
-    progress = Progress(1 + runs + len(size.tfidf) + 2 + size.tfidf_alone + size.pipeline_refit + len(size.seeds) * (2 + len(size.candidates)), echo)
+    steps = 1 + runs + len(size.tfidf) + 2 + size.tfidf_alone + size.pipeline_refit
+    progress = Progress(steps + len(size.seeds) * (2 + len(size.candidates)), echo)
     with tempfile.TemporaryDirectory(prefix="influence-facts-") as tmp:
         t0 = time.perf_counter()
         world = build_world(Path(tmp), size, echo)
