@@ -320,7 +320,8 @@ def main() -> None:
     p.add_argument("--projection-seeds", default="0,1,2", help="seeds of random / weighted (mean reported)")
     p.add_argument("--candidates", type=int, default=100, help="M: index candidates per query and side")
     p.add_argument("--tfidf-union", type=int, default=100,
-                   help="n: also report recall of the index's top-M with TF-IDF's top-n added (scoring.tfidf_candidates)")
+                   help="n: also report the recall of the index's top-M with TF-IDF's top-n added "
+                        "(scoring.tfidf_candidates)")
     p.add_argument("--also-m", default="20,50", help="smaller M at which recall is also reported")
     p.add_argument("--width", type=int, default=256, help="random, tiny: model width")
     p.add_argument("--layers", type=int, default=2, help="random: blocks")

@@ -143,7 +143,8 @@ def test_config_keys_checked(tmp_path):
 def test_tfidf_candidates_only_with_the_index(tmp_path):
     """scoring.tfidf_candidates adds TF-IDF's best to the index's candidates: an integer >= 0, index mode only."""
     base = job(tmp_path, str(tmp_path / "o"), str(tmp_path / "s"), 5)
-    assert config_from_dict({**base, "scoring": {**base["scoring"], "tfidf_candidates": 7}}).scoring.tfidf_candidates == 7
+    good = config_from_dict({**base, "scoring": {**base["scoring"], "tfidf_candidates": 7}})
+    assert good.scoring.tfidf_candidates == 7
     for mode, bad, why in (("index", -1, "integer >= 0"), ("index", 2.5, "integer >= 0"),
                            ("scan", 7, 'index" only.*"scan"'), ("tfidf", 7, "set scoring.candidates")):
         with pytest.raises(ConfigError, match=f"scoring.tfidf_candidates = {bad}: .*{why}"):
