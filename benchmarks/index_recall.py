@@ -81,17 +81,34 @@ def tfidf_scores(corpus: list[list[int]], queries: list[list[int]]) -> np.ndarra
     return out
 
 
-def recall_of(top10: torch.Tensor, approx: torch.Tensor, m: int) -> list[float]:
-    """Per query |top10 & the m largest of approx| / 10. top10: [Q, 10] indices, approx: [Q, N]."""
+def recall_of(top10: torch.Tensor, approx: torch.Tensor, m: int, extra: torch.Tensor | None = None,
+              n: int = 0) -> list[float]:
+    """Per query |top10 & the m largest of approx (and the n largest of extra)| / 10. top10: [Q, 10] indices,
+    approx, extra: [Q, N] (extra: TF-IDF scores, -inf where a sequence shares no token with the query)."""
     found = approx.topk(min(m, approx.shape[1]), dim=1).indices
-    return [len(set(top10[q].tolist()) & set(found[q].tolist())) / TOP for q in range(top10.shape[0])]
+    more = lexical_top(extra, n, top10.shape[0])
+    return [len(set(top10[q].tolist()) & (set(found[q].tolist()) | more[q])) / TOP for q in range(top10.shape[0])]
 
 
-def final_equal(exact: torch.Tensor, approx: torch.Tensor, m: int) -> list[bool]:
-    """Per query: the top-10 of the exact scores of the index's top-m and bottom-m equals the scan's."""
+def lexical_top(extra: torch.Tensor | None, n: int, queries: int) -> list[set[int]]:
+    """Per query (of ``queries``) the indices of the n largest finite scores of extra [Q, N] (none without extra
+    or at n = 0)."""
+    if extra is None or n == 0:
+        return [set() for _ in range(queries)]
+    vals, idx = extra.topk(min(n, extra.shape[1]), dim=1)
+    return [set(i for i, v in zip(idx[q].tolist(), vals[q].tolist()) if v > -np.inf) for q in range(extra.shape[0])]
+
+
+def final_equal(exact: torch.Tensor, approx: torch.Tensor, m: int, extra: torch.Tensor | None = None,
+                n: int = 0) -> list[bool]:
+    """Per query: the top-10 of the exact scores of the index's top-m and bottom-m (and TF-IDF's top-n of extra)
+    equals the scan's."""
     m = min(m, approx.shape[1])
     keep = torch.cat([approx.topk(m, dim=1).indices, (-approx).topk(m, dim=1).indices], dim=1)  # (Q, 2m)
     masked = torch.full_like(exact, -torch.inf).scatter(1, keep, exact.gather(1, keep))
+    for q, more in enumerate(lexical_top(extra, n, exact.shape[0])):
+        for i in more:
+            masked[q, i] = exact[q, i]
     return [set(a) == set(b) for a, b in zip(masked.topk(TOP, dim=1).indices.tolist(),
                                              exact.topk(TOP, dim=1).indices.tolist())]
 
@@ -139,8 +156,9 @@ def summary(hits: list[float], equal: list[bool] | None = None) -> dict:
 
 
 def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, args, damping: float | None,
-            device: str) -> dict:
-    """Recall and bytes of every (kind, k, seed) of args; exact: [Q, N] scan scores of the sequences of batches."""
+            device: str, lexical: torch.Tensor | None = None) -> dict:
+    """Recall and bytes of every (kind, k, seed) of args; exact: [Q, N] scan scores of the sequences of batches;
+    lexical: [Q, N] TF-IDF scores (``tfidf_approx``) for the union with TF-IDF's top --tfidf-union."""
     obj = LanguageModelObjective()
     kinds, ks = args.kinds.split(","), [int(k) for k in args.k.split(",")]
     seeds = [int(s) for s in args.projection_seeds.split(",")]
@@ -170,6 +188,11 @@ def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, 
         one["bottom_by_depth"] = by_depth(health_table, min(args.candidates, approx.shape[1]), low_hits, low_equal,
                                           "bottom")
         one.update({f"recall_top{m}": summary(recall_of(top10, approx, m))["recall"] for m in also})
+        if lexical is not None and args.tfidf_union:  # scoring.tfidf_candidates: the union with TF-IDF's top-n
+            n = args.tfidf_union
+            union = summary(recall_of(top10, approx, args.candidates, lexical, n),
+                            final_equal(exact, approx, args.candidates, lexical, n))
+            one.update({"union_recall": union["recall"], "union_final_equal": union["final_equal"]})
         entry = res.setdefault(f"{kind}_k{k}", {"kind": kind, "k": k, "per_seed": [],
                                                 "bytes_per_layer_float16": {n: 2 * p.width for n, p in
                                                                             projs[(kind, k, seed)].layers.items()},
@@ -183,10 +206,15 @@ def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, 
     return res
 
 
-def tfidf_entry(exact: torch.Tensor, corpus: list[list[int]], query_tokens: list[list[int]], args) -> dict:
+def tfidf_approx(corpus: list[list[int]], query_tokens: list[list[int]]) -> torch.Tensor:
+    """TF-IDF scores [Q, N] as candidates are picked: ties by position (doc_id order), -inf where no token is shared."""
     scores = torch.from_numpy(tfidf_scores(corpus, query_tokens))  # (Q, N)
-    approx = scores - 1e-9 * torch.arange(scores.shape[1], dtype=scores.dtype)  # ties by position, as doc_id order
+    approx = scores - 1e-9 * torch.arange(scores.shape[1], dtype=scores.dtype)
     approx[scores <= 0] = -torch.inf  # no shared token: not a candidate
+    return approx
+
+
+def tfidf_entry(exact: torch.Tensor, approx: torch.Tensor, args) -> dict:
     top10 = exact.topk(TOP, dim=1).indices
     out = summary(recall_of(top10, approx, args.candidates))
     out.update({f"recall_top{m}": summary(recall_of(top10, approx, int(m)))["recall"]
@@ -223,8 +251,10 @@ def job_model(args) -> dict:
     res = {"model": "job", "job": args.job, "sequences": len(corpus), "queries": len(queries.query_ids),
            "rank": queries.rank or "dense", "truncation_error_mean": float(queries.truncation_error.mean()),
            "damping": cfg.factors.damping, "fisher": cfg.factors.fisher.value}
-    res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
-    res["kinds"] = measure(m.model, m.layers, factors, qbatch, batches, exact, args, cfg.factors.damping, "cpu")
+    lexical = tfidf_approx(corpus, [p + c for p, c in zip(prompts, completions)])
+    res["tfidf"] = tfidf_entry(exact, lexical, args)
+    res["kinds"] = measure(m.model, m.layers, factors, qbatch, batches, exact, args, cfg.factors.damping, "cpu",
+                           lexical)
     return res
 
 
@@ -253,8 +283,9 @@ def random_model(args) -> dict:
            "truncation_error_mean": float(pq.truncation_error.mean()),
            "damping": "0.1 x mean(Lambda) per layer", "fit_seconds": fit_s,
            "scan_seconds": time.perf_counter() - t0}
-    res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
-    res["kinds"] = measure(model, layers, factors, qbatch, batches, exact, args, None, "cpu")
+    lexical = tfidf_approx(corpus, [p + c for p, c in zip(prompts, completions)])
+    res["tfidf"] = tfidf_entry(exact, lexical, args)
+    res["kinds"] = measure(model, layers, factors, qbatch, batches, exact, args, None, "cpu", lexical)
     return res
 
 
@@ -274,8 +305,9 @@ def tiny_model(args) -> dict:
     res = {"model": "tiny", "width": args.width, "final_train_loss": float(loss.detach()), "sequences": len(corpus),
            "queries": len(qids), "rank": args.rank or "dense", "fisher": "empirical",
            "truncation_error_mean": float(pq.truncation_error.mean())}
-    res["tfidf"] = tfidf_entry(exact, corpus, [p + c for p, c in zip(prompts, completions)], args)
-    res["kinds"] = measure(model, layers, factors, qbatch, batches, exact, args, None, "cpu")
+    lexical = tfidf_approx(corpus, [p + c for p, c in zip(prompts, completions)])
+    res["tfidf"] = tfidf_entry(exact, lexical, args)
+    res["kinds"] = measure(model, layers, factors, qbatch, batches, exact, args, None, "cpu", lexical)
     return res
 
 
@@ -287,6 +319,9 @@ def main() -> None:
     p.add_argument("--k", default="16,32,48", help="k_out = k_in, comma-separated")
     p.add_argument("--projection-seeds", default="0,1,2", help="seeds of random / weighted (mean reported)")
     p.add_argument("--candidates", type=int, default=100, help="M: index candidates per query and side")
+    p.add_argument("--tfidf-union", type=int, default=100,
+                   help="n: also report the recall of the index's top-M with TF-IDF's top-n added "
+                        "(scoring.tfidf_candidates)")
     p.add_argument("--also-m", default="20,50", help="smaller M at which recall is also reported")
     p.add_argument("--width", type=int, default=256, help="random, tiny: model width")
     p.add_argument("--layers", type=int, default=2, help="random: blocks")

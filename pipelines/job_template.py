@@ -67,6 +67,7 @@ unit_rows = 0                     # rows per score unit (whole row groups); 0 = 
 mode = "scan"                     # scan: score every sequence | index: the influence index finds candidates,
                                   # re-scored exactly | tfidf: TF-IDF finds them (README "Choosing a scoring mode")
 candidates = 100                  # index / tfidf: candidates per query and side re-scored exactly
+tfidf_candidates = 0              # index: also re-score TF-IDF's best this many per query (0 = none)
 
 [index]                           # the influence index (scoring.mode = "index", or `influence index job.toml`)
 projection = "eigen"              # eigen: top eigenvectors of the fitted factors | random: seeded Gaussian |

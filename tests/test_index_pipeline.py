@@ -140,6 +140,27 @@ def test_config_keys_checked(tmp_path):
             config_from_dict(raw)
 
 
+def test_tfidf_candidates_only_with_the_index(tmp_path):
+    """scoring.tfidf_candidates adds TF-IDF's best to the index's candidates: an integer >= 0, index mode only."""
+    base = job(tmp_path, str(tmp_path / "o"), str(tmp_path / "s"), 5)
+    good = config_from_dict({**base, "scoring": {**base["scoring"], "tfidf_candidates": 7}})
+    assert good.scoring.tfidf_candidates == 7
+    for mode, bad, why in (("index", -1, "integer >= 0"), ("index", 2.5, "integer >= 0"),
+                           ("scan", 7, 'index" only.*"scan"'), ("tfidf", 7, "set scoring.candidates")):
+        with pytest.raises(ConfigError, match=f"scoring.tfidf_candidates = {bad}: .*{why}"):
+            config_from_dict({**base, "scoring": {**base["scoring"], "mode": mode, "tfidf_candidates": bad}})
+
+
+def test_with_tfidf_labels_each_candidate_by_who_found_it():
+    from pipelines.stages.candidates import with_tfidf
+
+    index = {"q1": {("a", "s"): "index", ("b", "s"): "index"}, "q2": {("a", "s"): "index"}}
+    tfidf = {"q1": {("b", "s"): "tfidf", ("c", "s"): "tfidf"}, "q3": {("d", "t"): "tfidf"}}
+    assert with_tfidf(index, tfidf) == {"q1": {("a", "s"): "index", ("b", "s"): "index+tfidf", ("c", "s"): "tfidf"},
+                                        "q2": {("a", "s"): "index"}, "q3": {("d", "t"): "tfidf"}}
+    assert index["q1"] == {("a", "s"): "index", ("b", "s"): "index"}  # the inputs are left as they were
+
+
 def test_index_queries_without_an_index_say_so(tiny_world, tmp_path):
     corpus = tmp_path / "shards"
     corpus.mkdir()
@@ -359,6 +380,42 @@ def test_tfidf_mode_rescores_its_candidates_exactly(index_run):
         assert key in named and r["score"] == pytest.approx(exact[key], rel=1e-4, abs=1e-6)
 
 
+def test_tfidf_candidates_join_the_index_candidates(index_run):
+    """scoring.tfidf_candidates = n in index mode: the index's top and bottom M plus TF-IDF's top n per query, all
+    re-scored exactly; found_by says which found each row; the health report counts a TF-IDF-only row as missed."""
+    from pipelines.stages.tfidf import query_tokens, tfidf_topn
+
+    cfg, _, root = index_run
+    both = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(root / "out-union")),
+                               scoring=dataclasses.replace(cfg.scoring, candidates=2, tfidf_candidates=4))
+    record = run_job(both)
+    assert record["status"] == "ok" and record["stages"]["candidates"]["tfidf_candidates"] == 4
+    direct = {(q, d, s) for q, found in tfidf_topn(both, query_tokens(both), 4).items() for d, s, _ in found}
+    cands = pads.dataset(str(Path(both.data.output) / "candidates")).to_table().to_pylist()
+    by_index = {(c["query_id"], c["doc_id"], c["shard"]) for c in cands if c["index_score"] is not None}
+    assert len(by_index) == 3 * 2 * 2  # 3 queries, M = 2 a side (the sides do not overlap on 3 x 4 sequences)
+    for c in cands:
+        key = (c["query_id"], c["doc_id"], c["shard"])
+        assert c["found_by"] == {(True, True): "index+tfidf", (True, False): "index",
+                                 (False, True): "tfidf"}[(key in by_index, key in direct)]
+    assert {(c["query_id"], c["doc_id"], c["shard"]) for c in cands} == by_index | direct
+    assert record["stages"]["candidates"]["tfidf_only"] == len(direct - by_index) > 0
+    exact = exact_scores(both)
+    rows = topk_rows(both)
+    found = {(r["query_id"], r["doc_id"], r["shard"]): r["found_by"] for r in rows}
+    assert "tfidf" in found.values() or "index+tfidf" in found.values()
+    for r in rows:
+        key = (r["query_id"], r["doc_id"], r["shard"])
+        assert r["score"] == pytest.approx(exact[key], rel=1e-4, abs=1e-6)
+    # the final top rows per query are the best exact scores among all the candidates, whoever found them
+    for q in {c["query_id"] for c in cands}:
+        best = sorted((k for k in by_index | direct if k[0] == q), key=lambda k: -exact[k])[:3]
+        listed = {(r["query_id"], r["doc_id"], r["shard"]) for r in rows if r["query_id"] == q and r["sign"] == "top"}
+        assert listed == set(best)
+    health = storage.read_parquet(str(Path(both.data.output) / "index_health" / "index_health.parquet")).to_pylist()
+    assert all(h["candidates"] == 2 and h["deepest_rank_topk"] <= 3 for h in health)
+
+
 def test_rescore_unit_scores_only_the_nominated_pairs(index_run, monkeypatch):
     """A unit emits exactly the nominated (query, sequence) pairs, each equal to ``score_batch`` with all the
     queries on those sequences; its batches are scored with their own queries only (no Ray: called directly)."""
@@ -470,6 +527,21 @@ def test_index_health_of_a_hand_made_query():
     assert summary["deepest_rank_top10_worst"] == 13 and summary["deepest_rank_top10_median"] == 13
     assert summary["spearman_worst"] == pytest.approx(top["spearman"]) and summary["last_half_top10_share"] == 0.45
     assert summary["loose"] is True
+
+
+def test_index_health_counts_a_tfidf_only_row_as_missed():
+    """A re-scored candidate the index did not list (scoring.tfidf_candidates) is on neither list: in the final
+    top-10 it counts at rank M + 1, and it stays out of the Spearman between estimates and exact scores."""
+    from pipelines.stages.index_health import health_rows
+
+    rows, estimates = hand_made_health_case()
+    extra = pa.table({"query_id": ["q"], "doc_id": ["x"], "shard": ["s"], "score": [2000.0]})
+    got = {r["sign"]: r for r in health_rows(pa.concat_tables([rows, extra]), estimates, top_k=1).to_pylist()}
+    before = {r["sign"]: r for r in health_rows(rows, estimates, top_k=1).to_pylist()}
+    assert got["top"]["deepest_rank_topk"] == 13 and before["top"]["deepest_rank_topk"] == 11  # x replaces t11
+    assert got["top"]["spearman"] == pytest.approx(before["top"]["spearman"], abs=1e-12)
+    assert got["top"]["candidates"] == before["top"]["candidates"] == 12
+    assert got["bottom"] == before["bottom"]
 
 
 def test_index_health_counts_only_rows_of_the_sides_sign():

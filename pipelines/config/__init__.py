@@ -60,6 +60,7 @@ Sections (every key optional unless marked required)::
     mode = "scan"                       # scan (score every sequence) | index (influence index, then exact
                                         # re-scoring of candidates) | tfidf (TF-IDF candidates, re-scored)
     candidates = 100                    # index / tfidf: candidates per query and side, re-scored exactly
+    tfidf_candidates = 0                # index: also re-score TF-IDF's best this many per query (0 = none)
     [index]                             # the influence index (scoring.mode = "index"; `influence index`)
     projection = "eigen"                # eigen (top eigenvectors of the fitted S and A) | random (seeded Gaussian)
                                         # | weighted (Gaussian x (S + d I)^1/2) | whitened (x (S + d I)^-1/2)

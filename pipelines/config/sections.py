@@ -155,6 +155,7 @@ class ScoringConfig:
     unit_rows: int = 0
     mode: ScoringMode = ScoringMode.SCAN
     candidates: int = 100
+    tfidf_candidates: int = 0
 
     def __post_init__(self) -> None:
         check_int("scoring.top_k", self.top_k, 1)
@@ -175,6 +176,13 @@ class ScoringConfig:
         check_int("scoring.unit_rows", self.unit_rows, 0)
         object.__setattr__(self, "mode", enum_value("scoring.mode", ScoringMode, self.mode))
         check_int("scoring.candidates", self.candidates, 1)
+        check_int("scoring.tfidf_candidates", self.tfidf_candidates, 0)
+        if self.tfidf_candidates and self.mode != ScoringMode.INDEX:
+            also = (" (its candidates all come from TF-IDF: set scoring.candidates)"
+                    if self.mode == ScoringMode.TFIDF else "")
+            fail("scoring.tfidf_candidates", self.tfidf_candidates,
+                 f'applies to scoring.mode = "index" only (TF-IDF\'s best added to the index\'s candidates); '
+                 f'this job has scoring.mode = "{self.mode.value}"{also}')
 
     @property
     def writes_self_influence(self) -> bool:

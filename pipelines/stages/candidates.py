@@ -2,7 +2,8 @@
 
 A candidate set is ``{query_id: {(doc_id, shard): found_by}}``. ``find_candidates`` asks the
 influence index (``index_query.py``) or TF-IDF (``tfidf.py``'s ``tfidf_topn``) for the best
-``scoring.candidates`` sequences per query and writes them to
+``scoring.candidates`` sequences per query (in index mode, with ``scoring.tfidf_candidates`` > 0,
+TF-IDF's best that many are added: ``with_tfidf``) and writes them to
 ``<output>/candidates/candidates.parquet`` (query_id, doc_id, shard, found_by, and for the index
 index_score, index_top_rank, index_bottom_rank: its estimate and rank on each side's list, null
 for TF-IDF or off that list), which the merge step (``rescore.py``) reads, so `score` and `merge`
@@ -69,11 +70,22 @@ def load_candidates(cfg: JobConfig) -> Candidates:
     return read_candidates(cfg)[0]
 
 
-def tfidf_candidates(cfg: JobConfig) -> Candidates:
-    """TF-IDF's best ``scoring.candidates`` per query (query tokens: prompt + completion, ``tfidf.query_tokens``)."""
+def tfidf_candidates(cfg: JobConfig, n: int) -> Candidates:
+    """TF-IDF's best n per query (query tokens: prompt + completion, ``tfidf.query_tokens``)."""
     tokens = query_tokens(cfg)
-    found = tfidf_topn(cfg, tokens, cfg.scoring.candidates)
+    found = tfidf_topn(cfg, tokens, n)
     return {q: {(d, s): "tfidf" for d, s, _ in found.get(q, [])} for q in tokens}
+
+
+def with_tfidf(index: Candidates, tfidf: Candidates) -> Candidates:
+    """The union of the index's and TF-IDF's candidates per query (``scoring.tfidf_candidates``); found_by says
+    which found each: ``index``, ``tfidf`` or ``index+tfidf``."""
+    out: Candidates = {q: dict(found) for q, found in index.items()}
+    for q, found in tfidf.items():
+        mine = out.setdefault(q, {})
+        for key in found:
+            mine[key] = "index+tfidf" if key in mine else "tfidf"
+    return out
 
 
 def find_candidates(cfg: JobConfig) -> dict[str, Any]:
@@ -81,8 +93,13 @@ def find_candidates(cfg: JobConfig) -> dict[str, Any]:
     estimates = None
     if cfg.scoring.mode == ScoringMode.INDEX:
         found, estimates, info = query_index(cfg)
+        if cfg.scoring.tfidf_candidates:
+            lexical = tfidf_candidates(cfg, cfg.scoring.tfidf_candidates)
+            found = with_tfidf(found, lexical)
+            info["tfidf_candidates"] = cfg.scoring.tfidf_candidates
+            info["tfidf_only"] = sum(f == "tfidf" for q in found.values() for f in q.values())
     elif cfg.scoring.mode == ScoringMode.TFIDF:
-        found, info = tfidf_candidates(cfg), {}
+        found, info = tfidf_candidates(cfg, cfg.scoring.candidates), {}
     else:
         raise ValueError(f"scoring.mode = {cfg.scoring.mode.value!r} has no candidates")
     save_candidates(cfg, found, estimates)

@@ -119,19 +119,23 @@ def side_health(estimate: np.ndarray, exact: np.ndarray, rank: np.ndarray, key_o
 
 def health_rows(rescored: pa.Table, estimates: Estimates, top_k: int) -> pa.Table:
     """HEALTH rows (two per query of ``estimates``) from the re-scored candidates (``rescore.RESCORED``:
-    query_id, doc_id, shard, score) and their index estimates; pairs without an estimate are left out."""
+    query_id, doc_id, shard, score) and their index estimates. A re-scored candidate without an estimate
+    (found by TF-IDF only: ``scoring.tfidf_candidates``) is on neither list: a final row among them is one the
+    index missed, counted at rank M_q + 1."""
     exact: dict[str, dict[tuple[str, str], float]] = {}
     for q, d, s, v in zip(*(rescored.column(n).to_pylist() for n in ("query_id", "doc_id", "shard", "score"))):
         exact.setdefault(q, {})[(d, s)] = v
     cols: dict[str, list] = {n: [] for n in HEALTH.names}
+    off = IndexEstimate(math.nan, None, None)
     for qid in sorted(estimates):
         found = exact.get(qid, {})
-        keys = sorted(k for k in estimates[qid] if k in found)
-        est = np.asarray([estimates[qid][k].score for k in keys], np.float64)
+        keys = sorted(found)
+        mine = [estimates[qid].get(k, off) for k in keys]
+        est = np.asarray([e.score for e in mine], np.float64)
         scores = np.asarray([found[k] for k in keys], np.float64)
         order = np.arange(len(keys))  # keys are sorted: position = tie order
         for sign, attr in (("top", "top_rank"), ("bottom", "bottom_rank")):
-            rank = np.asarray([getattr(estimates[qid][k], attr) or 0 for k in keys], np.int64)
+            rank = np.asarray([getattr(e, attr) or 0 for e in mine], np.int64)
             row = side_health(est, scores, rank, order, sign == "top", top_k)
             for n, v in {"query_id": qid, "sign": sign, **row}.items():
                 cols[n].append(None if isinstance(v, float) and math.isnan(v) else v)
