@@ -335,7 +335,8 @@ def run_facts(out: str | Path, quick: bool = False, command: str = "influence ev
         if size.pipeline_refit:
             t0 = time.perf_counter()
             assert size.seeds[0] == 0  # base_cfg's seed
-            runs = [pipeline_scores(world, base_cfg, "score")]  # complete already: nothing re-runs
+            # score's units are complete (kept); merge re-runs, the tfidf rows having written topk/ in this folder
+            runs = [pipeline_scores(world, base_cfg, "score")]
             runs += [pipeline_scores(world, job(world, f"mlp-seed{s}", "mlp", "none", seed=s), "score")
                      for s in size.seeds[1:]]
             stab.append({"variant": DEFAULT.label + ", pipeline (rank-32 queries)", "fisher": DEFAULT.fisher.value,

@@ -187,7 +187,8 @@ def loose(side: dict[str, Any]) -> bool:
 
 SIDE_NAMES = {"top": "proponents", "bottom": "opponents"}
 LOOSE = "the final top-10 may differ from a full scan's"
-ADVICE = 'raise index.k_out / index.k_in or scoring.candidates, or compare with scoring.mode = "scan" on a sample'
+ADVICE = ('raise index.k_out / index.k_in or scoring.candidates, add TF-IDF candidates (scoring.tfidf_candidates), '
+          'or compare with scoring.mode = "scan" on a sample')
 
 
 def describe(summary: dict[str, Any], sides: tuple[str, ...] = ("top", "bottom")) -> str:

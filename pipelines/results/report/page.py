@@ -205,7 +205,8 @@ def health_paragraph(run: Run) -> str:
         tail = (" <b>The index ranks this model's candidates loosely</b>: the final top-10 rows come from deep in "
                 "the candidate lists, so sequences past the cut may be missing and the results may differ from a "
                 "full scan's. Raise <code>index.k_out</code> / <code>index.k_in</code> or "
-                "<code>scoring.candidates</code>, or compare with <code>scoring.mode = \"scan\"</code> on a sample.")
+                "<code>scoring.candidates</code>, add TF-IDF candidates (<code>scoring.tfidf_candidates</code>), or "
+                "compare with <code>scoring.mode = \"scan\"</code> on a sample.")
         return f'<p class="health loose">{head}{tail}</p>'
     return (f'<p class="health">{head} The final rows come from the head of the candidate lists: the index ranks '
             "this model's candidates closely enough for the re-scoring to recover the top rows.</p>")
