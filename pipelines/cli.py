@@ -152,7 +152,9 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
                 f"failed; {ix.get('width')} numbers ({ix.get('dtype')}) a sequence, "
                 f"{ix.get('stored_bytes_per_sequence')} bytes a sequence stored")
     if name == "candidates":
-        return f"{info.get('pairs')} candidates ({info.get('mode')})"
+        extra = (f" + TF-IDF's best {info['tfidf_candidates']} a query, {info.get('tfidf_only')} of them not "
+                 "found by the index" if info.get("tfidf_candidates") else "")
+        return f"{info.get('pairs')} candidates ({info.get('mode')}{extra})"
     if name == "merge":
         return f"{info.get('queries')} queries, {info.get('rows')} top-k rows"
     return ""

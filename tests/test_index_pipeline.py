@@ -400,6 +400,10 @@ def test_tfidf_candidates_join_the_index_candidates(index_run):
                                  (False, True): "tfidf"}[(key in by_index, key in direct)]
     assert {(c["query_id"], c["doc_id"], c["shard"]) for c in cands} == by_index | direct
     assert record["stages"]["candidates"]["tfidf_only"] == len(direct - by_index) > 0
+    from pipelines.cli import _stage_line
+    assert _stage_line("candidates", record["stages"]["candidates"]) == (
+        f"{len(cands)} candidates (index + TF-IDF's best 4 a query, {len(direct - by_index)} of them not found by "
+        "the index)")
     exact = exact_scores(both)
     rows = topk_rows(both)
     found = {(r["query_id"], r["doc_id"], r["shard"]): r["found_by"] for r in rows}
