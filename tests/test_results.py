@@ -324,3 +324,19 @@ def test_layer_bars_name_their_unit_and_keep_tick_labels_short():
     assert "(x 1e-3)" in small and "0.0005" not in small and "0.0010" not in small
     plain = layer_bars(["a", "b"], [0.6, 2.1], [-0.7, -1.3])
     assert "(x 1e" not in plain
+
+
+def test_rows_say_how_a_candidate_was_found():
+    """Index / tfidf mode: a row's found_by shows in `show` and the report; a scanned row (or an older output
+    without the column) shows nothing."""
+    from pipelines.results.load import ResultRow
+    from pipelines.results.report.page import row_card
+
+    def row(found_by):
+        return ResultRow("q", "top", 1, "d<1>", 2.0, 1.0, "s3://b/c/part-0.parquet", 5, "text", found_by)
+
+    assert row("tfidf").found_note == ", found by tfidf" and row("index+tfidf").found_note == ", found by index+tfidf"
+    assert row("scan").found_note == "" and row(None).found_note == ""
+    assert "part-0.parquet · 5 tokens · raw 2 · found by index+tfidf</span>" in row_card(row("index+tfidf"), None,
+                                                                                          1.0, 10)
+    assert "found by" not in row_card(row("scan"), None, 1.0, 10) and "d&lt;1&gt;" in row_card(row(None), None, 1.0, 10)

@@ -41,6 +41,12 @@ class ResultRow:
     shard: str
     tokens: int | None
     text: str | None
+    found_by: str | None = None  # scan, or index / tfidf / index+tfidf: a candidate re-scored (None: older outputs)
+
+    @property
+    def found_note(self) -> str:
+        """", found by <how>" for a re-scored candidate (index or tfidf mode), "" for a scanned row."""
+        return f", found by {self.found_by}" if self.found_by not in (None, "scan") else ""
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,10 @@ class Run:
     factor_tokens: int | None = None
 
     def rows(self, query_id: str, sign: str = "top", k: int | None = None) -> list[ResultRow]:
+        cols = {c[0] for c in self.con.execute("DESCRIBE topk").fetchall()}
         sql = ("SELECT query_id, sign, rank, doc_id, score, score_normalized, shard, "
-               + ("tokens, text" if self.has_text else "NULL, NULL")
+               + ("tokens, text" if {"text", "tokens"} <= cols else "NULL, NULL")
+               + (", found_by" if "found_by" in cols else ", NULL")
                + " FROM topk WHERE query_id = ? AND sign = ? " + ("AND rank <= ? " if k else "") + "ORDER BY rank")
         params = [query_id, sign] + ([k] if k else [])
         return [ResultRow(*r) for r in self.con.execute(sql, params).fetchall()]

@@ -64,7 +64,8 @@ def row_card(row: ResultRow, tokens: TokenScores | None, scale: float, factor_to
     return (f'<div class="row {cls}"><div class="rowhead"><span class="rank">#{row.rank}</span>'
             f'<span class="score">{_fmt(row.score_normalized)}</span>'
             f'<span class="doc">{esc(row.doc_id)}</span>'
-            f'<span class="meta">{esc(row.shard.rsplit("/", 1)[-1])}{size} · raw {_fmt(row.score, ".4g")}</span>'
+            f'<span class="meta">{esc(row.shard.rsplit("/", 1)[-1])}{size} · raw {_fmt(row.score, ".4g")}'
+            f'{f" · found by {esc(row.found_by)}" if row.found_note else ""}</span>'
             f"</div>{body}</div>")
 
 
