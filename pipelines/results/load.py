@@ -84,7 +84,7 @@ class Run:
     factor_tokens: int | None = None
 
     def rows(self, query_id: str, sign: str = "top", k: int | None = None) -> list[ResultRow]:
-        cols = {c[0] for c in self.con.execute("DESCRIBE topk").fetchall()}
+        cols = self.topk_columns  # one DESCRIBE per call
         sql = ("SELECT query_id, sign, rank, doc_id, score, score_normalized, shard, "
                + ("tokens, text" if {"text", "tokens"} <= cols else "NULL, NULL")
                + (", found_by" if "found_by" in cols else ", NULL")
@@ -94,8 +94,12 @@ class Run:
 
     @property
     def has_text(self) -> bool:
-        cols = {c[0] for c in self.con.execute("DESCRIBE topk").fetchall()}
-        return {"text", "tokens"} <= cols
+        return {"text", "tokens"} <= self.topk_columns
+
+    @property
+    def topk_columns(self) -> set[str]:
+        """The columns of the topk view (older outputs lack some: text, tokens, found_by)."""
+        return {c[0] for c in self.con.execute("DESCRIBE topk").fetchall()}
 
     def token_scores(self, query_id: str, doc_ids: list[str]) -> dict[str, TokenScores]:
         if "token_scores" not in self.out.tables or not doc_ids:

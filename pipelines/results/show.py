@@ -97,7 +97,8 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
         lines.append(f"  top {len(rows)} {title}:" if sign == "top" else f"  bottom {len(rows)} {title}:")
         for r in rows:
             size = f", {r.tokens} tokens" if r.tokens is not None else ""
-            head = f"    #{r.rank:<3} {_fmt_score(r.score_normalized)}  {r.doc_id}  ({_short(r.shard)}{size}{r.found_note})"
+            where = f"{_short(r.shard)}{size}{r.found_note}"
+            head = f"    #{r.rank:<3} {_fmt_score(r.score_normalized)}  {r.doc_id}  ({where})"
             lines.append(_escape(head, color))
             body = render_excerpt(excerpt(r, tokens.get(r.doc_id)), sign, color)
             lines.append("         " + body)
