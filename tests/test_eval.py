@@ -12,6 +12,7 @@ import influence_ops as ops
 from pipelines.cli import main
 from pipelines.eval.ggn import exact_ggn, flat_gradient, identity_hessian, softmax_hessian
 from pipelines.eval.metrics import ranks, spearman, top_overlap
+from pipelines.runtime.threads import torch_threads
 from tests.ops_helpers import assert_close
 
 
@@ -87,6 +88,7 @@ def test_exact_suite_quick_writes_its_table(tmp_path):
 
 
 def test_stability_suite_quick_writes_its_table(tmp_path):
+    threads_before = torch.get_num_threads()
     _run("stability", tmp_path)
     rows = {r["variant"]: r for r in pq.read_table(tmp_path / "stability.parquet").to_pylist()}
     assert set(rows) >= {"sampled k=1", "sampled k=2", "empirical (data labels)"}
@@ -97,6 +99,20 @@ def test_stability_suite_quick_writes_its_table(tmp_path):
     assert rows["sampled k=1"]["cost_vs_k1"] == 1.0
     assert rows["sampled k=1"]["spearman_mean"] < 1.0  # different seeds do differ
     assert (tmp_path / "stability.md").exists()
+    # the suite runs on one torch thread (its table says so) and gives the caller's count back
+    assert pq.read_table(tmp_path / "stability.parquet").schema.metadata[b"torch_threads"] == b"1"
+    assert torch.get_num_threads() == threads_before
+
+
+def test_torch_threads_gives_the_count_back_also_on_error():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(1):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
 
 
 def test_fisher_samples_config_keys():

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.threads import torch_threads
+
 SPECIAL = ["<pad>", "<unk>", "<eos>"]
 
 
@@ -57,24 +59,22 @@ def train(model, sequences: Sequence[Sequence[int]], epochs: int, max_seconds: f
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small trains fastest on one thread, and shares the CPU well
     model.train()
     start, steps, loss, done = time.perf_counter(), 0, math.nan, 0
-    for _ in range(epochs):
-        order = torch.randperm(len(sequences), generator=gen).tolist()
-        for lo in range(0, len(order), batch_size):
-            batch = collate([sequences[i] for i in order[lo:lo + batch_size]])
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            steps, loss = steps + 1, float(out.loss.detach())
-        done += 1
-        if time.perf_counter() - start > max_seconds:
-            break
+    with torch_threads(1):  # a model this small trains fastest on one thread, and shares the CPU well
+        for _ in range(epochs):
+            order = torch.randperm(len(sequences), generator=gen).tolist()
+            for lo in range(0, len(order), batch_size):
+                batch = collate([sequences[i] for i in order[lo:lo + batch_size]])
+                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
+                steps, loss = steps + 1, float(out.loss.detach())
+            done += 1
+            if time.perf_counter() - start > max_seconds:
+                break
     model.eval()
-    torch.set_num_threads(threads)
     return {"steps": steps, "epochs": done, "loss": loss, "seconds": time.perf_counter() - start}
 
 

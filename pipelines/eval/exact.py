@@ -38,6 +38,7 @@ import torch
 
 import influence_ops as ops
 
+from ..runtime.threads import torch_threads
 from .blocks import block_diagonal, block_errors, kfac_layer
 from .exact_models import Setup, classifier_setup, lm_setup
 from .ggn import exact_ggn, layer_slices, split_layers
@@ -236,12 +237,8 @@ def run_exact(out: str | Path, quick: bool = False, command: str = "influence ev
     """Run the suite on one torch thread: on models this small, intra-op threads only add synchronization, and on a
     loaded machine they cost 100x and more (measured: the GPT-2 expected-Fisher fit 0.75 s on 1 thread, 175 s on 2
     at load average 8)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _run(out, quick, command, echo, tuple(model_seeds) if model_seeds else None)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(out: str | Path, quick: bool, command: str, echo: Callable[[str], Any],

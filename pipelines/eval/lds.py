@@ -29,6 +29,7 @@ import torch
 
 import influence_ops as ops
 
+from ..runtime.threads import torch_threads
 from . import kron
 from .datamodels import bootstrap_interval, lds, random_subsets
 from .exact import factor_scores
@@ -130,13 +131,9 @@ def run_lds(out: str | Path, quick: bool = False, command: str = "influence eval
     setups = (("digits", digits_case), ("lm", lm_case))
     progress = Progress(len(setups) * (len(FITS) + 2), echo)
     rows: list[dict[str, Any]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # models this small train fastest on one thread (and ~50x slower on 2 busy cores)
-    try:
+    with torch_threads(1):  # models this small train fastest on one thread (and ~50x slower on 2 busy cores)
         for setup, make in setups:
             rows += evaluate(setup, make, quick, progress, echo)
         parquet, md = write_table(out, "lds", rows, command, NOTES, started)  # torch_threads as run
-    finally:
-        torch.set_num_threads(threads)
     echo(f"wrote {md} and {parquet}")
     return rows

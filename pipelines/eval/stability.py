@@ -29,6 +29,7 @@ import influence_ops as ops
 
 from ..demo.corpus import make_corpus, make_queries
 from ..demo.model import build_tokenizer, tiny_gpt2, train
+from ..runtime.threads import torch_threads
 from .metrics import spearman, top_overlap
 from .report import Progress, write_table
 
@@ -125,22 +126,24 @@ def measure(case: Case, v: Variant, progress: Progress, seeds: tuple[int, ...]) 
 
 def run_stability(out: str | Path, quick: bool = False, command: str = "influence eval stability",
                   echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Run the suite on one torch thread (``runtime.threads``): the demo's model is this small."""
     started = time.perf_counter()
-    case = build_case(quick, echo)
-    seeds = SEEDS[:2] if quick else SEEDS
-    variants = [v for v in VARIANTS if v.label in QUICK] if quick else VARIANTS
-    progress = Progress(len(seeds) * len(variants), echo)
-    rows = [measure(case, v, progress, seeds) for v in variants]
-    base = rows[0]["us_per_token"]
-    for r in rows:
-        r["cost_vs_k1"] = round(r["us_per_token"] / base, 2)
-    notes = (f"Seed-to-seed agreement of the scores ({case.description}). Each variant is fitted "
-             f"{len(seeds)} times (label-sampling seeds {', '.join(map(str, seeds))}) on the whole corpus; for every "
-             f"pair of fits and every query, Spearman over all {case.documents} documents and the overlap of the two "
-             f"top-{TOP} sets; mean and worst over pairs and queries. `samples` / `lambda_samples`: label draws per "
-             "position in stage 1 / stage 3. `cost_vs_k1`: fitting CPU time per token (the least over the seeds, "
-             "both stages; one forward and k backward passes per batch) relative to k=1. "
-             "Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x cost.")
-    parquet, md = write_table(out, "stability", rows, command, notes, started)
+    with torch_threads(1):
+        case = build_case(quick, echo)
+        seeds = SEEDS[:2] if quick else SEEDS
+        variants = [v for v in VARIANTS if v.label in QUICK] if quick else VARIANTS
+        progress = Progress(len(seeds) * len(variants), echo)
+        rows = [measure(case, v, progress, seeds) for v in variants]
+        base = rows[0]["us_per_token"]
+        for r in rows:
+            r["cost_vs_k1"] = round(r["us_per_token"] / base, 2)
+        notes = (f"Seed-to-seed agreement of the scores ({case.description}). Each variant is fitted "
+                 f"{len(seeds)} times (label-sampling seeds {', '.join(map(str, seeds))}) on the whole corpus; for "
+                 f"every pair of fits and every query, Spearman over all {case.documents} documents and the overlap "
+                 f"of the two top-{TOP} sets; mean and worst over pairs and queries. `samples` / `lambda_samples`: "
+                 "label draws per position in stage 1 / stage 3. `cost_vs_k1`: fitting CPU time per token (the least "
+                 "over the seeds, both stages; one forward and k backward passes per batch) relative to k=1. "
+                 "Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x cost.")
+        parquet, md = write_table(out, "stability", rows, command, notes, started)  # torch_threads as run
     echo(f"wrote {md} and {parquet}")
     return rows
