@@ -43,6 +43,7 @@ VARIANTS = {
     "topm3": Variant("topm k=3 (2 top labels + 1 tail draw; 3 / 3)", ops.Fisher.TOPM, 3, 3),
     "topm4": Variant("topm k=4 (3 top labels + 1 tail draw; 4 / 4)", ops.Fisher.TOPM, 4, 4),
     "sampled4": Variant("sampled k=4 (4 / 4)", ops.Fisher.SAMPLED, 4, 4),
+    "topm3l2": Variant("topm k=3 in stage 1, k=2 in stage 3 (3 / 2)", ops.Fisher.TOPM, 3, 2),
 }
 
 
