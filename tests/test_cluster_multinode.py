@@ -120,26 +120,49 @@ def test_cluster_run_equals_local_run(cluster, ray_local, cluster_run, world, tm
     assert eigh["units"] == 4 and rec["stages"]["fit-factors"]["eigh_device"] == ["cpu"]
 
 
-def test_node_lost_mid_score_gives_identical_tables(cluster, cluster_run):
-    out = cluster_run / "out"
-    before, sequences = tables(cluster_run), record(cluster_run)["stages"]["score"]["sequences"]
-    for sub in ("scores", "topk", "token_scores"):
-        shutil.rmtree(out / sub)
-    driver = start_driver(["run", str(cluster_run / "job.toml"), "-q"])
-    removed = None
-    deadline = time.time() + 900
-    while removed is None and driver.poll() is None and time.time() < deadline:
+def remove_a_node_while_scoring(cluster, job_path: Path, out: Path) -> tuple[object, int, str, list]:
+    """Run the job in a driver process; remove the first worker node seen with a scoring actor inside a unit.
+
+    Removal is tried while at least 3 shards are still unscored, so the lost
+    unit has somewhere to run again. Returns (removed node or None, the
+    driver's exit code, its output, a timeline of (seconds, shards done, busy
+    actor nodes) whenever that changed).
+    """
+    driver = start_driver(["run", str(job_path), "-q"])
+    removed, timeline, start = None, [], time.time()
+    while removed is None and driver.poll() is None and time.time() < start + 900:
         done = len(list((out / "scores").glob("*.parquet"))) if (out / "scores").exists() else 0
-        if 1 <= done < SHARDS - 2:
-            busy = actor_nodes(cluster, "ShardScorer")
+        if done < SHARDS - 2:
+            busy = actor_nodes(cluster, "ShardScorer", settle=0.3)
+            if not timeline or timeline[-1][1:] != (done, len(busy)):
+                timeline.append((round(time.time() - start, 1), done, len(busy)))
             if busy:
                 removed = busy[0]
                 cluster.remove_node(removed, allow_graceful=False)
         time.sleep(0.05)
     output, _ = driver.communicate(timeout=1200)
-    assert removed is not None, "no worker node with a scoring actor was found while scoring: " + output
-    assert driver.returncode == 0, output
-    assert tables(cluster_run) == before
+    return removed, driver.returncode, output, timeline
+
+
+def test_node_lost_mid_score_gives_identical_tables(cluster, cluster_run):
+    """Up to 3 tries: on a fast machine the scoring window (a few seconds) can pass between two polls.
+
+    A try that removes nothing must still give the same tables; only the
+    removal's timing is retried, never a wrong result.
+    """
+    out = cluster_run / "out"
+    before, sequences = tables(cluster_run), record(cluster_run)["stages"]["score"]["sequences"]
+    tries = []
+    for _ in range(3):
+        for sub in ("scores", "topk", "token_scores"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        removed, code, output, timeline = remove_a_node_while_scoring(cluster, cluster_run / "job.toml", out)
+        assert code == 0, output
+        assert tables(cluster_run) == before
+        tries.append(timeline)
+        if removed is not None:
+            break
+    assert removed is not None, f"no worker node with a scoring actor was found while scoring in 3 tries: {tries}"
     score = record(cluster_run)["stages"]["score"]
     assert (score["scored"], score["skipped"], score["failed"]) == (SHARDS, 0, 0)
     assert score["units"]["units"] == SHARDS and score["sequences"] == sequences  # each shard counted once
