@@ -70,9 +70,10 @@ def part_exact(seeds: tuple[int, ...], echo: Any, quick: bool = False) -> list[d
         ggn = exact_ggn(s.examples, s.layers) / len(s.examples)
         base = exact.layer_damping(ggn, s.layers)  # 0.1 x trace(F_ll) / P_l
         echo(f"exact: {s.name}: GGN {ggn.shape[0]}^2 ({time.perf_counter() - t0:.0f} s)")
-        fits = {"EK-FAC topm k=3 (default)": [ops.fit_ekfac(s.model, s.layers, s.fit_batches, fisher=ops.Fisher.TOPM,
-                                                            seed=seed, objective=s.objective, samples=3)
-                                              for seed in seeds],
+        fisher, k, k_lambda = exact.DEFAULT_FIT
+        fits = {exact.DEFAULT: [ops.fit_ekfac(s.model, s.layers, s.fit_batches, fisher=fisher, seed=seed,
+                                              objective=s.objective, samples=k, lambda_samples=k_lambda)
+                                for seed in seeds],
                 "EK-FAC expected": [ops.fit_ekfac(s.model, s.layers, s.fit_batches, fisher=ops.Fisher.EXPECTED,
                                                   seed=0, objective=s.objective)]}
         blocks = exact.block_diagonal(ggn, s.layers)
@@ -94,7 +95,7 @@ def part_exact(seeds: tuple[int, ...], echo: Any, quick: bool = False) -> list[d
 
 def part_lds(echo: Any, quick: bool = False) -> list[dict[str, Any]]:
     rows = []
-    _, fisher, k = lds.FITS[0]  # the default: topm k=3
+    _, fisher, k, k_lambda = lds.FITS[0]  # the job's default
     for setup, make in (("digits", digits_case), ("lm", lm_case)):
         t0 = time.perf_counter()
         case = make(quick)
@@ -103,7 +104,7 @@ def part_lds(echo: Any, quick: bool = False) -> list[dict[str, Any]]:
         losses = lds.retrained_losses(case, masks, reps, echo)
         echo(f"lds: {case.name}: retrained on {m} halves x {reps} seed(s) ({time.perf_counter() - t0:.0f} s)")
         f = ops.fit_ekfac(case.model, case.layers, case.fit_batches, fisher=fisher, seed=0, objective=case.objective,
-                          samples=k, lambda_samples=k)
+                          samples=k, lambda_samples=k_lambda)
         per_query = {c: lds.lds(exact.factor_scores(case, f, relative(f, c)), masks, losses) for c in SCALES}
         for c in SCALES:
             lo, hi = bootstrap_interval(per_query[c])

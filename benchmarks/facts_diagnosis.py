@@ -115,7 +115,7 @@ def main() -> None:
     started = time.perf_counter()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="facts-diagnosis-") as tmp:
-        world = build_world(Path(tmp), FULL, print)
+        world = build_world(Path(tmp), FULL)
         print(f"trained: {world.training}; greedy recall {world.recall}", flush=True)
         cfg = job(world, "mlp", "mlp", "none")
         from pipelines.io.model_loading import load_model, load_tokenizer

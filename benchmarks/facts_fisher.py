@@ -62,7 +62,7 @@ def main() -> None:
     progress = Progress(1 + 2 * (1 + len(chosen)), print)
     with tempfile.TemporaryDirectory(prefix="influence-facts-fisher-") as tmp:
         t0 = time.perf_counter()
-        world = build_world(Path(tmp), FULL, print)
+        world = build_world(Path(tmp), FULL)
         progress.step(f"trained a tiny GPT-2 on {len(world.docs)} documents: {world.training['epochs']} epochs, "
                       f"loss {world.training['loss']:.3f}; greedy recall corpus {world.recall['corpus']:.2f}", t0)
         from pipelines.run import run_job
@@ -100,7 +100,7 @@ def cost(args: argparse.Namespace, chosen: list[Variant]) -> None:
     load_before = os.getloadavg()
     variants = [OLD_DEFAULT, *chosen]
     with tempfile.TemporaryDirectory(prefix="influence-facts-cost-") as tmp:
-        world = build_world(Path(tmp), dataclasses.replace(FULL, epochs=1), print)
+        world = build_world(Path(tmp), dataclasses.replace(FULL, epochs=1))
         from pipelines.run import run_job
 
         cfg = job(world, "mlp", "mlp", "none")

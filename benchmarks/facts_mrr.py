@@ -110,7 +110,7 @@ def run_model(spec: str, echo: Any) -> dict[str, Any]:
     size = dataclasses.replace(FULL, width=width, blocks=blocks, epochs=epochs, max_train_seconds=3600.0)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="facts-mrr-") as tmp:
-        world = build_world(Path(tmp), size, echo)
+        world = build_world(Path(tmp), size)
         cfg = job(world, "mlp", "mlp", "none")
         from pipelines.io.model_loading import load_model, load_tokenizer
 

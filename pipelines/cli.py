@@ -265,7 +265,8 @@ def demo(output: str, epochs: int, max_train_seconds: float, quiet: bool) -> Non
 @click.option("--out", default="benchmarks/eval", show_default=True, help="Folder for <suite>.parquet and <suite>.md.")
 @click.option("--quick", is_flag=True, help="Very small settings (seconds; for tests), not the reported sizes.")
 @click.option("--model-seeds", default=None, metavar="0,1,...",
-              help="exact only: comma-separated seeds, one trained model each (default 0,1,...,19; --quick: 0,1).")
+              help="exact and facts: comma-separated seeds, one trained model each (exact: default 0,1,...,19, "
+                   "--quick 0,1; facts: default 0).")
 def eval_command(suite: str, out: str, quick: bool, model_seeds: str | None) -> None:
     """Accuracy suites: `exact` (against exact influence on tiny models), `stability` (seed to seed), `lds`
     (linear datamodeling score against retraining on subsets), `facts` (planted sources found, against BM25
@@ -274,8 +275,9 @@ def eval_command(suite: str, out: str, quick: bool, model_seeds: str | None) -> 
 
     extra = {}
     if model_seeds is not None:
-        if suite != "exact":
-            raise click.BadParameter(f"applies to the exact suite only, not {suite}", param_hint="--model-seeds")
+        if suite not in ("exact", "facts"):
+            raise click.BadParameter(f"applies to the exact and facts suites only, not {suite}",
+                                     param_hint="--model-seeds")
         try:
             seeds = tuple(int(x) for x in model_seeds.split(","))
         except ValueError:

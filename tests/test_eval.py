@@ -10,6 +10,7 @@ from torch import nn
 
 import influence_ops as ops
 from pipelines.cli import main
+from pipelines.eval import exact
 from pipelines.eval.ggn import exact_ggn, flat_gradient, identity_hessian, softmax_hessian
 from pipelines.eval.metrics import ranks, spearman, top_overlap
 from pipelines.runtime.threads import torch_threads
@@ -76,7 +77,7 @@ def test_exact_suite_quick_writes_its_table(tmp_path):
     table = pq.read_table(tmp_path / "exact.parquet")
     rows = table.to_pylist()
     methods = {r["method"] for r in rows}
-    assert {"EK-FAC sampled k=2", "EK-FAC gaussian k=4", "EK-FAC topm k=3 (default)", "EK-FAC expected",
+    assert {"EK-FAC sampled k=2", "EK-FAC gaussian k=4", exact.DEFAULT, "EK-FAC expected",
             "EK-FAC empirical", "identity (gradient dot product)", "K-FAC expected (no eigenvalue correction)"} <= methods
     assert len({r["model"] for r in rows}) == 2
     assert all(-1.0 - 1e-9 <= r["spearman"] <= 1.0 + 1e-9 for r in rows)
@@ -121,7 +122,7 @@ def test_fisher_samples_config_keys():
     base = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl", "output": "/o"}}
     cfg = config_from_dict(base)
     assert (cfg.factors.fisher, cfg.factors.fisher_samples, cfg.factors.lambda_samples) == (
-        ops.Fisher.TOPM, 3, 3)  # the default chosen in README "Accuracy"
+        ops.Fisher.TOPM, 3, 2)  # the default chosen in README "Accuracy"
     cfg = config_from_dict({**base, "factors": {"fisher": "expected", "fisher_samples": 2, "lambda_samples": 8}})
     assert cfg.factors.fisher == ops.Fisher.EXPECTED and cfg.factors.lambda_samples == 8
     for key in ("fisher_samples", "lambda_samples"):

@@ -106,7 +106,7 @@ def test_exact_suite_quick_reports_paired_intervals_and_blocks(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["exact", "--model-seeds", "0,x"], "comma-separated integers"),
                                            (["exact", "--model-seeds", "1,1"], "repeated seed"),
-                                           (["stability", "--model-seeds", "0"], "exact suite only")])
+                                           (["stability", "--model-seeds", "0"], "exact and facts suites only")])
 def test_model_seeds_option_errors(tmp_path, args, message):
     result = CliRunner().invoke(main, ["eval", *args, "--out", str(tmp_path), "--quick"])
     assert result.exit_code == 2 and message in result.output, result.output

@@ -6,6 +6,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipelines.eval.bm25 import BM25
@@ -138,3 +139,35 @@ def test_eval_facts_quick_runs_the_pipeline_and_writes_its_tables(tmp_path):
     assert len(stab) == 2 and all(-1.0 <= r["spearman_mean"] <= 1.0 for r in stab)
     md = (tmp_path / "facts.md").read_text()
     assert "influence eval facts" in md and "--quick" in md and "top-10" in md
+
+
+def test_across_models_gives_mean_and_range_per_method():
+    from pipelines.eval.facts import across_models
+
+    def row(seed, method, c_mrr, p_mrr, c_rec):
+        return {"model_seed": seed, "method": method, "track": "mlp", "normalize": "none", "corpus_recall@10": c_rec,
+                "corpus_mrr": c_mrr, "paraphrase_recall@10": 0.5, "paraphrase_mrr": p_mrr}
+
+    rows = [row(0, "EK-FAC", 0.5, 0.1, 1.0), row(0, "BM25", 1.0, 0.8, 1.0),
+            row(1, "EK-FAC", 0.7, 0.3, 0.5), row(1, "BM25", 1.0, 0.9, 1.0), row(2, "EK-FAC", 0.9, 0.2, 0.0)]
+    out = across_models(rows)
+    assert [r["method"] for r in out] == ["EK-FAC", "BM25"]
+    ek = out[0]
+    assert ek["models"] == 3 and ek["corpus_recall@10"] == pytest.approx(0.5)
+    assert (ek["corpus_mrr"], ek["corpus_mrr_min"], ek["corpus_mrr_max"]) == pytest.approx((0.7, 0.5, 0.9))
+    assert (ek["paraphrase_mrr"], ek["paraphrase_mrr_min"], ek["paraphrase_mrr_max"]) == pytest.approx((0.2, 0.1, 0.3))
+    assert out[1]["models"] == 2 and out[1]["paraphrase_mrr"] == pytest.approx(0.85)
+
+
+def test_a_model_seed_trains_its_own_model_and_the_same_seed_the_same_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipelines.eval.facts_world import QUICK, build_world
+
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        build_world(tmp_path / name, QUICK, seed)
+        weights[name] = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+    assert weights["a"].keys() == weights["c"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])

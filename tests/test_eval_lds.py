@@ -58,7 +58,7 @@ def test_bootstrap_interval_brackets_the_mean_and_widens_with_spread():
 def test_without_kronfluence_its_row_says_not_installed(monkeypatch):
     monkeypatch.setattr(kron, "available", lambda: None)
     scores = method_scores(lm_case(quick=True), quick=False, progress=Progress(10, lambda s: None))
-    assert set(scores) == {label for label, _, _ in FITS} | {KFAC, IDENTITY, KRONFLUENCE}
+    assert set(scores) == {fit[0] for fit in FITS} | {KFAC, IDENTITY, KRONFLUENCE}
     sc, note, _ = scores[KRONFLUENCE]
     assert sc is None and note.startswith("not installed")
     assert scores[DEFAULT][0].shape == (4, 16)  # quick LM: 4 queries x 16 training sequences

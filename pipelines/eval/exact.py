@@ -14,7 +14,8 @@ apart from the layer-wise split.
 
 The methods differ only in the curvature: EK-FAC fitted with k sampled label
 draws (k = 1, 2, 4, 8), with k Gaussian probes (k = 1 and 4, in both stages),
-with k top-m terms (k = 2, 3 (the default), 4), with the expected Fisher, with
+with k top-m terms (k = 2, 3, 4 in both stages, and the job's default: 3 in
+stage 1, 2 for Lambda), with the expected Fisher, with
 the empirical Fisher; K-FAC (the Kronecker eigenvalues e_S e_A instead of
 Lambda, scaled by tokens per sequence to approximate the same per-sequence
 matrix, expected Fisher); and the identity (the plain gradient dot product).
@@ -38,6 +39,7 @@ import torch
 
 import influence_ops as ops
 
+from ..config import FactorConfig
 from ..runtime.threads import torch_threads
 from .blocks import block_diagonal, block_errors, kfac_layer
 from .exact_models import Setup, classifier_setup, lm_setup
@@ -52,12 +54,15 @@ SAMPLES = (1, 2, 4, 8)
 MODEL_SEEDS = tuple(range(20))
 QUICK_MODEL_SEEDS = (0, 1)
 EXPECTED = "EK-FAC expected"
-DEFAULT = "EK-FAC topm k=3 (default)"
+_JOB = FactorConfig()
+DEFAULT_FIT = (_JOB.fisher, _JOB.fisher_samples, _JOB.lambda_samples)  # a job's default: (fisher, stage 1, stage 3)
+DEFAULT = f"EK-FAC {_JOB.fisher.value} {_JOB.fisher_samples} / {_JOB.lambda_samples} (default)"
+TOPM3 = "EK-FAC topm k=3"
 KFAC = "K-FAC expected (no eigenvalue correction)"
 IDENTITY = "identity (gradient dot product)"
 BLOCK = "exact GGN, layer-block-diagonal (the bound for per-layer methods)"
 REFERENCES = {"exact": "", "block-diagonal exact": "_bd"}  # reference -> column suffix
-COMPARISONS = ((EXPECTED, KFAC), (DEFAULT, KFAC), (DEFAULT, IDENTITY))  # (a, b): a - b
+COMPARISONS = ((EXPECTED, KFAC), (DEFAULT, KFAC), (DEFAULT, IDENTITY), (DEFAULT, TOPM3))  # (a, b): a - b
 
 
 def layer_damping(ggn: torch.Tensor, layers: list[ops.TrackedLayer]) -> dict[str, float]:
@@ -85,13 +90,13 @@ def factor_scores(s: Setup, factors: ops.EKFACFactors, damping: dict[str, float]
     return total
 
 
-def _methods(quick: bool = False) -> list[tuple[str, ops.Fisher, int]]:
-    """(label, fisher, samples) of the fitted methods."""
-    return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k) for k in (SAMPLES[:2] if quick else SAMPLES)]
-            + [(f"EK-FAC gaussian k={k}", ops.Fisher.GAUSSIAN, k) for k in ((4,) if quick else (1, 4))]
-            + [(DEFAULT if k == 3 else f"EK-FAC topm k={k}", ops.Fisher.TOPM, k)
-               for k in ((3,) if quick else (2, 3, 4))]
-            + [(EXPECTED, ops.Fisher.EXPECTED, 1), ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1)])
+def _methods(quick: bool = False) -> list[tuple[str, ops.Fisher, int, int]]:
+    """(label, fisher, samples in stage 1, samples in stage 3) of the fitted methods."""
+    return ([(f"EK-FAC sampled k={k}", ops.Fisher.SAMPLED, k, k) for k in (SAMPLES[:2] if quick else SAMPLES)]
+            + [(f"EK-FAC gaussian k={k}", ops.Fisher.GAUSSIAN, k, k) for k in ((4,) if quick else (1, 4))]
+            + [(f"EK-FAC topm k={k}", ops.Fisher.TOPM, k, k) for k in ((3,) if quick else (2, 3, 4))]
+            + [(DEFAULT, *DEFAULT_FIT), (EXPECTED, ops.Fisher.EXPECTED, 1, 1),
+               ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1, 1)])
 
 
 @dataclass
@@ -126,10 +131,10 @@ def evaluate(s: Setup, fit_seed: int, progress: Progress, quick: bool = False) -
     progress.step(f"{s.name}: exact GGN {ggn.shape[0]} x {ggn.shape[0]} and its inverse", start)
     out = SeedResult()
     fitted = {}
-    for label, fisher, k in _methods(quick):
+    for label, fisher, k, k_lambda in _methods(quick):
         t0 = time.perf_counter()
         fitted[label] = ops.fit_ekfac(s.model, s.layers, s.fit_batches, fisher=fisher, seed=fit_seed,
-                                      objective=s.objective, samples=k)
+                                      objective=s.objective, samples=k, lambda_samples=k_lambda)
         scores = factor_scores(s, fitted[label], damping)
         out.add(label, scores, refs, time.perf_counter() - t0)
         progress.step(f"{s.name}: {label}", t0)
@@ -203,7 +208,8 @@ Correlation of approximate influence with exact influence (exact damped Gauss-Ne
 layers = true Fisher, float64, inverted), over {seeds} trained models per model kind (model seeds {seed_list}:
 initialization and, for GPT-2, minibatch order; the same data). Per query over all training examples, then the
 mean over model seeds and queries (`*_min`: the worst query of any model). Every fitted method is fitted once
-per model, with fit seed = model seed (topm k: the k - 1 most probable labels enumerated, one tail draw). Same
+per model, with fit seed = model seed (topm k: the k - 1 most probable labels enumerated, one tail draw; k / k':
+k' draws in stage 3). Same
 gradients and same per-layer damping (0.1 x trace(F_ll)/P_l) for every method; only the curvature differs.
 `*_bd` columns: against the exact influence of the layer-block-diagonal GGN (the exact within-layer blocks, none
 between layers), which is what EK-FAC, K-FAC and every per-layer method approximate: there the gap to 1.0 is

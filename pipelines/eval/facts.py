@@ -5,7 +5,9 @@ Symbols: N documents, Q queries (two per fact: corpus phrasing, paraphrase).
 1. A planted-fact corpus (``facts_corpus.py``, written by ``facts_world.py``: people, their town and job,
    each fact stated by several differently phrased documents among
    distractors) and a tiny GPT-2 trained on it here until it recalls the facts
-   (greedy recall of each query's completion is reported per query set).
+   (greedy recall of each query's completion is reported per query set); one
+   model per ``--model-seeds`` seed (default 0), every step below on each, and
+   with several models their mean and range per method (``across_models``).
 2. The real pipeline (``run_job``: tokenize, fit-factors, build-queries, score,
    merge, on a local Ray) for every ``model.track`` (mlp, mlp+attention) and
    ``scoring.normalize`` (none, cosine, train_norm), default Fisher, with
@@ -190,103 +192,151 @@ def pipeline_stability(world: World, runs: list[dict[str, dict[str, float]]]) ->
 
 
 def run_facts(out: str | Path, quick: bool = False, command: str = "influence eval facts",
-              echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+              echo: Callable[[str], Any] = print, model_seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """The suite on one trained model per seed in ``model_seeds`` (default: seed 0).
+
+    Every row carries its ``model_seed``. With several models, ``facts_models`` gives each
+    method's mean and range over them: one model's numbers are one draw of the training's
+    randomness (and of its floating-point rounding: the same seed on another CPU trains a
+    different model).
+    """
     started = time.perf_counter()
     size = QUICK if quick else FULL
+    seeds = model_seeds or (0,)
     runs = len(size.tracks) * len(size.normalizes)
-    seeds = ", ".join(map(str, size.seeds))
     steps = 1 + runs + len(size.tfidf) + 2 + size.tfidf_alone + size.pipeline_refit
-    progress = Progress(steps + len(size.seeds) * (2 + len(size.candidates)), echo)
-    with tempfile.TemporaryDirectory(prefix="influence-facts-") as tmp:
-        t0 = time.perf_counter()
-        world = build_world(Path(tmp), size, echo)
-        progress.step(f"trained a tiny GPT-2 on {len(world.docs)} documents: {world.training['epochs']} epochs, "
-                      f"loss {world.training['loss']:.3f}; greedy recall corpus {world.recall['corpus']:.2f}, "
-                      f"paraphrase {world.recall['paraphrase']:.2f}", t0)
-        rows: list[dict[str, Any]] = []
-        reference = None
-        for track in size.tracks:
-            for normalize in size.normalizes:
-                t0 = time.perf_counter()
-                cfg = job(world, track.replace("+", "-"), track, normalize)
-                scores = pipeline_scores(world, cfg, "rank")
-                ranks = first_ranks(world, scores)
-                row = retrieval_row("EK-FAC", track, normalize, ranks, reference)
-                reference = reference or ranks
-                rows.append(row)
-                progress.step(f"pipeline, track {track}, normalize {normalize}: paraphrase MRR "
-                              f"{row['paraphrase_mrr']:.3f}", t0)
-        for normalize, n in size.tfidf:  # the mlp scans' folder: its factors and queries are reused
-            t0 = time.perf_counter()
-            scores = pipeline_scores(world, job(world, "mlp", "mlp", normalize, candidates=n), "rank")
-            row = retrieval_row(f"EK-FAC, tfidf mode ({n} candidates)", "mlp", normalize,
-                                first_ranks(world, scores, restricted=True), reference, restricted=True)
-            rows.append(row)
-            progress.step(f"pipeline, scoring.mode tfidf, {n} candidates, normalize {normalize}: recall@{TOP} / MRR "
-                          + ", ".join(f"{s} {row[f'{s}_recall@{TOP}']:.3f} / {row[f'{s}_mrr']:.3f} "
-                                      f"(vs EK-FAC {row[f'{s}_mrr_vs_ekfac']})" for s in SETS), t0)
-        base_cfg = job(world, "mlp", "mlp", "none")
-        ip = in_process(world, base_cfg)
-        t0 = time.perf_counter()
-        for method, normalize in (("gradient dot product", ops.Normalize.NONE),
-                                  ("gradient cosine", ops.Normalize.TRAIN_NORM)):
-            ranks = first_ranks(world, as_rows(world, ip, gradient_scores(ip, normalize)))
-            rows.append(retrieval_row(method, "mlp", "(no factors)", ranks, reference))
-        progress.step("gradient dot product and cosine (no preconditioner)", t0)
-        t0 = time.perf_counter()
-        rows.append(retrieval_row("BM25 (token ids, k1=1.5, b=0.75)", "", "", first_ranks(
-            world, as_rows(world, ip, bm25_scores(ip))), reference))
-        progress.step("BM25", t0)
-        if size.tfidf_alone:
-            t0 = time.perf_counter()
-            rows.append(retrieval_row("TF-IDF alone (the tfidf candidates' order: binary BM25, k1=1.5, b=0.75)", "",
-                                      "", first_ranks(world, tfidf_alone(world, base_cfg), restricted=True),
-                                      reference, restricted=True))
-            progress.step("TF-IDF alone (tfidf_topn over every sequence)", t0)
-
-        stab = []
-        if size.pipeline_refit:
-            t0 = time.perf_counter()
-            assert size.seeds[0] == 0  # base_cfg's seed
-            # score's units are complete (kept); merge re-runs, the tfidf rows having written topk/ in this folder
-            runs = [pipeline_scores(world, base_cfg, "score")]
-            runs += [pipeline_scores(world, job(world, f"mlp-seed{s}", "mlp", "none", seed=s), "score")
-                     for s in size.seeds[1:]]
-            stab.append({"variant": DEFAULT.label + ", pipeline (rank-32 queries)", "fisher": DEFAULT.fisher.value,
-                         "samples": DEFAULT.samples, "lambda_samples": DEFAULT.lambda_samples, "seeds": seeds,
-                         **pipeline_stability(world, runs),
-                         "fit_cpu_seconds": float("nan"), "cost_vs_old_default": float("nan")})
-            progress.step(f"pipeline refits with factors.seed = {seeds}: Spearman {stab[0]['spearman_mean']:.3f} "
-                          f"(worst {stab[0]['spearman_min']:.3f}), top-10 overlap "
-                          f"{stab[0][f'top{TOP}_overlap_mean']:.3f} (worst {stab[0][f'top{TOP}_overlap_min']:.3f})",
-                          t0)
-        case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
-        measured = [measure(case, v, progress, size.seeds) for v in (OLD_DEFAULT, DEFAULT)]
-        if measured[1][f"top{TOP}_overlap_mean"] < 0.9:
-            measured += [measure(case, v, progress, size.seeds) for v in size.candidates]
-        for m in measured:
-            stab.append({"variant": m["variant"] + ", in process (dense queries)", "fisher": m["fisher"],
-                         "samples": m["samples"], "lambda_samples": m["lambda_samples"], "seeds": seeds,
-                         **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
-                                              f"top{TOP}_overlap_min", "fit_cpu_seconds")},
-                         "cost_vs_old_default": round(m["us_per_token"] / measured[0]["us_per_token"], 2)})
-        notes = _notes(world, size, stab)
-        parquet, md = write_table(out, "facts", rows, command, notes, started)
-        write_table(out, "facts_stability", stab, command, "Seed to seed on the planted-fact corpus "
-                    "(see facts.md).", started)
-    echo(f"wrote {md}, {parquet} and facts_stability.parquet")
+    progress = Progress(len(seeds) * (steps + len(size.seeds) * (2 + len(size.candidates))), echo)
+    rows: list[dict[str, Any]] = []
+    stab: list[dict[str, Any]] = []
+    worlds: dict[int, World] = {}
+    for seed in seeds:
+        with tempfile.TemporaryDirectory(prefix="influence-facts-") as tmp:
+            worlds[seed], model_rows, model_stab = _one_model(Path(tmp), size, seed, progress)
+        rows += [{"model_seed": seed, **r} for r in model_rows]
+        stab += [{"model_seed": seed, **r} for r in model_stab]
+    parquet, md = write_table(out, "facts", rows, command, _notes(worlds, size, stab), started)
+    write_table(out, "facts_stability", stab, command, "Seed to seed on the planted-fact corpus "
+                "(see facts.md).", started)
+    if len(seeds) > 1:
+        write_table(out, "facts_models", across_models(rows), command, MODELS_NOTES.format(
+            n=len(seeds), seeds=", ".join(map(str, seeds))), started)
+    echo(f"wrote {md}, {parquet} and facts_stability.parquet" + (" and facts_models" if len(seeds) > 1 else ""))
     return rows + stab
 
 
-def _notes(world: World, size: Size, stab: list[dict[str, Any]]) -> str:
+MODELS_NOTES = """
+The facts suite's rows over {n} trained models (model seeds {seeds}: initialization and minibatch order; the
+same corpus, queries and recipe; facts.md has every model's rows). Per method: the mean over models of recall@10
+and MRR per query set, and the lowest and highest MRR of any model.
+"""
+
+
+def across_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, track, normalize), in first-seen order: mean recall@10 / MRR over the models, MRR min and max."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["track"], r["normalize"]), []).append(r)
+    out = []
+    for (method, track, normalize), rs in groups.items():
+        row: dict[str, Any] = {"method": method, "track": track, "normalize": normalize, "models": len(rs)}
+        for s in SETS:
+            mrr = [r[f"{s}_mrr"] for r in rs]
+            row[f"{s}_recall@{TOP}"] = sum(r[f"{s}_recall@{TOP}"] for r in rs) / len(rs)
+            row.update({f"{s}_mrr": sum(mrr) / len(rs), f"{s}_mrr_min": min(mrr), f"{s}_mrr_max": max(mrr)})
+        out.append(row)
+    return out
+
+
+def _one_model(work: Path, size: Size, model_seed: int, progress: Progress) -> tuple[World, list, list]:
+    """Train the model of ``model_seed`` and measure every row on it: (world, retrieval rows, stability rows)."""
+    seeds = ", ".join(map(str, size.seeds))
+    t0 = time.perf_counter()
+    world = build_world(work, size, model_seed)
+    progress.step(f"model seed {model_seed}: trained a tiny GPT-2 on {len(world.docs)} documents: "
+                  f"{world.training['epochs']} epochs, loss {world.training['loss']:.3f}; greedy recall corpus "
+                  f"{world.recall['corpus']:.2f}, paraphrase {world.recall['paraphrase']:.2f}", t0)
+    rows: list[dict[str, Any]] = []
+    reference = None
+    for track in size.tracks:
+        for normalize in size.normalizes:
+            t0 = time.perf_counter()
+            cfg = job(world, track.replace("+", "-"), track, normalize)
+            scores = pipeline_scores(world, cfg, "rank")
+            ranks = first_ranks(world, scores)
+            row = retrieval_row("EK-FAC", track, normalize, ranks, reference)
+            reference = reference or ranks
+            rows.append(row)
+            progress.step(f"pipeline, track {track}, normalize {normalize}: paraphrase MRR "
+                          f"{row['paraphrase_mrr']:.3f}", t0)
+    for normalize, n in size.tfidf:  # the mlp scans' folder: its factors and queries are reused
+        t0 = time.perf_counter()
+        scores = pipeline_scores(world, job(world, "mlp", "mlp", normalize, candidates=n), "rank")
+        row = retrieval_row(f"EK-FAC, tfidf mode ({n} candidates)", "mlp", normalize,
+                            first_ranks(world, scores, restricted=True), reference, restricted=True)
+        rows.append(row)
+        progress.step(f"pipeline, scoring.mode tfidf, {n} candidates, normalize {normalize}: recall@{TOP} / MRR "
+                      + ", ".join(f"{s} {row[f'{s}_recall@{TOP}']:.3f} / {row[f'{s}_mrr']:.3f} "
+                                  f"(vs EK-FAC {row[f'{s}_mrr_vs_ekfac']})" for s in SETS), t0)
+    base_cfg = job(world, "mlp", "mlp", "none")
+    ip = in_process(world, base_cfg)
+    t0 = time.perf_counter()
+    for method, normalize in (("gradient dot product", ops.Normalize.NONE),
+                              ("gradient cosine", ops.Normalize.TRAIN_NORM)):
+        ranks = first_ranks(world, as_rows(world, ip, gradient_scores(ip, normalize)))
+        rows.append(retrieval_row(method, "mlp", "(no factors)", ranks, reference))
+    progress.step("gradient dot product and cosine (no preconditioner)", t0)
+    t0 = time.perf_counter()
+    rows.append(retrieval_row("BM25 (token ids, k1=1.5, b=0.75)", "", "", first_ranks(
+        world, as_rows(world, ip, bm25_scores(ip))), reference))
+    progress.step("BM25", t0)
+    if size.tfidf_alone:
+        t0 = time.perf_counter()
+        rows.append(retrieval_row("TF-IDF alone (the tfidf candidates' order: binary BM25, k1=1.5, b=0.75)", "",
+                                  "", first_ranks(world, tfidf_alone(world, base_cfg), restricted=True),
+                                  reference, restricted=True))
+        progress.step("TF-IDF alone (tfidf_topn over every sequence)", t0)
+
+    stab = []
+    if size.pipeline_refit:
+        t0 = time.perf_counter()
+        assert size.seeds[0] == 0  # base_cfg's seed
+        # score's units are complete (kept); merge re-runs, the tfidf rows having written topk/ in this folder
+        runs = [pipeline_scores(world, base_cfg, "score")]
+        runs += [pipeline_scores(world, job(world, f"mlp-seed{s}", "mlp", "none", seed=s), "score")
+                 for s in size.seeds[1:]]
+        stab.append({"variant": DEFAULT.label + ", pipeline (rank-32 queries)", "fisher": DEFAULT.fisher.value,
+                     "samples": DEFAULT.samples, "lambda_samples": DEFAULT.lambda_samples, "seeds": seeds,
+                     **pipeline_stability(world, runs),
+                     "fit_cpu_seconds": float("nan"), "cost_vs_old_default": float("nan")})
+        progress.step(f"pipeline refits with factors.seed = {seeds}: Spearman {stab[0]['spearman_mean']:.3f} "
+                      f"(worst {stab[0]['spearman_min']:.3f}), top-10 overlap "
+                      f"{stab[0][f'top{TOP}_overlap_mean']:.3f} (worst {stab[0][f'top{TOP}_overlap_min']:.3f})",
+                      t0)
+    case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
+    measured = [measure(case, v, progress, size.seeds) for v in (OLD_DEFAULT, DEFAULT)]
+    if measured[1][f"top{TOP}_overlap_mean"] < 0.9:
+        measured += [measure(case, v, progress, size.seeds) for v in size.candidates]
+    for m in measured:
+        stab.append({"variant": m["variant"] + ", in process (dense queries)", "fisher": m["fisher"],
+                     "samples": m["samples"], "lambda_samples": m["lambda_samples"], "seeds": seeds,
+                     **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
+                                          f"top{TOP}_overlap_min", "fit_cpu_seconds")},
+                     "cost_vs_old_default": round(m["us_per_token"] / measured[0]["us_per_token"], 2)})
+    return world, rows, stab
+
+
+def _notes(worlds: dict[int, World], size: Size, stab: list[dict[str, Any]]) -> str:
+    world = next(iter(worlds.values()))
     facts = len({q["fact"] for q in world.queries})
+    trained = "; ".join(f"model seed {seed}: {w.training['epochs']} epochs, final loss {w.training['loss']:.3f}, "
+                        f"greedy recall of the queries' completions {w.recall['corpus']:.2f} in the corpus's phrasing "
+                        f"and {w.recall['paraphrase']:.2f} in the paraphrases" for seed, w in worlds.items())
     return f"""
 Planted-fact corpus (`pipelines/eval/facts_corpus.py`): {size.people} people, each with a town ({size.towns} towns)
 and a job ({size.jobs} jobs), {facts} facts, each stated by 3 documents in 3 different phrasings (one of them the
 corpus-phrased query's), among {len(world.docs)} documents ({size.distractors} distractors that name people, towns
 and jobs without stating a fact). Tiny GPT-2 (width {size.width}, {size.blocks} block(s), vocabulary {world.vocab},
-random init) trained {world.training['epochs']} epochs (final loss {world.training['loss']:.3f}); greedy recall of the
-queries' completions: corpus phrasing {world.recall['corpus']:.2f}, paraphrases {world.recall['paraphrase']:.2f}.
+random init, seeded by `model_seed`; the seed also orders the minibatches) trained per model seed: {trained}.
 
 {facts} queries in the corpus's phrasing (`<person> lives in` -> town, `<person> works as a` -> job) and {facts} in a
 phrasing no document uses, made of corpus words (`the town where <person> lives is`, `for a living , <person> is a`).
@@ -307,8 +357,8 @@ recall@10: share of queries with a planted source in the top 10; MRR: mean 1 / r
 
 Seed to seed at the default Fisher (fits differing only in the seed, {", ".join(map(str, size.seeds))}; for every
 pair of seeds and every query, Spearman over all {len(world.docs)} documents and the overlap of the top-{TOP} sets;
-mean and worst over pairs and queries). Pipeline row: rank-32 queries, `factors.seed` as listed. In-process rows (`influence_ops.fit_ekfac` on the whole corpus, dense queries, as
-`influence eval stability`): `cost_vs_old_default` = fitting CPU seconds per token relative to sampled k=1
+mean and worst over pairs and queries). Pipeline row: rank-32 queries, `factors.seed` as listed. In-process rows
+(`influence_ops.fit_ekfac` on the whole corpus, dense queries, as `influence eval stability`): `cost_vs_old_default` = fitting CPU seconds per token relative to sampled k=1
 (CPU seconds grow with the machine's load: compare them only within a run whose load stayed level).
 Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x the old fitting cost.
 

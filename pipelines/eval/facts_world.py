@@ -10,7 +10,6 @@ row (a scan, or ``scoring.mode = "tfidf"`` with n candidates), relative to that 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 import influence_ops as ops
 
+from ..config import FactorConfig
 from ..demo.model import build_tokenizer, save_model, tiny_gpt2, train
 from .facts_corpus import make_facts_corpus
 from .stability import Variant
@@ -52,7 +52,9 @@ FULL = Size(24, 10, 10, 216, 64, 2, 100, 600.0, TRACKS, NORMALIZES,
             tuple((norm, n) for norm in NORMALIZES for n in (100, 50, 20)), True)  # 100: the product default
 QUICK = Size(4, 3, 3, 16, 16, 1, 40, 10.0, ("mlp",), ("none", "cosine"), (), False, (0, 1), (("none", 10),), False)
 OLD_DEFAULT = Variant("sampled k=1 (1 / 1), the old default", ops.Fisher.SAMPLED, 1)
-DEFAULT = Variant("topm k=3 (3 / 3), the default", ops.Fisher.TOPM, 3, 3)
+_JOB = FactorConfig()  # a job's default fit
+DEFAULT = Variant(f"{_JOB.fisher.value} k={_JOB.fisher_samples} ({_JOB.fisher_samples} / {_JOB.lambda_samples}), "
+                  "the default", _JOB.fisher, _JOB.fisher_samples, _JOB.lambda_samples)
 
 
 @dataclass
@@ -68,7 +70,9 @@ class World:
     vocab: int
 
 
-def build_world(work: Path, size: Size, echo: Callable[[str], Any]) -> World:
+def build_world(work: Path, size: Size, model_seed: int = 0) -> World:
+    """Write the corpus and queries under ``work`` and train the model of ``model_seed`` (initialization and
+    minibatch order) on it."""
     docs, facts, queries = make_facts_corpus(size.people, size.towns, size.jobs, 3, size.distractors, seed=0)
     raw = work / "raw"
     raw.mkdir(parents=True)
@@ -78,9 +82,10 @@ def build_world(work: Path, size: Size, echo: Callable[[str], Any]) -> World:
     (work / "queries.jsonl").write_text("".join(
         json.dumps({k: q[k] for k in ("query_id", "prompt", "completion")}) + "\n" for q in queries))
     tok = build_tokenizer([d["text"] for d in docs], work / "model")
-    model = tiny_gpt2(len(tok), context=64, width=size.width, layers=size.blocks, heads=4 if size.width >= 32 else 2)
+    model = tiny_gpt2(len(tok), context=64, width=size.width, layers=size.blocks, heads=4 if size.width >= 32 else 2,
+                      seed=model_seed)
     stats = train(model, [tok(d["text"])["input_ids"][:64] for d in docs], epochs=size.epochs,
-                  max_seconds=size.max_train_seconds)
+                  max_seconds=size.max_train_seconds, seed=model_seed)
     save_model(model, work / "model")
     return World(work, docs, queries, {d["id"]: d["source_of"] for d in docs}, lm_recall(model, tok, queries),
                  stats, len(tok))

@@ -12,8 +12,9 @@ The table gives the mean over queries with a 95% bootstrap interval (resampling
 queries), and the paired difference to this project's default EK-FAC.
 
 Methods (the same brute-force gradients; damping 0.1 x mean(Lambda) per layer
-everywhere): EK-FAC with the default Gaussian Fisher (4 draws in both stages),
-with one sampled label, with the empirical Fisher; K-FAC (the default fit's
+everywhere): EK-FAC with the job's default Fisher (``exact.DEFAULT_FIT``), with
+top-m k = 3 in both stages, with Gaussian probes (4 draws in both stages), with
+one sampled label, with the empirical Fisher; K-FAC (the default fit's
 Kronecker eigenvalues in place of Lambda); the identity (gradient dot
 product); kronfluence's EK-FAC when it imports (``kron.py``).
 """
@@ -32,16 +33,16 @@ import influence_ops as ops
 from ..runtime.threads import torch_threads
 from . import kron
 from .datamodels import bootstrap_interval, lds, random_subsets
-from .exact import factor_scores
+from .exact import DEFAULT, DEFAULT_FIT, TOPM3, factor_scores
 from .lds_cases import LdsCase, digits_case, lm_case
 from .report import Progress, write_table
 
-DEFAULT = "EK-FAC topm k=3 (default)"
 KRONFLUENCE = "kronfluence EK-FAC (true Fisher, 1 sampled label)"
-FITS = ((DEFAULT, ops.Fisher.TOPM, 3), ("EK-FAC gaussian k=4", ops.Fisher.GAUSSIAN, 4),
-        ("EK-FAC sampled k=1", ops.Fisher.SAMPLED, 1),
-        ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1))
-KFAC = "K-FAC topm k=3 (no eigenvalue correction)"
+# (label, fisher, draws in stage 1, draws in stage 3)
+FITS = ((DEFAULT, *DEFAULT_FIT), (TOPM3, ops.Fisher.TOPM, 3, 3),
+        ("EK-FAC gaussian k=4", ops.Fisher.GAUSSIAN, 4, 4), ("EK-FAC sampled k=1", ops.Fisher.SAMPLED, 1, 1),
+        ("EK-FAC empirical", ops.Fisher.EMPIRICAL, 1, 1))
+KFAC = "K-FAC (the default fit's Kronecker eigenvalues; no eigenvalue correction)"
 IDENTITY = "identity (gradient dot product)"
 # setup -> (subsets M, retraining seeds S), full and --quick
 SIZES = {"digits": ((100, 2), (8, 1)), "lm": ((50, 2), (6, 1))}
@@ -51,10 +52,10 @@ def method_scores(case: LdsCase, quick: bool, progress: Progress) -> dict[str, t
     """label -> ([Q, N] scores or None, note, seconds)."""
     out: dict[str, tuple[torch.Tensor | None, str, float]] = {}
     damping = {layer.name: None for layer in case.layers}  # 0.1 x mean(Lambda) per layer
-    for label, fisher, k in FITS:
+    for label, fisher, k, k_lambda in FITS:
         t0 = time.perf_counter()
         factors = ops.fit_ekfac(case.model, case.layers, case.fit_batches, fisher=fisher, seed=0,
-                                objective=case.objective, samples=k, lambda_samples=k)
+                                objective=case.objective, samples=k, lambda_samples=k_lambda)
         out[label] = (factor_scores(case, factors, damping), "", time.perf_counter() - t0)
         if label == DEFAULT:
             t1 = time.perf_counter()
@@ -116,7 +117,7 @@ Linear datamodeling score (LDS): for each query, the Spearman correlation over `
 training set between the sum of a method's scores over the half and minus the query's loss of models retrained
 from scratch on that half (mean over `seeds` retraining seeds). Scores come from the model trained on the whole
 set. `lds`: mean over queries, `ci95_*`: 95% bootstrap interval over queries; `vs_default`: the paired
-difference to this project's default EK-FAC (Gaussian Fisher, 4 draws) with its 95% bootstrap interval (an
+difference to this project's default EK-FAC (the first row) with its 95% bootstrap interval (an
 interval containing 0: no measurable difference). Every method uses the same gradients and the damping
 0.1 x mean(Lambda) per layer (kronfluence: `damping_factor=None`, the same heuristic; its true Fisher draws one
 label per position). `seconds`: fitting and scoring (tiny models; mostly per-pass overhead). One factor fit
