@@ -2,14 +2,15 @@
 
 Usage:
 
-    python benchmarks/facts_fisher.py [--out benchmarks/eval] [--variants topm4,topm3]
+    python benchmarks/facts_fisher.py [--out benchmarks/eval] [--variants topm4,topm3] [--model-seeds 0,1,2]
     python benchmarks/facts_fisher.py --cost 3 [--variants ...]   # fitting cost only
 
 Builds the world of ``influence eval facts`` (``pipelines.eval.facts.build_world``,
 the FULL size: planted-fact corpus, tiny GPT-2 trained here), tokenizes it with
 the pipeline's tokenize stage only, and runs the in-process stability rows of
 ``facts_stability`` (``stability.measure``: ``fit_ekfac`` on the whole corpus,
-dense queries, seeds 0 and 1) for the chosen variants. The old default (sampled
+dense queries, fitting seeds 0 and 1, or ``--seeds``) for the chosen variants, on
+the model of each ``--model-seeds`` seed (default 0). The old default (sampled
 k=1) is always measured first: ``cost_vs_old_default`` is each row's fitting CPU
 seconds per token relative to it, in the same run. Writes
 ``<out>/facts_fisher.md`` and ``.parquet`` with the machine, load and command.
@@ -44,6 +45,8 @@ VARIANTS = {
     "topm4": Variant("topm k=4 (3 top labels + 1 tail draw; 4 / 4)", ops.Fisher.TOPM, 4, 4),
     "sampled4": Variant("sampled k=4 (4 / 4)", ops.Fisher.SAMPLED, 4, 4),
     "topm3l2": Variant("topm k=3 in stage 1, k=2 in stage 3 (3 / 2)", ops.Fisher.TOPM, 3, 2),
+    "topm4l2": Variant("topm k=4 in stage 1, k=2 in stage 3 (4 / 2)", ops.Fisher.TOPM, 4, 2),
+    "topm4l3": Variant("topm k=4 in stage 1, k=3 in stage 3 (4 / 3)", ops.Fisher.TOPM, 4, 3),
 }
 
 
@@ -52,6 +55,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/eval")
     parser.add_argument("--variants", default="gaussian4,topm4,topm3")
     parser.add_argument("--cost", type=int, default=0, help="only the fitting cost, this many interleaved rounds")
+    parser.add_argument("--model-seeds", default="0", help="trained models (facts suite's model_seed), comma-separated")
+    parser.add_argument("--seeds", default="0,1", help="fitting seeds compared pairwise, comma-separated")
     args = parser.parse_args()
     chosen = [VARIANTS[v] for v in args.variants.split(",")]
     if args.cost:
@@ -59,32 +64,39 @@ def main() -> None:
         return
     started = time.perf_counter()
     load_before = os.getloadavg()
-    progress = Progress(1 + 2 * (1 + len(chosen)), print)
-    with tempfile.TemporaryDirectory(prefix="influence-facts-fisher-") as tmp:
-        t0 = time.perf_counter()
-        world = build_world(Path(tmp), FULL)
-        progress.step(f"trained a tiny GPT-2 on {len(world.docs)} documents: {world.training['epochs']} epochs, "
-                      f"loss {world.training['loss']:.3f}; greedy recall corpus {world.recall['corpus']:.2f}", t0)
-        from pipelines.run import run_job
+    model_seeds = [int(x) for x in args.model_seeds.split(",")]
+    seeds = tuple(int(x) for x in args.seeds.split(","))
+    progress = Progress(len(model_seeds) * (1 + len(seeds) * (1 + len(chosen))), print)
+    rows = []
+    for model_seed in model_seeds:
+        with tempfile.TemporaryDirectory(prefix="influence-facts-fisher-") as tmp:
+            t0 = time.perf_counter()
+            world = build_world(Path(tmp), FULL, model_seed)
+            progress.step(f"model seed {model_seed}: trained a tiny GPT-2 on {len(world.docs)} documents: "
+                          f"{world.training['epochs']} epochs, loss {world.training['loss']:.3f}; greedy recall corpus "
+                          f"{world.recall['corpus']:.2f}", t0)
+            from pipelines.run import run_job
 
-        cfg = job(world, "mlp", "mlp", "none")
-        run_job(cfg, stages=("tokenize",))
-        ip = in_process(world, cfg)
-        case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
-        measured = [measure(case, v, progress, (0, 1)) for v in [OLD_DEFAULT, *chosen]]
-    base = measured[0]["us_per_token"]
-    rows = [{"variant": m["variant"] + ", in process (dense queries)", "fisher": m["fisher"], "samples": m["samples"],
-             "lambda_samples": m["lambda_samples"], "seeds": "0, 1",
-             **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
-                                  f"top{TOP}_overlap_min", "fit_cpu_seconds")},
-             "cost_vs_old_default": round(m["us_per_token"] / base, 2)} for m in measured]
+            cfg = job(world, "mlp", "mlp", "none")
+            run_job(cfg, stages=("tokenize",))
+            ip = in_process(world, cfg)
+            case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
+            measured = [measure(case, v, progress, seeds) for v in [OLD_DEFAULT, *chosen]]
+        base = measured[0]["us_per_token"]
+        rows += [{"model_seed": model_seed, "variant": m["variant"] + ", in process (dense queries)",
+                  "fisher": m["fisher"], "samples": m["samples"], "lambda_samples": m["lambda_samples"],
+                  "seeds": ", ".join(map(str, seeds)),
+                  **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
+                                       f"top{TOP}_overlap_min", "fit_cpu_seconds")},
+                  "cost_vs_old_default": round(m["us_per_token"] / base, 2)} for m in measured]
     load_after = os.getloadavg()
     notes = f"""
 Seed to seed on the planted-fact corpus of `influence eval facts` (same corpus, model size and training; see
-facts.md), in process as the facts suite's in-process rows (`stability.measure`: `fit_ekfac` on the whole corpus,
-dense queries, seeds 0 and 1; per query Spearman over all {len(ip.sequences)} documents and top-{TOP} overlap; mean
-and worst query). `cost_vs_old_default`: fitting CPU seconds per token (the least of the two seeds) relative to
-sampled k=1 in this run. `topm` k: per position the k - 1 most probable labels enumerated exactly (weighted by
+facts.md; `model_seed`: the trained model), in process as the facts suite's in-process rows (`stability.measure`:
+`fit_ekfac` on the whole corpus, dense queries, fitting seeds as listed, every pair; per query Spearman over all
+{len(ip.sequences)} documents and top-{TOP} overlap; mean
+and worst query). `cost_vs_old_default`: fitting CPU seconds per token (the least over the seeds) relative to
+sampled k=1 on the same model. `topm` k: per position the k - 1 most probable labels enumerated exactly (weighted by
 their probabilities) plus one draw from the remaining tail (weighted by its mass), random signs; k backward passes
 like k sampled draws. Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after:
 {' '.join(f'{x:.2f}' for x in load_after)} (2 CPUs shared with other jobs: CPU seconds, not wall seconds).
