@@ -12,7 +12,7 @@ import influence_ops as ops
 from pipelines.cli import main
 from pipelines.eval.blocks import block_errors, kfac_layer, layer_curvature
 from pipelines.eval.ggn import layer_slices
-from pipelines.eval.exact import classifier_setup, lm_setup
+from pipelines.eval.exact import COMPARISONS, DEFAULT, TOPM3, classifier_setup, lm_setup
 from pipelines.eval.ggn import exact_ggn
 from pipelines.eval.metrics import nested_paired_interval
 from tests.ops_helpers import assert_close
@@ -91,7 +91,9 @@ def test_exact_suite_quick_reports_paired_intervals_and_blocks(tmp_path):
                                                  f"--model-seeds 3,5".encode()
     rows = paired.to_pylist()
     assert {r["reference"] for r in rows} == {"exact", "block-diagonal exact"}
-    assert len(rows) == 2 * 2 * 3  # models x references x comparisons
+    assert len(rows) == 2 * 2 * len(COMPARISONS)  # models x references x comparisons
+    assert {r["comparison"] for r in rows} >= {f"{DEFAULT} - {TOPM3}", "EK-FAC expected - K-FAC expected "
+                                                 "(no eigenvalue correction)"}
     for r in rows:
         assert r["spearman_low"] <= r["spearman_diff"] <= r["spearman_high"]
         assert r["spearman_low_fixed_models"] <= r["spearman_diff"] <= r["spearman_high_fixed_models"]

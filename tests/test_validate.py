@@ -464,3 +464,7 @@ def test_merge_details_match_rows_by_doc_id_and_shard():
     layers = _layer_table(docs, ["l0", "l1"], factor_tokens=10).to_pylist()
     by_shard = {s: sum(r["score"] for r in layers if r["shard"] == s) for s in ("A", "B")}
     assert by_shard == {"A": 5.0, "B": -3.0}
+    # the units' rows arrive in the order actors finish them: the table is the same in any order
+    assert [(r["shard"], r["layer_index"]) for r in layers] == [("A", 0), ("A", 1), ("B", 0), ("B", 1)]
+    assert _layer_table(docs.take([1, 0]), ["l0", "l1"], factor_tokens=10).equals(
+        _layer_table(docs, ["l0", "l1"], factor_tokens=10))

@@ -210,7 +210,12 @@ def write_token_scores(cfg: JobConfig, tables: dict[str, pa.Table],
 
 
 def _layer_table(docs: pa.Table, layer_names: list[str], factor_tokens: int) -> pa.Table:
-    """LAYER_SCHEMA rows (doc order, then layer order) from DOC_SCHEMA rows."""
+    """LAYER_SCHEMA rows sorted by (doc_id, shard), then layer order, from DOC_SCHEMA rows in any order.
+
+    The units' rows arrive in the order the actors finish them; sorting makes the file the same on every run
+    (a resumed job rewrites it byte for byte).
+    """
+    docs = docs.sort_by([("doc_id", "ascending"), ("shard", "ascending")])
     cols: dict[str, list] = {n: [] for n in LAYER_SCHEMA.names}
     for (doc, shard), scores in zip(_keys(docs), docs.column("layer_scores").to_pylist()):
         for i, (name, s) in enumerate(zip(layer_names, scores)):
