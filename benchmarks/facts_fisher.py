@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import influence_ops as ops
-from pipelines.eval.facts import FULL, OLD_DEFAULT, TOP, build_world, in_process, job
+from pipelines.eval.facts import FULL, OLD_DEFAULT, TOP, build_world, in_process, in_process_row, job
 from pipelines.eval.report import Progress, write_table
 from pipelines.eval.stability import Case, Variant, measure
 
@@ -68,6 +68,8 @@ def main() -> None:
     seeds = tuple(int(x) for x in args.seeds.split(","))
     progress = Progress(len(model_seeds) * (1 + len(seeds) * (1 + len(chosen))), print)
     rows = []
+    from pipelines.run import run_job
+
     for model_seed in model_seeds:
         with tempfile.TemporaryDirectory(prefix="influence-facts-fisher-") as tmp:
             t0 = time.perf_counter()
@@ -75,27 +77,20 @@ def main() -> None:
             progress.step(f"model seed {model_seed}: trained a tiny GPT-2 on {len(world.docs)} documents: "
                           f"{world.training['epochs']} epochs, loss {world.training['loss']:.3f}; greedy recall corpus "
                           f"{world.recall['corpus']:.2f}", t0)
-            from pipelines.run import run_job
-
             cfg = job(world, "mlp", "mlp", "none")
             run_job(cfg, stages=("tokenize",))
             ip = in_process(world, cfg)
             case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
             measured = [measure(case, v, progress, seeds) for v in [OLD_DEFAULT, *chosen]]
-        base = measured[0]["us_per_token"]
-        rows += [{"model_seed": model_seed, "variant": m["variant"] + ", in process (dense queries)",
-                  "fisher": m["fisher"], "samples": m["samples"], "lambda_samples": m["lambda_samples"],
-                  "seeds": ", ".join(map(str, seeds)),
-                  **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
-                                       f"top{TOP}_overlap_min", "fit_cpu_seconds")},
-                  "cost_vs_old_default": round(m["us_per_token"] / base, 2)} for m in measured]
+        rows += [{"model_seed": model_seed, **in_process_row(m, ", ".join(map(str, seeds)), measured[0])}
+                 for m in measured]
     load_after = os.getloadavg()
     notes = f"""
 Seed to seed on the planted-fact corpus of `influence eval facts` (same corpus, model size and training; see
 facts.md; `model_seed`: the trained model), in process as the facts suite's in-process rows (`stability.measure`:
 `fit_ekfac` on the whole corpus, dense queries, fitting seeds as listed, every pair; per query Spearman over all
-{len(ip.sequences)} documents and top-{TOP} overlap; mean
-and worst query). `cost_vs_old_default`: fitting CPU seconds per token (the least over the seeds) relative to
+{len(ip.sequences)} documents and top-{TOP} overlap; mean and worst query). `cost_vs_old_default`: fitting CPU
+seconds per token (the least over the seeds) relative to
 sampled k=1 on the same model. `topm` k: per position the k - 1 most probable labels enumerated exactly (weighted by
 their probabilities) plus one draw from the remaining tail (weighted by its mass), random signs; k backward passes
 like k sampled draws. Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after:

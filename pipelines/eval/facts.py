@@ -55,7 +55,7 @@ from .report import Progress, markdown_table, write_table
 from .stability import Case, measure
 
 __all__ = ["DEFAULT", "FULL", "OLD_DEFAULT", "QUICK", "SETS", "TOP", "World", "build_world", "first_ranks",
-           "in_process", "job", "pipeline_stability", "retrieval_row", "run_facts"]
+           "in_process", "in_process_row", "job", "pipeline_stability", "retrieval_row", "run_facts"]
 TOP = 10
 
 
@@ -316,13 +316,17 @@ def _one_model(work: Path, size: Size, model_seed: int, progress: Progress) -> t
     measured = [measure(case, v, progress, size.seeds) for v in (OLD_DEFAULT, DEFAULT)]
     if measured[1][f"top{TOP}_overlap_mean"] < 0.9:
         measured += [measure(case, v, progress, size.seeds) for v in size.candidates]
-    for m in measured:
-        stab.append({"variant": m["variant"] + ", in process (dense queries)", "fisher": m["fisher"],
-                     "samples": m["samples"], "lambda_samples": m["lambda_samples"], "seeds": seeds,
-                     **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
-                                          f"top{TOP}_overlap_min", "fit_cpu_seconds")},
-                     "cost_vs_old_default": round(m["us_per_token"] / measured[0]["us_per_token"], 2)})
+    stab += [in_process_row(m, seeds, measured[0]) for m in measured]
     return world, rows, stab
+
+
+def in_process_row(m: dict[str, Any], seeds: str, old_default: dict[str, Any]) -> dict[str, Any]:
+    """A ``stability.measure`` result as a facts_stability row; cost relative to ``old_default``'s (sampled k=1)."""
+    return {"variant": m["variant"] + ", in process (dense queries)", "fisher": m["fisher"], "samples": m["samples"],
+            "lambda_samples": m["lambda_samples"], "seeds": seeds,
+            **{k: m[k] for k in ("spearman_mean", "spearman_min", f"top{TOP}_overlap_mean",
+                                 f"top{TOP}_overlap_min", "fit_cpu_seconds")},
+            "cost_vs_old_default": round(m["us_per_token"] / old_default["us_per_token"], 2)}
 
 
 def _notes(worlds: dict[int, World], size: Size, stab: list[dict[str, Any]]) -> str:
@@ -358,7 +362,8 @@ recall@10: share of queries with a planted source in the top 10; MRR: mean 1 / r
 Seed to seed at the default Fisher (fits differing only in the seed, {", ".join(map(str, size.seeds))}; for every
 pair of seeds and every query, Spearman over all {len(world.docs)} documents and the overlap of the top-{TOP} sets;
 mean and worst over pairs and queries). Pipeline row: rank-32 queries, `factors.seed` as listed. In-process rows
-(`influence_ops.fit_ekfac` on the whole corpus, dense queries, as `influence eval stability`): `cost_vs_old_default` = fitting CPU seconds per token relative to sampled k=1
+(`influence_ops.fit_ekfac` on the whole corpus, dense queries, as `influence eval stability`):
+`cost_vs_old_default` = fitting CPU seconds per token relative to sampled k=1
 (CPU seconds grow with the machine's load: compare them only within a run whose load stayed level).
 Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x the old fitting cost.
 

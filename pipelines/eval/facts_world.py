@@ -18,8 +18,8 @@ import torch
 
 import influence_ops as ops
 
-from ..config import FactorConfig
 from ..demo.model import build_tokenizer, save_model, tiny_gpt2, train
+from .exact import DEFAULT_FIT
 from .facts_corpus import make_facts_corpus
 from .stability import Variant
 
@@ -52,9 +52,8 @@ FULL = Size(24, 10, 10, 216, 64, 2, 100, 600.0, TRACKS, NORMALIZES,
             tuple((norm, n) for norm in NORMALIZES for n in (100, 50, 20)), True)  # 100: the product default
 QUICK = Size(4, 3, 3, 16, 16, 1, 40, 10.0, ("mlp",), ("none", "cosine"), (), False, (0, 1), (("none", 10),), False)
 OLD_DEFAULT = Variant("sampled k=1 (1 / 1), the old default", ops.Fisher.SAMPLED, 1)
-_JOB = FactorConfig()  # a job's default fit
-DEFAULT = Variant(f"{_JOB.fisher.value} k={_JOB.fisher_samples} ({_JOB.fisher_samples} / {_JOB.lambda_samples}), "
-                  "the default", _JOB.fisher, _JOB.fisher_samples, _JOB.lambda_samples)
+_FISHER, _K, _K_LAMBDA = DEFAULT_FIT  # a job's default fit
+DEFAULT = Variant(f"{_FISHER.value} k={_K} ({_K} / {_K_LAMBDA}), the default", _FISHER, _K, _K_LAMBDA)
 
 
 @dataclass
