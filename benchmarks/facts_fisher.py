@@ -47,6 +47,8 @@ VARIANTS = {
     "topm3l2": Variant("topm k=3 in stage 1, k=2 in stage 3 (3 / 2)", ops.Fisher.TOPM, 3, 2),
     "topm4l2": Variant("topm k=4 in stage 1, k=2 in stage 3 (4 / 2)", ops.Fisher.TOPM, 4, 2),
     "topm4l3": Variant("topm k=4 in stage 1, k=3 in stage 3 (4 / 3)", ops.Fisher.TOPM, 4, 3),
+    "topm5l2": Variant("topm k=5 in stage 1, k=2 in stage 3 (5 / 2)", ops.Fisher.TOPM, 5, 2),
+    "topm6l2": Variant("topm k=6 in stage 1, k=2 in stage 3 (6 / 2)", ops.Fisher.TOPM, 6, 2),
 }
 
 

@@ -33,7 +33,7 @@ Sections (every key optional unless marked required)::
     [factors]
     sample_sequences = 1000             # or sample_tokens (not both); default: the whole corpus
     fisher = "topm"                     # topm | gaussian | sampled | empirical | expected (tiny models only: T x V passes)
-    fisher_samples = 4                  # label draws (or probes) per position in stage 1 (one forward, k backward)
+    fisher_samples = 5                  # label draws (or probes) per position in stage 1 (one forward, k backward)
     lambda_samples = 2                  # the same in stage 3 (Lambda, the noisier estimate); see README "Accuracy"
     damping = 0.001                     # absolute; omit for 0.1 x mean(Lambda) per layer
     seed = 0
