@@ -35,7 +35,7 @@ from pathlib import Path
 import influence_ops as ops
 from pipelines.eval.facts import FULL, OLD_DEFAULT, TOP, build_world, in_process, in_process_row, job
 from pipelines.eval.report import Progress, write_table
-from pipelines.eval.stability import Case, Variant, measure
+from pipelines.eval.stability import Case, Variant, interleaved_fit_seconds, measure
 
 VARIANTS = {
     "gaussian4": Variant("gaussian k=4 (4 / 4)", ops.Fisher.GAUSSIAN, 4, 4),
@@ -116,15 +116,7 @@ def cost(args: argparse.Namespace, chosen: list[Variant]) -> None:
         run_job(cfg, stages=("tokenize",))
         ip = in_process(world, cfg)
         case = Case(ip.model, ip.layers, ip.batches(), ip.query_batch(), len(ip.sequences), "")
-        cpu = {v.label: [] for v in variants}
-        wall = {v.label: [] for v in variants}
-        for r in range(args.cost):
-            for v in variants:
-                t0, c0 = time.perf_counter(), time.process_time()
-                v.fit(case, r)
-                cpu[v.label].append(time.process_time() - c0)
-                wall[v.label].append(time.perf_counter() - t0)
-                print(f"round {r}: {v.label}: {cpu[v.label][-1]:.2f} s CPU, {wall[v.label][-1]:.2f} s wall", flush=True)
+        cpu, wall = interleaved_fit_seconds(case, variants, args.cost, lambda line: print(line, flush=True))
     base_cpu, base_wall = min(cpu[OLD_DEFAULT.label]), min(wall[OLD_DEFAULT.label])
     rows = [{"variant": v.label, "fisher": v.fisher.value, "samples": v.samples,
              "lambda_samples": v.samples if v.lambda_samples is None else v.lambda_samples,

@@ -9,6 +9,8 @@ least CPU seconds of each setting and its ratio to sampled k=1 (1 / 1), the cost
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/fit_cost.py \\
         --width 512 --layers 4 --vocab 8192 --tokens 128 --sequences 32 --rounds 2
 
+The settings are named as in ``benchmarks/facts_fisher.py`` (``--settings topm3l2,topm4l2,topm5l2``).
+
 Writes ``--out`` (JSON, default bench_output/fit_cost.json) and prints a Markdown table.
 """
 from __future__ import annotations
@@ -17,27 +19,19 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import influence_ops as ops
-
-SETTINGS = {  # name: (fisher, stage-1 draws, stage-3 draws)
-    "sampled1": (ops.Fisher.SAMPLED, 1, 1),
-    "topm3l2": (ops.Fisher.TOPM, 3, 2),
-    "topm4l2": (ops.Fisher.TOPM, 4, 2),
-    "topm5l2": (ops.Fisher.TOPM, 5, 2),
-    "topm3": (ops.Fisher.TOPM, 3, 3),
-    "topm4": (ops.Fisher.TOPM, 4, 4),
-}
+from benchmarks.facts_fisher import VARIANTS
+from pipelines.eval.facts import OLD_DEFAULT
+from pipelines.eval.stability import Case, Variant, interleaved_fit_seconds
 
 
-def label(name: str) -> str:
-    fisher, k, k_lambda = SETTINGS[name]
-    return f"{fisher.value} {k} / {k_lambda}"
+def label(v: Variant) -> str:
+    return f"{v.fisher.value} {v.samples} / {v.samples if v.lambda_samples is None else v.lambda_samples}"
 
 
 def main() -> None:
@@ -49,12 +43,11 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--settings", default="sampled1,topm3l2,topm4l2,topm5l2")
+    parser.add_argument("--settings", default="topm3l2,topm4l2,topm5l2",
+                        help=f"names from benchmarks/facts_fisher.py ({', '.join(VARIANTS)}); sampled 1 / 1 is added")
     parser.add_argument("--out", default="bench_output/fit_cost.json")
     args = parser.parse_args()
-    names = args.settings.split(",")
-    if names[0] != "sampled1":
-        names = ["sampled1", *[n for n in names if n != "sampled1"]]
+    variants = [OLD_DEFAULT, *(VARIANTS[n] for n in args.settings.split(","))]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = GPT2Config(n_embd=args.width, n_layer=args.layers, n_head=max(1, args.width // 64),
@@ -64,19 +57,12 @@ def main() -> None:
     sequences = [torch.randint(0, args.vocab, (args.tokens,), generator=generator).tolist()
                  for _ in range(args.sequences)]
     batches = [ops.collate(sequences[i:i + args.batch]) for i in range(0, len(sequences), args.batch)]
-    tracked = ops.find_mlp_layers(model)
+    case = Case(model, ops.find_mlp_layers(model), batches, batches[0], len(sequences), "")  # queries unused
     load_before = os.getloadavg()
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in names:
-            fisher, k, k_lambda = SETTINGS[n]
-            started = time.process_time()
-            ops.fit_ekfac(model, tracked, batches, fisher=fisher, seed=r, samples=k, lambda_samples=k_lambda)
-            cpu[n].append(time.process_time() - started)
-            print(f"round {r + 1}/{args.rounds}: {label(n)}: {cpu[n][-1]:.2f} s CPU", flush=True)
-    base = min(cpu["sampled1"])
-    rows = [{"setting": label(n), "fit_cpu_seconds_min": round(min(cpu[n]), 2),
-             "vs_sampled_1": round(min(cpu[n]) / base, 2)} for n in names]
+    cpu, _ = interleaved_fit_seconds(case, variants, args.rounds, lambda line: print(line, flush=True))
+    base = min(cpu[OLD_DEFAULT.label])
+    rows = [{"setting": label(v), "fit_cpu_seconds_min": round(min(cpu[v.label]), 2),
+             "vs_sampled_1": round(min(cpu[v.label]) / base, 2)} for v in variants]
     result = {"model": f"GPT-2 width {args.width}, {args.layers} layers, vocab {args.vocab}, random weights",
               "fit": f"{args.sequences} sequences x {args.tokens} tokens, batches of {args.batch}, MLP layers",
               "rounds": args.rounds, "torch_threads": 1, "torch": torch.__version__,

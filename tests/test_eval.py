@@ -128,3 +128,25 @@ def test_fisher_samples_config_keys():
     for key in ("fisher_samples", "lambda_samples"):
         with pytest.raises(ConfigError, match=f"factors.{key} = 0"):
             config_from_dict({**base, "factors": {key: 0}})
+
+
+def test_interleaved_fit_seconds_fits_every_variant_once_per_round_in_turn():
+    from dataclasses import dataclass
+
+    from pipelines.eval.stability import Variant, interleaved_fit_seconds
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class Recorded(Variant):
+        def fit(self, case, seed):
+            calls.append((self.label, seed, case))
+
+    a, b = Recorded("a", ops.Fisher.SAMPLED), Recorded("b", ops.Fisher.TOPM, 3, 2)
+    lines = []
+    cpu, wall = interleaved_fit_seconds("the case", [a, b], 2, lines.append)
+    assert calls == [("a", 0, "the case"), ("b", 0, "the case"), ("a", 1, "the case"), ("b", 1, "the case")]
+    for times in (cpu, wall):
+        assert set(times) == {"a", "b"} and all(len(t) == 2 and min(t) >= 0 for t in times.values())
+    assert [line.split(":")[0:2] for line in lines] == [["round 0", " a"], ["round 0", " b"], ["round 1", " a"],
+                                                         ["round 1", " b"]]

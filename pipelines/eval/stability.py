@@ -131,6 +131,22 @@ def measure(case: Case, v: Variant, progress: Progress, seeds: tuple[int, ...]) 
             "fit_cpu_seconds": round(min(cpu), 3), "us_per_token": round(1e6 * min(cpu) / tokens, 2)}
 
 
+def interleaved_fit_seconds(case: Case, variants: list[Variant], rounds: int,
+                            echo: Callable[[str], Any] = print) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(CPU seconds, wall seconds) of every fit, by variant label: each variant fitted once per round, round by
+    round, so a change in the machine's load hits every variant alike (compare the least of each)."""
+    cpu: dict[str, list[float]] = {v.label: [] for v in variants}
+    wall: dict[str, list[float]] = {v.label: [] for v in variants}
+    for r in range(rounds):
+        for v in variants:
+            t0, c0 = time.perf_counter(), time.process_time()
+            v.fit(case, r)
+            cpu[v.label].append(time.process_time() - c0)
+            wall[v.label].append(time.perf_counter() - t0)
+            echo(f"round {r}: {v.label}: {cpu[v.label][-1]:.2f} s CPU, {wall[v.label][-1]:.2f} s wall")
+    return cpu, wall
+
+
 def run_stability(out: str | Path, quick: bool = False, command: str = "influence eval stability",
                   echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     """Run the suite on one torch thread (``runtime.threads``): the demo's model is this small."""
