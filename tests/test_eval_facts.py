@@ -114,8 +114,11 @@ def test_candidate_rows_rank_only_the_candidates_and_miss_a_source_outside_them(
 def test_eval_facts_quick_runs_the_pipeline_and_writes_its_tables(tmp_path):
     from pipelines.cli import main
 
+    threads_before = torch.get_num_threads()
     result = CliRunner().invoke(main, ["eval", "facts", "--out", str(tmp_path), "--quick"])
     assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == threads_before  # one torch thread inside the suite, the count given back
+    assert pq.read_table(tmp_path / "facts.parquet").schema.metadata[b"torch_threads"] == b"1"
     assert "[1/" in result.output and "greedy recall" in result.output
     rows = pq.read_table(tmp_path / "facts.parquet").to_pylist()
     methods = [(r["method"], r["normalize"]) for r in rows]

@@ -53,6 +53,7 @@ from .facts_world import DEFAULT, FULL, OLD_DEFAULT, QUICK, SETS, Size, World, b
 from .metrics import first_source_rank, paired_interval, retrieval, spearman, top_overlap
 from .report import Progress, markdown_table, write_table
 from .stability import Case, measure
+from ..runtime.threads import torch_threads
 
 __all__ = ["DEFAULT", "FULL", "OLD_DEFAULT", "QUICK", "SETS", "TOP", "World", "build_world", "first_ranks",
            "in_process", "in_process_row", "job", "pipeline_stability", "retrieval_row", "run_facts"]
@@ -209,17 +210,18 @@ def run_facts(out: str | Path, quick: bool = False, command: str = "influence ev
     rows: list[dict[str, Any]] = []
     stab: list[dict[str, Any]] = []
     worlds: dict[int, World] = {}
-    for seed in seeds:
-        with tempfile.TemporaryDirectory(prefix="influence-facts-") as tmp:
-            worlds[seed], model_rows, model_stab = _one_model(Path(tmp), size, seed, progress)
-        rows += [{"model_seed": seed, **r} for r in model_rows]
-        stab += [{"model_seed": seed, **r} for r in model_stab]
-    parquet, md = write_table(out, "facts", rows, command, _notes(worlds, size, stab), started)
-    write_table(out, "facts_stability", stab, command, "Seed to seed on the planted-fact corpus "
-                "(see facts.md).", started)
-    if len(seeds) > 1:
-        write_table(out, "facts_models", across_models(rows), command, MODELS_NOTES.format(
-            n=len(seeds), seeds=", ".join(map(str, seeds))), started)
+    with torch_threads(1):  # the driver's training, fits and scoring: tiny models, fastest on one thread
+        for seed in seeds:
+            with tempfile.TemporaryDirectory(prefix="influence-facts-") as tmp:
+                worlds[seed], model_rows, model_stab = _one_model(Path(tmp), size, seed, progress)
+            rows += [{"model_seed": seed, **r} for r in model_rows]
+            stab += [{"model_seed": seed, **r} for r in model_stab]
+        parquet, md = write_table(out, "facts", rows, command, _notes(worlds, size, stab), started)  # threads as run
+        write_table(out, "facts_stability", stab, command, "Seed to seed on the planted-fact corpus "
+                    "(see facts.md).", started)
+        if len(seeds) > 1:
+            write_table(out, "facts_models", across_models(rows), command, MODELS_NOTES.format(
+                n=len(seeds), seeds=", ".join(map(str, seeds))), started)
     echo(f"wrote {md}, {parquet} and facts_stability.parquet" + (" and facts_models" if len(seeds) > 1 else ""))
     return rows + stab
 
