@@ -8,7 +8,7 @@ For every fact of the demo corpus (16 countries x capital and river = 32 facts,
 each stated by two documents: one in the query's words, one paraphrased) it
 asks two queries: in the corpus's phrasing (the demo's prompts) and in a
 phrasing no document uses, made of corpus words. It re-runs the demo's job
-(its model, shards and settings: sampled Fisher, rank 16) through the real
+(its model, shards and settings: its job's Fisher, rank 16) through the real
 pipeline for each ``model.track`` (factors refitted) and each
 ``scoring.normalize`` (score + merge re-run), with ``top_k`` above the corpus
 size so that the merged table ranks every document.
@@ -108,11 +108,14 @@ def in_process_costs(cfg, qs: list[dict], normalize_list, repeats: int = 3) -> d
     qb = query_batch([tok(q["prompt"], add_special_tokens=False)["input_ids"] for q in qs],
                      [tok(q["completion"], add_special_tokens=False)["input_ids"] for q in qs])
     best = (lambda f: min(_timed(f) for _ in range(repeats)))
-    out = {"fit_seconds": best(lambda: fit_ekfac(m.model, m.layers, batches, seed=0)),
+    f = cfg.factors  # the job's fit, as the pipeline runs use
+    fit = (lambda: fit_ekfac(m.model, m.layers, batches, fisher=f.fisher, seed=f.seed, samples=f.fisher_samples,
+                             lambda_samples=f.lambda_samples))
+    out = {"fit_seconds": best(fit),
            "tracked_parameters": sum(l.d_out * l.d_in_h for l in m.layers),
            "factor_floats": sum(l.d_in_h ** 2 + l.d_out ** 2 + l.d_out * l.d_in_h for l in m.layers),
            "layers": len(m.layers)}
-    factors = fit_ekfac(m.model, m.layers, batches, seed=0)
+    factors = fit()
     pq = precondition_queries(m.model, factors, [qb], rank=cfg.scoring.rank)
     for n in normalize_list:
         kw = {"factors": factors} if n == Normalize.COSINE else {}
@@ -159,7 +162,8 @@ def markdown(results: dict, command: str) -> str:
              f"Machine: {results['machine']}; {results['date']}. Demo corpus: {results['documents']} documents, "
              f"32 facts x 2 sources; 32 queries in the corpus's phrasing, 32 in a phrasing no document uses "
              "(corpus words only: `in <country> the capital is`, `the river that crosses <country> is the`). "
-             "Demo job settings (sampled Fisher, seed 0, rank-16 queries, damping 0.1 x mean Lambda); "
+             f"Demo job settings ({results.get('fit', 'sampled Fisher')}, seed 0, rank-16 queries, damping 0.1 x "
+             "mean Lambda); "
              "every document ranked. recall@10: share of queries with a planted source in the top 10; "
              "MRR: mean 1 / rank of the first planted source.", "",
              "| track | normalize | corpus recall@10 | corpus MRR | paraphrase recall@10 | paraphrase MRR |",
@@ -252,6 +256,8 @@ def main() -> None:
         entry: dict = {"variants": {}}
         for n in NORMALIZES:
             cfg, record, topk = run_pipeline(demo, work, qfile, track, n, len(docs))
+            f = cfg.factors
+            results.setdefault("fit", f"{f.fisher.value} Fisher, {f.fisher_samples} / {f.lambda_samples} draws")
             m = metrics(topk, qs, sources)
             m["score_stage_seconds"] = record["stages"]["score"]["seconds"]
             m["fit_stage_seconds"] = record["stages"]["fit-factors"].get("seconds")

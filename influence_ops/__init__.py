@@ -14,7 +14,7 @@ from .gradients import backward_pass, per_sequence_gradients
 from .ihvp import apply_inverse
 from .layers import Track, TrackedLayer, find_mlp_layers, layers_by_name
 from .normalize import Normalize
-from .objectives import Fisher, LanguageModelObjective, Objective
+from .objectives import DEFAULT_DRAWS, DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, default_draws
 from .query_basis import Basis, choose_basis
 from .queries import LayerQuery, PreconditionedQueries, precondition_queries
 from .query_prep import LowRankMethod, Precision, QueryPrep
@@ -27,11 +27,11 @@ from .topk import TopKAccumulator
 from .version import __version__
 
 __all__ = [
-    "IGNORE_INDEX", "Basis", "Captured", "Covariances", "EKFACFactors", "Fisher", "LambdaSums", "LanguageModelObjective",
+    "DEFAULT_DRAWS", "DEFAULT_FISHER", "IGNORE_INDEX", "Basis", "Captured", "Covariances", "EKFACFactors", "Fisher", "LambdaSums", "LanguageModelObjective",
     "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "LowRankMethod", "Normalize", "Objective",
     "Precision", "PreconditionedQueries", "QueryPrep",
     "ScoreResult", "Strategy", "TokenBatch", "TopKAccumulator", "Track", "TrackedLayer", "__version__", "apply_inverse",
-    "assemble_factors", "backward_pass", "capture", "choose_basis", "choose_strategy", "collate", "eigendecompose",
+    "assemble_factors", "backward_pass", "capture", "choose_basis", "choose_strategy", "collate", "default_draws", "eigendecompose",
     "find_mlp_layers", "fit_covariances", "fit_ekfac", "fit_lambda", "layers_by_name", "load_factors",
     "load_queries", "model_fingerprint", "per_sequence_gradients", "plan", "precondition_queries", "query_batch",
     "query_self_influence", "save_factors", "save_queries", "score_batch",

@@ -123,6 +123,7 @@ def test_fisher_samples_config_keys():
     cfg = config_from_dict(base)
     assert (cfg.factors.fisher, cfg.factors.fisher_samples, cfg.factors.lambda_samples) == (
         ops.Fisher.TOPM, 5, 2)  # the default chosen in README "Accuracy"
+    assert (ops.DEFAULT_FISHER, *ops.DEFAULT_DRAWS[ops.DEFAULT_FISHER]) == (ops.Fisher.TOPM, 5, 2)  # fit_ekfac's too
     cfg = config_from_dict({**base, "factors": {"fisher": "expected", "fisher_samples": 2, "lambda_samples": 8}})
     assert cfg.factors.fisher == ops.Fisher.EXPECTED and cfg.factors.lambda_samples == 8
     for key in ("fisher_samples", "lambda_samples"):

@@ -161,6 +161,24 @@ def test_fit_ekfac_draws_stage_3_separately_and_saves_both_counts(setup, tmp_pat
     assert torch.equal(same.layers[layers[0].name].lambda_sum, lam_same.sums[layers[0].name])
 
 
+def test_fit_ekfac_defaults_to_the_jobs_fit_topm_5_2(setup):
+    """A bare ``fit_ekfac`` is the job's default fit (TOPM, 5 draws in stage 1, 2 in stage 3; the job's side is
+    asserted in test_eval.py), not one sampled draw."""
+    model, layers, batches, _ = setup
+    assert (ops.DEFAULT_FISHER, *ops.DEFAULT_DRAWS[ops.DEFAULT_FISHER]) == (ops.Fisher.TOPM, 5, 2)
+    bare = ops.fit_ekfac(model, layers, batches, seed=3)
+    explicit = ops.fit_ekfac(model, layers, batches, fisher=ops.Fisher.TOPM, seed=3, samples=5, lambda_samples=2)
+    assert (bare.fisher, bare.samples, bare.lambda_samples) == (ops.Fisher.TOPM, 5, 2)
+    for l in layers:
+        for field in ("s_sum", "a_sum", "lambda_sum"):
+            assert torch.equal(getattr(bare.layers[l.name], field), getattr(explicit.layers[l.name], field))
+    one = ops.fit_ekfac(model, layers, batches, fisher=ops.Fisher.SAMPLED, seed=3)  # other Fishers: 1 and 1
+    assert (one.samples, one.lambda_samples) == (1, 1)
+    assert ops.default_draws(ops.Fisher.TOPM, 3) == (3, 3) and ops.default_draws(ops.Fisher.TOPM, None, 4) == (5, 4)
+    with pytest.raises(ValueError, match="fisher samples"):
+        ops.default_draws(ops.Fisher.TOPM, 0)
+
+
 @pytest.mark.parametrize("fisher", [ops.Fisher.SAMPLED, ops.Fisher.GAUSSIAN, ops.Fisher.TOPM])
 def test_per_sequence_seeds_make_the_draws_independent_of_batching(setup, fisher):
     """With ``TokenBatch.seeds`` the sums are the same for any batch size and order (to float rounding)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from influence_ops import Fisher, LowRankMethod, Normalize, Precision, Strategy, Track
+from influence_ops import DEFAULT_DRAWS, DEFAULT_FISHER, Fisher, LowRankMethod, Normalize, Precision, Strategy, Track
 from influence_ops.index_projection import ProjectionKind
 
 from .checks import check_int, check_number, check_str, enum_value, fail
@@ -109,9 +109,9 @@ class DataConfig:
 class FactorConfig:
     sample_sequences: int | None = None
     sample_tokens: int | None = None
-    fisher: Fisher = Fisher.TOPM  # measured steadiest across seeds at <= 2x the cost of one draw (README "Accuracy")
-    fisher_samples: int = 5  # topm: the 4 most probable labels enumerated + 1 tail draw
-    lambda_samples: int = 2  # Lambda: more draws help less than in stage 1, for the same cost (README "Accuracy")
+    fisher: Fisher = DEFAULT_FISHER  # measured steadiest across seeds at <= 2x the cost of one draw (README "Accuracy")
+    fisher_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][0]  # topm 5: the 4 most probable labels enumerated + 1 tail draw
+    lambda_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][1]  # 2: more draws help less than in stage 1 (README "Accuracy")
     damping: float | None = None
     seed: int = 0
     blocks: int = 1
