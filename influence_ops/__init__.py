@@ -27,12 +27,12 @@ from .topk import TopKAccumulator
 from .version import __version__
 
 __all__ = [
-    "DEFAULT_DRAWS", "DEFAULT_FISHER", "IGNORE_INDEX", "Basis", "Captured", "Covariances", "EKFACFactors", "Fisher", "LambdaSums", "LanguageModelObjective",
-    "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery", "LowRankMethod", "Normalize", "Objective",
-    "Precision", "PreconditionedQueries", "QueryPrep",
-    "ScoreResult", "Strategy", "TokenBatch", "TopKAccumulator", "Track", "TrackedLayer", "__version__", "apply_inverse",
-    "assemble_factors", "backward_pass", "capture", "choose_basis", "choose_strategy", "collate", "default_draws", "eigendecompose",
-    "find_mlp_layers", "fit_covariances", "fit_ekfac", "fit_lambda", "layers_by_name", "load_factors",
-    "load_queries", "model_fingerprint", "per_sequence_gradients", "plan", "precondition_queries", "query_batch",
-    "query_self_influence", "save_factors", "save_queries", "score_batch",
+    "DEFAULT_DRAWS", "DEFAULT_FISHER", "IGNORE_INDEX", "Basis", "Captured", "Covariances", "EKFACFactors", "Fisher",
+    "LambdaSums", "LanguageModelObjective", "LayerCovariance", "LayerEigen", "LayerFactors", "LayerQuery",
+    "LowRankMethod", "Normalize", "Objective", "Precision", "PreconditionedQueries", "QueryPrep", "ScoreResult",
+    "Strategy", "TokenBatch", "TopKAccumulator", "Track", "TrackedLayer", "__version__", "apply_inverse",
+    "assemble_factors", "backward_pass", "capture", "choose_basis", "choose_strategy", "collate", "default_draws",
+    "eigendecompose", "find_mlp_layers", "fit_covariances", "fit_ekfac", "fit_lambda", "layers_by_name",
+    "load_factors", "load_queries", "model_fingerprint", "per_sequence_gradients", "plan", "precondition_queries",
+    "query_batch", "query_self_influence", "save_factors", "save_queries", "score_batch",
 ]

@@ -110,8 +110,8 @@ class FactorConfig:
     sample_sequences: int | None = None
     sample_tokens: int | None = None
     fisher: Fisher = DEFAULT_FISHER  # measured steadiest across seeds at <= 2x the cost of one draw (README "Accuracy")
-    fisher_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][0]  # topm 5: the 4 most probable labels enumerated + 1 tail draw
-    lambda_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][1]  # 2: more draws help less than in stage 1 (README "Accuracy")
+    fisher_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][0]  # topm 5: the 4 most probable labels + 1 tail draw
+    lambda_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][1]  # 2: more help less than in stage 1 (README "Accuracy")
     damping: float | None = None
     seed: int = 0
     blocks: int = 1
