@@ -26,7 +26,7 @@ from torch import nn
 
 from .gradients import draw_passes, model_device
 from .layers import TrackedLayer
-from .objectives import Fisher, LanguageModelObjective, Objective, check_samples, is_random
+from .objectives import DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, check_samples, default_draws, is_random
 
 
 @dataclass
@@ -111,11 +111,11 @@ def fit_covariances(
     model: nn.Module,
     layers: Sequence[TrackedLayer],
     batches: Iterable[Any],
-    fisher: Fisher = Fisher.SAMPLED,
+    fisher: Fisher = DEFAULT_FISHER,
     seed: int | None = 0,
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
-    samples: int = 1,
+    samples: int | None = None,
 ) -> Covariances:
     """Sum a a^T and g g^T over every counted token of ``batches``.
 
@@ -123,11 +123,15 @@ def fit_covariances(
         model: the model (its weights are not modified, no .grad is written).
         layers: tracked layers (``find_mlp_layers``).
         batches: iterable of batches for ``objective`` (``TokenBatch`` by default).
-        fisher: SAMPLED (labels drawn from the model) or EMPIRICAL (data labels).
+        fisher: where labels come from (``objectives.Fisher``): drawn from the model (SAMPLED, GAUSSIAN
+            probes, TOPM), the data's (EMPIRICAL) or every label weighted by its probability (EXPECTED);
+            default TOPM, as ``fit_ekfac`` and the job.
         seed: seed of the label-sampling generator.
         objective: defaults to ``LanguageModelObjective``.
         autocast_dtype: optional bf16/fp16 autocast; sums stay float32.
-        samples: k label draws per position (SAMPLED, GAUSSIAN, TOPM only), averaged into g g^T (TOPM: summed, weights in the losses).
+        samples: k label draws per position (SAMPLED, GAUSSIAN, TOPM only), averaged into g g^T (TOPM: summed,
+            weights in the losses); None = the Fisher's stage-1 default (``objectives.default_draws``: TOPM 5,
+            others 1).
 
     Returns:
         Covariances with per-layer sums and token counts (sequences counted too).
@@ -135,7 +139,7 @@ def fit_covariances(
     objective = objective or LanguageModelObjective()
     device = model_device(model)
     dtype = accumulation_dtype(model)
-    samples = effective_samples(fisher, samples)
+    samples = effective_samples(fisher, default_draws(fisher, samples)[0])
     generator = make_generator(seed, device) if is_random(fisher) else None
     result = empty_covariances(layers, fisher, dtype, device, samples)
     for batch in batches:

@@ -26,7 +26,7 @@ from .covariance import accumulation_dtype, effective_samples, make_generator
 from .eigen import LayerEigen
 from .gradients import draw_passes, model_device, sequence_gradient
 from .layers import TrackedLayer
-from .objectives import Fisher, LanguageModelObjective, Objective, is_random
+from .objectives import DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, default_draws, is_random
 
 
 @dataclass
@@ -72,15 +72,16 @@ def fit_lambda(
     layers: Sequence[TrackedLayer],
     eigen: dict[str, LayerEigen],
     batches: Iterable[Any],
-    fisher: Fisher = Fisher.SAMPLED,
+    fisher: Fisher = DEFAULT_FISHER,
     seed: int | None = 0,
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
-    samples: int = 1,
+    samples: int | None = None,
 ) -> LambdaSums:
     """Sum the squared rotated per-sequence gradients over ``batches``.
 
-    Args: as ``fit_covariances`` (``samples``: k draws averaged), plus ``eigen`` from ``eigendecompose``.
+    Args: as ``fit_covariances`` (``samples``: k draws averaged; None = the Fisher's stage-3 default, TOPM 2,
+    others 1), plus ``eigen`` from ``eigendecompose``.
 
     Returns:
         LambdaSums (sums and N_seq).
@@ -88,7 +89,7 @@ def fit_lambda(
     objective = objective or LanguageModelObjective()
     device = model_device(model)
     dtype = accumulation_dtype(model)
-    samples = effective_samples(fisher, samples)
+    samples = effective_samples(fisher, samples if samples is not None else default_draws(fisher)[1])
     generator = make_generator(seed, device) if is_random(fisher) else None
     sums = {l.name: torch.zeros(l.d_out, l.d_in_h, dtype=dtype, device=device) for l in layers}
     missing = [l.name for l in layers if l.name not in eigen]

@@ -164,7 +164,7 @@ def test_fit_ekfac_draws_stage_3_separately_and_saves_both_counts(setup, tmp_pat
 def test_fit_ekfac_defaults_to_the_jobs_fit_topm_5_2(setup):
     """A bare ``fit_ekfac`` is the job's default fit (TOPM, 5 draws in stage 1, 2 in stage 3; the job's side is
     asserted in test_eval.py), not one sampled draw."""
-    model, layers, batches, _ = setup
+    model, layers, batches, eigen = setup
     assert (ops.DEFAULT_FISHER, *ops.DEFAULT_DRAWS[ops.DEFAULT_FISHER]) == (ops.Fisher.TOPM, 5, 2)
     bare = ops.fit_ekfac(model, layers, batches, seed=3)
     explicit = ops.fit_ekfac(model, layers, batches, fisher=ops.Fisher.TOPM, seed=3, samples=5, lambda_samples=2)
@@ -172,6 +172,8 @@ def test_fit_ekfac_defaults_to_the_jobs_fit_topm_5_2(setup):
     for l in layers:
         for field in ("s_sum", "a_sum", "lambda_sum"):
             assert torch.equal(getattr(bare.layers[l.name], field), getattr(explicit.layers[l.name], field))
+    cov, lam = ops.fit_covariances(model, layers, batches, seed=3), ops.fit_lambda(model, layers, eigen, batches)
+    assert (cov.fisher, cov.samples, lam.samples) == (ops.Fisher.TOPM, 5, 2)  # the stage functions: the same defaults
     one = ops.fit_ekfac(model, layers, batches, fisher=ops.Fisher.SAMPLED, seed=3)  # other Fishers: 1 and 1
     assert (one.samples, one.lambda_samples) == (1, 1)
     assert ops.default_draws(ops.Fisher.TOPM, 3) == (3, 3) and ops.default_draws(ops.Fisher.TOPM, None, 4) == (5, 4)
