@@ -119,7 +119,7 @@ def cost(args: argparse.Namespace, chosen: list[Variant]) -> None:
         cpu, wall = interleaved_fit_seconds(case, variants, args.cost, lambda line: print(line, flush=True))
     base_cpu, base_wall = min(cpu[OLD_DEFAULT.label]), min(wall[OLD_DEFAULT.label])
     rows = [{"variant": v.label, "fisher": v.fisher.value, "samples": v.samples,
-             "lambda_samples": v.samples if v.lambda_samples is None else v.lambda_samples,
+             "lambda_samples": v.stage3_samples,
              "fit_cpu_seconds_min": round(min(cpu[v.label]), 2), "fit_wall_seconds_min": round(min(wall[v.label]), 2),
              "cpu_vs_old_default": round(min(cpu[v.label]) / base_cpu, 2),
              "wall_vs_old_default": round(min(wall[v.label]) / base_wall, 2)} for v in variants]

@@ -31,7 +31,7 @@ from pipelines.eval.stability import Case, Variant, interleaved_fit_seconds
 
 
 def label(v: Variant) -> str:
-    return f"{v.fisher.value} {v.samples} / {v.samples if v.lambda_samples is None else v.lambda_samples}"
+    return f"{v.fisher.value} {v.samples} / {v.stage3_samples}"
 
 
 def main() -> None:

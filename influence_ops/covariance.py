@@ -26,7 +26,8 @@ from torch import nn
 
 from .gradients import draw_passes, model_device
 from .layers import TrackedLayer
-from .objectives import DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, check_samples, default_draws, is_random
+from .objectives import (DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, check_samples, default_draws,
+                         is_random)
 
 
 @dataclass

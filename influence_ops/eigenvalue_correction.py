@@ -89,7 +89,7 @@ def fit_lambda(
     objective = objective or LanguageModelObjective()
     device = model_device(model)
     dtype = accumulation_dtype(model)
-    samples = effective_samples(fisher, samples if samples is not None else default_draws(fisher)[1])
+    samples = effective_samples(fisher, default_draws(fisher, lambda_samples=samples)[1])
     generator = make_generator(seed, device) if is_random(fisher) else None
     sums = {l.name: torch.zeros(l.d_out, l.d_in_h, dtype=dtype, device=device) for l in layers}
     missing = [l.name for l in layers if l.name not in eigen]

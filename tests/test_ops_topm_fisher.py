@@ -80,7 +80,8 @@ def test_k1_is_the_single_draw_sampled_fisher(setup):
     model, layers, batch, eigen = setup
     for fit in (lambda f: ops.fit_covariances(model, layers, [batch], fisher=f, seed=5,
                                               samples=1).layers[layers[1].name].s_sum,
-                lambda f: ops.fit_lambda(model, layers, eigen, [batch], fisher=f, seed=5, samples=1).sums[layers[1].name]):
+                lambda f: ops.fit_lambda(model, layers, eigen, [batch], fisher=f, seed=5,
+                                         samples=1).sums[layers[1].name]):
         assert torch.equal(fit(ops.Fisher.TOPM), fit(ops.Fisher.SAMPLED))
 
 

@@ -49,6 +49,11 @@ class Variant:
     lambda_samples: int | None = None  # None: the same k as stage 1
     same_lambda_draws: bool = False
 
+    @property
+    def stage3_samples(self) -> int:
+        """The draws of stage 3 (Lambda): ``lambda_samples``, or stage 1's k when that is None."""
+        return self.samples if self.lambda_samples is None else self.lambda_samples
+
     def fit(self, case: Case, seed: int) -> ops.EKFACFactors:
         return ops.fit_ekfac(case.model, case.layers, case.batches, fisher=self.fisher, seed=seed,
                              samples=self.samples, lambda_samples=self.lambda_samples,
@@ -125,7 +130,7 @@ def measure(case: Case, v: Variant, progress: Progress, seeds: tuple[int, ...]) 
     rho = torch.stack([spearman(scores[i], scores[j]) for i, j in pairs])  # (pairs, Q)
     top = torch.stack([top_overlap(scores[i], scores[j], TOP) for i, j in pairs])
     return {"variant": v.label, "fisher": v.fisher.value, "samples": v.samples,
-            "lambda_samples": v.samples if v.lambda_samples is None else v.lambda_samples,
+            "lambda_samples": v.stage3_samples,
             "spearman_mean": float(rho.mean()), "spearman_min": float(rho.min()),
             f"top{TOP}_overlap_mean": float(top.mean()), f"top{TOP}_overlap_min": float(top.min()),
             "fit_cpu_seconds": round(min(cpu), 3), "us_per_token": round(1e6 * min(cpu) / tokens, 2)}
