@@ -49,6 +49,15 @@ VARIANTS = {
     "topm4l3": Variant("topm k=4 in stage 1, k=3 in stage 3 (4 / 3)", ops.Fisher.TOPM, 4, 3),
     "topm5l2": Variant("topm k=5 in stage 1, k=2 in stage 3 (5 / 2)", ops.Fisher.TOPM, 5, 2),
     "topm6l2": Variant("topm k=6 in stage 1, k=2 in stage 3 (6 / 2)", ops.Fisher.TOPM, 6, 2),
+    # the draws summed into fewer backward passes (``passes`` / ``lambda_passes``; stage 1 passes / stage 3 passes)
+    "topm5l2_p5p1": Variant("topm 5 / 2, stage 3's 2 draws in 1 pass (5 + 1 backward passes)", ops.Fisher.TOPM, 5, 2,
+                            passes=5, lambda_passes=1),
+    "topm5l2_p4p1": Variant("topm 5 / 2, stage 1 in 4 passes, stage 3 in 1 (4 + 1)", ops.Fisher.TOPM, 5, 2,
+                            passes=4, lambda_passes=1),
+    "topm5l2_p3p1": Variant("topm 5 / 2, stage 1 in 3 passes, stage 3 in 1 (3 + 1)", ops.Fisher.TOPM, 5, 2,
+                            passes=3, lambda_passes=1),
+    "topm5l2_p1p1": Variant("topm 5 / 2, each stage's draws in 1 pass (1 + 1)", ops.Fisher.TOPM, 5, 2,
+                            passes=1, lambda_passes=1),
 }
 
 
@@ -95,7 +104,9 @@ facts.md; `model_seed`: the trained model), in process as the facts suite's in-p
 seconds per token (the least over the seeds) relative to
 sampled k=1 on the same model. `topm` k: per position the k - 1 most probable labels enumerated exactly (weighted by
 their probabilities) plus one draw from the remaining tail (weighted by its mass), random signs; k backward passes
-like k sampled draws. Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after:
+like k sampled draws, unless the variant sums its draws into fewer backward passes (`passes` in its label: the
+draws' losses added round-robin, one backward pass per sum; unbiased, the cross terms vanish in expectation over
+the random signs). Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after:
 {' '.join(f'{x:.2f}' for x in load_after)} (2 CPUs shared with other jobs: CPU seconds, not wall seconds).
 Targets (issue 8): Spearman >= 0.95 and top-10 overlap >= 0.9 at <= 2x the old fitting cost.
 """

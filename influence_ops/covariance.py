@@ -27,7 +27,7 @@ from torch import nn
 from .gradients import draw_passes, model_device
 from .layers import TrackedLayer
 from .objectives import (DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, check_samples, default_draws,
-                         is_random)
+                         effective_passes, is_random)
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Covariances:
     sequences: int
     fisher: Fisher
     samples: int = 1  # random label draws per position (1 unless fisher is SAMPLED, GAUSSIAN or TOPM)
+    passes: int | None = None  # backward passes the draws were summed into; None: one per draw
 
     def merge(self, other: Covariances) -> Covariances:
         """Exact sum of two partial results over disjoint data."""
@@ -71,8 +72,10 @@ class Covariances:
             raise ValueError(f"cannot merge {self.fisher.value} and {other.fisher.value} covariances")
         if self.samples != other.samples:
             raise ValueError(f"cannot merge covariances of {self.samples} and {other.samples} label samples")
+        if self.passes != other.passes:
+            raise ValueError(f"cannot merge covariances of draws summed into {self.passes} and {other.passes} passes")
         return Covariances({n: c.merge(other.layers[n]) for n, c in self.layers.items()},
-                           self.sequences + other.sequences, self.fisher, self.samples)
+                           self.sequences + other.sequences, self.fisher, self.samples, self.passes)
 
     @property
     def tokens(self) -> int:
@@ -80,12 +83,12 @@ class Covariances:
 
 
 def empty_covariances(layers: Sequence[TrackedLayer], fisher: Fisher, dtype: torch.dtype,
-                      device: torch.device | str = "cpu", samples: int = 1) -> Covariances:
+                      device: torch.device | str = "cpu", samples: int = 1, passes: int | None = None) -> Covariances:
     return Covariances(
         {l.name: LayerCovariance(torch.zeros(l.d_in_h, l.d_in_h, dtype=dtype, device=device),
                                  torch.zeros(l.d_out, l.d_out, dtype=dtype, device=device), 0)
          for l in layers},
-        sequences=0, fisher=fisher, samples=samples,
+        sequences=0, fisher=fisher, samples=samples, passes=passes,
     )
 
 
@@ -117,6 +120,7 @@ def fit_covariances(
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
     samples: int | None = None,
+    passes: int | None = None,
 ) -> Covariances:
     """Sum a a^T and g g^T over every counted token of ``batches``.
 
@@ -133,6 +137,8 @@ def fit_covariances(
         samples: k label draws per position (SAMPLED, GAUSSIAN, TOPM only), averaged into g g^T (TOPM: summed,
             weights in the losses); None = the Fisher's stage-1 default (``objectives.default_draws``: TOPM 5,
             others 1).
+        passes: p < k sums the k draws into p backward passes (``objectives.effective_passes``: unbiased,
+            noisier, cheaper); None = one backward pass per draw.
 
     Returns:
         Covariances with per-layer sums and token counts (sequences counted too).
@@ -141,12 +147,13 @@ def fit_covariances(
     device = model_device(model)
     dtype = accumulation_dtype(model)
     samples = effective_samples(fisher, default_draws(fisher, samples)[0])
+    passes = effective_passes(fisher, samples, passes)
     generator = make_generator(seed, device) if is_random(fisher) else None
-    result = empty_covariances(layers, fisher, dtype, device, samples)
+    result = empty_covariances(layers, fisher, dtype, device, samples, passes)
     for batch in batches:
         tokens = int(objective.token_mask(batch).sum())
         for i, (captured, weight) in enumerate(draw_passes(model, layers, objective, batch, fisher, generator,
-                                                           samples, autocast_dtype)):
+                                                           samples, autocast_dtype, passes)):
             for layer in layers:
                 cov = result.layers[layer.name]
                 g = captured.output_grads[layer.name].to(dtype)  # (B, T, d_out)

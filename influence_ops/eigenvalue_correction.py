@@ -26,7 +26,8 @@ from .covariance import accumulation_dtype, effective_samples, make_generator
 from .eigen import LayerEigen
 from .gradients import draw_passes, model_device, sequence_gradient
 from .layers import TrackedLayer
-from .objectives import DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, default_draws, is_random
+from .objectives import (DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, default_draws, effective_passes,
+                         is_random)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LambdaSums:
     sequences: int
     fisher: Fisher
     samples: int = 1  # random label draws per position (1 unless fisher is SAMPLED, GAUSSIAN or TOPM)
+    passes: int | None = None  # backward passes the draws were summed into; None: one per draw
 
     def merge(self, other: LambdaSums) -> LambdaSums:
         """Exact sum of two partial results over disjoint data."""
@@ -46,8 +48,10 @@ class LambdaSums:
             raise ValueError(f"cannot merge {self.fisher.value} and {other.fisher.value} Lambda sums")
         if self.samples != other.samples:
             raise ValueError(f"cannot merge Lambda sums of {self.samples} and {other.samples} label samples")
+        if self.passes != other.passes:
+            raise ValueError(f"cannot merge Lambda sums of draws summed into {self.passes} and {other.passes} passes")
         return LambdaSums({n: s + other.sums[n].to(s) for n, s in self.sums.items()},
-                          self.sequences + other.sequences, self.fisher, self.samples)
+                          self.sequences + other.sequences, self.fisher, self.samples, self.passes)
 
     def normalized(self) -> dict[str, torch.Tensor]:
         """name -> Lambda = sums / N_seq."""
@@ -77,11 +81,13 @@ def fit_lambda(
     objective: Objective | None = None,
     autocast_dtype: torch.dtype | None = None,
     samples: int | None = None,
+    passes: int | None = None,
 ) -> LambdaSums:
     """Sum the squared rotated per-sequence gradients over ``batches``.
 
     Args: as ``fit_covariances`` (``samples``: k draws averaged; None = the Fisher's stage-3 default, TOPM 2,
-    others 1), plus ``eigen`` from ``eigendecompose``.
+    others 1; ``passes``: the k draws summed into that many backward passes, None = one per draw), plus
+    ``eigen`` from ``eigendecompose``.
 
     Returns:
         LambdaSums (sums and N_seq).
@@ -90,6 +96,7 @@ def fit_lambda(
     device = model_device(model)
     dtype = accumulation_dtype(model)
     samples = effective_samples(fisher, default_draws(fisher, lambda_samples=samples)[1])
+    passes = effective_passes(fisher, samples, passes)
     generator = make_generator(seed, device) if is_random(fisher) else None
     sums = {l.name: torch.zeros(l.d_out, l.d_in_h, dtype=dtype, device=device) for l in layers}
     missing = [l.name for l in layers if l.name not in eigen]
@@ -98,7 +105,7 @@ def fit_lambda(
     sequences = 0
     for batch in batches:
         for captured, weight in draw_passes(model, layers, objective, batch, fisher, generator, samples,
-                                            autocast_dtype):
+                                            autocast_dtype, passes):
             for layer in layers:
                 a = captured.activations[layer.name].to(dtype)
                 g = captured.output_grads[layer.name].to(dtype)
@@ -108,4 +115,4 @@ def fit_lambda(
         sequences += objective.batch_size(batch)
     if sequences == 0:
         raise ValueError("fit_lambda got no batches")
-    return LambdaSums(sums, sequences, fisher, samples)
+    return LambdaSums(sums, sequences, fisher, samples, passes)

@@ -72,6 +72,8 @@ class EKFACFactors:
         blocks: diagonal blocks per factor (1 = exact).
         samples: random label draws per position in stage 1 (1 unless fisher is SAMPLED, GAUSSIAN or TOPM).
         lambda_samples: the same in stage 3 (Lambda).
+        passes, lambda_passes: backward passes the draws of stage 1 / stage 3 were summed into
+            (``objectives.effective_passes``); None: one per draw.
     """
 
     layers: dict[str, LayerFactors]
@@ -82,6 +84,8 @@ class EKFACFactors:
     blocks: int = 1
     samples: int = 1
     lambda_samples: int = 1
+    passes: int | None = None
+    lambda_passes: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -112,6 +116,8 @@ def assemble_factors(layers: Sequence[TrackedLayer], covariances: Covariances,
         blocks=blocks,
         samples=covariances.samples,
         lambda_samples=lambdas.samples,
+        passes=covariances.passes,
+        lambda_passes=lambdas.passes,
     )
 
 
@@ -128,6 +134,8 @@ def fit_ekfac(
     samples: int | None = None,
     lambda_samples: int | None = None,
     same_lambda_draws: bool = False,
+    passes: int | None = None,
+    lambda_passes: int | None = None,
 ) -> EKFACFactors:
     """Stage 1 (covariances), stage 2 (eigh), stage 3 (Lambda) in one call.
 
@@ -144,6 +152,9 @@ def fit_ekfac(
             given, else the Fisher's default (TOPM 2, others 1) (``objectives.default_draws``).
         same_lambda_draws: stage 3 reuses stage 1's label draws (its generator
             seed); by default it draws independent labels (seed + 1).
+        passes, lambda_passes: sum the k draws of stage 1 / stage 3 into this many backward passes
+            (``objectives.effective_passes``: unbiased, cheaper, noisier; measured in
+            benchmarks/eval/facts_passes/); None = one backward pass per draw (the default).
         Others as ``fit_covariances``.
     """
     if lambda_batches is None:
@@ -151,10 +162,11 @@ def fit_ekfac(
             raise TypeError("batches is a one-shot iterator; fit_ekfac reads it twice: pass a list")
         lambda_batches = batches
     samples, lam_k = default_draws(fisher, samples, lambda_samples)
-    covariances = fit_covariances(model, layers, batches, fisher, seed, objective, autocast_dtype, samples)
+    covariances = fit_covariances(model, layers, batches, fisher, seed, objective, autocast_dtype, samples, passes)
     log.info("stage 1: %d sequences, %d tokens", covariances.sequences, covariances.tokens)
     eigen = eigendecompose(covariances, blocks=blocks)
     lam_seed = None if seed is None else seed + (0 if same_lambda_draws else 1)
-    lambdas = fit_lambda(model, layers, eigen, lambda_batches, fisher, lam_seed, objective, autocast_dtype, lam_k)
+    lambdas = fit_lambda(model, layers, eigen, lambda_batches, fisher, lam_seed, objective, autocast_dtype, lam_k,
+                         lambda_passes)
     log.info("stage 3: %d sequences", lambdas.sequences)
     return assemble_factors(layers, covariances, eigen, lambdas, blocks)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .capture import Captured, capture
 from .layers import TrackedLayer
-from .objectives import Fisher, Objective, check_samples, draw_weight
+from .objectives import Fisher, Objective, check_samples, draw_weight, effective_passes, summed_draws
 
 
 @dataclass
@@ -105,6 +105,7 @@ def draw_passes(
     generator: torch.Generator | None,
     samples: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    passes: int | None = None,
 ) -> Iterator[tuple[Captured, float]]:
     """One forward pass, then one backward pass per label draw through the retained graph.
 
@@ -117,8 +118,13 @@ def draw_passes(
     Cost: one forward + (number of draws) backward passes down to the first
     tracked layer (no weight gradients). With one sampled or empirical draw
     this is exactly ``backward_pass``.
+
+    ``passes`` p < k (random Fishers): the k draws' losses summed round-robin into p
+    losses, one backward pass each (``objectives.effective_passes``: unbiased, p backward
+    passes instead of k); each summed pass counts with the same ``weight`` as one draw.
     """
     check_samples(samples)
+    passes = effective_passes(fisher, samples, passes)
     if fisher != Fisher.EXPECTED and (samples == 1 or fisher == Fisher.EMPIRICAL):
         yield backward_pass(model, layers, objective, batch, fisher, generator, autocast_dtype).captured, 1.0
         return
@@ -130,6 +136,8 @@ def draw_passes(
     with capture(layers, token_mask=objective.token_mask(batch)) as cap:
         with _autocast(device, autocast_dtype):
             draws = objective.draw_losses(model, batch, fisher, generator, samples)
+            if passes is not None:
+                draws = iter(summed_draws(list(draws), passes))
     pending = next(draws, None)
     while pending is not None:
         _check_losses(pending)

@@ -203,6 +203,30 @@ def check_samples(samples: int) -> int:
     return samples
 
 
+def effective_passes(fisher: Fisher, samples: int, passes: int | None) -> int | None:
+    """The backward passes a stage's k label draws are summed into, or None for one pass per draw.
+
+    ``passes`` p < k (random Fishers only) sums the draws' losses round-robin into p losses
+    (draws j, j + p, j + 2p, ... in pass j), each backpropagated once. Every draw's logit
+    gradient has mean zero given the forward pass (sampled: p - e_y with y ~ p; Gaussian
+    probes; topm: random signs), and different draws are independent, so the cross terms
+    of a summed pass vanish in expectation: the statistics stay unbiased for the same
+    Fisher, at p backward passes instead of k, with the cross terms as extra variance
+    (measured: benchmarks/eval/facts_passes/). None, p >= k and non-random Fishers: one pass
+    per draw (today's estimator, exactly).
+    """
+    if passes is None or not is_random(fisher):
+        return None
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"fisher passes must be an integer >= 1 or None (one backward pass per draw), got {passes!r}")
+    return passes if passes < samples else None
+
+
+def summed_draws(losses: list[torch.Tensor], passes: int) -> list[torch.Tensor]:
+    """[B] losses of k draws summed round-robin into min(passes, k) losses (``effective_passes``)."""
+    return [sum(losses[j::passes][1:], losses[j]) for j in range(min(passes, len(losses)))]
+
+
 class Objective(Protocol):
     """What the engine needs to know about a model and its batches."""
 

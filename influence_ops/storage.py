@@ -46,11 +46,13 @@ def manifest_entry(name: str, file: str, shape: tuple[int, int], tokens: int, se
 
 def build_manifest(entries: list[dict[str, Any]], fingerprint: str, fisher: Fisher, covariance_sequences: int,
                    lambda_sequences: int, blocks: int, extra: dict[str, Any] | None = None,
-                   samples: int = 1, lambda_samples: int = 1) -> dict[str, Any]:
+                   samples: int = 1, lambda_samples: int = 1, passes: int | None = None,
+                   lambda_passes: int | None = None) -> dict[str, Any]:
     """The manifest of a factor directory whose layer files are described by ``entries`` (in layer order)."""
     return {
         "format": FACTORS_FORMAT, "library_version": __version__, "model_fingerprint": fingerprint,
         "fisher": fisher.value, "fisher_samples": samples, "lambda_samples": lambda_samples,
+        "fisher_passes": passes, "lambda_passes": lambda_passes,
         "covariance_sequences": covariance_sequences,
         "tokens": entries[0]["tokens"], "lambda_sequences": lambda_sequences, "blocks": blocks,
         "eigh_dtype": "float64", "damping_rule": "0.1 * mean(Lambda) per layer unless an absolute value is given",
@@ -92,7 +94,7 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra: dic
         entries.append(manifest_entry(name, fname, factors.shapes[name], lf.tokens, lf.sequences, lf.a_sum.dtype))
     manifest = build_manifest(entries, factors.fingerprint, factors.fisher, factors.covariance_sequences,
                               factors.lambda_sequences, factors.blocks, extra, factors.samples,
-                              factors.lambda_samples)
+                              factors.lambda_samples, factors.passes, factors.lambda_passes)
     write_json_atomic(out / MANIFEST, manifest)
     return out
 
@@ -132,7 +134,8 @@ def load_factors(directory: str | os.PathLike, layers: Sequence[TrackedLayer] | 
     factors = EKFACFactors(layers=out, shapes=shapes, fingerprint=manifest["model_fingerprint"],
                            fisher=Fisher(manifest["fisher"]),
                            covariance_sequences=manifest["covariance_sequences"], blocks=manifest["blocks"],
-                           samples=manifest.get("fisher_samples", 1), lambda_samples=manifest.get("lambda_samples", 1))
+                           samples=manifest.get("fisher_samples", 1), lambda_samples=manifest.get("lambda_samples", 1),
+                           passes=manifest.get("fisher_passes"), lambda_passes=manifest.get("lambda_passes"))
     if layers is not None:
         factors.check_model(layers)
     return factors

@@ -115,6 +115,25 @@ ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], str | None]] = {
 }
 
 
+def peaked_tiny_lm(vocab: int = 8):
+    """(model, layers, batch, eigen): a float64 GPT-2 over ``vocab`` tokens whose softmax is peaked, as a trained
+    LM's (the top labels hold most of the mass), one padded batch of 5 label positions, and the eigenbasis of its
+    empirical covariances. For the label-draw tests (topm, summed passes)."""
+    import influence_ops as ops
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=8, n_embd=8, n_layer=2, n_head=2, n_inner=12,
+                                       bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0)).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    layers = ops.find_mlp_layers(model)
+    batch = collate([[3, 6, 4, 1, 5], [7, 2, 0]])  # 5 label positions with padding
+    eigen = ops.eigendecompose(ops.fit_covariances(model, layers, [batch], fisher=ops.Fisher.EMPIRICAL))
+    return model, layers, batch, eigen
+
+
 def random_sequences(n: int, vocab: int = VOCAB, min_len: int = 3, max_len: int = 10,
                      seed: int = 0) -> list[list[int]]:
     """``n`` token-id lists with lengths uniform in [min_len, max_len], ids in [1, vocab).

@@ -20,25 +20,14 @@ from influence_ops.covariance import make_generator
 from influence_ops.eigenvalue_correction import rotated_sequence_gradient
 from influence_ops.gradients import draw_passes
 from influence_ops.objectives import topm_terms
-from tests.ops_helpers import assert_close, random_sequences
+from tests.ops_helpers import assert_close, peaked_tiny_lm, random_sequences
 
 V = 8
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(2)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=2, n_head=2, n_inner=12,
-                                       bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0)).double().eval()
-    with torch.no_grad():  # a peaked softmax, as in a trained LM (the top labels hold most of the mass)
-        model.lm_head.weight.mul_(6.0)
-    layers = ops.find_mlp_layers(model)
-    batch = ops.collate([[3, 6, 4, 1, 5], [7, 2, 0]])  # 5 label positions with padding
-    eigen = ops.eigendecompose(ops.fit_covariances(model, layers, [batch], fisher=ops.Fisher.EMPIRICAL))
-    return model, layers, batch, eigen
+    return peaked_tiny_lm(V)
 
 
 def _one_label_per_sequence(batch: ops.TokenBatch) -> ops.TokenBatch:

@@ -87,6 +87,8 @@ BASE = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl",
     ({"scoring": {"top_k": 0}}, "scoring.top_k = 0"),
     ({"scoring": {"topk": 3}}, "scoring.topk = 3: unknown key"),
     ({"factors": {"sample_sequences": 5, "sample_tokens": 100}}, "give at most one"),
+    ({"factors": {"lambda_passes": 0}}, "factors.lambda_passes = 0: must be an integer >= 1"),
+    ({"factors": {"fisher_passes": "2"}}, "factors.fisher_passes = '2': must be an integer >= 1"),
     ({"model": {"path": "/m", "factory": "a:b"}}, "exactly one"),
     ({"model": {"factory": "no_colon"}}, "model.factory = 'no_colon'"),
     ({"resources": {"gpus_per_actor": -1}}, "resources.gpus_per_actor = -1"),
@@ -117,6 +119,9 @@ def test_config_accepts_the_topm_fisher():
     cfg = config_from_dict({**BASE, "factors": {"fisher": "topm", "fisher_samples": 4, "lambda_samples": 4}})
     assert cfg.factors.fisher == Fisher.TOPM and cfg.factors.fisher_samples == 4
     assert cfg.to_dict()["factors"]["fisher"] == "topm"
+    assert (cfg.factors.fisher_passes, cfg.factors.lambda_passes) == (None, None)  # one backward pass per draw
+    cfg = config_from_dict({**BASE, "factors": {"fisher_passes": 3, "lambda_passes": 1}})
+    assert (cfg.factors.fisher_passes, cfg.factors.lambda_passes) == (3, 1)
 
 
 def test_cli_reports_bad_config(tmp_path):
@@ -324,6 +329,29 @@ def test_fit_worker_draws_k_labels_from_its_unit_seed(tiny_world, tmp_path):
         assert not torch.allclose(got.layers[name].s_sum, one.layers[name].s_sum)
 
 
+def test_fit_worker_sums_its_draws_into_the_passes_asked(tiny_world, tmp_path):
+    """fisher_passes reaches the stage-1 worker: its partial is fit_covariances with those passes, and says so."""
+    from influence_ops import fit_covariances
+    from pipelines.io.payloads import covariances_from_bytes
+    from pipelines.stages.fit_factors import CovarianceWorker, unit_seed
+    from pipelines.stages.sampling import Unit
+
+    path = write_shard(tmp_path / "s.parquet", ["a", "b", "c"], [[1, 2, 3, 4], [5, 6, 7], [2, 3]])
+    unit = {**Unit(0, path, (0, 1, 2)).to_json(), "partial": str(tmp_path / "unit.safetensors"), "key": "k"}
+    worker = CovarianceWorker(model=ModelConfig(path=str(tiny_world / "model")), fisher="topm", seed=4, batch_size=2,
+                              samples=3, passes=1)
+    worker({"unit": np.array([json.dumps(unit)], dtype=object)})
+    got = covariances_from_bytes(Path(unit["partial"]).read_bytes())
+    _, batches, _ = worker._batches(Unit.from_json(unit))
+    seed = unit_seed(4, 1, 0)
+    want = fit_covariances(worker.m.model, worker.m.layers, batches, Fisher.TOPM, seed, samples=3, passes=1)
+    each = fit_covariances(worker.m.model, worker.m.layers, batches, Fisher.TOPM, seed, samples=3)
+    assert (got.samples, got.passes, each.passes) == (3, 1, None)
+    for name, cov in want.layers.items():
+        torch.testing.assert_close(got.layers[name].s_sum, cov.s_sum, rtol=1e-5, atol=1e-8)
+        assert not torch.allclose(got.layers[name].s_sum, each.layers[name].s_sum)
+
+
 def test_performance_settings_never_change_the_factors_key(tiny_world, tmp_path):
     """Batch size, actors, threads and sort window are performance settings: fitted factors stay valid."""
     from pipelines.config import config_from_dict
@@ -338,6 +366,7 @@ def test_performance_settings_never_change_the_factors_key(tiny_world, tmp_path)
                             ("scoring", {"sort_window": 64, "top_k": 3}), ("factors", {"refit_growth": 0.5})):
         assert factors_key(config_from_dict({**base, section: values}), prints) == key, section
     assert factors_key(config_from_dict({**base, "factors": {"seed": 1}}), prints) != key  # the fit's own inputs do
+    assert factors_key(config_from_dict({**base, "factors": {"lambda_passes": 1}}), prints) != key
     pinned = {**base, "factors": {"refit": "on_corpus_change"}}
     assert factors_key(config_from_dict(pinned), prints) != factors_key(config_from_dict(pinned), [(shard, 101)])
 

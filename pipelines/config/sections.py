@@ -112,6 +112,8 @@ class FactorConfig:
     fisher: Fisher = DEFAULT_FISHER  # measured steadiest across seeds at <= 2x the cost of one draw (README "Accuracy")
     fisher_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][0]  # topm 5: the 4 most probable labels + 1 tail draw
     lambda_samples: int = DEFAULT_DRAWS[DEFAULT_FISHER][1]  # 2: more help less than in stage 1 (README "Accuracy")
+    fisher_passes: int | None = None  # stage 1's draws summed into this many backward passes; None: one per draw
+    lambda_passes: int | None = None  # the same in stage 3 (cheaper, noisier: README "Accuracy")
     damping: float | None = None
     seed: int = 0
     blocks: int = 1
@@ -130,6 +132,9 @@ class FactorConfig:
         object.__setattr__(self, "fisher", enum_value("factors.fisher", Fisher, self.fisher))
         check_int("factors.fisher_samples", self.fisher_samples, 1)
         check_int("factors.lambda_samples", self.lambda_samples, 1)
+        for key in ("fisher_passes", "lambda_passes"):
+            if getattr(self, key) is not None:
+                check_int(f"factors.{key}", getattr(self, key), 1)
         if self.damping is not None:
             check_number("factors.damping", self.damping, 0.0)
         check_int("factors.seed", self.seed, 0)

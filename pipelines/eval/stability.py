@@ -48,6 +48,8 @@ class Variant:
     samples: int = 1
     lambda_samples: int | None = None  # None: the same k as stage 1
     same_lambda_draws: bool = False
+    passes: int | None = None  # stage 1's draws summed into this many backward passes; None: one per draw
+    lambda_passes: int | None = None  # the same in stage 3
 
     @property
     def stage3_samples(self) -> int:
@@ -57,7 +59,8 @@ class Variant:
     def fit(self, case: Case, seed: int) -> ops.EKFACFactors:
         return ops.fit_ekfac(case.model, case.layers, case.batches, fisher=self.fisher, seed=seed,
                              samples=self.samples, lambda_samples=self.lambda_samples,
-                             same_lambda_draws=self.same_lambda_draws)
+                             same_lambda_draws=self.same_lambda_draws, passes=self.passes,
+                             lambda_passes=self.lambda_passes)
 
 
 VARIANTS = ([Variant(f"sampled k={k}", ops.Fisher.SAMPLED, k) for k in SAMPLES]

@@ -40,7 +40,7 @@ import pyarrow as pa
 import torch
 
 from influence_ops import Fisher, fit_covariances, fit_lambda, model_fingerprint
-from influence_ops.objectives import is_random
+from influence_ops.objectives import effective_passes, is_random
 from influence_ops.storage import MANIFEST, build_manifest, layer_file
 
 from ..config import JobConfig, ModelConfig
@@ -87,10 +87,11 @@ class _FitWorker:
     stage = 0  # 1: covariances, 3: Lambda (the stage's label draws are seeded per sequence with it)
 
     def __init__(self, model: ModelConfig, fisher: str, seed: int, batch_size: int, threads: int = 0,
-                 use_gpu: bool = False, too_long: str = "error", samples: int = 1) -> None:
+                 use_gpu: bool = False, too_long: str = "error", samples: int = 1, passes: int | None = None) -> None:
         set_threads(threads)
         self.m = load_model(model, pick_device(use_gpu))
         self.fisher, self.seed, self.batch_size, self.samples = Fisher(fisher), seed, batch_size, samples
+        self.passes = passes  # factors.fisher_passes (stage 1) or lambda_passes (stage 3)
         self.too_long = too_long  # data.too_long: sequences longer than the model's context
         self.fingerprint = model_fingerprint(self.m.layers)
         self.layers = json.dumps([[l.name, list(l.shape)] for l in self.m.layers])
@@ -139,7 +140,7 @@ class CovarianceWorker(_FitWorker):
 
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         cov = fit_covariances(self.m.model, self.m.layers, batches, self.fisher, unit_seed(self.seed, 1, unit.index),
-                              autocast_dtype=self.m.autocast, samples=self.samples)
+                              autocast_dtype=self.m.autocast, samples=self.samples, passes=self.passes)
         return covariances_to_bytes(cov, extra)
 
 
@@ -155,8 +156,12 @@ class LambdaWorker(_FitWorker):
 
     def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
         lam = fit_lambda(self.m.model, self.m.layers, self.eigen, batches, self.fisher,
-                         unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast, samples=self.samples)
+                         unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast, samples=self.samples,
+                         passes=self.passes)
         return lambda_to_bytes(lam, extra)
+
+
+PASSES = ("fisher_passes", "lambda_passes")
 
 
 def factors_key(cfg: JobConfig, fingerprints: list[tuple[str, int]]) -> str:
@@ -165,7 +170,8 @@ def factors_key(cfg: JobConfig, fingerprints: list[tuple[str, int]]) -> str:
     ``factors.refit = "on_settings_change"`` or ``"on_growth"`` not the shards either (for
     ``on_growth``, ``keeps_factors`` then decides whether the corpus moved too far)."""
     too_long = () if cfg.data.too_long.value == "error" else (cfg.data.too_long.value,)
-    settings = {k: v for k, v in cfg.factors.__dict__.items() if k not in ("refit", "refit_growth")}
+    settings = {k: v for k, v in cfg.factors.__dict__.items() if k not in ("refit", "refit_growth")
+                and not (k in PASSES and v is None)}  # unset passes: the key factors had before they existed
     if cfg.factors.refit in ("on_settings_change", "on_growth"):
         return completion.inputs_key("factors-pinned", cfg.model.__dict__, model_identity(cfg.model), settings,
                                      *too_long)
@@ -321,7 +327,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     use_gpu = cluster.get("GPU", 0) > 0 and cfg.resources.gpus_per_actor != 0
     args = {"model": cfg.model, "fisher": f.fisher.value, "seed": f.seed, "batch_size": cfg.resources.batch_size,
             "threads": cfg.resources.threads_per_actor, "use_gpu": use_gpu, "too_long": cfg.data.too_long.value,
-            "samples": f.fisher_samples}
+            "samples": f.fisher_samples, "passes": f.fisher_passes}
     accounting: dict[str, Any] = {}
     unit_key = completion.inputs_key(key, shard_prints)  # partials: this corpus only
     stage1 = _unit_stage(CovarianceWorker, 1, units, args, out, unit_key, cfg, cluster, show_progress, failures)
@@ -337,7 +343,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
                 for (n, _), url in zip(layers, stage2_urls) if _current(url, key2) is None]
     eig_rows, accounting["eigh"] = _layer_stage(LayerEigenWorker, eig_jobs, cfg, cluster, use_gpu, "eigh (per layer)",
                                                 show_progress)
-    stage3 = _unit_stage(LambdaWorker, 3, fitted, {**args, "stage2": stage2_urls, "lambda_samples": f.lambda_samples},
+    stage3 = _unit_stage(LambdaWorker, 3, fitted, {**args, "stage2": stage2_urls, "lambda_samples": f.lambda_samples,
+                                                   "passes": f.lambda_passes},
                          out, key2, cfg, cluster, show_progress, failures)
     accounting["stage3"] = stage3.pop("units")
     partials3 = [_partial_url(out, 3, u.index) for u in fitted if u.index not in stage3["failed"]]
@@ -361,7 +368,9 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     manifest = build_manifest(entries, fingerprint, f.fisher, sequences, final_rows[layers[0][0]]["sequences"],
                               f.blocks, {"pipeline_key": key, "config": cfg.to_dict()},
                               samples=f.fisher_samples if is_random(f.fisher) else 1,
-                              lambda_samples=f.lambda_samples if is_random(f.fisher) else 1)
+                              lambda_samples=f.lambda_samples if is_random(f.fisher) else 1,
+                              passes=effective_passes(f.fisher, f.fisher_samples, f.fisher_passes),
+                              lambda_passes=effective_passes(f.fisher, f.lambda_samples, f.lambda_passes))
     storage.write_json(storage.join(out, MANIFEST), manifest)
     shard_of = {u.index: u.shard for u in units}
     storage.write_parquet(storage.join(out, "sample.parquet"), pa.table({
