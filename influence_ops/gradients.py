@@ -137,7 +137,7 @@ def draw_passes(
         with _autocast(device, autocast_dtype):
             draws = objective.draw_losses(model, batch, fisher, generator, samples)
             if passes is not None:
-                draws = iter(summed_draws(list(draws), passes))
+                draws = iter(summed_draws(draws, passes))
     pending = next(draws, None)
     while pending is not None:
         _check_losses(pending)

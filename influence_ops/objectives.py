@@ -37,7 +37,7 @@ expectations of the sampled statistics exactly.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -213,18 +213,32 @@ def effective_passes(fisher: Fisher, samples: int, passes: int | None) -> int | 
     of a summed pass vanish in expectation: the statistics stay unbiased for the same
     Fisher, at p backward passes instead of k, with the cross terms as extra variance
     (measured: benchmarks/eval/facts_passes/). None, p >= k and non-random Fishers: one pass
-    per draw (today's estimator, exactly).
+    per draw (today's estimator, exactly). GAUSSIAN refuses p < k: a sum of independent
+    Gaussian probes is itself one Gaussian probe (of k times the covariance), so summing
+    would only be fewer draws at the memory of k (fewer ``samples`` does that directly).
     """
     if passes is None or not is_random(fisher):
         return None
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"fisher passes must be an integer >= 1 or None (one backward pass per draw), got {passes!r}")
-    return passes if passes < samples else None
+    if passes >= samples:
+        return None
+    if fisher == Fisher.GAUSSIAN:
+        raise ValueError(f"gaussian probes summed into {passes} passes are {passes} probes: set the draws to "
+                         f"{passes} instead of summing {samples}")
+    return passes
 
 
-def summed_draws(losses: list[torch.Tensor], passes: int) -> list[torch.Tensor]:
-    """[B] losses of k draws summed round-robin into min(passes, k) losses (``effective_passes``)."""
-    return [sum(losses[j::passes][1:], losses[j]) for j in range(min(passes, len(losses)))]
+def summed_draws(losses: Iterable[torch.Tensor], passes: int) -> list[torch.Tensor]:
+    """[B] losses of k draws summed round-robin into min(passes, k) losses (``effective_passes``): draw j
+    goes into sum j mod passes."""
+    sums: list[torch.Tensor] = []
+    for j, loss in enumerate(losses):
+        if j < passes:
+            sums.append(loss)
+        else:
+            sums[j % passes] = sums[j % passes] + loss
+    return sums
 
 
 class Objective(Protocol):

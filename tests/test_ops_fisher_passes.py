@@ -41,7 +41,6 @@ def _draw_grads(model, layers, batch, fisher, k, seed, passes=None) -> list[dict
     (ops.Fisher.TOPM, 4, 2, [[0, 2], [1, 3]]),
     (ops.Fisher.TOPM, 5, 3, [[0, 3], [1, 4], [2]]),
     (ops.Fisher.SAMPLED, 3, 1, [[0, 1, 2]]),
-    (ops.Fisher.GAUSSIAN, 3, 2, [[0, 2], [1]]),
 ])
 def test_a_summed_pass_gives_the_sum_of_its_draws_gradients(setup, fisher, k, passes, groups):
     model, layers, batch, _ = setup
@@ -118,6 +117,9 @@ def test_passes_are_recorded_saved_and_checked(setup, tmp_path):
         ops.fit_covariances(model, layers, [batch], fisher=ops.Fisher.TOPM, samples=3, passes=2).merge(plain)
     # a Fisher without random draws has nothing to sum: passes do not apply
     assert effective_passes(ops.Fisher.EMPIRICAL, 1, 1) is None and effective_passes(ops.Fisher.EXPECTED, 1, 1) is None
+    with pytest.raises(ValueError, match="gaussian probes summed into 2 passes are 2 probes"):
+        effective_passes(ops.Fisher.GAUSSIAN, 4, 2)
+    assert effective_passes(ops.Fisher.GAUSSIAN, 4, 4) is None  # one pass per probe: allowed
     for bad in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="fisher passes must be an integer >= 1"):
             effective_passes(ops.Fisher.TOPM, 5, bad)

@@ -132,9 +132,13 @@ class FactorConfig:
         object.__setattr__(self, "fisher", enum_value("factors.fisher", Fisher, self.fisher))
         check_int("factors.fisher_samples", self.fisher_samples, 1)
         check_int("factors.lambda_samples", self.lambda_samples, 1)
-        for key in ("fisher_passes", "lambda_passes"):
-            if getattr(self, key) is not None:
-                check_int(f"factors.{key}", getattr(self, key), 1)
+        for key, draws in (("fisher_passes", self.fisher_samples), ("lambda_passes", self.lambda_samples)):
+            passes = getattr(self, key)
+            if passes is not None:
+                check_int(f"factors.{key}", passes, 1)
+                if self.fisher == Fisher.GAUSSIAN and passes < draws:
+                    fail(f"factors.{key}", passes, f"gaussian probes summed into {passes} passes are {passes} "
+                                                   f"probes: set the draws to {passes} instead")
         if self.damping is not None:
             check_number("factors.damping", self.damping, 0.0)
         check_int("factors.seed", self.seed, 0)
