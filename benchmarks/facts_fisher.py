@@ -58,6 +58,12 @@ VARIANTS = {
                             passes=3, lambda_passes=1),
     "topm5l2_p1p1": Variant("topm 5 / 2, each stage's draws in 1 pass (1 + 1)", ops.Fisher.TOPM, 5, 2,
                             passes=1, lambda_passes=1),
+    "topm6l2_p6p1": Variant("topm 6 / 2, stage 3's 2 draws in 1 pass (6 + 1)", ops.Fisher.TOPM, 6, 2,
+                            passes=6, lambda_passes=1),
+    "topm7l2_p7p1": Variant("topm 7 / 2, stage 3's 2 draws in 1 pass (7 + 1)", ops.Fisher.TOPM, 7, 2,
+                            passes=7, lambda_passes=1),
+    "topm6l4_p6p1": Variant("topm 6 / 4, stage 3's 4 draws in 1 pass (6 + 1)", ops.Fisher.TOPM, 6, 4,
+                            passes=6, lambda_passes=1),
 }
 
 
