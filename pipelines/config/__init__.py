@@ -35,8 +35,8 @@ Sections (every key optional unless marked required)::
     fisher = "topm"                     # topm | gaussian | sampled | empirical | expected (tiny models only: T x V passes)
     fisher_samples = 5                  # label draws (or probes) per position in stage 1 (one forward, k backward)
     lambda_samples = 2                  # the same in stage 3 (Lambda, the noisier estimate); see README "Accuracy"
-    fisher_passes = 5                   # backward passes the stage-1 draws are summed into; omit for one per draw
-    lambda_passes = 2                   # the same in stage 3 (fewer: cheaper, noisier; README "Accuracy")
+    fisher_passes = 3                   # backward passes the stage-1 draws are summed into; omit for one per draw
+    lambda_passes = 1                   # the same in stage 3 (fewer: cheaper, noisier; README "Accuracy")
     damping = 0.001                     # absolute; omit for 0.1 x mean(Lambda) per layer
     seed = 0
     blocks = 1
