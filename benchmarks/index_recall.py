@@ -255,6 +255,16 @@ def job_model(args) -> dict:
     res["tfidf"] = tfidf_entry(exact, lexical, args)
     res["kinds"] = measure(m.model, m.layers, factors, qbatch, batches, exact, args, cfg.factors.damping, "cpu",
                            lexical)
+    res["refits"] = {}
+    for spec in [x for x in args.refit.split(",") if x]:  # the same measurement on factors refitted here
+        fisher, k, k_lambda, seed = spec.split(":")
+        refit = io.fit_ekfac(m.model, m.layers, batches, fisher=io.Fisher(fisher), seed=int(seed), samples=int(k),
+                             lambda_samples=int(k_lambda))
+        q = io.precondition_queries(m.model, refit, [qbatch], rank=queries.rank, damping=cfg.factors.damping,
+                                    query_ids=list(queries.query_ids))
+        scan = torch.cat([io.score_batch(m.model, q, b).scores.double() for b in batches], dim=1)  # (Q, N)
+        res["refits"][spec] = measure(m.model, m.layers, refit, qbatch, batches, scan, args, cfg.factors.damping,
+                                      "cpu")
     return res
 
 
@@ -333,6 +343,9 @@ def main() -> None:
                    help="rank of the scan's queries, 0 = dense (job: 0 = dense queries prepared here, else the job's)")
     p.add_argument("--train-steps", type=int, default=300, help="tiny: training steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refit", default="",
+                   help="job: also measure on factors refitted in process, comma-separated fisher:k:k_lambda:seed "
+                        "(e.g. topm:5:2:1,gaussian:4:4:0): does recall depend on the fit?")
     p.add_argument("--out", default="bench_output/index_recall.json")
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -345,6 +358,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "kinds"}, indent=1))
     for name, e in res["kinds"].items():
         print(name, {k: v for k, v in e.items() if k not in ("per_seed", "bytes_per_layer_float16")})
+    for spec, kinds in res.get("refits", {}).items():
+        print("refit", spec, {name: round(e["recall"], 3) for name, e in kinds.items()})
     print("| kind | k | seed | side | recall | final | Spearman median | deepest rank median (worst) | last-half share "
           "| loose | final: shallow / deep queries (count) |")
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
