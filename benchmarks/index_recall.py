@@ -206,6 +206,11 @@ def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, 
     return res
 
 
+def scan(model, queries, batches: list) -> torch.Tensor:
+    """The full scan's exact scores [Q, N] (float64) of every sequence of ``batches``."""
+    return torch.cat([io.score_batch(model, queries, b).scores.double() for b in batches], dim=1)
+
+
 def tfidf_approx(corpus: list[list[int]], query_tokens: list[list[int]]) -> torch.Tensor:
     """TF-IDF scores [Q, N] as candidates are picked: ties by position (doc_id order), -inf where no token is shared."""
     scores = torch.from_numpy(tfidf_scores(corpus, query_tokens))  # (Q, N)
@@ -247,7 +252,7 @@ def job_model(args) -> dict:
         corpus += [list(map(int, x)) for x in seqs.input_ids]
     bs = 16
     batches = [collate(corpus[i:i + bs]) for i in range(0, len(corpus), bs)]
-    exact = torch.cat([io.score_batch(m.model, queries, b).scores.double() for b in batches], dim=1)  # (Q, N)
+    exact = scan(m.model, queries, batches)
     res = {"model": "job", "job": args.job, "sequences": len(corpus), "queries": len(queries.query_ids),
            "rank": queries.rank or "dense", "truncation_error_mean": float(queries.truncation_error.mean()),
            "damping": cfg.factors.damping, "fisher": cfg.factors.fisher.value}
@@ -262,9 +267,8 @@ def job_model(args) -> dict:
                              lambda_samples=int(k_lambda))
         q = io.precondition_queries(m.model, refit, [qbatch], rank=queries.rank, damping=cfg.factors.damping,
                                     query_ids=list(queries.query_ids))
-        scan = torch.cat([io.score_batch(m.model, q, b).scores.double() for b in batches], dim=1)  # (Q, N)
-        res["refits"][spec] = measure(m.model, m.layers, refit, qbatch, batches, scan, args, cfg.factors.damping,
-                                      "cpu")
+        res["refits"][spec] = measure(m.model, m.layers, refit, qbatch, batches, scan(m.model, q, batches), args,
+                                      cfg.factors.damping, "cpu")
     return res
 
 
@@ -286,7 +290,7 @@ def random_model(args) -> dict:
     pq = io.precondition_queries(model, factors, [qbatch], rank=args.rank or None)
     batches = [io.collate(corpus[i:i + 32]) for i in range(0, len(corpus), 32)]
     t0 = time.perf_counter()
-    exact = torch.cat([io.score_batch(model, pq, b).scores.double() for b in batches], dim=1)  # (Q, N)
+    exact = scan(model, pq, batches)
     res = {"model": "random", "width": args.width, "blocks": args.layers, "vocab": args.vocab,
            "tracked_layers": {l.name: list(l.shape) for l in layers}, "sequences": len(corpus),
            "tokens": args.tokens, "queries": len(qids), "rank": args.rank or "dense", "fisher": "topm 3/3",
@@ -311,7 +315,7 @@ def tiny_model(args) -> dict:
     qbatch = io.query_batch(prompts, completions)
     pq = io.precondition_queries(model, factors, [qbatch], rank=args.rank or None)
     batches = [io.collate(corpus[i:i + 64]) for i in range(0, len(corpus), 64)]
-    exact = torch.cat([io.score_batch(model, pq, b).scores.double() for b in batches], dim=1)  # (Q, N)
+    exact = scan(model, pq, batches)
     res = {"model": "tiny", "width": args.width, "final_train_loss": float(loss.detach()), "sequences": len(corpus),
            "queries": len(qids), "rank": args.rank or "dense", "fisher": "empirical",
            "truncation_error_mean": float(pq.truncation_error.mean())}

@@ -6,7 +6,8 @@ statistics built from them (g g^T per token, (Q_S^T G_n Q_A)^2 per sequence) the
 carry cross terms between draws, which vanish in expectation (independent
 random signs for topm, independent zero-mean draws for sampled): the mean over
 many seeds approaches the expected Fisher as the one-pass-per-draw fit does,
-while a summed pass without the signs (a biased estimator) stays away from it.
+while the same sums with a wrong weight (a summed pass counted as k draws, or
+as one of k) stay far from it.
 """
 
 from __future__ import annotations

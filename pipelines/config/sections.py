@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from influence_ops import DEFAULT_DRAWS, DEFAULT_FISHER, Fisher, LowRankMethod, Normalize, Precision, Strategy, Track
 from influence_ops.index_projection import ProjectionKind
+from influence_ops.objectives import effective_passes
 
 from .checks import check_int, check_number, check_str, enum_value, fail
 
@@ -136,9 +137,10 @@ class FactorConfig:
             passes = getattr(self, key)
             if passes is not None:
                 check_int(f"factors.{key}", passes, 1)
-                if self.fisher == Fisher.GAUSSIAN and passes < draws:
-                    fail(f"factors.{key}", passes, f"gaussian probes summed into {passes} passes are {passes} "
-                                                   f"probes: set the draws to {passes} instead")
+                try:  # the library's rule (gaussian refuses fewer passes than draws)
+                    effective_passes(self.fisher, draws, passes)
+                except ValueError as e:
+                    fail(f"factors.{key}", passes, str(e))
         if self.damping is not None:
             check_number("factors.damping", self.damping, 0.0)
         check_int("factors.seed", self.seed, 0)
