@@ -14,7 +14,8 @@ from .gradients import backward_pass, per_sequence_gradients
 from .ihvp import apply_inverse
 from .layers import Track, TrackedLayer, find_mlp_layers, layers_by_name
 from .normalize import Normalize
-from .objectives import DEFAULT_DRAWS, DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, default_draws
+from .fisher import DEFAULT_DRAWS, DEFAULT_FISHER, Fisher, default_draws
+from .objectives import LanguageModelObjective, Objective
 from .query_basis import Basis, choose_basis
 from .queries import LayerQuery, PreconditionedQueries, precondition_queries
 from .query_prep import LowRankMethod, Precision, QueryPrep

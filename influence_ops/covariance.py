@@ -12,7 +12,7 @@ with the same covariance (``GAUSSIAN``), unless ``fisher=EMPIRICAL``.
 With ``samples = k`` sampled draws per position, the g g^T term is the mean over
 the k draws, (1/k) sum_j g_tj g_tj^T (one forward, k backward passes); A does
 not depend on labels and is summed once. ``EXPECTED`` sums the exact
-expectation over the softmax instead (objectives.py).
+expectation over the softmax instead (label_draws.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from torch import nn
 
 from .gradients import draw_passes, model_device
 from .layers import TrackedLayer
-from .objectives import (DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, check_samples, default_draws,
-                         effective_passes, is_random)
+from .fisher import DEFAULT_FISHER, Fisher, check_samples, default_draws, effective_passes, is_random
+from .objectives import LanguageModelObjective, Objective
 
 
 @dataclass
@@ -128,16 +128,16 @@ def fit_covariances(
         model: the model (its weights are not modified, no .grad is written).
         layers: tracked layers (``find_mlp_layers``).
         batches: iterable of batches for ``objective`` (``TokenBatch`` by default).
-        fisher: where labels come from (``objectives.Fisher``): drawn from the model (SAMPLED, GAUSSIAN
+        fisher: where labels come from (``fisher.Fisher``): drawn from the model (SAMPLED, GAUSSIAN
             probes, TOPM), the data's (EMPIRICAL) or every label weighted by its probability (EXPECTED);
             default TOPM, as ``fit_ekfac`` and the job.
         seed: seed of the label-sampling generator.
         objective: defaults to ``LanguageModelObjective``.
         autocast_dtype: optional bf16/fp16 autocast; sums stay float32.
         samples: k label draws per position (SAMPLED, GAUSSIAN, TOPM only), averaged into g g^T (TOPM: summed,
-            weights in the losses); None = the Fisher's stage-1 default (``objectives.default_draws``: TOPM 5,
+            weights in the losses); None = the Fisher's stage-1 default (``fisher.default_draws``: TOPM 5,
             others 1).
-        passes: p < k sums the k draws into p backward passes (``objectives.effective_passes``: unbiased,
+        passes: p < k sums the k draws into p backward passes (``fisher.effective_passes``: unbiased,
             noisier, cheaper); None = one backward pass per draw.
 
     Returns:

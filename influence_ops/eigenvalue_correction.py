@@ -26,8 +26,8 @@ from .covariance import accumulation_dtype, effective_samples, make_generator
 from .eigen import LayerEigen
 from .gradients import draw_passes, model_device, sequence_gradient
 from .layers import TrackedLayer
-from .objectives import (DEFAULT_FISHER, Fisher, LanguageModelObjective, Objective, default_draws, effective_passes,
-                         is_random)
+from .fisher import DEFAULT_FISHER, Fisher, default_draws, effective_passes, is_random
+from .objectives import LanguageModelObjective, Objective
 
 
 @dataclass

@@ -21,7 +21,8 @@ from .eigen import LayerEigen, eigendecompose
 from .eigenvalue_correction import LambdaSums, fit_lambda
 from .fingerprint import check_same_model, model_fingerprint
 from .layers import TrackedLayer
-from .objectives import DEFAULT_FISHER, Fisher, Objective, default_draws
+from .fisher import DEFAULT_FISHER, Fisher, default_draws
+from .objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class EKFACFactors:
         samples: random label draws per position in stage 1 (1 unless fisher is SAMPLED, GAUSSIAN or TOPM).
         lambda_samples: the same in stage 3 (Lambda).
         passes, lambda_passes: backward passes the draws of stage 1 / stage 3 were summed into
-            (``objectives.effective_passes``); None: one per draw.
+            (``fisher.effective_passes``); None: one per draw.
     """
 
     layers: dict[str, LayerFactors]
@@ -144,16 +145,16 @@ def fit_ekfac(
             stage 1 and, unless ``lambda_batches`` is given, stage 3 read it.
         lambda_batches: optional separate batches for stage 3.
         blocks: diagonal blocks per factor (paper Appendix A).
-        fisher: where labels come from; the default (TOPM with 5 / 2 draws, ``objectives.DEFAULT_DRAWS``)
+        fisher: where labels come from; the default (TOPM with 5 / 2 draws, ``fisher.DEFAULT_DRAWS``)
             is the job's default, the steadiest across seeds at <= 2x the cost of one sampled draw.
         samples: k random label draws per position in stage 1 (SAMPLED, GAUSSIAN and TOPM only);
             None = the Fisher's default (TOPM 5, others 1).
         lambda_samples: draws per position in stage 3; None = ``samples`` when that is
-            given, else the Fisher's default (TOPM 2, others 1) (``objectives.default_draws``).
+            given, else the Fisher's default (TOPM 2, others 1) (``fisher.default_draws``).
         same_lambda_draws: stage 3 reuses stage 1's label draws (its generator
             seed); by default it draws independent labels (seed + 1).
         passes, lambda_passes: sum the k draws of stage 1 / stage 3 into this many backward passes
-            (``objectives.effective_passes``: unbiased, cheaper, noisier; measured in
+            (``fisher.effective_passes``: unbiased, cheaper, noisier; measured in
             benchmarks/eval/facts_passes/); None = one backward pass per draw (the default).
         Others as ``fit_covariances``.
     """

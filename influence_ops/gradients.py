@@ -20,7 +20,8 @@ from torch import nn
 
 from .capture import Captured, capture
 from .layers import TrackedLayer
-from .objectives import Fisher, Objective, check_samples, draw_weight, effective_passes, summed_draws
+from .fisher import Fisher, check_samples, draw_weight, effective_passes, summed_draws
+from .objectives import Objective
 
 
 @dataclass
@@ -120,7 +121,7 @@ def draw_passes(
     this is exactly ``backward_pass``.
 
     ``passes`` p < k (random Fishers): the k draws' losses summed round-robin into p
-    losses, one backward pass each (``objectives.effective_passes``: unbiased, p backward
+    losses, one backward pass each (``fisher.effective_passes``: unbiased, p backward
     passes instead of k); each summed pass counts with the same ``weight`` as one draw.
     """
     check_samples(samples)

@@ -30,7 +30,8 @@ from .factors import EKFACFactors, LayerFactors
 from .fingerprint import check_same_model
 from .gradients import backward_pass, per_sequence_gradients
 from .layers import TrackedLayer, layers_by_name
-from .objectives import Fisher, LanguageModelObjective, Objective
+from .fisher import Fisher
+from .objectives import LanguageModelObjective, Objective
 from .query_basis import Basis, choose_basis
 from .query_prep import QueryPrep, damped_middle, dense_self_influence, lowrank_factors, lowrank_self_influence
 from .self_influence import damped_eigenvalues

@@ -29,7 +29,8 @@ from .gradients import backward_pass, sequence_gradient
 from .factors import EKFACFactors
 from .layers import layers_by_name
 from .normalize import Normalize, divide, normalizer
-from .objectives import Fisher, LanguageModelObjective, Objective
+from .fisher import Fisher
+from .objectives import LanguageModelObjective, Objective
 from .queries import LayerQuery, PreconditionedQueries
 from .self_influence import damped_eigenvalues, gram_norm_sq, rotate_gradient, rotate_tokens, rotated_self_influence
 from .strategy import Strategy, norm_costs, plan

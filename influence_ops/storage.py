@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .eigen import LayerEigen
 from .factors import EKFACFactors, LayerFactors
 from .layers import TrackedLayer
-from .objectives import Fisher
+from .fisher import Fisher
 from .version import FACTORS_FORMAT, __version__
 
 MANIFEST = "manifest.json"

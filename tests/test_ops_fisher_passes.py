@@ -19,7 +19,7 @@ import influence_ops as ops
 from influence_ops.covariance import make_generator
 from influence_ops.eigenvalue_correction import rotated_sequence_gradient
 from influence_ops.gradients import draw_passes
-from influence_ops.objectives import effective_passes, summed_draws
+from influence_ops.fisher import effective_passes, summed_draws
 from influence_ops.storage import load_factors, save_factors
 from tests.ops_helpers import assert_close, peaked_tiny_lm
 

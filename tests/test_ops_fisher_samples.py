@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import influence_ops as ops
-from influence_ops.objectives import model_logits, sample_labels
+from influence_ops.label_draws import sample_labels
+from influence_ops.objectives import model_logits
 from tests.ops_helpers import assert_close, batches_of, random_sequences, tiny_gpt2
 
 

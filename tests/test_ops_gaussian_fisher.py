@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import influence_ops as ops
-from influence_ops.objectives import gaussian_probe
+from influence_ops.label_draws import gaussian_probe
 from tests.ops_helpers import assert_close, batches_of, random_sequences, tiny_gpt2
 
 

@@ -347,7 +347,7 @@ def test_sampled_labels_come_from_the_previous_positions_prediction():
     model = Shift().double()
     batch = ops.collate([[1, 5, 2, 9], [3, 3]])
     logits = ops.objectives.model_logits(model, batch.input_ids, batch.attention_mask)
-    sampled = ops.objectives.sample_labels(logits, batch.labels, torch.Generator().manual_seed(0))
+    sampled = ops.label_draws.sample_labels(logits, batch.labels, torch.Generator().manual_seed(0))
     assert sampled[0].tolist() == [1, 2, 6, 3]  # position t holds (token at t-1) + 1
     assert sampled[1].tolist() == [3, 4, -100, -100]
 

@@ -19,7 +19,7 @@ import influence_ops as ops
 from influence_ops.covariance import make_generator
 from influence_ops.eigenvalue_correction import rotated_sequence_gradient
 from influence_ops.gradients import draw_passes
-from influence_ops.objectives import topm_terms
+from influence_ops.label_draws import topm_terms
 from tests.ops_helpers import assert_close, peaked_tiny_lm, random_sequences
 
 V = 8

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from influence_ops import DEFAULT_DRAWS, DEFAULT_FISHER, Fisher, LowRankMethod, Normalize, Precision, Strategy, Track
 from influence_ops.index_projection import ProjectionKind
-from influence_ops.objectives import effective_passes
+from influence_ops.fisher import effective_passes
 
 from .checks import check_int, check_number, check_str, enum_value, fail
 

@@ -77,7 +77,7 @@ VARIANTS = ([Variant(f"sampled k={k}", ops.Fisher.SAMPLED, k) for k in SAMPLES]
                Variant("topm k=3 in stage 1, k=1 in stage 3 (Lambda)", ops.Fisher.TOPM, 3, 1),
                Variant("topm k=4 in stage 1, k=2 in stage 3 (Lambda)", ops.Fisher.TOPM, 4, 2),
                Variant("topm k=5 in stage 1, k=2 in stage 3 (Lambda)", ops.Fisher.TOPM, 5, 2),
-               # the same draws summed into fewer backward passes (stage 1 + stage 3; ``objectives.effective_passes``)
+               # the same draws summed into fewer backward passes (stage 1 + stage 3; ``fisher.effective_passes``)
                Variant("topm 5 / 2, Lambda's draws in 1 backward pass (5 + 1 passes)", ops.Fisher.TOPM, 5, 2,
                        lambda_passes=1),
                Variant("topm 5 / 2 in 3 + 1 backward passes", ops.Fisher.TOPM, 5, 2, passes=3, lambda_passes=1),

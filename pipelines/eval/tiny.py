@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from influence_ops import Fisher
-from influence_ops.objectives import gaussian_probe, topm_terms
+from influence_ops.label_draws import gaussian_probe, topm_terms
 
 
 @dataclass

@@ -40,7 +40,7 @@ import pyarrow as pa
 import torch
 
 from influence_ops import Fisher, fit_covariances, fit_lambda, model_fingerprint
-from influence_ops.objectives import effective_passes, is_random
+from influence_ops.fisher import effective_passes, is_random
 from influence_ops.storage import MANIFEST, build_manifest, layer_file
 
 from ..config import JobConfig, ModelConfig

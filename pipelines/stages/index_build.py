@@ -36,7 +36,8 @@ import torch
 from influence_ops import backward_pass, load_factors
 from influence_ops.fingerprint import check_same_model
 from influence_ops.index_projection import compress, load_projection, make_projection, save_projection
-from influence_ops.objectives import Fisher, LanguageModelObjective
+from influence_ops.fisher import Fisher
+from influence_ops.objectives import LanguageModelObjective
 
 from ..config import JobConfig, ModelConfig
 from ..errors import UserError

@@ -28,7 +28,8 @@ import torch
 
 from influence_ops import TopKAccumulator, backward_pass, load_factors, query_batch
 from influence_ops.index_projection import compress, load_projection, precondition, refit_preconditioner
-from influence_ops.objectives import Fisher, LanguageModelObjective
+from influence_ops.fisher import Fisher
+from influence_ops.objectives import LanguageModelObjective
 
 from ..config import IndexSearch, JobConfig, ModelConfig
 from ..io import storage
