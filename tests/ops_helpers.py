@@ -56,11 +56,11 @@ def tiny_gpt_neox(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Modul
     return _finish(GPTNeoXForCausalLM(cfg), dtype)
 
 
-def _gated(config_cls, model_cls, seed: int, dtype: torch.dtype) -> nn.Module:
+def _gated(config_cls, model_cls, seed: int, dtype: torch.dtype, **extra) -> nn.Module:
     _seeded(seed)
     cfg = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                      num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE,
-                     max_position_embeddings=MAX_POSITIONS)
+                     max_position_embeddings=MAX_POSITIONS, **extra)
     return _finish(model_cls(cfg), dtype)
 
 
@@ -76,6 +76,35 @@ def tiny_qwen2(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return _gated(Qwen2Config, Qwen2ForCausalLM, seed, dtype)
+
+
+def tiny_qwen3(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Qwen3 (gated MLP like Llama; RMS norms on the queries and keys)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _gated(Qwen3Config, Qwen3ForCausalLM, seed, dtype, head_dim=HIDDEN // HEADS)
+
+
+def tiny_mistral(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Mistral (gated MLP like Llama; sliding-window attention, wider than these sequences)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _gated(MistralConfig, MistralForCausalLM, seed, dtype, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_gemma(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Gemma (gated MLP like Llama with a GELU gate; tied, scaled embeddings)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return _gated(GemmaConfig, GemmaForCausalLM, seed, dtype, head_dim=HIDDEN // HEADS, bos_token_id=1,
+                  eos_token_id=2)
+
+
+def tiny_phi3(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Phi-3 (fused gate_up_proj [2 x intermediate, hidden], down_proj; fused qkv_proj)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return _gated(Phi3Config, Phi3ForCausalLM, seed, dtype, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def tiny_opt(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -110,6 +139,10 @@ ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], str | None]] = {
     "gpt_neox": (tiny_gpt_neox, None),
     "llama": (tiny_llama, None),
     "qwen2": (tiny_qwen2, None),
+    "qwen3": (tiny_qwen3, None),
+    "mistral": (tiny_mistral, None),
+    "gemma": (tiny_gemma, None),
+    "phi3": (tiny_phi3, None),
     "opt": (tiny_opt, None),
     "mlp": (tiny_mlp, MLP_PATTERN),
 }

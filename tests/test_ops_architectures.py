@@ -1,6 +1,6 @@
 """Every supported architecture runs the whole engine, and its layers are found exactly.
 
-Per architecture (GPT-2 with Conv1D, GPT-NeoX, Llama, Qwen2, OPT, a plain
+Per architecture (GPT-2 with Conv1D, GPT-NeoX, Llama, Qwen2, Qwen3, Mistral, Gemma, Phi-3, OPT, a plain
 nn.Sequential MLP with a user pattern), tiny and float64: fit EK-FAC with the
 empirical Fisher, precondition dense and rank-r queries, score a padded
 training batch with both strategies, and check the decompositions.
@@ -67,6 +67,17 @@ EXPECTED_LAYERS: dict[str, tuple[list[str], list[tuple[int, int, bool, bool]]]] 
     "qwen2": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
               [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
                (HIDDEN, INTERMEDIATE, False, False)]),
+    "qwen3": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
+               (HIDDEN, INTERMEDIATE, False, False)]),
+    "mistral": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
+               (HIDDEN, INTERMEDIATE, False, False)]),
+    "gemma": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
+               (HIDDEN, INTERMEDIATE, False, False)]),
+    "phi3": (_block_names("model.layers", ["mlp.gate_up_proj", "mlp.down_proj"]),
+             [(2 * INTERMEDIATE, HIDDEN, False, False), (HIDDEN, INTERMEDIATE, False, False)]),
     "opt": (_block_names("model.decoder.layers", ["fc1", "fc2"]),
             [(INTERMEDIATE, HIDDEN + 1, True, False), (HIDDEN, INTERMEDIATE + 1, True, False)]),
     "mlp": (["1", "3"], [(INTERMEDIATE, HIDDEN + 1, True, False), (VOCAB, INTERMEDIATE + 1, True, False)]),
@@ -112,6 +123,7 @@ def test_find_mlp_layers_exact_names(arch):
 @pytest.mark.parametrize("arch, attention", [
     ("gpt2", [("attn.c_attn", 3 * HIDDEN, HIDDEN + 1), ("attn.c_proj", HIDDEN, HIDDEN + 1)]),
     ("llama", [(f"self_attn.{p}", HIDDEN, HIDDEN) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]),
+    ("phi3", [("self_attn.o_proj", HIDDEN, HIDDEN), ("self_attn.qkv_proj", 3 * HIDDEN, HIDDEN)]),
 ])
 def test_track_mlp_attention_adds_the_attention_projections(arch, attention):
     build, _ = ARCHITECTURES[arch]
@@ -222,3 +234,29 @@ def test_conv1d_per_sequence_gradient_matches_autograd():
         G = grads[layer.name][0]  # (d_out, d_in + 1)
         assert_close(G[:, :-1], w_grad.T, F64_RTOL, F64_ATOL, name=f"{layer.name} weight gradient")
         assert_close(G[:, -1], b_grad, F64_RTOL, F64_ATOL, name=f"{layer.name} bias gradient")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_per_sequence_gradients_match_autograd(arch):
+    """Every architecture: G of each sequence of a padded batch = autograd's weight (and bias) gradient of
+    that sequence's summed loss, computed alone without padding (Conv1D weights transposed)."""
+    build, pattern = ARCHITECTURES[arch]
+    model = build()
+    layers = find_mlp_layers(model, pattern)
+    seqs = random_sequences(3, min_len=4, max_len=10, seed=7)
+    batch = collate(seqs)
+    assert not bool(batch.attention_mask.all()), "the batch must contain padding"
+    grads = per_sequence_gradients(backward_pass(model, layers, LanguageModelObjective(), batch).captured)
+    for b, seq in enumerate(seqs):
+        one = collate([seq])
+        logits = model(one.input_ids).logits if hasattr(model, "config") else model(one.input_ids)
+        loss = F.cross_entropy(logits[0, :-1], one.labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
+        for layer in layers:
+            params = [layer.module.weight] + ([layer.module.bias] if layer.has_bias else [])
+            auto = torch.autograd.grad(loss, params, retain_graph=True)
+            w_grad = auto[0].T if layer.transposed else auto[0]  # (d_out, d_in)
+            G = grads[layer.name][b]  # (d_out, d_in')
+            assert_close(G[:, :w_grad.shape[1]], w_grad, F64_RTOL, F64_ATOL, name=f"{arch} {layer.name} seq {b}")
+            if layer.has_bias:
+                assert_close(G[:, -1], auto[1], F64_RTOL, F64_ATOL, name=f"{arch} {layer.name} bias seq {b}")
+
