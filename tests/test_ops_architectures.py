@@ -55,27 +55,22 @@ def _block_names(prefix: str, suffixes: list[str]) -> list[str]:
     return [f"{prefix}.{i}.{s}" for i in range(2) for s in suffixes]
 
 
+# The gated MLP of Llama, Qwen2, Qwen3, Mistral and Gemma: names and shapes.
+GATED = (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+         [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
+          (HIDDEN, INTERMEDIATE, False, False)])
+
 # Exact tracked layer names, in module order, and (d_out, d_in', has_bias, transposed) of each block's layers.
 EXPECTED_LAYERS: dict[str, tuple[list[str], list[tuple[int, int, bool, bool]]]] = {
     "gpt2": (_block_names("transformer.h", ["mlp.c_fc", "mlp.c_proj"]),
              [(INTERMEDIATE, HIDDEN + 1, True, True), (HIDDEN, INTERMEDIATE + 1, True, True)]),
     "gpt_neox": (_block_names("gpt_neox.layers", ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
                  [(INTERMEDIATE, HIDDEN + 1, True, False), (HIDDEN, INTERMEDIATE + 1, True, False)]),
-    "llama": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
-              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
-               (HIDDEN, INTERMEDIATE, False, False)]),
-    "qwen2": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
-              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
-               (HIDDEN, INTERMEDIATE, False, False)]),
-    "qwen3": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
-              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
-               (HIDDEN, INTERMEDIATE, False, False)]),
-    "mistral": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
-              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
-               (HIDDEN, INTERMEDIATE, False, False)]),
-    "gemma": (_block_names("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
-              [(INTERMEDIATE, HIDDEN, False, False), (INTERMEDIATE, HIDDEN, False, False),
-               (HIDDEN, INTERMEDIATE, False, False)]),
+    "llama": GATED,
+    "qwen2": GATED,
+    "qwen3": GATED,
+    "mistral": GATED,
+    "gemma": GATED,
     "phi3": (_block_names("model.layers", ["mlp.gate_up_proj", "mlp.down_proj"]),
              [(2 * INTERMEDIATE, HIDDEN, False, False), (HIDDEN, INTERMEDIATE, False, False)]),
     "opt": (_block_names("model.decoder.layers", ["fc1", "fc2"]),
