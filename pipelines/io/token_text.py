@@ -6,6 +6,7 @@ token adds to the decoded sequence, *including the whitespace in front of it*,
 so that the strings of a sequence's tokens, concatenated, give its decoded
 text (a word-level tokenizer that decodes ``[the, cat]`` to ``"the cat"``
 yields ``"the"`` and ``" cat"``; a byte-level BPE already carries the space).
+Without a tokenizer a token is shown by its id, ``⟨id⟩``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
         out.append(full[cursor:at + len(piece)])
         cursor = at + len(piece)
     return out
+
+
+def id_piece(token_id: int) -> str:
+    """A token shown by its id, where there is no tokenizer to give its string."""
+    return f"⟨{token_id}⟩"
+
+
+def id_text(ids: Sequence[int], limit: int = 48) -> str:
+    """Token ids as ``⟨id⟩ ⟨id⟩ ...``: the first ``limit`` of them, then how many there are."""
+    shown = " ".join(id_piece(int(t)) for t in ids[:limit])
+    return shown + (f" … ({len(ids)} tokens)" if len(ids) > limit else "")
 
 
 def read_texts(shard: str, doc_ids: set[str]) -> dict[str, str]:

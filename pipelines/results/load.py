@@ -22,10 +22,16 @@ class QueryInfo:
     measurement: float
     truncation_error: list[float]
     prompt_tokens_dropped: int
+    prompt_ids: list[int] | None = None
+    completion_ids: list[int] | None = None
 
     @property
     def truncation_error_max(self) -> float:
         return max(self.truncation_error, default=0.0)
+
+
+def _ids(value: Any) -> list[int] | None:
+    return None if value is None else [int(x) for x in value]
 
 
 @dataclass(frozen=True)
@@ -174,8 +180,9 @@ def open_run(path: str) -> Run:
     run.factor_tokens = meta.get("factor_tokens")
     if "queries" in out.tables:
         for r in con.execute("SELECT query_id, prompt, completion, measurement, truncation_error, "
-                             "prompt_tokens_dropped FROM queries").fetchall():
-            run.queries.append(QueryInfo(r[0], r[1], r[2], float(r[3]), list(r[4] or []), int(r[5] or 0)))
+                             "prompt_tokens_dropped, prompt_ids, completion_ids FROM queries").fetchall():
+            run.queries.append(QueryInfo(r[0], r[1], r[2], float(r[3]), list(r[4] or []), int(r[5] or 0),
+                                         _ids(r[6]), _ids(r[7])))
     else:
         for (qid,) in con.execute("SELECT DISTINCT query_id FROM topk ORDER BY 1").fetchall():
             run.queries.append(QueryInfo(qid, None, None, math.nan, [], 0))

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from ..io.token_text import id_piece, id_text
 from .load import ResultRow, Run, TokenScores, open_run
 
 EXCERPT_CHARS = 240
@@ -30,11 +31,15 @@ def excerpt(row: ResultRow, tokens: TokenScores | None, width: int = EXCERPT_CHA
     """The row's text as (piece, highlighted) segments, about ``width`` characters around its strongest tokens.
 
     Strongest: the largest contributions of the row's own sign (positive for a
-    proponent, negative for an opponent). Without token scores, the start of the text.
+    proponent, negative for an opponent). Without token strings (no tokenizer), the
+    token ids as ``⟨id⟩``. Without token scores, the start of the text, or ``(no text)``.
     """
-    if tokens is None or not tokens.pieces or any(p is None for p in tokens.pieces):
-        text = " ".join((row.text or "").split())
+    if tokens is None or not tokens.pieces:
+        text = " ".join((row.text or "").split()) or "(no text)"
         return [(text if len(text) <= width else text[:width - 1] + "…", False)]
+    if any(p is None for p in tokens.pieces):
+        tokens = TokenScores([p if p is not None else f" {id_piece(t)}" for p, t in zip(tokens.pieces, tokens.token_ids)],
+                             tokens.token_ids, tokens.scores)
     sign = 1.0 if row.sign == "top" else -1.0
     order = sorted(range(len(tokens.scores)), key=lambda i: -sign * tokens.scores[i])
     strong = {i for i in order[:highlight] if sign * tokens.scores[i] > 0}
@@ -84,6 +89,9 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
     if q.prompt is not None:
         prompt = f"  prompt:     {q.prompt!r}\n  completion: {q.completion!r}"
         lines.append(_escape(prompt, color))
+    elif q.prompt_ids is not None:
+        ids = f"  prompt ids:     {id_text(q.prompt_ids)}\n  completion ids: {id_text(q.completion_ids or [])}"
+        lines.append(_escape(ids, color))
     if not math.isnan(q.measurement):
         lines.append(f"  measurement: log p(completion | prompt) = {q.measurement:.4f} nats "
                      f"(p = {math.exp(q.measurement):.3g}); rank-r truncation error (relative, max over layers) "

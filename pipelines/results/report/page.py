@@ -13,6 +13,7 @@ import math
 from importlib import metadata
 from typing import Any
 
+from ...io.token_text import id_piece, id_text
 from ..load import ResultRow, Run, TokenScores
 from . import figures
 from .style import CSS
@@ -41,7 +42,7 @@ def heatmap(tokens: TokenScores, scale: float, factor_tokens: float) -> str:
     """The row's tokens as coloured spans (leading whitespace left uncoloured), each with its score in a tooltip."""
     out = []
     for i, (piece, tid, s) in enumerate(zip(tokens.pieces, tokens.token_ids, tokens.scores)):
-        piece = piece if piece is not None else f"⟨{tid}⟩"
+        piece = piece if piece is not None else f" {id_piece(tid)}"
         lead = piece[: len(piece) - len(piece.lstrip())]
         word = piece.lstrip() or piece
         v = s / factor_tokens
@@ -107,6 +108,9 @@ def query_section(run: Run, index: int, k: int | None) -> str:
     if q.prompt is not None:
         parts.append(f'<p class="qtext"><span class="prompt">{esc(q.prompt)}</span> '
                      f'<span class="completion">{esc(q.completion)}</span></p>')
+    elif q.prompt_ids is not None:  # token-id queries and no tokenizer
+        parts.append(f'<p class="qtext"><span class="prompt">{esc(id_text(q.prompt_ids))}</span> '
+                     f'<span class="completion">{esc(id_text(q.completion_ids or []))}</span></p>')
     if not math.isnan(q.measurement):
         parts.append(f'<p class="measure">Measurement f = log p(completion | prompt) = <b>{q.measurement:.4f}</b> '
                      f"nats (p = {math.exp(q.measurement):.3g}); low-rank truncation error: max "

@@ -1,0 +1,66 @@
+"""`influence show` and the report without a tokenizer: token-id queries and rows are shown by their ids.
+
+A job with pre-tokenized shards (no text column), token-id queries and a model folder without tokenizer
+files has no strings to show; the views then show ``⟨id⟩`` for every token, highlight the strongest of
+them as usual, and print the query's prompt and completion ids (before: blank lines).
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipelines.results.load import QueryInfo, ResultRow, TokenScores
+from pipelines.results.report.page import heatmap
+from pipelines.results.show import excerpt, query_lines, render_excerpt
+
+
+def row(sign: str = "top", text: str | None = None) -> ResultRow:
+    return ResultRow("q0", sign, 1, "doc-1", 4.0, 0.5, "s3://b/shards/part-0.parquet", 5, text)
+
+
+IDS = [5, 20, 13, 12, 40]
+SCORES = [0.1, 2.0, -3.0, 0.2, 1.5]  # proponent: 20 and 40 (and 12) are strongest; opponent: 13
+
+
+def test_excerpt_shows_ids_and_highlights_the_strongest_tokens():
+    tokens = TokenScores([None] * 5, IDS, SCORES)
+    top = render_excerpt(excerpt(row("top"), tokens, highlight=2), "top", color=False)
+    assert top == "⟨5⟩ [[⟨20⟩]] ⟨13⟩ ⟨12⟩ [[⟨40⟩]]"
+    bottom = render_excerpt(excerpt(row("bottom"), tokens, highlight=2), "bottom", color=False)
+    assert bottom == "⟨5⟩ ⟨20⟩ [[⟨13⟩]] ⟨12⟩ ⟨40⟩"  # only the one negative contribution
+
+
+def test_excerpt_with_strings_is_unchanged_and_without_anything_says_so():
+    tokens = TokenScores(["the", " cat", " sat", " on", " mats"], IDS, SCORES)
+    assert render_excerpt(excerpt(row(), tokens, highlight=2), "top", False) == "the [[cat]] sat on [[mats]]"
+    assert render_excerpt(excerpt(row(text=None), None), "top", False) == "(no text)"
+    assert render_excerpt(excerpt(row(text="a  b\nc"), None), "top", False) == "a b c"
+
+
+def test_report_heatmap_shows_ids():
+    html = heatmap(TokenScores([None, "x"], [7, 8], [1.0, -1.0]), scale=1.0, factor_tokens=1.0)
+    assert "⟨7⟩</span>" in html and ">x</span>" in html and "id 7" in html
+
+
+class _Run:
+    """The two readers ``query_lines`` calls, over one query and one row."""
+
+    def __init__(self, query: QueryInfo):
+        self.queries = [query]
+
+    def rows(self, query_id: str, sign: str, k: int) -> list[ResultRow]:
+        return [row(sign)]
+
+    def token_scores(self, query_id: str, doc_ids: list[str]) -> dict[str, TokenScores]:
+        return {d: TokenScores([None] * 5, IDS, SCORES) for d in doc_ids}
+
+
+def test_query_lines_print_the_query_ids_when_there_is_no_text():
+    q = QueryInfo("q0", None, None, -1.5, [0.0], 0, prompt_ids=[53, 12], completion_ids=list(range(60)))
+    lines = query_lines(_Run(q), 0, k=1, bottom=False, color=False)
+    text = "\n".join(lines)
+    assert "prompt ids:     ⟨53⟩ ⟨12⟩" in text
+    assert "completion ids: ⟨0⟩ ⟨1⟩" in text and "⟨47⟩ … (60 tokens)" in text and "⟨48⟩" not in text
+    assert "[[⟨20⟩]]" in text and f"p = {math.exp(-1.5):.3g}" in text
+    with_text = QueryInfo("q0", "the cat", " sat", -1.5, [0.0], 0, prompt_ids=[1], completion_ids=[2])
+    assert "prompt ids" not in "\n".join(query_lines(_Run(with_text), 0, k=1, bottom=False, color=False))
