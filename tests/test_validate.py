@@ -275,6 +275,9 @@ def test_build_queries_reads_the_file_as_validate_does(tmp_path, change):
     with pytest.raises(ValueError) as built:
         tokenize_queries(str(path), None, 10, 8)
     assert str(checked.value) == str(built.value) and f"{path}: line " in str(built.value)
+    if change == "ids out of vocabulary":
+        assert (f"{path}: line 3, field 'completion_ids': token id 99 (position 0) is outside the vocabulary "
+                "[0, 10)") == str(built.value)
 
 
 def test_leading_space_warning_shows_both_tokenizations(tmp_path):

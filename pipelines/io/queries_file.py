@@ -105,9 +105,12 @@ def read_queries(url: str, tokenizer: Any, vocab_size: int | None, context: int 
         prompt, completion = _tokens(url, where, row, tokenizer)
         if not completion:
             raise ValueError(f"{url}: {where}, field 'completion': no tokens")
-        bad = [t for t in prompt + completion if t < 0 or (vocab_size is not None and t >= vocab_size)]
-        if bad:
-            raise ValueError(f"{url}: {where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        suffix = "_ids" if row.get("prompt_ids") is not None else ""
+        for name, ids in (("prompt", prompt), ("completion", completion)):
+            bad = [(i, t) for i, t in enumerate(ids) if t < 0 or (vocab_size is not None and t >= vocab_size)]
+            if bad:
+                raise ValueError(f"{url}: {where}, field '{name}{suffix}': token id {bad[0][1]} (position "
+                                 f"{bad[0][0]}) is outside the vocabulary [0, {vocab_size})")
         if context is not None and len(completion) > context:
             raise ValueError(f"{url}: {where}, field 'completion': {len(completion)} tokens, the model takes {context}")
         yield QueryRow(where, row, qid, [int(t) for t in prompt], [int(t) for t in completion])
