@@ -253,7 +253,8 @@ def test_duplicate_query_id_names_both_lines(world):
     assert f"line 3, field 'query_id': duplicate {rows[0]['query_id']!r} (first at line 1)" in line
 
 
-@pytest.mark.parametrize("change", ["missing completion", "duplicate id", "bad id", "ids out of vocabulary"])
+@pytest.mark.parametrize("change", ["missing completion", "duplicate id", "bad id", "ids out of vocabulary",
+                                    "empty prompt"])
 def test_build_queries_reads_the_file_as_validate_does(tmp_path, change):
     """One reader (``io.queries_file``): `build-queries` fails on the same line with the same words."""
     from pipelines.stages.build_queries import tokenize_queries
@@ -266,6 +267,9 @@ def test_build_queries_reads_the_file_as_validate_does(tmp_path, change):
         rows[2]["query_id"] = "q0"
     elif change == "bad id":
         rows[1]["query_id"] = "q/1"
+    elif change == "empty prompt":
+        rows[0].update(prompt_ids=[], completion_ids=[3, 4])  # no prompt, two tokens: the second is measured
+        rows[1]["prompt_ids"] = []  # one token and nothing before it: refused
     else:
         rows[2]["completion_ids"] = [99]
     path = tmp_path / "q.jsonl"
@@ -275,6 +279,8 @@ def test_build_queries_reads_the_file_as_validate_does(tmp_path, change):
     with pytest.raises(ValueError) as built:
         tokenize_queries(str(path), None, 10, 8)
     assert str(checked.value) == str(built.value) and f"{path}: line " in str(built.value)
+    if change == "empty prompt":
+        assert str(built.value).startswith(f"{path}: line 2, field 'prompt_ids': no tokens, and a completion of one")
     if change == "ids out of vocabulary":
         assert (f"{path}: line 3, field 'completion_ids': token id 99 (position 0) is outside the vocabulary "
                 "[0, 10)") == str(built.value)

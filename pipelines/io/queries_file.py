@@ -106,6 +106,9 @@ def read_queries(url: str, tokenizer: Any, vocab_size: int | None, context: int 
         if not completion:
             raise ValueError(f"{url}: {where}, field 'completion': no tokens")
         suffix = "_ids" if row.get("prompt_ids") is not None else ""
+        if not prompt and len(completion) < 2:
+            raise ValueError(f"{url}: {where}, field 'prompt{suffix}': no tokens, and a completion of one token "
+                             "needs a prompt before it (its first token is predicted from the prompt)")
         for name, ids in (("prompt", prompt), ("completion", completion)):
             bad = [(i, t) for i, t in enumerate(ids) if t < 0 or (vocab_size is not None and t >= vocab_size)]
             if bad:
