@@ -134,7 +134,7 @@ def _count(n: int, noun: str) -> str:
 def _stage_line(name: str, info: dict[str, Any]) -> str:
     if name == "tokenize":
         failed = f", {info['failed']} failed" if info.get("failed") else ""
-        return (f"{info.get('files', 0)} files{failed}, {info.get('sequences', 0)} new sequences, "
+        return (f"{_count(info.get('files', 0), 'file')}{failed}, {info.get('sequences', 0)} new sequences, "
                 f"{info.get('tokens', 0)} tokens")
     if name == "fit-factors":
         skipped = (info.get("rows") or {}).get("skipped")
@@ -144,11 +144,11 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
         return f"{info.get('queries')} queries, rank {info.get('rank') or 'dense'}"
     if name == "score":
         units = info.get("units_total", info["shards"])
-        return (f"{info['shards']} shards, {units} units: {info['scored']} scored, {info['skipped']} skipped, "
+        return (f"{_count(info['shards'], 'shard')}, {_count(units, 'unit')}: {info['scored']} scored, {info['skipped']} skipped, "
                 f"{info['failed']} failed; {info['sequences']} sequences, {info['tokens']} tokens")
     if name == "index":
         ix = info.get("index") or {}
-        return (f"{info['shards']} shards: {info['scored']} built, {info['skipped']} skipped, {info['failed']} "
+        return (f"{_count(info['shards'], 'shard')}: {info['scored']} built, {info['skipped']} skipped, {info['failed']} "
                 f"failed; {ix.get('width')} numbers ({ix.get('dtype')}) a sequence, "
                 f"{ix.get('stored_bytes_per_sequence')} bytes a sequence stored")
     if name == "candidates":

@@ -78,6 +78,9 @@ def _under(path: str, output: str) -> bool:
     return str(path) == out or str(path).startswith(out + "/")
 
 
+# Errors whose message is already the one line a user reads (it names the file, row, field or key): no type name.
+PLAIN_ERRORS = ("UserError", "ConfigError", "ShardError", "ValueError", "StageFailed")
+
 _RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
 
 
@@ -91,7 +94,7 @@ def _from_traceback_text(text: str) -> str | None:
     if found is None:
         return None
     name, message = found.group(1).rsplit(".", 1)[-1], found.group(2)
-    return message if name in ("UserError", "ConfigError", "ShardError", "ValueError") else f"{name}: {message}"
+    return message if name in PLAIN_ERRORS else f"{name}: {message}"
 
 
 def one_line(err: BaseException, output: str | None = None) -> str:
@@ -111,7 +114,7 @@ def one_line(err: BaseException, output: str | None = None) -> str:
     text = str(root).strip()
     if isinstance(root, OSError) and root.strerror and root.filename:  # "[Errno 13] ...: '/x'" -> "...: /x"
         text = f"{root.strerror}: {root.filename}"
-    if isinstance(root, (UserError, OSError, ValueError, TypeError)) and text:
+    if (isinstance(root, (UserError, OSError, ValueError, TypeError)) or type(root).__name__ in PLAIN_ERRORS) and text:
         first = text.splitlines()[0]
     else:
         first = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__

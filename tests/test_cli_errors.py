@@ -312,6 +312,16 @@ def test_ray_wrappers_are_unwrapped_to_the_cause():
     assert one_line(boom) == "KeyError: 'x'"
 
 
+def test_a_failed_stage_is_its_message_without_a_type_name():
+    """StageFailed already names the file, row and field: the line is that message, not "StageFailed: ..."."""
+    from pipelines.errors import one_line
+    from pipelines.runtime.failures import StageFailed
+
+    message = "/d/p.parquet: row 1, field 'input_ids': has 1 token: a sequence needs 2 or more"
+    assert one_line(StageFailed(message)) == message
+    assert one_line(RuntimeError("x")) == "RuntimeError: x"  # an unexpected error keeps its type
+
+
 def test_permission_error_under_the_output_names_the_output():
     from pipelines.errors import one_line
 

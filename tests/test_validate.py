@@ -183,6 +183,38 @@ def test_too_long_with_truncate_or_chunk_passes_with_a_warning(world, policy):
     assert f"data.too_long = '{policy}' applies to them" in out
 
 
+@pytest.mark.parametrize("field", ["input_ids", "loss_mask"])
+def test_sequence_with_nothing_in_the_loss_names_file_row_and_field(world, field):
+    """One token, or a loss_mask with no 1 after the first position: no gradient, refused like other bad rows."""
+    path = world.shard("part1")
+    table = pq.read_table(path)
+    if field == "input_ids":
+        rows = table.to_pylist()
+        rows[4]["input_ids"] = rows[4]["input_ids"][:1]
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    else:
+        masks = [[1] * len(x) for x in table.column("input_ids").to_pylist()]
+        masks[4] = [1] + [0] * (len(masks[4]) - 1)  # the first token is never predicted
+        pq.write_table(table.append_column("loss_mask", pa.array(masks, pa.list_(pa.int8()))), path)
+    line = first_error(validate(world.job))
+    assert str(path) in line and f"row 4, field '{field}'" in line and "nothing" in line and "in the loss" in line
+    with pytest.raises(ShardError) as raised:  # every reader of the shards says the same
+        read_rows(str(path), None, None)
+    assert str(raised.value) in line and raised.value.row == 4 and raised.value.doc_id is not None
+
+
+def test_chunk_leaves_out_a_piece_masked_out_of_the_loss(tmp_path):
+    """too_long = "chunk": a piece with nothing in the loss (here its loss_mask is all 0; a last piece of one
+    token in ``test_read_path_applies_too_long``) is left out, as `tokenize` leaves out such chunks."""
+    path = tmp_path / "p.parquet"
+    ids = [[3, 4, 5], list(range(1, 10)), list(range(1, 9))]  # context 4: pieces of 4, 4, 1 and of 4, 4
+    masks = [[1] * 3, [1] * 9, [1, 1, 1, 1, 0, 0, 0, 0]]  # c#1: masked out entirely
+    pq.write_table(pa.table({"doc_id": ["a", "b", "c"], "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                             "loss_mask": pa.array(masks, pa.list_(pa.int8()))}), path)
+    seqs = read_rows(str(path), None, None, context=4, too_long="chunk")
+    assert seqs.doc_ids == ["a", "b#0", "b#1", "c#0"] and seqs.rows.tolist() == [0, 1, 1, 2]
+
+
 def test_bad_too_long_value_names_the_key(world):
     line = first_error(validate(world.write_job(data='too_long = "drop"')))
     assert "data.too_long = 'drop'" in line and "truncate" in line
@@ -400,7 +432,7 @@ def test_read_path_applies_too_long(tmp_path, policy):
         assert got == [("a", [1, 2, 3], 0), ("b", [1, 2, 3, 4], 1), ("c", [1, 2, 3, 4], 2)]
     else:
         assert got == [("a", [1, 2, 3], 0), ("b#0", [1, 2, 3, 4], 1), ("b#1", [5, 6, 7, 8], 1),
-                       ("b#2", [9, 10, 11], 1), ("c#0", [1, 2, 3, 4], 2), ("c#1", [5], 2)]
+                       ("b#2", [9, 10, 11], 1), ("c#0", [1, 2, 3, 4], 2)]  # c#1 = [5]: nothing in the loss
     assert [len(m) for m in seqs.loss_masks] == [len(x) for _, x, _ in got]
     picked = read_rows(str(path), None, 20, doc_ids={"b#1"}, context=4, too_long=policy)
     assert picked.doc_ids == (["b#1"] if policy == "chunk" else [])

@@ -105,12 +105,31 @@ def fit_context(shard: str, seqs: Sequences, context: int | None, too_long: TooL
             [(0, context)] if policy is TooLong.TRUNCATE
             else [(lo, min(lo + context, int(lengths[i]))) for lo in range(0, int(lengths[i]), context)])
         for piece, (lo, hi) in enumerate(cut):
+            mask = None if masks is None else seqs.loss_masks[i][lo:hi]
+            if len(cut) > 1 and nothing_in_loss(seqs.input_ids[i][lo:hi], mask) is not None:
+                continue  # a piece with nothing in the loss (a last piece of one token): no gradient, left out
             doc_ids.append(seqs.doc_ids[i] if len(cut) == 1 else f"{seqs.doc_ids[i]}#{piece}")
             ids.append(seqs.input_ids[i][lo:hi])
             if masks is not None:
-                masks.append(seqs.loss_masks[i][lo:hi])
+                masks.append(mask)
             rows.append(int(seqs.rows[i]))
     return Sequences(doc_ids, ids, masks, np.asarray(rows, dtype=np.int64))
+
+
+def nothing_in_loss(ids: np.ndarray, mask: np.ndarray | None) -> tuple[str, str] | None:
+    """(field, problem) when a sequence has no token in the loss, else None.
+
+    The first token of a sequence is never predicted (it is only context), so a sequence needs 2 or more
+    tokens, and with a ``loss_mask`` a 1 after its first position. Such a sequence has no gradient:
+    training on it would change nothing, and the engine refuses it (``influence_ops.collate``).
+    """
+    if len(ids) < 2:
+        return "input_ids", (f"has {len(ids)} token: a sequence needs 2 or more (its first token is never "
+                             "predicted, so one token puts nothing in the loss)")
+    if mask is not None and not bool(np.asarray(mask[1:]).any()):
+        return "loss_mask", ("has no 1 after the first position: nothing of the sequence is in the loss "
+                             "(its first token is never predicted)")
+    return None
 
 
 def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vocab_size: int | None,
@@ -151,6 +170,12 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
                              f"has {mlen[r]} entries, input_ids has {lengths[r]}")
         mflat = pc.list_flatten(mcol).to_numpy(zero_copy_only=False)
         masks = [mflat[offsets[i]:offsets[i + 1]] for i in range(n)]
+    for i in range(n):
+        problem = nothing_in_loss(input_ids[i], None if masks is None else masks[i])
+        if problem is not None:
+            err = ShardError(shard, first_row + i, problem[0], problem[1])
+            err.doc_id = doc_ids[i]
+            raise err
     seen = set() if seen is None else seen
     for i, d in enumerate(doc_ids):
         if d in seen:
