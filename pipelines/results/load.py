@@ -50,6 +50,12 @@ class ResultRow:
     found_by: str | None = None  # scan, or index / tfidf / index+tfidf: a candidate re-scored (None: older outputs)
 
     @property
+    def of_its_side(self) -> bool:
+        """Whether the score has its side's sign (+ for a proponent, - for an opponent). A candidate mode
+        ranks only its re-scored candidates, so a side's top-k can hold rows of the other sign."""
+        return self.score > 0 if self.sign == "top" else self.score < 0
+
+    @property
     def found_note(self) -> str:
         """", found by <how>" for a re-scored candidate (index or tfidf mode), "" for a scanned row."""
         return f", found by {self.found_by}" if self.found_by not in (None, "scan") else ""

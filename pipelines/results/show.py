@@ -100,7 +100,8 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
     if bottom:
         sides.append(("bottom", "opponents (training on them makes the completion less likely)"))
     for sign, title in sides:
-        rows = run.rows(q.query_id, sign, k)
+        listed = run.rows(q.query_id, sign, k)
+        rows = [r for r in listed if r.of_its_side]
         tokens = run.token_scores(q.query_id, [r.doc_id for r in rows])
         lines.append(f"  top {len(rows)} {title}:" if sign == "top" else f"  bottom {len(rows)} {title}:")
         for r in rows:
@@ -110,7 +111,17 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
             lines.append(_escape(head, color))
             body = render_excerpt(excerpt(r, tokens.get(r.doc_id)), sign, color)
             lines.append("         " + body)
+        if len(rows) < len(listed):
+            lines.append(f"    ({other_sign_note(len(listed) - len(rows), sign)})")
     return lines
+
+
+def other_sign_note(n: int, sign: str) -> str:
+    """Why a side lists fewer rows than its top-k holds."""
+    other, verb = ("negative", "raise") if sign == "top" else ("positive", "lower")
+    return (f"{n} more {'row' if n == 1 else 'rows'} of this side in topk/ {'has' if n == 1 else 'have'} a {other} "
+            f"score, not listed: fewer scored sequences than asked {verb} the completion's log-probability (in "
+            "index or tfidf mode: of the re-scored candidates)")
 
 
 def _short(shard: str) -> str:

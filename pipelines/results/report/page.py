@@ -15,6 +15,7 @@ from typing import Any
 
 from ...io.token_text import id_piece, id_text
 from ..load import ResultRow, Run, TokenScores
+from ..show import other_sign_note
 from . import figures
 from .style import CSS
 from .tail_fit import fit_power_law
@@ -148,9 +149,11 @@ def query_section(run: Run, index: int, k: int | None) -> str:
     parts.append(legend(scale))
     for sign, rows, title in (("top", top, "Proponents: training on these makes the completion more likely"),
                               ("bottom", bottom, "Opponents: training on these makes the completion less likely")):
-        cards = "".join(row_card(r, tokens.get(r.doc_id), scale, ft) for r in rows)
-        opened = " open" if sign == "top" else " open"
-        parts.append(f'<details class="side {sign}"{opened}><summary>{title} ({len(rows)})</summary>{cards}'
+        kept = [r for r in rows if r.of_its_side]
+        cards = "".join(row_card(r, tokens.get(r.doc_id), scale, ft) for r in kept)
+        if len(kept) < len(rows):
+            cards += f'<p class="note">{esc(other_sign_note(len(rows) - len(kept), sign).capitalize())}.</p>'
+        parts.append(f'<details class="side {sign}" open><summary>{title} ({len(kept)})</summary>{cards}'
                      "</details>")
     parts.append("</section>")
     return "".join(parts)

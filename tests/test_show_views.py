@@ -1,8 +1,10 @@
-"""`influence show` and the report without a tokenizer: token-id queries and rows are shown by their ids.
+"""`influence show` and the report on rows a small job produces (the functions, on hand-made rows).
 
-A job with pre-tokenized shards (no text column), token-id queries and a model folder without tokenizer
-files has no strings to show; the views then show ``⟨id⟩`` for every token, highlight the strongest of
-them as usual, and print the query's prompt and completion ids (before: blank lines).
+- Without a tokenizer: a job with pre-tokenized shards (no text column), token-id queries and a model
+  folder without tokenizer files has no strings to show; the views then show ``⟨id⟩`` for every token,
+  highlight the strongest of them as usual, and print the query's prompt and completion ids.
+- A side's top-k with rows of the other sign (a candidate mode ranks only its candidates): those rows are
+  not listed as proponents (opponents); a note says how many there are.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pipelines.results.report.page import heatmap
 from pipelines.results.show import excerpt, query_lines, render_excerpt
 
 
-def row(sign: str = "top", text: str | None = None) -> ResultRow:
-    return ResultRow("q0", sign, 1, "doc-1", 4.0, 0.5, "s3://b/shards/part-0.parquet", 5, text)
+def row(sign: str = "top", text: str | None = None, score: float | None = None, doc: str = "doc-1") -> ResultRow:
+    score = (4.0 if sign == "top" else -4.0) if score is None else score
+    return ResultRow("q0", sign, 1, doc, score, score / 8, "s3://b/shards/part-0.parquet", 5, text)
 
 
 IDS = [5, 20, 13, 12, 40]
@@ -43,13 +46,14 @@ def test_report_heatmap_shows_ids():
 
 
 class _Run:
-    """The two readers ``query_lines`` calls, over one query and one row."""
+    """The two readers ``query_lines`` calls, over one query and its rows (default: one row a side)."""
 
-    def __init__(self, query: QueryInfo):
+    def __init__(self, query: QueryInfo, rows: dict[str, list[ResultRow]] | None = None):
         self.queries = [query]
+        self.by_sign = rows
 
     def rows(self, query_id: str, sign: str, k: int) -> list[ResultRow]:
-        return [row(sign)]
+        return self.by_sign[sign][:k] if self.by_sign else [row(sign)]
 
     def token_scores(self, query_id: str, doc_ids: list[str]) -> dict[str, TokenScores]:
         return {d: TokenScores([None] * 5, IDS, SCORES) for d in doc_ids}
@@ -64,3 +68,14 @@ def test_query_lines_print_the_query_ids_when_there_is_no_text():
     assert "[[⟨20⟩]]" in text and f"p = {math.exp(-1.5):.3g}" in text
     with_text = QueryInfo("q0", "the cat", " sat", -1.5, [0.0], 0, prompt_ids=[1], completion_ids=[2])
     assert "prompt ids" not in "\n".join(query_lines(_Run(with_text), 0, k=1, bottom=False, color=False))
+
+
+def test_rows_of_the_other_sign_are_not_listed_as_proponents():
+    q = QueryInfo("q0", "the cat", " sat", -1.5, [0.0], 0)
+    top = [row("top", "a", 3.0, "d1"), row("top", "b", 1.0, "d2"), row("top", "c", -0.5, "d3")]
+    bottom = [row("bottom", "d", -2.0, "d4")]
+    text = "\n".join(query_lines(_Run(q, {"top": top, "bottom": bottom}), 0, k=10, bottom=True, color=False))
+    assert "top 2 proponents" in text and "d1" in text and "d2" in text and "d3" not in text
+    assert "1 more row of this side in topk/ has a negative score, not listed" in text
+    assert "bottom 1 opponents" in text and "more row" not in text.split("bottom 1 opponents")[1]
+
