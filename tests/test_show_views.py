@@ -3,6 +3,7 @@
 - Without a tokenizer: a job with pre-tokenized shards (no text column), token-id queries and a model
   folder without tokenizer files has no strings to show; the views then show ``⟨id⟩`` for every token,
   highlight the strongest of them as usual, and print the query's prompt and completion ids.
+- What score_normalized is, by ``scoring.normalize``: cosine scores are not divided by the fitted tokens.
 - A side's top-k with rows of the other sign (a candidate mode ranks only its candidates): those rows are
   not listed as proponents (opponents); a note says how many there are.
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import math
 
-from pipelines.results.load import QueryInfo, ResultRow, TokenScores
+import pytest
+
+from pipelines.results.load import QueryInfo, ResultRow, Run, TokenScores
 from pipelines.results.report.page import heatmap
-from pipelines.results.show import excerpt, query_lines, render_excerpt
+from pipelines.results.show import excerpt, legend, query_lines, render_excerpt
 
 
 def row(sign: str = "top", text: str | None = None, score: float | None = None, doc: str = "doc-1") -> ResultRow:
@@ -78,4 +81,15 @@ def test_rows_of_the_other_sign_are_not_listed_as_proponents():
     assert "top 2 proponents" in text and "d1" in text and "d2" in text and "d3" not in text
     assert "1 more row of this side in topk/ has a negative score, not listed" in text
     assert "bottom 1 opponents" in text and "more row" not in text.split("bottom 1 opponents")[1]
+
+
+@pytest.mark.parametrize("normalize, scale, words", [
+    (None, 603.0, "normalized = influence / 603 tokens the factors were fitted on;"),
+    ("none", 603.0, "normalized = influence / 603 tokens the factors were fitted on;"),
+    ("train_norm", 603.0, "influence / the norm of the sequence's gradient / 603 tokens"),
+    ("cosine", 1.0, "normalized = the cosine of the query's and the sequence's gradients"),
+])
+def test_the_legend_says_what_the_normalized_score_is(normalize, scale, words):
+    run = Run(None, None, config={"scoring": {"normalize": normalize}} if normalize else {}, factor_tokens=603)
+    assert run.scale == scale and words in legend(run, color=False)[0]
 

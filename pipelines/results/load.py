@@ -105,6 +105,26 @@ class Run:
         return [ResultRow(*r) for r in self.con.execute(sql, params).fetchall()]
 
     @property
+    def normalize(self) -> str:
+        """The run's ``scoring.normalize`` (``none`` for outputs that do not record it)."""
+        return str((self.config.get("scoring") or {}).get("normalize") or "none")
+
+    @property
+    def scale(self) -> float:
+        """score / score_normalized, for token scores too: 1 for ``cosine``, else the tokens the factors were fitted on."""
+        return 1.0 if self.normalize == "cosine" else float(self.factor_tokens or 1)
+
+    @property
+    def score_meaning(self) -> str:
+        """What ``score_normalized`` is, in words."""
+        if self.normalize == "cosine":
+            return ("the cosine of the query's and the sequence's gradients in the preconditioner's metric "
+                    "(scoring.normalize = \"cosine\"; in [-1, 1])")
+        tokens = f"{self.factor_tokens:,}" if self.factor_tokens else "the number of"
+        per = " / the norm of the sequence's gradient" if self.normalize == "train_norm" else ""
+        return f"influence{per} / {tokens} tokens the factors were fitted on"
+
+    @property
     def has_text(self) -> bool:
         return {"text", "tokens"} <= self.topk_columns
 

@@ -137,10 +137,8 @@ def _escape(text: str, color: bool) -> str:
 
 
 def legend(run: Run, color: bool) -> list[str]:
-    unit = (f"influence / {run.factor_tokens:,} tokens the factors were fitted on" if run.factor_tokens
-            else "influence / fitted tokens")
     mark = "highlighted" if color else "in [[ ]]"
-    return [f"scores: normalized = {unit}; + = training on the sequence raises log p(completion | prompt), "
+    return [f"scores: normalized = {run.score_meaning}; + = training on the sequence raises log p(completion | prompt), "
             f"- = lowers it.",
             f"tokens {mark}: the {HIGHLIGHT} largest per-token contributions of the row's sign (a token's "
             "activations times the loss gradient at its position, mostly from predicting the token after it)."]

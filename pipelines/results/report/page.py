@@ -100,7 +100,7 @@ def concentration(run: Run, query_id: str, positives: list[tuple[float, float, i
 
 def query_section(run: Run, index: int, k: int | None) -> str:
     q = run.queries[index]
-    ft = float(run.factor_tokens or 1)
+    ft = run.scale  # raw score / score_normalized
     top, bottom = run.rows(q.query_id, "top", k), run.rows(q.query_id, "bottom", k)
     tokens = run.token_scores(q.query_id, [r.doc_id for r in top + bottom])
     values = sorted(abs(s) / ft for t in tokens.values() for s in t.scores)
@@ -225,7 +225,6 @@ def render_report(run: Run, k: int | None = None) -> str:
     toc = "".join(f'<li><a href="#{anchor(q.query_id)}"><code>{esc(q.query_id)}</code></a> '
                   f'{esc(q.prompt or "")} <b>{esc(q.completion or "")}</b></li>' for q in run.queries)
     sections = "".join(query_section(run, i, k) for i in range(len(run.queries)))
-    ft = f"{run.factor_tokens:,}" if run.factor_tokens else "the number of"
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -236,7 +235,7 @@ def render_report(run: Run, k: int | None = None) -> str:
 <body><header><h1>Which training sequences made the model say this?</h1>
 <p>EK-FAC influence (Grosse et al. 2023) of run <code>{esc(run.record.get('run_id', '?'))}</code>,
 <code>{esc(run.out.url)}</code>; report made {now}.
-Scores are <b>normalized</b>: influence divided by {ft} tokens the factors were fitted on.
+Scores are <b>normalized</b>: {esc(run.score_meaning)}.
 <b>Positive</b>: training on the sequence makes the completion more likely; <b>negative</b>: less likely.</p>
 {health_paragraph(run)}
 <nav><h2>Queries</h2><ul>{toc}</ul></nav></header>
