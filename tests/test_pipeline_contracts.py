@@ -41,6 +41,7 @@ GOOD_IDS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [1, 1], [2, 3, 4]]
     ("vocab", 1, "input_ids", "token id 11"),
     ("duplicate", 3, "doc_id", "duplicate"),
     ("mask", 4, "loss_mask", "entries"),
+    ("mask_value", 2, "loss_mask", "value 2 at position 1: must be 0 or 1"),
 ])
 def test_shard_contract_errors_name_file_row_and_field(tmp_path, case, row, field, words):
     path = tmp_path / f"{case}.parquet"
@@ -59,6 +60,10 @@ def test_shard_contract_errors_name_file_row_and_field(tmp_path, case, row, fiel
     elif case == "duplicate":
         ids[3] = "d0"
         write_shard(path, ids, tokens)
+    elif case == "mask_value":
+        masks = [[1] * len(t) for t in tokens]
+        masks[2] = [1, 2, 1, 1]
+        write_shard(path, ids, tokens, loss_mask=pa.array(masks, pa.list_(pa.int8())))
     elif case == "mask":
         masks = [[1] * len(t) for t in tokens]
         masks[4] = [1]

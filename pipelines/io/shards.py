@@ -169,6 +169,11 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
             raise ShardError(shard, first_row + r, "loss_mask",
                              f"has {mlen[r]} entries, input_ids has {lengths[r]}")
         mflat = pc.list_flatten(mcol).to_numpy(zero_copy_only=False)
+        off = np.flatnonzero((mflat != 0) & (mflat != 1))
+        if off.size:
+            r = int(np.searchsorted(offsets, off[0], side="right") - 1)
+            raise ShardError(shard, first_row + r, "loss_mask", f"value {int(mflat[off[0]])} at position "
+                             f"{int(off[0] - offsets[r])}: must be 0 or 1 (1 = the token is in the loss)")
         masks = [mflat[offsets[i]:offsets[i + 1]] for i in range(n)]
     for i in range(n):
         problem = nothing_in_loss(input_ids[i], None if masks is None else masks[i])
