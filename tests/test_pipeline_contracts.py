@@ -104,20 +104,12 @@ BASE = {"model": {"path": "/m"}, "data": {"corpus": "/c", "queries": "/q.jsonl",
     ({"scoring": {"self_influence": "yes"}}, "scoring.self_influence = 'yes'"),
     ({"model": {"path": "/m", "track": "attention"}}, "model.track = 'attention'"),
     ({"model": {"path": "/m", "track": "mlp+attention", "layer_pattern": "mlp"}}, "not both"),
-    ({"scoring": {"mode": "index", "candidates": 5}}, "scoring.candidates = 5: fewer than scoring.top_k = 10"),
-    ({"scoring": {"mode": "tfidf", "candidates": 3, "top_k": 4}}, "scoring.candidates = 3: fewer than scoring.top_k = 4"),
 ])
 def test_config_errors_name_key_and_value(patch, words):
     raw = {**BASE, **patch}
     with pytest.raises(ConfigError) as info:
         config_from_dict(raw)
     assert words in str(info.value)
-
-
-def test_candidates_below_top_k_are_fine_in_a_scan():
-    """The candidates key is unused by a full scan; candidates == top_k is enough in the other modes."""
-    assert config_from_dict({**BASE, "scoring": {"candidates": 5}}).scoring.candidates == 5
-    assert config_from_dict({**BASE, "scoring": {"mode": "index", "candidates": 10}}).scoring.top_k == 10
 
 
 def test_config_file_resolves_relative_paths_and_defaults(tmp_path):

@@ -188,11 +188,6 @@ class ScoringConfig:
         object.__setattr__(self, "mode", enum_value("scoring.mode", ScoringMode, self.mode))
         check_int("scoring.candidates", self.candidates, 1)
         check_int("scoring.tfidf_candidates", self.tfidf_candidates, 0)
-        if self.mode != ScoringMode.SCAN and self.candidates < self.top_k:
-            fail("scoring.candidates", self.candidates,
-                 f"fewer than scoring.top_k = {self.top_k}: the top-k of each side is chosen from the re-scored "
-                 f"candidates, so {self.candidates} a side cannot fill it (the other side's rows would fill the "
-                 "rest); set candidates >= top_k")
         if self.tfidf_candidates and self.mode != ScoringMode.INDEX:
             also = (" (its candidates all come from TF-IDF: set scoring.candidates)"
                     if self.mode == ScoringMode.TFIDF else "")
