@@ -56,7 +56,9 @@ def test_report_in_chromium(results_run, browser, tmp_path):
         text = section.inner_text()
         assert prompt in text and completion in text and "Measurement f = log p(completion | prompt)" in text
         top = [d.inner_text() for d in section.locator("details.top .doc").all()]
-        assert len(top) == 20 and top[0].endswith(":0")
+        notes = section.locator("details.top p.note").all_inner_texts()  # rows of top_k = 20 with a negative score
+        hidden = int(notes[0].split()[0]) if notes else 0
+        assert len(top) + hidden == 20 and len(top) >= 10 and top[0].endswith(":0")
         assert section.locator("svg").count() == 3  # layers, distribution, truncation error
     assert "Proponents" in body and "Opponents" in body and "Versions" in body
 

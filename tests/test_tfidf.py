@@ -34,7 +34,7 @@ def write_corpus(root) -> list[tuple[str, str, list[int]]]:
             rows.append((f"d{i:02d}", ids))
         rows.append(("twin", [3, 5, 9]))  # the same doc_id and tokens in every shard: exact ties
         rows.append((f"copy{s}", [3, 5, 9]))
-        rows.append((f"rare{s}", [19] + [4] * s))
+        rows.append((f"rare{s}", [19] + [4] * (s + 1)))  # a shard row has 2 tokens or more
         pq.write_table(pa.table({"doc_id": [d for d, _ in rows],
                                  "input_ids": pa.array([ids for _, ids in rows], pa.list_(pa.int32()))}), shard)
         docs += [(d, shard, ids) for d, ids in rows]
