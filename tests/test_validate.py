@@ -213,6 +213,12 @@ def test_chunk_leaves_out_a_piece_masked_out_of_the_loss(tmp_path):
                              "loss_mask": pa.array(masks, pa.list_(pa.int8()))}), path)
     seqs = read_rows(str(path), None, None, context=4, too_long="chunk")
     assert seqs.doc_ids == ["a", "b#0", "b#1", "c#0"] and seqs.rows.tolist() == [0, 1, 1, 2]
+    masks[2] = [0, 0, 0, 0, 0, 1, 1, 1]  # in the loss only after the context: truncating leaves nothing
+    pq.write_table(pa.table({"doc_id": ["a", "b", "c"], "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                             "loss_mask": pa.array(masks, pa.list_(pa.int8()))}), path)
+    with pytest.raises(ShardError, match=r"row 2, field 'loss_mask': its 1s are all beyond the first 4 tokens"):
+        read_rows(str(path), None, None, context=4, too_long="truncate")
+    assert read_rows(str(path), None, None, context=4, too_long="chunk").doc_ids == ["a", "b#0", "b#1", "c#1"]
 
 
 def test_bad_too_long_value_names_the_key(world):

@@ -106,8 +106,14 @@ def fit_context(shard: str, seqs: Sequences, context: int | None, too_long: TooL
             else [(lo, min(lo + context, int(lengths[i]))) for lo in range(0, int(lengths[i]), context)])
         for piece, (lo, hi) in enumerate(cut):
             mask = None if masks is None else seqs.loss_masks[i][lo:hi]
-            if len(cut) > 1 and nothing_in_loss(seqs.input_ids[i][lo:hi], mask) is not None:
-                continue  # a piece with nothing in the loss (a last piece of one token): no gradient, left out
+            if nothing_in_loss(seqs.input_ids[i][lo:hi], mask) is not None:
+                if len(cut) > 1:
+                    continue  # a piece with nothing in the loss (a last piece of one token): no gradient, left out
+                err = ShardError(shard, int(seqs.rows[i]), "loss_mask", f"its 1s are all beyond the first {context} "
+                                 "tokens, so truncated (data.too_long = \"truncate\") nothing is left in the loss; "
+                                 "use \"chunk\"")
+                err.doc_id = seqs.doc_ids[i]
+                raise err
             doc_ids.append(seqs.doc_ids[i] if len(cut) == 1 else f"{seqs.doc_ids[i]}#{piece}")
             ids.append(seqs.input_ids[i][lo:hi])
             if masks is not None:
