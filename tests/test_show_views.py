@@ -44,7 +44,7 @@ def test_excerpt_with_strings_is_unchanged_and_without_anything_says_so():
 
 
 def test_report_heatmap_shows_ids():
-    html = heatmap(TokenScores([None, "x"], [7, 8], [1.0, -1.0]), scale=1.0, factor_tokens=1.0)
+    html = heatmap(TokenScores([None, "x"], [7, 8], [1.0, -1.0]), scale=1.0, normalizer=1.0)
     assert "⟨7⟩</span>" in html and ">x</span>" in html and "id 7" in html
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..io import storage
+from ..io.token_text import id_piece
 from .tables import Output, connect, open_output
 
 
@@ -68,6 +69,25 @@ class TokenScores:
     pieces: list[str | None]
     token_ids: list[int]
     scores: list[float]
+
+    def shown(self) -> TokenScores:
+        """The same row with every missing string replaced by the token's id, `` ⟨id⟩`` (no tokenizer)."""
+        if all(p is not None for p in self.pieces):
+            return self
+        pieces = [p if p is not None else f" {id_piece(t)}" for p, t in zip(self.pieces, self.token_ids)]
+        return TokenScores(pieces, self.token_ids, self.scores)
+
+
+def of_their_side(rows: list[ResultRow], sign: str) -> tuple[list[ResultRow], str | None]:
+    """(the rows whose score has the side's sign, a note on the others or None): what a view lists of a side."""
+    kept = [r for r in rows if r.of_its_side]
+    n = len(rows) - len(kept)
+    if not n:
+        return kept, None
+    other, verb = ("negative", "raise") if sign == "top" else ("positive", "lower")
+    return kept, (f"{n} more {'row' if n == 1 else 'rows'} of this side in topk/ {'has' if n == 1 else 'have'} a "
+                  f"{other} score, not listed: fewer scored sequences than asked {verb} the completion's "
+                  "log-probability (in index or tfidf mode: of the re-scored candidates)")
 
 
 @dataclass(frozen=True)

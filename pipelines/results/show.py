@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from ..io.token_text import id_piece, id_text
-from .load import ResultRow, Run, TokenScores, open_run
+from ..io.token_text import id_text
+from .load import ResultRow, Run, TokenScores, of_their_side, open_run
 
 EXCERPT_CHARS = 240
 HIGHLIGHT = 3  # tokens highlighted per row
@@ -37,9 +37,7 @@ def excerpt(row: ResultRow, tokens: TokenScores | None, width: int = EXCERPT_CHA
     if tokens is None or not tokens.pieces:
         text = " ".join((row.text or "").split()) or "(no text)"
         return [(text if len(text) <= width else text[:width - 1] + "…", False)]
-    if any(p is None for p in tokens.pieces):
-        tokens = TokenScores([p if p is not None else f" {id_piece(t)}" for p, t in zip(tokens.pieces, tokens.token_ids)],
-                             tokens.token_ids, tokens.scores)
+    tokens = tokens.shown()
     sign = 1.0 if row.sign == "top" else -1.0
     order = sorted(range(len(tokens.scores)), key=lambda i: -sign * tokens.scores[i])
     strong = {i for i in order[:highlight] if sign * tokens.scores[i] > 0}
@@ -100,8 +98,7 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
     if bottom:
         sides.append(("bottom", "opponents (training on them makes the completion less likely)"))
     for sign, title in sides:
-        listed = run.rows(q.query_id, sign, k)
-        rows = [r for r in listed if r.of_its_side]
+        rows, note = of_their_side(run.rows(q.query_id, sign, k), sign)
         tokens = run.token_scores(q.query_id, [r.doc_id for r in rows])
         lines.append(f"  top {len(rows)} {title}:" if sign == "top" else f"  bottom {len(rows)} {title}:")
         for r in rows:
@@ -111,17 +108,9 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
             lines.append(_escape(head, color))
             body = render_excerpt(excerpt(r, tokens.get(r.doc_id)), sign, color)
             lines.append("         " + body)
-        if len(rows) < len(listed):
-            lines.append(f"    ({other_sign_note(len(listed) - len(rows), sign)})")
+        if note:
+            lines.append(f"    ({note})")
     return lines
-
-
-def other_sign_note(n: int, sign: str) -> str:
-    """Why a side lists fewer rows than its top-k holds."""
-    other, verb = ("negative", "raise") if sign == "top" else ("positive", "lower")
-    return (f"{n} more {'row' if n == 1 else 'rows'} of this side in topk/ {'has' if n == 1 else 'have'} a {other} "
-            f"score, not listed: fewer scored sequences than asked {verb} the completion's log-probability (in "
-            "index or tfidf mode: of the re-scored candidates)")
 
 
 def _short(shard: str) -> str:

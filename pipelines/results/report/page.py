@@ -13,9 +13,8 @@ import math
 from importlib import metadata
 from typing import Any
 
-from ...io.token_text import id_piece, id_text
-from ..load import ResultRow, Run, TokenScores
-from ..show import other_sign_note
+from ...io.token_text import id_text
+from ..load import ResultRow, Run, TokenScores, of_their_side
 from . import figures
 from .style import CSS
 from .tail_fit import fit_power_law
@@ -39,14 +38,14 @@ def token_color(value: float, scale: float) -> str:
     return f"rgba({rgb},{a:.3f})"
 
 
-def heatmap(tokens: TokenScores, scale: float, factor_tokens: float) -> str:
-    """The row's tokens as coloured spans (leading whitespace left uncoloured), each with its score in a tooltip."""
+def heatmap(tokens: TokenScores, scale: float, normalizer: float) -> str:
+    """The row's tokens as coloured spans (leading whitespace left uncoloured), each with its score / ``normalizer``
+    (``Run.scale``) in a tooltip."""
     out = []
-    for i, (piece, tid, s) in enumerate(zip(tokens.pieces, tokens.token_ids, tokens.scores)):
-        piece = piece if piece is not None else f" {id_piece(tid)}"
+    for i, (piece, tid, s) in enumerate(zip(tokens.shown().pieces, tokens.token_ids, tokens.scores)):
         lead = piece[: len(piece) - len(piece.lstrip())]
         word = piece.lstrip() or piece
-        v = s / factor_tokens
+        v = s / normalizer
         out.append(f'{esc(lead)}<span class="tok" style="background:{token_color(v, scale)}" '
                    f'title="token {i} (id {tid}): {v:+.3e}">{esc(word)}</span>')
     return "".join(out)
@@ -56,9 +55,9 @@ def _fmt(x: float | None, spec: str = "+.3e") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def row_card(row: ResultRow, tokens: TokenScores | None, scale: float, factor_tokens: float) -> str:
+def row_card(row: ResultRow, tokens: TokenScores | None, scale: float, normalizer: float) -> str:
     if tokens is not None and tokens.pieces:
-        body = f'<div class="text heat">{heatmap(tokens, scale, factor_tokens)}</div>'
+        body = f'<div class="text heat">{heatmap(tokens, scale, normalizer)}</div>'
     else:
         body = f'<div class="text">{esc(row.text) if row.text is not None else "<em>(no text)</em>"}</div>'
     size = f" · {row.tokens} tokens" if row.tokens is not None else ""
@@ -149,10 +148,10 @@ def query_section(run: Run, index: int, k: int | None) -> str:
     parts.append(legend(scale))
     for sign, rows, title in (("top", top, "Proponents: training on these makes the completion more likely"),
                               ("bottom", bottom, "Opponents: training on these makes the completion less likely")):
-        kept = [r for r in rows if r.of_its_side]
+        kept, note = of_their_side(rows, sign)
         cards = "".join(row_card(r, tokens.get(r.doc_id), scale, ft) for r in kept)
-        if len(kept) < len(rows):
-            cards += f'<p class="note">{esc(other_sign_note(len(rows) - len(kept), sign).capitalize())}.</p>'
+        if note:
+            cards += f'<p class="note">{esc(note.capitalize())}.</p>'
         parts.append(f'<details class="side {sign}" open><summary>{title} ({len(kept)})</summary>{cards}'
                      "</details>")
     parts.append("</section>")
