@@ -32,6 +32,9 @@ def test_excerpt_shows_ids_and_highlights_the_strongest_tokens():
     tokens = TokenScores([None] * 5, IDS, SCORES)
     top = render_excerpt(excerpt(row("top"), tokens, highlight=2), "top", color=False)
     assert top == "⟨5⟩ [[⟨20⟩]] ⟨13⟩ ⟨12⟩ [[⟨40⟩]]"
+    first = render_excerpt(excerpt(row("top"), TokenScores([None] * 5, IDS, [9.0] + SCORES[1:]), highlight=1), "top",
+                           color=False)
+    assert first == "[[⟨5⟩]] ⟨20⟩ ⟨13⟩ ⟨12⟩ ⟨40⟩"  # a highlighted first token has no space before it
     bottom = render_excerpt(excerpt(row("bottom"), tokens, highlight=2), "bottom", color=False)
     assert bottom == "⟨5⟩ ⟨20⟩ [[⟨13⟩]] ⟨12⟩ ⟨40⟩"  # only the one negative contribution
 

@@ -58,8 +58,8 @@ def excerpt(row: ResultRow, tokens: TokenScores | None, width: int = EXCERPT_CHA
         out.append((pieces[i], i in strong))
     if hi < len(pieces) - 1:
         out.append((" …", False))
-    if out and not out[0][1]:
-        out[0] = (out[0][0].lstrip(), False)
+    if out:  # no space before the excerpt's first piece, highlighted or not
+        out[0] = (out[0][0].lstrip(), out[0][1])
     return out
 
 
