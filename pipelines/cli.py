@@ -118,13 +118,31 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     if units:
         lines.append(f"  score units ran on {_count(len(units['nodes']), 'node')}, "
                      f"{_count(len(units['actors']), 'actor')}; {units['retries']} retried after a lost actor")
-    scan = cfg.scoring.mode.value == "scan"
-    rest = f"{out}/scores/, {out}/distribution/" if scan else f"{out}/candidates/" + \
-        (f", {out}/index/" if cfg.scoring.mode.value == "index" else "")
-    lines.append(f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/layer_scores/, "
-                 f"{rest}")
+    lines += _outputs_line(cfg, stages)
     lines.append(f"  record: {out}/runs/{record['run_id']}.json")
     return lines
+
+
+def _outputs_line(cfg: JobConfig, stages: dict[str, Any]) -> list[str]:
+    """Where the command's output lies: the tables once made (`merge`; `score` in index or tfidf mode), else
+    the last stage's own folder."""
+    from .io.shards import corpus_root
+
+    out = cfg.data.output.rstrip("/")
+    mode = cfg.scoring.mode.value
+    if "merge" in stages or ("score" in stages and mode != "scan"):  # index / tfidf: score writes topk/
+        rest = f"{out}/scores/, {out}/distribution/" if mode == "scan" else f"{out}/candidates/" + \
+            (f", {out}/index/" if mode == "index" else "")
+        return [f"  tables: {out}/topk/ (hive-partitioned by query_id), {out}/token_scores/, {out}/layer_scores/, "
+                f"{rest}"]
+    made = {"tokenize": ("shards", corpus_root(cfg.data.corpus) + "/"), "fit-factors": ("factors", f"{out}/factors/"),
+            "build-queries": ("queries", f"{out}/queries/"), "index": ("index", f"{out}/index/"),
+            "score": ("per-unit scores", f"{out}/scores/ (`influence merge` makes the tables)")}
+    last = [name for name in stages if name in made]
+    if not last:
+        return []
+    what, where = made[last[-1]]
+    return [f"  {what}: {where}"]
 
 
 def _count(n: int, noun: str) -> str:

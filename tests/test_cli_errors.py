@@ -407,3 +407,23 @@ def test_corpus_without_shards(tmp_path, tiny_world, no_ray):
     (tmp_path / "shards").mkdir()
     job = write_job(tmp_path, tiny_world, data={"raw": None})
     assert_one_line(cli("fit-factors", str(job)), f"data.corpus = '{tmp_path / 'shards'}'", "no Parquet shards")
+
+
+def test_closing_lines_point_at_what_the_command_made():
+    """A stage run alone names its own output, not tables that do not exist yet; the tables are named once made."""
+    from pipelines.cli import _outputs_line
+    from pipelines.config import config_from_dict
+
+    def lines(stages: dict, mode: str = "scan") -> list[str]:
+        cfg = config_from_dict({"model": {"path": "/m"}, "scoring": {"mode": mode},
+                                "data": {"corpus": "/c/shards/*.parquet", "queries": "/q.jsonl", "output": "/o"}})
+        return [line.strip() for line in _outputs_line(cfg, stages)]
+
+    assert lines({"tokenize": {"files": 1}}) == ["shards: /c/shards/"]
+    assert lines({"fit-factors": {}}) == ["factors: /o/factors/"]
+    assert lines({"fit-factors": {}, "build-queries": {}}) == ["queries: /o/queries/"]
+    assert lines({"score": {}}) == ["per-unit scores: /o/scores/ (`influence merge` makes the tables)"]
+    made = lines({"score": {}, "merge": {}})
+    assert len(made) == 1 and made[0].startswith("tables: /o/topk/") and "/o/scores/" in made[0]
+    made = lines({"score": {}}, mode="tfidf")
+    assert len(made) == 1 and made[0].startswith("tables: /o/topk/") and "/o/candidates/" in made[0]

@@ -237,6 +237,24 @@ def test_tokenizer_callable_chunks_long_documents(tiny_world):
         assert all(hf(c["text"])["input_ids"] == c["input_ids"] for c in chunks)
 
 
+def test_tokenizer_refuses_a_missing_or_repeated_document_id(tiny_world, tmp_path):
+    """A raw file whose id repeats (or is null or empty) is refused naming the file, row and field: it would
+    give two shard rows one doc_id."""
+    from pipelines.stages.tokenize import Tokenizer, document_ids
+
+    assert document_ids("f", ["a", 7, "b"], "id") == ["a", "7", "b"]
+    tok = Tokenizer(ModelConfig(path=str(tiny_world / "model")), max_length=16, text_column="text", id_column="id")
+    cases = {"dup": (["a", "b", "a"], "row 2, field 'id': id 'a' is also in row 0"),
+             "null": (["a", None, "c"], "row 1, field 'id': the document id is missing"),
+             "empty": (["a", "b", ""], "row 2, field 'id': the document id is empty")}
+    for name, (ids, message) in cases.items():
+        raw = tmp_path / f"{name}.jsonl"
+        raw.write_text("".join(json.dumps({"id": i, "text": "the cat sits"}) + "\n" for i in ids))
+        with pytest.raises(ValueError) as err:
+            tok.tokenize_file(str(raw))
+        assert str(err.value) == f"{raw}: {message}" + (" (document ids must be unique)" if name == "dup" else "")
+
+
 def test_demo_corpus_plants_two_sources_per_fact():
     from pipelines.demo.corpus import make_corpus, make_queries
 
@@ -382,11 +400,16 @@ def test_on_growth_keeps_factors_while_the_corpus_only_grows_a_little():
     from pipelines.stages.fit_factors import keeps_factors
 
     fitted = [("s/a.parquet", 400), ("s/b.parquet", 600)]
-    assert keeps_factors(fitted, fitted, 0.25) is not None  # nothing changed
+    assert keeps_factors(fitted, fitted, 0.25) == (True, "kept: the corpus grew by 0.0% since the fit (refit above 25%)")
     grown = fitted + [("s/c.parquet", 250)]
-    assert "25.0%" in keeps_factors(fitted, grown, 0.25)  # exactly at the limit: kept
-    assert keeps_factors(fitted, grown + [("s/d.parquet", 1)], 0.25) is None  # past it
-    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/b.parquet", 601)], 0.25) is None  # a shard replaced
-    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/c.parquet", 600)], 0.25) is None  # one removed
-    assert keeps_factors(None, fitted, 0.25) is None  # factors that did not record their shards
-    assert keeps_factors(fitted, grown, 0.0) is None
+    assert keeps_factors(fitted, grown, 0.25) == (True, "kept: the corpus grew by 25.0% since the fit "
+                                                        "(refit above 25%)")  # exactly at the limit
+    assert keeps_factors(fitted, grown + [("s/d.parquet", 1)], 0.25) == (
+        False, "refit: the corpus grew by 25.1% since the fit (factors.refit_growth = 25%)")  # past it
+    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/b.parquet", 601)], 0.25) == (
+        False, "refit: shard 's/b.parquet' changed since the fit")  # a shard replaced
+    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/c.parquet", 600)], 0.25) == (
+        False, "refit: shard 's/b.parquet' was removed since the fit")
+    assert keeps_factors(None, fitted, 0.25) == (
+        False, "refit: the factors did not record the shards they were fitted on")
+    assert keeps_factors(fitted, grown, 0.0)[0] is False

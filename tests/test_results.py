@@ -204,6 +204,24 @@ def test_run_ends_with_the_view(results_run):
     assert f"influence sql {cfg.data.output}" in text and f"influence report {cfg.data.output}" in text
 
 
+def test_the_sql_the_next_steps_suggest_runs_and_lists_one_side(results_run):
+    """The query printed under "next steps" runs as written and lists proponents only, in rank order."""
+    import shlex
+
+    from pipelines.results.show import next_steps
+
+    cfg, _, _ = results_run
+    line = next(step for step in next_steps(cfg.data.output) if "SELECT" in step)
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:3] == ["influence", "sql", cfg.data.output]
+    text = ok(*argv[1:])
+    assert re.search(r"\(9 rows\)", text)  # 3 queries x ranks 1-3 of the top side
+    ranks = [int(row.split()[1]) for row in text.splitlines() if row.startswith("q-")]
+    assert ranks == [1, 2, 3] * 3
+    scores = [float(row.split()[2]) for row in text.splitlines() if row.startswith("q-")]
+    assert all(s > 0 for s in scores), text
+
+
 def test_show(results_run):
     cfg, _, _ = results_run
     text = ok("show", cfg.data.output, "--k", "2", "--no-color")

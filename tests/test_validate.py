@@ -239,6 +239,22 @@ def test_duplicate_doc_id_across_files_names_both(world):
     assert f"{other!r} is also in {path} row 6" in line and "unique across the corpus" in line
 
 
+def test_duplicate_doc_id_within_a_shard_is_one_error_and_the_rows_are_still_checked(world):
+    """A repeat inside one shard is reported once (by the corpus-wide check), and the row scan goes on past it."""
+    def change(rows):
+        rows[5]["doc_id"] = rows[1]["doc_id"]
+        rows[7]["input_ids"] = [1, 10_000]
+        return rows
+
+    path = world.rewrite("part1", change)
+    result = validate(world.job)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, errors
+    assert f"{path}: row 1, field 'doc_id'" in errors[0] and "also in row 5 of the same shard" in errors[0]
+    assert f"{path}: row 7, field 'input_ids': token id 10000 is outside the vocabulary" in errors[1]
+
+
 def test_duplicate_doc_ids_found_through_spilled_buckets(world):
     from pipelines.validate.doc_ids import check_unique_doc_ids
 

@@ -140,10 +140,12 @@ def nothing_in_loss(ids: np.ndarray, mask: np.ndarray | None) -> tuple[str, str]
 
 def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vocab_size: int | None,
                 seen: set[str] | None = None, context: int | None = None,
-                too_long: TooLong | str = TooLong.ERROR) -> Sequences:
+                too_long: TooLong | str = TooLong.ERROR, unique_ids: bool = True) -> Sequences:
     """Check rows of a shard and convert them; ``first_row`` is the file row of the batch's row 0.
 
     ``context`` (the model's longest sequence; None: no limit) and ``too_long``: see ``fit_context``.
+    ``seen``: the doc_ids of the shard's earlier batches (a repeat is refused); ``unique_ids = False`` skips
+    that check (``validate`` checks doc_ids over the whole corpus once and reports a repeat there).
     """
     check_schema(shard, batch.schema)
     n = batch.num_rows
@@ -188,7 +190,7 @@ def check_batch(shard: str, batch: pa.RecordBatch | pa.Table, first_row: int, vo
             err.doc_id = doc_ids[i]
             raise err
     seen = set() if seen is None else seen
-    for i, d in enumerate(doc_ids):
+    for i, d in enumerate(doc_ids if unique_ids else ()):
         if d in seen:
             raise ShardError(shard, first_row + i, "doc_id", f"duplicate doc_id {d!r} within the shard")
         seen.add(d)

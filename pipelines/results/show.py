@@ -196,7 +196,8 @@ def next_steps(output: str, prefix: str = "influence") -> list[str]:
     """Where to look next (the closing lines of `influence run` and `influence demo`)."""
     return ["next steps:",
             f"  {prefix} show {output} --bottom      # every query: proponents, opponents, highlighted tokens",
-            f"  {prefix} sql {output} \"SELECT query_id, rank, doc_id, text FROM topk WHERE rank <= 3\"",
+            (f"  {prefix} sql {output} \"SELECT query_id, rank, score, doc_id, text FROM topk"
+             f" WHERE sign = 'top' AND rank <= 3 ORDER BY query_id, rank\"   # proponents; 'bottom': opponents"),
             f"  {prefix} sql {output}                # interactive SQL: topk, token_scores, layer_scores, ...",
             f"  {prefix} report {output}             # one static HTML page: {output}/report.html"]
 

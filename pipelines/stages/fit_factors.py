@@ -185,23 +185,26 @@ def _named(fingerprints: list[tuple[str, int]], corpus: str) -> list[tuple[str, 
 
 
 def keeps_factors(fitted_on: list[tuple[str, int]] | None, now: list[tuple[str, int]],
-                  growth: float) -> str | None:
-    """Why factors fitted on the shards ``fitted_on`` stay current for the corpus ``now`` (None: refit).
+                  growth: float) -> tuple[bool, str]:
+    """Whether factors fitted on the shards ``fitted_on`` stay current for the corpus ``now``, and why.
 
     ``factors.refit = "on_growth"``: they stay while every shard they were fitted on is still
     there with its size, and the corpus grew by at most ``growth`` (0.25: a quarter) of the bytes it
     had. ``fitted_on`` None (factors from a version that did not record their shards): refit.
     """
     if fitted_on is None:
-        return None
+        return False, "refit: the factors did not record the shards they were fitted on"
     current = dict(now)
-    if any(current.get(name) != size for name, size in fitted_on):
-        return None
+    for name, size in fitted_on:
+        if current.get(name) != size:
+            change = "was removed" if name not in current else "changed"
+            return False, f"refit: shard {name!r} {change} since the fit"
     before, after = sum(size for _, size in fitted_on), sum(current.values())
     added = after - before
     if before <= 0 or added > growth * before:
-        return None
-    return f"kept: the corpus grew by {added / before:.1%} since the fit (refit above {growth:.0%})"
+        share = f"{added / before:.1%}" if before > 0 else "from nothing"
+        return False, f"refit: the corpus grew by {share} since the fit (factors.refit_growth = {growth:.0%})"
+    return True, f"kept: the corpus grew by {added / before:.1%} since the fit (refit above {growth:.0%})"
 
 
 def _partial_url(out: str, stage: int, index: int) -> str:
@@ -303,15 +306,16 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     shard_prints = completion.shard_fingerprints(shards)
     key = factors_key(cfg, shard_prints)
     done = completion.completed(out, key)
+    refit = None  # why factors fitted for these settings are refitted (on_growth), for the summary
     if done is not None:
         fitted_on = done.pop("fitted_shards", None)
         if cfg.factors.refit != "on_growth":
             return {**done, "skipped": True}
-        kept = keeps_factors([tuple(f) for f in fitted_on] if fitted_on else None,
-                             _named(shard_prints, cfg.data.corpus), cfg.factors.refit_growth)
-        if kept is not None:
-            return {**done, "skipped": True, "refit": kept}
-        log.info("fit-factors: the corpus changed or grew past factors.refit_growth since the fit; refitting")
+        kept, refit = keeps_factors([tuple(f) for f in fitted_on] if fitted_on else None,
+                                    _named(shard_prints, cfg.data.corpus), cfg.factors.refit_growth)
+        if kept:
+            return {**done, "skipped": True, "refit": refit}
+        log.info("fit-factors: %s", refit)
     completion.invalidate(out)  # an older fit's files may stay, but never look complete
     storage.remove(storage.join(out, MANIFEST))
     start = time.perf_counter()
@@ -390,7 +394,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "tasks": accounting}
     done = completion.mark_complete(out, key, {**info, "fitted_shards": _named(shard_prints, cfg.data.corpus)})
     done.pop("fitted_shards")
-    return {**done, "skipped": False, "errors": failures.rows}
+    return {**done, "skipped": False, "errors": failures.rows, **({"refit": refit} if refit else {})}
 
 
 def factors_digest(url: str) -> str:

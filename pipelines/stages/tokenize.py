@@ -13,8 +13,8 @@ Shards are written in row groups of ``data.row_group_rows`` rows: the score
 stage's units of work are ranges of row groups (``stages/score_plan.py``), so a
 large shard spreads over many actors. The row-group size is not part of a
 shard's key (changing it rewrites no finished shard).
-A file that fails (unreadable, a missing column, a row that is not text,
-storage errors after retries) follows the job's ``on_error``
+A file that fails (unreadable, a missing column, a row that is not text, a
+missing or repeated id, storage errors after retries) follows the job's ``on_error``
 (``runtime/failures.py``): "fail" stops with one line naming the file, "skip"
 writes no shard for it and reports it. A shard counts as done only when its
 footer reads and carries the current key.
@@ -60,6 +60,24 @@ def chunk_document(text: str, encoding: Any, max_length: int) -> list[tuple[list
     return chunks
 
 
+def document_ids(url: str, values: list[Any], field: str) -> list[str]:
+    """The id column as strings; ValueError naming the file, row and field for a missing, empty or repeated id
+    (a repeated id would give two sequences one doc_id, which every later stage refuses)."""
+    first: dict[str, int] = {}
+    ids = []
+    for row, value in enumerate(values):
+        if value is None or str(value) == "":
+            what = "missing" if value is None else "empty"
+            raise ValueError(f"{url}: row {row}, field {field!r}: the document id is {what}")
+        doc = str(value)
+        if doc in first:
+            raise ValueError(f"{url}: row {row}, field {field!r}: id {doc!r} is also in row {first[doc]} "
+                             "(document ids must be unique)")
+        first[doc] = row
+        ids.append(doc)
+    return ids
+
+
 class Tokenizer:
     """Ray Data callable: ``{"unit": [JSON {input, output}]}`` -> one summary row per file."""
 
@@ -76,7 +94,7 @@ class Tokenizer:
             if col not in table.column_names:
                 raise ValueError(f"{url}: column {col!r} is missing (columns: {table.column_names})")
         texts = table.column(self.text_column).to_pylist()
-        ids = [str(x) for x in table.column(self.id_column).to_pylist()]
+        ids = document_ids(url, table.column(self.id_column).to_pylist(), self.id_column)
         for row, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ValueError(f"{url}: row {row}, field {self.text_column!r}: not a string ({t!r})")

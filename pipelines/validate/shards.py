@@ -81,14 +81,15 @@ class ShardScan:
 
 def scan_shard(url: str, vocab_size: int | None, context: int | None, too_long: TooLong,
                rows_per_read: int = 8192) -> ShardScan:
-    """Check every row of a shard as the stages will read it; with ``too_long = error`` a long row is an error."""
+    """Check every row of a shard as the stages will read it; with ``too_long = error`` a long row is an error.
+    Repeated doc_ids are left to ``check_unique_doc_ids`` (the whole corpus, one error per repeat)."""
     scan = ShardScan()
     strict = context if too_long is TooLong.ERROR else None  # check_batch raises for the first long row
     with _open(url) as pf:
         cols = [c for c in SHARD_COLUMNS if c in pf.schema_arrow.names]
         try:
             for batch in pf.iter_batches(batch_size=rows_per_read, columns=cols):
-                check_batch(url, batch, scan.rows, vocab_size, context=strict)
+                check_batch(url, batch, scan.rows, vocab_size, context=strict, unique_ids=False)
                 lengths = pc.list_value_length(batch.column("input_ids")).to_numpy(zero_copy_only=False)
                 scan.too_long += int((lengths > context).sum()) if context is not None else 0
                 scan.rows += batch.num_rows
