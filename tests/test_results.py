@@ -195,6 +195,20 @@ def test_sql_interactive(results_run):
     assert re.search(r"\n\s*3\n\(1 row\)", result.output)
 
 
+def test_sql_error_names_the_views_or_the_columns(results_run):
+    """A mistyped view lists the views (not DuckDB's guess among its system tables); a mistyped column keeps
+    DuckDB's candidate columns; the echoed SQL is left out: one line each."""
+    cfg, _, _ = results_run
+    result = cli("sql", cfg.data.output, "SELECT * FROM topkk")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: query failed: Catalog Error: Table with name topkk does not exist!; the views: distribution, "
+        "documents, layer_scores, queries, scores, self_influence, token_scores, topk"]
+    result = cli("sql", cfg.data.output, "SELECT scor FROM topk")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "Candidate bindings: " in lines[0] and '"score"' in lines[0]
+
+
 def test_run_ends_with_the_view(results_run):
     """`influence run` (every stage already complete: all skipped) ends with the first queries and next steps."""
     cfg, _, root = results_run

@@ -60,8 +60,21 @@ def run_query(con: Any, sql: str) -> tuple[list[str], list[tuple]]:
     try:
         cur = con.execute(query)
     except duckdb.Error as err:
-        raise click.ClickException(f"query failed: {str(err).splitlines()[0]}") from err
+        raise click.ClickException(f"query failed: {_failure(con, err)}") from err
     return [d[0] for d in cur.description], cur.fetchall()
+
+
+def _failure(con: Any, err: Exception) -> str:
+    """DuckDB's message and its hint line ("Candidate bindings: ..."), without the echoed SQL; for a name that
+    is not a view, the views there are (DuckDB's own guess may be one of its system tables)."""
+    import duckdb
+
+    message, *hints = str(err).split("\n\n")[0].splitlines()
+    if isinstance(err, duckdb.CatalogException):
+        views = [row[0] for row in con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()]
+        hints = [f"the views: {', '.join(views)}"]
+    return "; ".join([message, *(h.strip() for h in hints if h.strip())])
 
 
 def _cell(value: Any, width: int) -> str:
