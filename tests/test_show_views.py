@@ -52,7 +52,7 @@ def test_report_heatmap_shows_ids():
 
 
 class _Run:
-    """The two readers ``query_lines`` calls, over one query and its rows (default: one row a side)."""
+    """The readers ``query_lines`` calls, over one query and its rows (default: one row a side)."""
 
     def __init__(self, query: QueryInfo, rows: dict[str, list[ResultRow]] | None = None):
         self.queries = [query]
@@ -63,6 +63,11 @@ class _Run:
 
     def token_scores(self, query_id: str, doc_ids: list[str]) -> dict[str, TokenScores]:
         return {d: TokenScores([None] * 5, IDS, SCORES) for d in doc_ids}
+
+    def query_form(self, q: QueryInfo) -> str:
+        return Run.query_form(self, q)
+
+    config = {"scoring": {"rank": 8}}
 
 
 def test_query_lines_print_the_query_ids_when_there_is_no_text():
@@ -96,3 +101,15 @@ def test_the_legend_says_what_the_normalized_score_is(normalize, scale, words):
     run = Run(None, None, config={"scoring": {"normalize": normalize}} if normalize else {}, factor_tokens=603)
     assert run.scale == scale and words in legend(run, color=False)[0]
 
+
+
+def test_query_form_says_whether_the_query_is_exact():
+    """The measurement line names the query's form: dense, rank r exact on every layer, or its truncation error."""
+    q = QueryInfo("q0", "a", " b", -1.0, [0.0, 0.0], 0)
+    lossy = QueryInfo("q0", "a", " b", -1.0, [0.01, 0.25], 0)
+    run = Run(out=None, con=None, config={"scoring": {"rank": 32}})
+    assert run.query_form(q) == "rank-32 queries, exact on every layer (truncation error 0)"
+    assert run.query_form(lossy) == "rank-32 truncation error (relative, max over layers) 0.25"
+    assert Run(out=None, con=None, config={"scoring": {"rank": 0}}).query_form(q) == \
+        "dense queries (no low-rank truncation)"
+    assert Run(out=None, con=None).query_form(lossy) == "low-rank truncation error (relative, max over layers) 0.25"

@@ -124,6 +124,16 @@ class Run:
         params = [query_id, sign] + ([k] if k else [])
         return [ResultRow(*r) for r in self.con.execute(sql, params).fetchall()]
 
+    def query_form(self, q: QueryInfo) -> str:
+        """How exact the query's preconditioned gradient is, in words (``scoring.rank``; None: not recorded)."""
+        rank = (self.config.get("scoring") or {}).get("rank")
+        if rank == 0:
+            return "dense queries (no low-rank truncation)"
+        name = f"rank-{rank}" if rank else "low-rank"
+        if q.truncation_error_max == 0:
+            return f"{name} queries, exact on every layer (truncation error 0)"
+        return f"{name} truncation error (relative, max over layers) {q.truncation_error_max:.3g}"
+
     @property
     def normalize(self) -> str:
         """The run's ``scoring.normalize`` (``none`` for outputs that do not record it)."""

@@ -92,8 +92,7 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
         lines.append(_escape(ids, color))
     if not math.isnan(q.measurement):
         lines.append(f"  measurement: log p(completion | prompt) = {q.measurement:.4f} nats "
-                     f"(p = {math.exp(q.measurement):.3g}); rank-r truncation error (relative, max over layers) "
-                     f"{q.truncation_error_max:.3g}")
+                     f"(p = {math.exp(q.measurement):.3g}); {run.query_form(q)}")
     sides = [("top", "proponents (training on them makes the completion more likely)")]
     if bottom:
         sides.append(("bottom", "opponents (training on them makes the completion less likely)"))

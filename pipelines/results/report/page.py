@@ -113,8 +113,7 @@ def query_section(run: Run, index: int, k: int | None) -> str:
                      f'<span class="completion">{esc(id_text(q.completion_ids or []))}</span></p>')
     if not math.isnan(q.measurement):
         parts.append(f'<p class="measure">Measurement f = log p(completion | prompt) = <b>{q.measurement:.4f}</b> '
-                     f"nats (p = {math.exp(q.measurement):.3g}); low-rank truncation error: max "
-                     f"{q.truncation_error_max:.3g} over layers.</p>")
+                     f"nats (p = {math.exp(q.measurement):.3g}); {esc(run.query_form(q))}.</p>")
     # figures
     layers = run.layer_totals(q.query_id)
     names = [n for n, _ in layers.get("top", [])]
@@ -132,7 +131,7 @@ def query_section(run: Run, index: int, k: int | None) -> str:
         figs.append('<figure><figcaption>Distribution of influence over every scored sequence</figcaption>'
                     + figures.distribution_plot([(lo, hi, n) for lo, hi, n, _ in positives], total,
                                                 tail.values if tail else [], fit) + "</figure>")
-    if q.truncation_error and run.layer_names and len(q.truncation_error) == len(run.layer_names):
+    if q.truncation_error_max > 0 and run.layer_names and len(q.truncation_error) == len(run.layer_names):
         figs.append('<figure><figcaption>Low-rank truncation error of the query, per layer</figcaption>'
                     + figures.truncation_bars(run.layer_names, q.truncation_error) + "</figure>")
     parts.append('<div class="figs">' + "".join(figs) + "</div>")
