@@ -269,7 +269,7 @@ def test_demo_corpus_plants_two_sources_per_fact():
 def test_sampled_fisher_units_are_seeded_independently_of_grouping(tiny_world, tmp_path):
     """Stage-1 partial sums per unit do not depend on which worker call (actor) gets which unit."""
     from pipelines.io.payloads import covariances_from_bytes
-    from pipelines.stages.fit_factors import CovarianceWorker
+    from pipelines.stages.factor_units import CovarianceWorker
     from pipelines.stages.sampling import Unit
 
     path = write_shard(tmp_path / "s.parquet", [f"d{i}" for i in range(6)], [[1, 2, 3, 4]] * 3 + [[5, 6, 7]] * 3)
@@ -335,7 +335,7 @@ def test_fit_worker_draws_k_labels_from_its_unit_seed(tiny_world, tmp_path):
     """A unit's stage-1 partial with fisher_samples = 3 equals fit_covariances on that unit, seed per unit."""
     from influence_ops import fit_covariances
     from pipelines.io.payloads import covariances_from_bytes
-    from pipelines.stages.fit_factors import CovarianceWorker, unit_seed
+    from pipelines.stages.factor_units import CovarianceWorker, unit_seed
     from pipelines.stages.sampling import Unit
 
     path = write_shard(tmp_path / "s.parquet", ["a", "b", "c"], [[1, 2, 3, 4], [5, 6, 7], [2, 3]])
@@ -357,7 +357,7 @@ def test_fit_worker_sums_its_draws_into_the_passes_asked(tiny_world, tmp_path):
     """fisher_passes reaches the stage-1 worker: its partial is fit_covariances with those passes, and says so."""
     from influence_ops import fit_covariances
     from pipelines.io.payloads import covariances_from_bytes
-    from pipelines.stages.fit_factors import CovarianceWorker, unit_seed
+    from pipelines.stages.factor_units import CovarianceWorker, unit_seed
     from pipelines.stages.sampling import Unit
 
     path = write_shard(tmp_path / "s.parquet", ["a", "b", "c"], [[1, 2, 3, 4], [5, 6, 7], [2, 3]])
@@ -379,7 +379,7 @@ def test_fit_worker_sums_its_draws_into_the_passes_asked(tiny_world, tmp_path):
 def test_performance_settings_never_change_the_factors_key(tiny_world, tmp_path):
     """Batch size, actors, threads and sort window are performance settings: fitted factors stay valid."""
     from pipelines.config import config_from_dict
-    from pipelines.stages.fit_factors import factors_key
+    from pipelines.stages.factor_refit import factors_key
 
     shard = write_shard(tmp_path / "s.parquet", ["a", "b"], [[1, 2, 3], [4, 5]])
     base = {"model": {"path": str(tiny_world / "model")},
@@ -397,7 +397,7 @@ def test_performance_settings_never_change_the_factors_key(tiny_world, tmp_path)
 
 def test_on_growth_keeps_factors_while_the_corpus_only_grows_a_little():
     """factors.refit = "on_growth": every fitted shard unchanged and at most refit_growth more bytes."""
-    from pipelines.stages.fit_factors import keeps_factors
+    from pipelines.stages.factor_refit import keeps_factors
 
     fitted = [("s/a.parquet", 400), ("s/b.parquet", 600)]
     assert keeps_factors(fitted, fitted, 0.25) == (True, "kept: the corpus grew by 0.0% since the fit (refit above 25%)")

@@ -2,7 +2,7 @@
 (actors) -> factors/, with no factor tensor on the driver.
 
 Each unit of the sample (``sampling.py``) writes its partial sums and counts to
-``<factors>/_partials/stage{1,3}/unit-NNNNN.safetensors``; one task per layer
+``<factors>/_partials/stage{1,3}/unit-NNNNN.safetensors`` (the workers: ``factor_units.py``); one task per layer
 (``factor_layers.py``) adds that layer's partials in unit order, eigendecomposes
 it, and writes the layer's file straight into the factor directory. The result
 equals ``influence_ops.fit_ekfac`` on the same sample (exact up to the order of
@@ -23,7 +23,8 @@ sampled.
 
 Output folder ``<output>/factors``: the ``save_factors`` files (manifest.json
 last), ``sample.parquet`` (shard, doc_id of every fitted sequence) and the
-completion marker. The partials and ``_stage2/`` are removed at the end.
+completion marker. The partials and ``_stage2/`` are removed at the end. Whether
+factors already fitted stay current (the key, ``factors.refit``): ``factor_refit.py``.
 """
 
 from __future__ import annotations
@@ -35,176 +36,27 @@ import resource
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import torch
 
-from influence_ops import Fisher, fit_covariances, fit_lambda, model_fingerprint
 from influence_ops.fisher import effective_passes, is_random
 from influence_ops.storage import MANIFEST, build_manifest, layer_file
 
-from ..config import JobConfig, ModelConfig
+from ..config import JobConfig
 from ..io import completion, storage
-from ..io.model_loading import load_model, model_identity, pick_device
-from ..io.payloads import covariances_to_bytes, lambda_to_bytes
-from ..io.shards import list_shards, read_rows, row_counts, shard_name
+from ..io.shards import list_shards, row_counts
 from ..io.tensor_files import open_header
 from ..runtime.accounting import UnitLog
-from ..runtime.batching import token_batches
-from ..runtime.failures import FailureLog, StageFailed, guard, one_line, row_range
+from ..runtime.failures import FailureLog, StageFailed, one_line, row_range
 from ..runtime.progress import bar
-from ..runtime.ray_runtime import ensure_ray, run_units, set_threads, units_of
-from .factor_layers import LayerEigenWorker, LayerFinalWorker, load_layer_eigen
+from ..runtime.ray_runtime import ensure_ray, run_units
+from .factor_layers import LayerEigenWorker, LayerFinalWorker
+from .factor_refit import factors_key, keeps_factors, named_fingerprints
+from .factor_units import CovarianceWorker, LambdaWorker
 from .sampling import Unit, plan_units, sample_rows
 
 log = logging.getLogger(__name__)
 PARTIALS = "_partials"
 STAGE2 = "_stage2"
-
-
-def unit_seed(seed: int, stage: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, stage, index]).generate_state(1)[0])
-
-
-def sequence_seed(seed: int, stage: int, doc_id: str) -> int:
-    """The seed of one sequence's label draws in a fitting stage: fixed by (seed, stage, doc_id) alone.
-
-    So the draws do not depend on the batch size, the padding, the unit size or the
-    order of the work (``TokenBatch.seeds``), and batch size is a performance setting only.
-    """
-    digest = hashlib.blake2b(doc_id.encode(), digest_size=8).digest()
-    return int(np.random.SeedSequence([seed, stage, int.from_bytes(digest, "little")]).generate_state(1)[0]) >> 1
-
-
-class _FitWorker:
-    """Shared part of the two fitting callables: the model, and a unit's batches.
-
-    A unit is ``{index, shard, rows, partial, key}``: the callable writes the
-    unit's partial sums to ``partial`` (metadata: ``key``, the unit's doc ids and
-    tokens) and returns a small row (index, tokens, the model's fingerprint).
-    """
-
-    stage = 0  # 1: covariances, 3: Lambda (the stage's label draws are seeded per sequence with it)
-
-    def __init__(self, model: ModelConfig, fisher: str, seed: int, batch_size: int, threads: int = 0,
-                 use_gpu: bool = False, too_long: str = "error", samples: int = 1, passes: int | None = None) -> None:
-        set_threads(threads)
-        self.m = load_model(model, pick_device(use_gpu))
-        self.fisher, self.seed, self.batch_size, self.samples = Fisher(fisher), seed, batch_size, samples
-        self.passes = passes  # factors.fisher_passes (stage 1) or lambda_passes (stage 3)
-        self.too_long = too_long  # data.too_long: sequences longer than the model's context
-        self.fingerprint = model_fingerprint(self.m.layers)
-        self.layers = json.dumps([[l.name, list(l.shape)] for l in self.m.layers])
-
-    def _batches(self, unit: Unit) -> tuple[list[str], list[Any], int]:
-        seqs = read_rows(unit.shard, np.asarray(unit.rows), self.m.vocab_size, context=self.m.context,
-                         too_long=self.too_long)
-        pairs = list(token_batches(seqs, self.batch_size, device=self.m.device))
-        for part, batch in pairs:
-            batch.seeds = torch.tensor([sequence_seed(self.seed, self.stage, d) for d in part.doc_ids],
-                                       dtype=torch.int64)
-        tokens = int(sum(b.attention_mask.sum() for _, b in pairs))
-        return [d for p, _ in pairs for d in p.doc_ids], [b for _, b in pairs], tokens
-
-    def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
-        raise NotImplementedError
-
-    def fit_unit(self, u: dict[str, Any]) -> int:
-        """Fit one unit and write its partial sums; returns its tokens."""
-        unit = Unit.from_json(u)
-        doc_ids, batches, tokens = self._batches(unit)
-        extra = {"key": u["key"], "doc_ids": json.dumps(doc_ids), "unit_tokens": str(tokens),
-                 "fingerprint": self.fingerprint}
-        storage.write_bytes(u["partial"], self.fit(unit, batches, extra))
-        return tokens
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"index": [], "tokens": [], "fingerprint": [], "layers": [], "error": [],
-                                "doc_id": []}
-        for u in units_of(batch):
-            tokens, failure = guard(u["shard"], self.fit_unit, u)
-            out["index"].append(int(u["index"]))
-            out["tokens"].append(tokens or 0)
-            out["fingerprint"].append(self.fingerprint)
-            out["layers"].append(self.layers)
-            out["error"].append(failure["error"] if failure else "")
-            out["doc_id"].append((failure or {}).get("doc_id") or "")
-        return {"index": np.asarray(out["index"]), "tokens": np.asarray(out["tokens"]),
-                **{k: np.asarray(out[k], dtype=object) for k in ("fingerprint", "layers", "error", "doc_id")}}
-
-
-class CovarianceWorker(_FitWorker):
-    """Stage 1 on a unit: the stage-1 sums as safetensors bytes."""
-
-    stage = 1
-
-    def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
-        cov = fit_covariances(self.m.model, self.m.layers, batches, self.fisher, unit_seed(self.seed, 1, unit.index),
-                              autocast_dtype=self.m.autocast, samples=self.samples, passes=self.passes)
-        return covariances_to_bytes(cov, extra)
-
-
-class LambdaWorker(_FitWorker):
-    """Stage 3 on a unit, given every layer's stage-2 file (in layer order): Lambda sums as bytes."""
-
-    stage = 3
-
-    def __init__(self, stage2: list[str], lambda_samples: int = 1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.samples = lambda_samples
-        self.eigen = {l.name: load_layer_eigen(url) for l, url in zip(self.m.layers, stage2)}
-
-    def fit(self, unit: Unit, batches: list[Any], extra: dict[str, str]) -> bytes:
-        lam = fit_lambda(self.m.model, self.m.layers, self.eigen, batches, self.fisher,
-                         unit_seed(self.seed, 3, unit.index), autocast_dtype=self.m.autocast, samples=self.samples,
-                         passes=self.passes)
-        return lambda_to_bytes(lam, extra)
-
-
-PASSES = ("fisher_passes", "lambda_passes")
-
-
-def factors_key(cfg: JobConfig, fingerprints: list[tuple[str, int]]) -> str:
-    """What the factors depend on. Not the batch size (label draws are seeded per sequence:
-    ``sequence_seed``) nor any other performance setting (actors, threads, sort window). With
-    ``factors.refit = "on_settings_change"`` or ``"on_growth"`` not the shards either (for
-    ``on_growth``, ``keeps_factors`` then decides whether the corpus moved too far)."""
-    too_long = () if cfg.data.too_long.value == "error" else (cfg.data.too_long.value,)
-    settings = {k: v for k, v in cfg.factors.__dict__.items() if k not in ("refit", "refit_growth")
-                and not (k in PASSES and v is None)}  # unset passes: the key factors had before they existed
-    if cfg.factors.refit in ("on_settings_change", "on_growth"):
-        return completion.inputs_key("factors-pinned", cfg.model.__dict__, model_identity(cfg.model), settings,
-                                     *too_long)
-    return completion.inputs_key("factors-v2", cfg.model.__dict__, model_identity(cfg.model), settings,
-                                 fingerprints, *too_long)
-
-
-def _named(fingerprints: list[tuple[str, int]], corpus: str) -> list[tuple[str, int]]:
-    """(name below the corpus root, size) per shard: a corpus copied or moved elsewhere keeps its names."""
-    return [(shard_name(url, corpus), size) for url, size in fingerprints]
-
-
-def keeps_factors(fitted_on: list[tuple[str, int]] | None, now: list[tuple[str, int]],
-                  growth: float) -> tuple[bool, str]:
-    """Whether factors fitted on the shards ``fitted_on`` stay current for the corpus ``now``, and why.
-
-    ``factors.refit = "on_growth"``: they stay while every shard they were fitted on is still
-    there with its size, and the corpus grew by at most ``growth`` (0.25: a quarter) of the bytes it
-    had. ``fitted_on`` None (factors from a version that did not record their shards): refit.
-    """
-    if fitted_on is None:
-        return False, "refit: the factors did not record the shards they were fitted on"
-    current = dict(now)
-    for name, size in fitted_on:
-        if current.get(name) != size:
-            change = "was removed" if name not in current else "changed"
-            return False, f"refit: shard {name!r} {change} since the fit"
-    before, after = sum(size for _, size in fitted_on), sum(current.values())
-    added = after - before
-    if before <= 0 or added > growth * before:
-        share = f"{added / before:.1%}" if before > 0 else "from nothing"
-        return False, f"refit: the corpus grew by {share} since the fit (factors.refit_growth = {growth:.0%})"
-    return True, f"kept: the corpus grew by {added / before:.1%} since the fit (refit above {growth:.0%})"
 
 
 def _partial_url(out: str, stage: int, index: int) -> str:
@@ -312,7 +164,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         if cfg.factors.refit != "on_growth":
             return {**done, "skipped": True}
         kept, refit = keeps_factors([tuple(f) for f in fitted_on] if fitted_on else None,
-                                    _named(shard_prints, cfg.data.corpus), cfg.factors.refit_growth)
+                                    named_fingerprints(shard_prints, cfg.data.corpus), cfg.factors.refit_growth)
         if kept:
             return {**done, "skipped": True, "refit": refit}
         log.info("fit-factors: %s", refit)
@@ -392,7 +244,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "driver_peak_rss_at_start_mb": round(rss_at_start, 1),
             "tasks": accounting}
-    done = completion.mark_complete(out, key, {**info, "fitted_shards": _named(shard_prints, cfg.data.corpus)})
+    fitted_shards = named_fingerprints(shard_prints, cfg.data.corpus)
+    done = completion.mark_complete(out, key, {**info, "fitted_shards": fitted_shards})
     done.pop("fitted_shards")
     return {**done, "skipped": False, "errors": failures.rows, **({"refit": refit} if refit else {})}
 
