@@ -198,6 +198,13 @@ def _version() -> str:
         return "unknown"
 
 
+class _LevelFormatter(logging.Formatter):
+    """``warning: <message>``: the level in lower case, no logger name (that is for --verbose)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 @click.group(cls=InfluenceGroup)
 @click.version_option(_version(), "--version", prog_name="influence", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level; show third-party progress bars and warnings.")
@@ -206,8 +213,9 @@ def _version() -> str:
 def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
     """EK-FAC influence functions over a corpus, as Ray Data jobs."""
     ctx.ensure_object(dict)["debug"] = debug
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)  # "warning: ...", as `error: ...`; --verbose: and the logger
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _LevelFormatter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by model loading, here and in Ray workers started from here
     else:  # transformers' warnings and progress bars, in this process and the Ray workers it starts

@@ -427,3 +427,14 @@ def test_closing_lines_point_at_what_the_command_made():
     assert len(made) == 1 and made[0].startswith("tables: /o/topk/") and "/o/scores/" in made[0]
     made = lines({"score": {}}, mode="tfidf")
     assert len(made) == 1 and made[0].startswith("tables: /o/topk/") and "/o/candidates/" in made[0]
+
+
+def test_warnings_print_as_one_lower_case_line():
+    """Without --verbose a logged warning prints as `warning: <message>`, like `error: ...` (no logger name)."""
+    import logging
+
+    from pipelines.cli import _LevelFormatter
+
+    record = logging.LogRecord("pipelines.stages.rescore", logging.WARNING, __file__, 1, "index %s loosely", ("ranks",),
+                               None)
+    assert _LevelFormatter().format(record) == "warning: index ranks loosely"

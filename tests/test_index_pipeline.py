@@ -593,7 +593,7 @@ def health_summary(top_deepest: int, bottom_deepest: int, rho: float = 0.9, m: i
 
 
 def test_health_warning_for_a_loose_index_only(caplog):
-    """One warning line through logging (the CLI prints WARNING lines) when a side's final top-10 rows come from
+    """One warning line through logging (the CLI prints it as `warning: ...`) when a side's final top-10 rows come from
     beyond half the candidate list for the median query; none for a tight index (whatever its Spearman)."""
     from pipelines.stages.rescore import warn_if_loose
 

@@ -113,3 +113,12 @@ def test_query_form_says_whether_the_query_is_exact():
     assert Run(out=None, con=None, config={"scoring": {"rank": 0}}).query_form(q) == \
         "dense queries (no low-rank truncation)"
     assert Run(out=None, con=None).query_form(lossy) == "low-rank truncation error (relative, max over layers) 0.25"
+
+
+def test_a_cut_prompt_is_noted_under_the_query():
+    """A prompt that lost its first tokens to the model's context says so under the query (show and report)."""
+    q = QueryInfo("q0", "a long prompt", " b", -1.0, [0.0], 7)
+    text = "\n".join(query_lines(_Run(q), 0, k=1, bottom=False, color=False))
+    assert "note: the prompt's first 7 tokens did not fit the model's context with the completion" in text
+    assert "note:" not in "\n".join(query_lines(_Run(QueryInfo("q0", "a", " b", -1.0, [0.0], 0)), 0, k=1,
+                                                 bottom=False, color=False))

@@ -307,6 +307,34 @@ def test_duplicate_query_id_names_both_lines(world):
     assert f"line 3, field 'query_id': duplicate {rows[0]['query_id']!r} (first at line 1)" in line
 
 
+def test_prompt_longer_than_the_context_is_a_warning_with_what_is_left_out(world, tmp_path):
+    """validate warns (and build-queries logs, and show notes) that a prompt loses its first tokens."""
+    from pipelines.stages.build_queries import tokenize_queries, warn_cut_prompts
+    from pipelines.validate.queries import check_queries
+
+    rows = [{"query_id": "short", "prompt_ids": [1, 2], "completion_ids": [3]},
+            {"query_id": "long", "prompt_ids": list(range(1, CONTEXT + 4)), "completion_ids": [3, 4]}]
+    world.queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = validate(world.job)
+    passed(result)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {world.queries}: line 2 (query 'long'), field 'prompt': prompt + completion are "
+                        f"{CONTEXT + 5} tokens, more than the model's context of {CONTEXT}: the prompt's first 5 tokens "
+                        "will be left out"]
+    assert check_queries(str(world.queries), None, 64, CONTEXT + 5).warnings == []  # fits exactly: nothing
+    got = tokenize_queries(str(world.queries), None, 64, CONTEXT)
+    assert got.dropped == [0, 5] and got.prompt_ids[1] == list(range(6, CONTEXT + 4))
+    import logging
+
+    with pytest.MonkeyPatch.context() as mp:
+        seen: list[str] = []
+        mp.setattr(logging.getLogger("pipelines.stages.build_queries"), "warning",
+                   lambda msg, *args: seen.append(msg % args))
+        warn_cut_prompts(got, CONTEXT, "q.jsonl")
+    assert seen == [f"q.jsonl: 1 query is longer than the model's context of {CONTEXT} tokens: the prompt's first "
+                    f"tokens are left out (left out of the prompt's tokens): long (5 of {CONTEXT + 3})"]
+
+
 @pytest.mark.parametrize("change", ["missing completion", "duplicate id", "bad id", "ids out of vocabulary",
                                     "empty prompt"])
 def test_build_queries_reads_the_file_as_validate_does(tmp_path, change):

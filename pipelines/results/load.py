@@ -30,6 +30,14 @@ class QueryInfo:
     def truncation_error_max(self) -> float:
         return max(self.truncation_error, default=0.0)
 
+    @property
+    def cut_prompt_note(self) -> str | None:
+        """What was left out of a prompt too long for the model's context (None: nothing)."""
+        if not self.prompt_tokens_dropped:
+            return None
+        return (f"the prompt's first {self.prompt_tokens_dropped} tokens did not fit the model's context with the "
+                "completion and were left out: the measurement conditions on the rest")
+
 
 def _ids(value: Any) -> list[int] | None:
     return None if value is None else [int(x) for x in value]

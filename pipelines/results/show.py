@@ -90,6 +90,8 @@ def query_lines(run: Run, query_index: int, k: int, bottom: bool, color: bool) -
     elif q.prompt_ids is not None:
         ids = f"  prompt ids:     {id_text(q.prompt_ids)}\n  completion ids: {id_text(q.completion_ids or [])}"
         lines.append(_escape(ids, color))
+    if q.cut_prompt_note:
+        lines.append(f"  note: {q.cut_prompt_note}")
     if not math.isnan(q.measurement):
         lines.append(f"  measurement: log p(completion | prompt) = {q.measurement:.4f} nats "
                      f"(p = {math.exp(q.measurement):.3g}); {run.query_form(q)}")

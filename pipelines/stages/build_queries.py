@@ -89,6 +89,15 @@ def tokenize_queries(url: str, tokenizer: Any, vocab_size: int | None, context: 
     return out
 
 
+def warn_cut_prompts(rows: QueryRows, context: int | None, url: str) -> None:
+    """One warning line naming the queries whose prompt lost its first tokens to the model's context."""
+    cut = [f"{q} ({d} of {d + len(p)})" for q, p, d in zip(rows.ids, rows.prompt_ids, rows.dropped) if d]
+    if cut:
+        log.warning("%s: %d quer%s longer than the model's context of %s tokens: the prompt's first tokens are left "
+                    "out (left out of the prompt's tokens): %s%s", url, len(cut), "y is" if len(cut) == 1 else "ies are",
+                    context, ", ".join(cut[:5]), ", ..." if len(cut) > 5 else "")
+
+
 def warn_unknown_queries(rows: QueryRows, unk: int | None, url: str) -> None:
     """One warning line naming the queries with the tokenizer's unknown token in their prompt or completion."""
     bad = [f"{q} ({n} of {len(p) + len(c)})" for q, p, c in zip(rows.ids, rows.prompt_ids, rows.completion_ids)
@@ -216,6 +225,7 @@ def build_queries(cfg: JobConfig, factors_digest: str, show_progress: bool = Fal
     loaded = load_model(cfg.model)  # on the CPU, for the vocabulary size and context the queries are checked against
     tokenizer = load_tokenizer(cfg.model) if has_tokenizer(cfg.model) else None
     rows = tokenize_queries(cfg.data.queries, tokenizer, loaded.vocab_size, loaded.context)
+    warn_cut_prompts(rows, loaded.context, cfg.data.queries)
     del loaded
     warn_unknown_queries(rows, unknown_token_id(tokenizer) if tokenizer is not None else None, cfg.data.queries)
     keys = query_keys(cfg, factors_digest, rows)

@@ -45,12 +45,17 @@ def leading_space_warning(url: str, where: str, qid: str, prompt: str, completio
 def check_queries(url: str, tokenizer: Any, vocab_size: int | None, context: int | None,
                   byte_level: bool = False) -> QueriesCheck:
     """Check every query (``io.queries_file.read_queries``); the first problem raises, the leading-space
-    trap is a warning."""
+    trap and a prompt that loses its first tokens to the model's context are warnings."""
     out = QueriesCheck()
     for q in read_queries(url, tokenizer, vocab_size, context):
         if byte_level and q.row.get("prompt_ids") is None:
             warning = leading_space_warning(url, q.where, q.query_id, q.row["prompt"], q.row["completion"], tokenizer)
             if warning:
                 out.warnings.append(warning)
+        length = len(q.prompt_ids) + len(q.completion_ids)
+        if context is not None and length > context:
+            out.warnings.append(f"{url}: {q.where} (query {q.query_id!r}), field 'prompt': prompt + completion are "
+                                f"{length} tokens, more than the model's context of {context}: the prompt's first "
+                                f"{length - context} tokens will be left out")
         out.queries += 1
     return out

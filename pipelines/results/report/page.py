@@ -111,6 +111,8 @@ def query_section(run: Run, index: int, k: int | None) -> str:
     elif q.prompt_ids is not None:  # token-id queries and no tokenizer
         parts.append(f'<p class="qtext"><span class="prompt">{esc(id_text(q.prompt_ids))}</span> '
                      f'<span class="completion">{esc(id_text(q.completion_ids or []))}</span></p>')
+    if q.cut_prompt_note:
+        parts.append(f'<p class="note">Note: {esc(q.cut_prompt_note)}.</p>')
     if not math.isnan(q.measurement):
         parts.append(f'<p class="measure">Measurement f = log p(completion | prompt) = <b>{q.measurement:.4f}</b> '
                      f"nats (p = {math.exp(q.measurement):.3g}); {esc(run.query_form(q))}.</p>")
