@@ -111,6 +111,12 @@ def _as_tracked(name: str, module: nn.Module) -> TrackedLayer | None:
     return None
 
 
+def linear_names(model: nn.Module, limit: int = 40) -> str:
+    """The names of the model's ``nn.Linear`` / ``Conv1D`` modules, the candidates for a layer pattern."""
+    names = [name for name, module in model.named_modules() if name and _as_tracked(name, module) is not None]
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def architecture_pattern(model: nn.Module, track: Track | str = Track.MLP) -> str | None:
     """The name pattern of the ``track`` layers for a Hugging Face model's ``config.model_type``, if known."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -146,7 +152,8 @@ def find_mlp_layers(model: nn.Module, pattern: str | None = None, track: Track |
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             raise ValueError(
                 f"no MLP layer pattern is known for model type {model_type!r} "
-                f"({type(model).__name__}); pass pattern=<regex over module names>. "
+                f"({type(model).__name__}); pass pattern=<regex over module names> "
+                f"(its Linear/Conv1D modules: {linear_names(model)}). "
                 f"Known types: {sorted(ARCHITECTURE_PATTERNS)}"
             )
     try:

@@ -145,8 +145,8 @@ def _outputs_line(cfg: JobConfig, stages: dict[str, Any]) -> list[str]:
     return [f"  {what}: {where}"]
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
 
 def _stage_line(name: str, info: dict[str, Any]) -> str:
@@ -159,7 +159,7 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
         return (f"{info.get('sequences')} sequences{f' (+{skipped} skipped)' if skipped else ''}, "
                 f"{info.get('tokens')} tokens, {info.get('layers')} layers")
     if name == "build-queries":
-        return f"{info.get('queries')} queries, rank {info.get('rank') or 'dense'}"
+        return f"{_count(info.get('queries') or 0, 'query', 'queries')}, rank {info.get('rank') or 'dense'}"
     if name == "score":
         units = info.get("units_total", info["shards"])
         return (f"{_count(info['shards'], 'shard')}, {_count(units, 'unit')}: {info['scored']} scored, {info['skipped']} skipped, "
@@ -174,7 +174,7 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
                  "found by the index" if info.get("tfidf_candidates") else "")
         return f"{info.get('pairs')} candidates ({info.get('mode')}{extra})"
     if name == "merge":
-        return f"{info.get('queries')} queries, {info.get('rows')} top-k rows"
+        return f"{_count(info.get('queries') or 0, 'query', 'queries')}, {info.get('rows')} top-k rows"
     return ""
 
 

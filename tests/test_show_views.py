@@ -68,6 +68,7 @@ class _Run:
         return Run.query_form(self, q)
 
     config = {"scoring": {"rank": 8}}
+    record: dict = {}
 
 
 def test_query_lines_print_the_query_ids_when_there_is_no_text():
@@ -113,6 +114,8 @@ def test_query_form_says_whether_the_query_is_exact():
     assert Run(out=None, con=None, config={"scoring": {"rank": 0}}).query_form(q) == \
         "dense queries (no low-rank truncation)"
     assert Run(out=None, con=None).query_form(lossy) == "low-rank truncation error (relative, max over layers) 0.25"
+    clipped = Run(out=None, con=None, config={"scoring": {"rank": 32}}, record={"stages": {"build-queries": {"rank": 17}}})
+    assert clipped.query_form(q) == "rank-17 queries, exact on every layer (truncation error 0)"  # as build-queries says
 
 
 def test_a_cut_prompt_is_noted_under_the_query():

@@ -417,6 +417,44 @@ def test_tracked_layers_not_found_names_layer_pattern(world):
     assert "model.layer_pattern = 'no_such_layer': tracked layers not found" in line
 
 
+def test_tracked_layers_follow_model_track(world):
+    """validate counts the layers the job will track: with mlp+attention the attention projections too."""
+    mlp = passed(validate(world.job))
+    both = passed(validate(world.write_job(model='track = "mlp+attention"')))
+    assert "4 tracked layers" in mlp and "8 tracked layers" in both, (mlp, both)
+
+
+def test_factory_model_without_known_layers_lists_its_linear_modules(world, tmp_path, monkeypatch):
+    """A plain torch model needs model.layer_pattern: the error names the key and the Linear modules to pick from;
+    a factory module that does not import says where Python looks."""
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "lm.py").write_text(
+        "import torch\n"
+        "class LM(torch.nn.Module):\n"
+        "    context = 16\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(64, 8)\n"
+        "        self.up = torch.nn.Linear(8, 16)\n"
+        "        self.out = torch.nn.Linear(16, 64)\n"
+        "    def forward(self, ids):\n"
+        "        return self.out(torch.relu(self.up(self.emb(ids))))\n"
+        "def make():\n"
+        "    return LM()\n")
+    job = world.root / "factory.toml"
+    job.write_text(f'[model]\nfactory = "userpkg.lm:make"\n[data]\ncorpus = "{world.shards}"\n'
+                   f'queries = "{world.queries}"\noutput = "{world.root / "out"}"\n')
+    line = first_error(validate(job))
+    assert "model.factory = 'userpkg.lm:make': cannot import 'userpkg.lm'" in line and "PYTHONPATH" in line
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = first_error(validate(job))
+    assert line == ("error: model.factory = 'userpkg.lm:make': no tracked layers are known for LM (model type None): "
+                    "set model.layer_pattern to a regular expression over its module names; its Linear modules: up, "
+                    "out")
+
+
 def test_model_without_tokenizer_names_the_key(world):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (world.model / name).unlink(missing_ok=True)

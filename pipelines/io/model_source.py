@@ -31,7 +31,11 @@ def import_factory(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UserError(f"model.factory = {spec!r}: cannot import {module_name!r}: {err}") from err
+        hint = ""
+        if isinstance(err, ModuleNotFoundError) and err.name and module_name.startswith(err.name):
+            hint = ("; install it (pip install -e ...) or add its folder to PYTHONPATH (the `influence` command "
+                    "does not search the current folder), and on a cluster ship it with the job")
+        raise UserError(f"model.factory = {spec!r}: cannot import {module_name!r}: {err}{hint}") from err
     try:
         return getattr(module, attr)
     except AttributeError as err:

@@ -133,8 +133,10 @@ class Run:
         return [ResultRow(*r) for r in self.con.execute(sql, params).fetchall()]
 
     def query_form(self, q: QueryInfo) -> str:
-        """How exact the query's preconditioned gradient is, in words (``scoring.rank``; None: not recorded)."""
-        rank = (self.config.get("scoring") or {}).get("rank")
+        """How exact the query's preconditioned gradient is, in words: its rank (as `build-queries` applied it,
+        ``scoring.rank`` clipped to the layers' widths; else ``scoring.rank``; None: not recorded)."""
+        built = ((self.record.get("stages") or {}).get("build-queries") or {}).get("rank")
+        rank = built if built is not None else (self.config.get("scoring") or {}).get("rank")
         if rank == 0:
             return "dense queries (no low-rank truncation)"
         name = f"rank-{rank}" if rank else "low-rank"
