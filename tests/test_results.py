@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -207,6 +208,30 @@ def test_sql_error_names_the_views_or_the_columns(results_run):
     result = cli("sql", cfg.data.output, "SELECT scor FROM topk")
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "Candidate bindings: " in lines[0] and '"score"' in lines[0]
+
+
+def test_documents_view_carries_the_shards_metadata_columns(tmp_path):
+    """Columns `tokenize` passed through (url, source, ...) are in `documents`, the token lists are not; shards
+    with different extra columns are read by name."""
+    import duckdb
+
+    from pipelines.results.tables import _documents
+
+    ids = pa.list_(pa.int32())
+    pq.write_table(pa.table({"doc_id": ["a:0"], "input_ids": pa.array([[1, 2]], ids), "text": ["x y"],
+                             "loss_mask": pa.array([[1, 1]], pa.list_(pa.int8())), "url": ["https://a"]}),
+                   tmp_path / "s0.parquet")
+    pq.write_table(pa.table({"doc_id": ["b:0"], "input_ids": pa.array([[3, 4]], ids), "text": ["z w"],
+                             "url": ["https://b"], "year": [2021]}), tmp_path / "s1.parquet")
+    view = _documents([str(tmp_path / "s0.parquet"), str(tmp_path / "s1.parquet")])
+    con = duckdb.connect()
+    cur = con.execute(f"SELECT * FROM {view} ORDER BY doc_id")
+    assert [d[0] for d in cur.description] == ["doc_id", "text", "shard", "url", "year"]
+    assert [(r[0], r[1], r[3], r[4]) for r in cur.fetchall()] == [("a:0", "x y", "https://a", None),
+                                                                  ("b:0", "z w", "https://b", 2021)]
+    pq.write_table(pa.table({"doc_id": ["c"], "input_ids": pa.array([[5, 6]], ids)}), tmp_path / "bare.parquet")
+    cur = con.execute(f"SELECT * FROM {_documents([str(tmp_path / 'bare.parquet')])}")
+    assert [d[0] for d in cur.description] == ["doc_id", "text", "shard"] and cur.fetchall()[0][1] is None
 
 
 def test_run_ends_with_the_view(results_run):

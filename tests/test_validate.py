@@ -417,6 +417,16 @@ def test_tracked_layers_not_found_names_layer_pattern(world):
     assert "model.layer_pattern = 'no_such_layer': tracked layers not found" in line
 
 
+def test_two_raw_files_that_would_write_one_shard_are_refused_naming_both(world, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("a.jsonl", "b.jsonl", "a.parquet"):
+        (raw / name).write_text("")
+    line = first_error(validate(world.write_job(data=f'raw = "{raw}"')))
+    assert line == (f"error: data.raw = '{raw}': {raw}/a.jsonl and {raw}/a.parquet share the name 'a', and each would "
+                    "be tokenized to the shard a.parquet: rename or move one of them")
+
+
 def test_tracked_layers_follow_model_track(world):
     """validate counts the layers the job will track: with mlp+attention the attention projections too."""
     mlp = passed(validate(world.job))

@@ -300,6 +300,19 @@ def corpus_root(corpus: str) -> str:
     return corpus.rstrip("/")
 
 
+def raw_shard_names(inputs: list[str], raw: str) -> list[str]:
+    """The shard name `tokenize` writes for each raw file (its name without the suffix); ValueError naming
+    both files when two would write the same shard."""
+    stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
+    first: dict[str, str] = {}
+    for url, stem in zip(inputs, stems):
+        if stem in first:
+            raise ValueError(f"data.raw = {raw!r}: {first[stem]} and {url} share the name {stem!r}, and each would "
+                             f"be tokenized to the shard {stem}.parquet: rename or move one of them")
+        first[stem] = url
+    return stems
+
+
 def shard_name(shard: str, corpus: str) -> str:
     """A stable file name for outputs derived from a shard: its path below the corpus root, flattened."""
     root = corpus_root(corpus)

@@ -11,7 +11,9 @@ has no view):
     distribution  distribution/*.parquet: histograms of every scored sequence's score
     self_influence self_influence/*.parquet: g^T (G + lambda I)^-1 g of every scored sequence (when computed)
     index_health  index_health/index_health.parquet: how closely the index ranked each query's candidates (index mode)
-    documents     the corpus shards (data.corpus of the run): doc_id, text (null without a text column), shard
+    documents     the corpus shards (data.corpus of the run): doc_id, text (null without a text column), shard,
+                  and the shards' other columns (metadata `tokenize` passed through: url, source, ...), not the
+                  token lists
 
 Object storage (``s3://`` ...) is read through the fsspec filesystem registered
 with DuckDB (no ``httpfs`` extension, no network access of DuckDB's own).
@@ -88,10 +90,12 @@ def _documents(shards: list[str]) -> str:
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
-        has_text = "text" in pq.read_schema(f).names
+        names = pq.read_schema(f).names
     files = "[" + ", ".join(_quote(s) for s in shards) + "]"
-    text = "text" if has_text else "CAST(NULL AS VARCHAR) AS text"
-    return f"(SELECT doc_id, {text}, filename AS shard FROM read_parquet({files}, filename = true))"
+    text = "text" if "text" in names else "CAST(NULL AS VARCHAR) AS text"
+    left_out = ", ".join(["doc_id", "input_ids", "filename"] + [c for c in ("text", "loss_mask") if c in names])
+    return (f"(SELECT doc_id, {text}, filename AS shard, * EXCLUDE ({left_out}) "
+            f"FROM read_parquet({files}, filename = true, union_by_name = true))")
 
 
 def _register_filesystems(con: Any, urls: list[str]) -> None:

@@ -35,7 +35,7 @@ from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
 from ..io.model_source import model_source
-from ..io.shards import corpus_root
+from ..io.shards import corpus_root, raw_shard_names
 from ..io.unknown_tokens import WARN_SHARE, count_unknown, unknown_token_id
 from ..runtime.failures import FailureLog, guard
 from ..runtime.progress import bar
@@ -199,9 +199,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     if not inputs:
         raise ValueError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
     max_length = context_length(cfg.model)
-    stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"data.raw = {cfg.data.raw!r}: two input files share a name")
+    stems = raw_shard_names(inputs, cfg.data.raw)
     tokenizer_id = storage.folder_identity(model_source(cfg.model.tokenizer_path)) if cfg.model.tokenizer_path else ""
     root = corpus_root(cfg.data.corpus)
     units = []

@@ -29,7 +29,7 @@ from .doc_ids import check_unique_doc_ids
 from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
 from .queries import check_queries, has_text
 from .report import USER_ERRORS, Report
-from ..io.shards import ShardError
+from ..io.shards import ShardError, raw_shard_names
 from .shards import check_footer, check_footers, find_shards, scan_shard
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,11 @@ RAW_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def raw_files(cfg: JobConfig) -> list[str]:
-    """The raw text files of ``data.raw``; ConfigError when there is none."""
+    """The raw text files of ``data.raw``; ConfigError when there is none, ValueError when two share a name."""
     found = [u for u in storage.list_files(cfg.data.raw) if u.endswith(RAW_SUFFIXES)]
     if not found:
         raise ConfigError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
+    raw_shard_names(found, cfg.data.raw)  # two files that would write one shard
     return found
 
 
