@@ -234,6 +234,23 @@ def test_documents_view_carries_the_shards_metadata_columns(tmp_path):
     assert [d[0] for d in cur.description] == ["doc_id", "text", "shard"] and cur.fetchall()[0][1] is None
 
 
+def test_documents_view_leaves_out_an_unreadable_shard_and_says_so(tmp_path, caplog):
+    """A run with on_error = "skip" finishes without a broken shard; reading its results must not fail on it."""
+    from pipelines.results.tables import Output, _documents, connect
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    ids = pa.list_(pa.int32())
+    pq.write_table(pa.table({"doc_id": ["a", "b"], "input_ids": pa.array([[1, 2], [3, 4]], ids)}), shards / "good.parquet")
+    (shards / "broken.parquet").write_bytes((shards / "good.parquet").read_bytes()[:100])
+    out = Output(str(tmp_path), str(shards), {"documents": _documents(sorted(str(p) for p in shards.iterdir()))})
+    with caplog.at_level("WARNING"):
+        con = connect(out)
+    assert con.execute("SELECT count(*) FROM documents").fetchone() == (2,)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"documents: 1 unreadable shard left out (first: {shards / 'broken.parquet'})"]
+
+
 def test_run_ends_with_the_view(results_run):
     """`influence run` (every stage already complete: all skipped) ends with the first queries and next steps."""
     cfg, _, root = results_run

@@ -21,6 +21,7 @@ with DuckDB (no ``httpfs`` extension, no network access of DuckDB's own).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 
 from ..io import storage
 
+log = logging.getLogger(__name__)
 HIVE = ("topk", "token_scores", "layer_scores")
 FLAT = {"scores": "scores/*.parquet", "queries": "queries/queries.parquet", "distribution": "distribution/*.parquet",
         "self_influence": "self_influence/*.parquet", "index_health": "index_health/*.parquet"}
@@ -85,17 +87,48 @@ def open_output(path: str) -> Output:
     return Output(url, corpus, tables)
 
 
-def _documents(shards: list[str]) -> str:
-    fs, path = storage.filesystem(shards[0])
+def _first_schema_names(shards: list[str]) -> list[str]:
+    """The column names of the first shard whose footer reads ([] when none does)."""
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
-        names = pq.read_schema(f).names
+    for url in shards:
+        fs, path = storage.filesystem(url)
+        try:
+            with fs.open(path, "rb") as f:
+                return pq.read_schema(f).names
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError: not Parquet, truncated
+            continue
+    return []
+
+
+def _documents(shards: list[str]) -> str:
+    """The documents view's query: the shards' columns but the token lists, by name across shards."""
+    names = _first_schema_names(shards)
     files = "[" + ", ".join(_quote(s) for s in shards) + "]"
     text = "text" if "text" in names else "CAST(NULL AS VARCHAR) AS text"
     left_out = ", ".join(["doc_id", "input_ids", "filename"] + [c for c in ("text", "loss_mask") if c in names])
     return (f"(SELECT doc_id, {text}, filename AS shard, * EXCLUDE ({left_out}) "
             f"FROM read_parquet({files}, filename = true, union_by_name = true))")
+
+
+def _documents_of_readable_shards(con: Any, corpus: str) -> None:
+    """The documents view over the shards whose footer reads (a run with on_error = "skip" may have left
+    out unreadable ones); one warning names how many are left out and the first."""
+    import pyarrow.parquet as pq
+
+    readable, unreadable = [], []
+    for url in storage.list_files(corpus, ".parquet"):
+        fs, path = storage.filesystem(url)
+        try:
+            with fs.open(path, "rb") as f:
+                pq.read_schema(f)
+            readable.append(url)
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError: not Parquet, truncated
+            unreadable.append(url)
+    log.warning("documents: %d unreadable shard%s left out (first: %s)", len(unreadable),
+                "" if len(unreadable) == 1 else "s", unreadable[0] if unreadable else "none")
+    if readable:
+        con.execute(f"CREATE VIEW documents AS SELECT * FROM {_documents(readable)}")
 
 
 def _register_filesystems(con: Any, urls: list[str]) -> None:
@@ -125,7 +158,12 @@ def connect(out: Output, read_only: bool = True) -> Any:
     _register_filesystems(con, roots)
     for name, expr in out.tables.items():
         cols = "query_id, * EXCLUDE (query_id)" if name in HIVE else "*"
-        con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {expr}")
+        try:
+            con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {expr}")
+        except duckdb.Error:
+            if name != "documents":
+                raise
+            _documents_of_readable_shards(con, out.corpus)
     if read_only:
         from ..io.shards import corpus_root
 
