@@ -438,3 +438,17 @@ def test_warnings_print_as_one_lower_case_line():
     record = logging.LogRecord("pipelines.stages.rescore", logging.WARNING, __file__, 1, "index %s loosely", ("ranks",),
                                None)
     assert _LevelFormatter().format(record) == "warning: index ranks loosely"
+
+
+def test_output_inside_a_corpus_folder_is_refused_up_front():
+    """A corpus given as a folder is listed recursively: an output inside it would be read as shards."""
+    from pipelines.config import ConfigError, config_from_dict
+
+    def data(corpus: str, output: str) -> dict:
+        return {"model": {"path": "/m"}, "data": {"corpus": corpus, "queries": "/q.jsonl", "output": output}}
+
+    for corpus, output in (("/w", "/w/out"), ("/w/", "/w"), ("s3://b/c", "s3://b/c/run1/")):
+        with pytest.raises(ConfigError, match="lies inside data.corpus"):
+            config_from_dict(data(corpus, output))
+    for corpus, output in (("/w/*.parquet", "/w/out"), ("/w/shards", "/w/shards-out"), ("/w/a.parquet", "/w/out")):
+        config_from_dict(data(corpus, output))  # a glob, a sibling folder, one file: accepted

@@ -104,6 +104,12 @@ class DataConfig:
             check_str(f"data.{key}", getattr(self, key))
         check_int("data.row_group_rows", self.row_group_rows, 1)
         object.__setattr__(self, "too_long", enum_value("data.too_long", TooLong, self.too_long))
+        folder = self.corpus.rstrip("/")
+        is_folder = not any(c in self.corpus for c in "*?[") and not self.corpus.endswith(".parquet")
+        if is_folder and (self.output.rstrip("/") + "/").startswith(folder + "/"):
+            fail("data.output", self.output, f"lies inside data.corpus = {self.corpus!r}, whose every Parquet file "
+                 "is read as a shard (the run's own tables would be too): put the output elsewhere, or give the "
+                 "corpus as a glob of its shards (e.g. 'shards/*.parquet')")
 
 
 @dataclass(frozen=True)
