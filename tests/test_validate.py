@@ -427,6 +427,32 @@ def test_two_raw_files_that_would_write_one_shard_are_refused_naming_both(world,
                     "be tokenized to the shard a.parquet: rename or move one of them")
 
 
+def test_raw_file_inside_the_corpus_is_refused_before_tokenize_overwrites_it(world, tmp_path):
+    """A raw Parquet file in the corpus folder would be overwritten by its own shard (same name) or read as
+    a shard: validate and tokenize refuse it, and the file is left as it was."""
+    from pipelines.config import load_config
+    from pipelines.stages.tokenize import tokenize
+
+    corpus = tmp_path / "work"
+    corpus.mkdir()
+    raw = corpus / "docs.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["the cat", "the dog"]}), raw)
+    before = raw.read_bytes()
+    job = world.write_job(data=f'raw = "{raw}"', corpus=str(corpus))
+    result = validate(job)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    message = (f"data.raw = '{raw}': the raw file {raw} lies in data.corpus = '{corpus}', where `tokenize` writes its "
+               "shards (it would be overwritten by, or read as, a shard): keep raw files and shards in separate folders")
+    assert errors[0] == f"error: {message}", errors
+    with pytest.raises(ValueError) as err:
+        tokenize(load_config(job))
+    assert str(err.value) == message and raw.read_bytes() == before
+    glob = world.write_job(data=f'raw = "{raw}"', corpus=str(corpus / "shard-*.parquet"))  # not listed, same name
+    with pytest.raises(ValueError, match="lies in data.corpus"):
+        tokenize(load_config(glob))
+    assert raw.read_bytes() == before
+
+
 def test_tracked_layers_follow_model_track(world):
     """validate counts the layers the job will track: with mlp+attention the attention projections too."""
     mlp = passed(validate(world.job))

@@ -300,9 +300,10 @@ def corpus_root(corpus: str) -> str:
     return corpus.rstrip("/")
 
 
-def raw_shard_names(inputs: list[str], raw: str) -> list[str]:
-    """The shard name `tokenize` writes for each raw file (its name without the suffix); ValueError naming
-    both files when two would write the same shard."""
+def raw_shard_names(inputs: list[str], raw: str, corpus: str) -> list[str]:
+    """The shard name `tokenize` writes for each raw file (its name without the suffix), into the folder of
+    ``corpus``. ValueError naming the files when two would write the same shard, when a shard would
+    overwrite its raw file, or when a raw file is itself one of the corpus's shards (read as one)."""
     stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
     first: dict[str, str] = {}
     for url, stem in zip(inputs, stems):
@@ -310,6 +311,13 @@ def raw_shard_names(inputs: list[str], raw: str) -> list[str]:
             raise ValueError(f"data.raw = {raw!r}: {first[stem]} and {url} share the name {stem!r}, and each would "
                              f"be tokenized to the shard {stem}.parquet: rename or move one of them")
         first[stem] = url
+    root = corpus_root(corpus)
+    listed = set(storage.list_files(corpus, suffix=".parquet")) if storage.exists(root) else set()
+    for url, stem in zip(inputs, stems):
+        if url == storage.join(root, f"{stem}.parquet") or url in listed:
+            raise ValueError(f"data.raw = {raw!r}: the raw file {url} lies in data.corpus = {corpus!r}, where "
+                             f"`tokenize` writes its shards (it would be overwritten by, or read as, a shard): "
+                             "keep raw files and shards in separate folders")
     return stems
 
 

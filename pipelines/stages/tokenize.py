@@ -199,7 +199,7 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     if not inputs:
         raise ValueError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
     max_length = context_length(cfg.model)
-    stems = raw_shard_names(inputs, cfg.data.raw)
+    stems = raw_shard_names(inputs, cfg.data.raw, cfg.data.corpus)
     tokenizer_id = storage.folder_identity(model_source(cfg.model.tokenizer_path)) if cfg.model.tokenizer_path else ""
     root = corpus_root(cfg.data.corpus)
     units = []

@@ -43,7 +43,7 @@ def raw_files(cfg: JobConfig) -> list[str]:
     found = [u for u in storage.list_files(cfg.data.raw) if u.endswith(RAW_SUFFIXES)]
     if not found:
         raise ConfigError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
-    raw_shard_names(found, cfg.data.raw)  # two files that would write one shard
+    raw_shard_names(found, cfg.data.raw, cfg.data.corpus)  # two files for one shard, a raw file in the corpus
     return found
 
 
