@@ -453,6 +453,23 @@ def test_raw_file_inside_the_corpus_is_refused_before_tokenize_overwrites_it(wor
     assert raw.read_bytes() == before
 
 
+def test_tokenize_refuses_to_replace_a_shard_it_did_not_write(world, tmp_path):
+    """A pre-tokenized shard of the user's with the name of a raw file's shard is not overwritten."""
+    from pipelines.config import load_config
+    from pipelines.stages.tokenize import tokenize
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "part1.jsonl").write_text(json.dumps({"id": "x", "text": "the cat"}) + "\n")
+    before = world.shard("part1").read_bytes()
+    job = world.write_job(data=f'raw = "{tmp_path / "raw"}"')
+    with pytest.raises(ValueError) as err:
+        tokenize(load_config(job))
+    assert str(err.value) == (f"data.corpus: {world.shard('part1')} was not written by `tokenize`, which would "
+                              f"replace it with the shard of {tmp_path / 'raw' / 'part1.jsonl'}: move or rename one "
+                              "of them")
+    assert world.shard("part1").read_bytes() == before
+
+
 def test_tracked_layers_follow_model_track(world):
     """validate counts the layers the job will track: with mlp+attention the attention projections too."""
     mlp = passed(validate(world.job))

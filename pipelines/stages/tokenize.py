@@ -207,7 +207,11 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         key = completion.inputs_key("tokenize", url, size, max_length, tokenizer_id, cfg.data.text_column,
                                     cfg.data.id_column)
         out = storage.join(root, f"{stem}.parquet")
-        if (storage.footer_metadata(out) or {}).get("influence.key") != key:
+        meta = storage.footer_metadata(out)
+        if meta is not None and "influence.key" not in meta:
+            raise ValueError(f"data.corpus: {out} was not written by `tokenize`, which would replace it with the "
+                             f"shard of {url}: move or rename one of them")
+        if (meta or {}).get("influence.key") != key:
             units.append({"input": url, "output": out, "key": key})
     summary: dict[str, Any] = {"files": len(inputs), "skipped": len(inputs) - len(units), "failed": 0,
                                "sequences": 0, "tokens": 0, "unknown_tokens": 0}
