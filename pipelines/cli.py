@@ -145,6 +145,10 @@ def _outputs_line(cfg: JobConfig, stages: dict[str, Any]) -> list[str]:
     return [f"  {what}: {where}"]
 
 
+def _bytes(n: float | None) -> str:
+    return "? bytes" if n is None else f"{n:,.0f} bytes"
+
+
 def _count(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
@@ -152,7 +156,8 @@ def _count(n: int, noun: str, plural: str | None = None) -> str:
 def _stage_line(name: str, info: dict[str, Any]) -> str:
     if name == "tokenize":
         failed = f", {info['failed']} failed" if info.get("failed") else ""
-        return (f"{_count(info.get('files', 0), 'file')}{failed}, {info.get('sequences', 0)} new sequences, "
+        unchanged = f" ({info['skipped']} unchanged, skipped)" if info.get("skipped") else ""
+        return (f"{_count(info.get('files', 0), 'file')}{unchanged}{failed}, {info.get('sequences', 0)} new sequences, "
                 f"{info.get('tokens', 0)} tokens")
     if name == "fit-factors":
         skipped = (info.get("rows") or {}).get("skipped")
@@ -168,7 +173,7 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
         ix = info.get("index") or {}
         return (f"{_count(info['shards'], 'shard')}: {info['scored']} built, {info['skipped']} skipped, {info['failed']} "
                 f"failed; {ix.get('width')} numbers ({ix.get('dtype')}) a sequence, "
-                f"{ix.get('stored_bytes_per_sequence')} bytes a sequence stored")
+                f"{_bytes(ix.get('stored_bytes_per_sequence'))} a sequence stored")
     if name == "candidates":
         extra = (f" + TF-IDF's best {info['tfidf_candidates']} a query, {info.get('tfidf_only')} of them not "
                  "found by the index" if info.get("tfidf_candidates") else "")

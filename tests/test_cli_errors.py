@@ -452,3 +452,12 @@ def test_output_inside_a_corpus_folder_is_refused_up_front():
             config_from_dict(data(corpus, output))
     for corpus, output in (("/w/*.parquet", "/w/out"), ("/w/shards", "/w/shards-out"), ("/w/a.parquet", "/w/out")):
         config_from_dict(data(corpus, output))  # a glob, a sibling folder, one file: accepted
+
+
+def test_tokenize_line_says_how_many_files_were_unchanged():
+    from pipelines.cli import _stage_line
+
+    assert _stage_line("tokenize", {"files": 3, "skipped": 3, "failed": 0, "sequences": 0, "tokens": 0}) == \
+        "3 files (3 unchanged, skipped), 0 new sequences, 0 tokens"
+    assert _stage_line("tokenize", {"files": 2, "skipped": 0, "failed": 1, "sequences": 5, "tokens": 9}) == \
+        "2 files, 1 failed, 5 new sequences, 9 tokens"

@@ -258,6 +258,8 @@ def test_full_width_index_estimates_are_the_exact_scores(index_run):
                            "Spearman 1.00") and "LOOSE" not in line
     page = render_report(run)
     assert '<p class="health">' in page and "loosely" not in page
+    assert "No distribution and no power-law fit: in index mode only each query's candidates" in page
+    assert "raise scoring.top_k" not in page  # the scan's advice does not apply
 
 
 def test_rerun_builds_nothing_and_all_candidates_give_the_scan_topk(index_run, brute_force_topk, assert_topk_equal):

@@ -142,6 +142,10 @@ def query_section(run: Run, index: int, k: int | None) -> str:
         notes.append(f"Tail: the {fit.n} largest scores (known exactly) follow a power law p(x) ∝ x<sup>−α</sup> "
                      f"with α = {fit.alpha:.2f} ± {fit.stderr:.2f} above x<sub>min</sub> = {fit.x_min:.3e} "
                      f"(maximum likelihood; Kolmogorov-Smirnov distance {fit.ks:.2f}).")
+    elif tail is None and not dist:  # index / tfidf mode: only the candidates were scored
+        mode = (run.config.get("scoring") or {}).get("mode", "index")
+        notes.append(f"No distribution and no power-law fit: in {esc(mode)} mode only each query's candidates are "
+                     "scored exactly, not every sequence (<code>scoring.mode = \"scan\"</code> scores them all).")
     else:
         notes.append(f"No power-law fit: {esc(fit.reason)}.")
     notes.append(concentration(run, q.query_id, positives, total))
