@@ -87,23 +87,22 @@ def open_output(path: str) -> Output:
     return Output(url, corpus, tables)
 
 
-def _first_schema_names(shards: list[str]) -> list[str]:
-    """The column names of the first shard whose footer reads ([] when none does)."""
+def _schema_names(url: str) -> list[str] | None:
+    """The column names of a shard, None when its footer does not read (not Parquet, truncated)."""
     import pyarrow.parquet as pq
 
-    for url in shards:
-        fs, path = storage.filesystem(url)
-        try:
-            with fs.open(path, "rb") as f:
-                return pq.read_schema(f).names
-        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError: not Parquet, truncated
-            continue
-    return []
+    fs, path = storage.filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f).names
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return None
 
 
 def _documents(shards: list[str]) -> str:
-    """The documents view's query: the shards' columns but the token lists, by name across shards."""
-    names = _first_schema_names(shards)
+    """The documents view's query: the shards' columns but the token lists, by name across shards
+    (the columns are those of the first shard whose footer reads)."""
+    names = next((n for n in map(_schema_names, shards) if n is not None), [])
     files = "[" + ", ".join(_quote(s) for s in shards) + "]"
     text = "text" if "text" in names else "CAST(NULL AS VARCHAR) AS text"
     left_out = ", ".join(["doc_id", "input_ids", "filename"] + [c for c in ("text", "loss_mask") if c in names])
@@ -114,17 +113,10 @@ def _documents(shards: list[str]) -> str:
 def _documents_of_readable_shards(con: Any, corpus: str) -> None:
     """The documents view over the shards whose footer reads (a run with on_error = "skip" may have left
     out unreadable ones); one warning names how many are left out and the first."""
-    import pyarrow.parquet as pq
-
-    readable, unreadable = [], []
-    for url in storage.list_files(corpus, ".parquet"):
-        fs, path = storage.filesystem(url)
-        try:
-            with fs.open(path, "rb") as f:
-                pq.read_schema(f)
-            readable.append(url)
-        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError: not Parquet, truncated
-            unreadable.append(url)
+    shards = storage.list_files(corpus, ".parquet")
+    reads = {url: _schema_names(url) is not None for url in shards}
+    readable = [url for url in shards if reads[url]]
+    unreadable = [url for url in shards if not reads[url]]
     log.warning("documents: %d unreadable shard%s left out (first: %s)", len(unreadable),
                 "" if len(unreadable) == 1 else "s", unreadable[0] if unreadable else "none")
     if readable:
