@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import TooLong
+from ..config import ConfigError, TooLong
 from . import storage
 
 SHARD_COLUMNS = ("doc_id", "input_ids", "loss_mask")
@@ -300,10 +300,17 @@ def corpus_root(corpus: str) -> str:
     return corpus.rstrip("/")
 
 
-def raw_shard_names(inputs: list[str], raw: str, corpus: str) -> list[str]:
-    """The shard name `tokenize` writes for each raw file (its name without the suffix), into the folder of
-    ``corpus``. ValueError naming the files when two would write the same shard, when a shard would
-    overwrite its raw file, or when a raw file is itself one of the corpus's shards (read as one)."""
+RAW_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def raw_inputs(raw: str, corpus: str) -> tuple[list[str], list[str]]:
+    """The raw text files of ``data.raw`` and the shard name `tokenize` writes for each (its name without
+    the suffix, into the folder of ``corpus``). ConfigError when there is no raw file; ValueError naming
+    the files when two would write the same shard, when a shard would overwrite its raw file, or when a
+    raw file is itself one of the corpus's shards (read as one)."""
+    inputs = [u for u in storage.list_files(raw) if u.endswith(RAW_SUFFIXES)]
+    if not inputs:
+        raise ConfigError(f"data.raw = {raw!r}: no .jsonl or .parquet files")
     stems = [u.rsplit("/", 1)[-1].rsplit(".", 1)[0] for u in inputs]
     first: dict[str, str] = {}
     for url, stem in zip(inputs, stems):
@@ -318,7 +325,7 @@ def raw_shard_names(inputs: list[str], raw: str, corpus: str) -> list[str]:
             raise ValueError(f"data.raw = {raw!r}: the raw file {url} lies in data.corpus = {corpus!r}, where "
                              f"`tokenize` writes its shards (it would be overwritten by, or read as, a shard): "
                              "keep raw files and shards in separate folders")
-    return stems
+    return inputs, stems
 
 
 def shard_name(shard: str, corpus: str) -> str:

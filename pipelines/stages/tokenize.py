@@ -35,7 +35,7 @@ from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
 from ..io.model_source import model_source
-from ..io.shards import corpus_root, raw_shard_names
+from ..io.shards import corpus_root, raw_inputs
 from ..io.unknown_tokens import WARN_SHARE, count_unknown, unknown_token_id
 from ..runtime.failures import FailureLog, guard
 from ..runtime.progress import bar
@@ -195,11 +195,8 @@ def tokenize(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     if cfg.data.raw is None:
         raise ValueError("data.raw is not set: nothing to tokenize")
     start = time.perf_counter()
-    inputs = [u for u in storage.list_files(cfg.data.raw) if u.endswith((".jsonl", ".json", ".parquet"))]
-    if not inputs:
-        raise ValueError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
+    inputs, stems = raw_inputs(cfg.data.raw, cfg.data.corpus)
     max_length = context_length(cfg.model)
-    stems = raw_shard_names(inputs, cfg.data.raw, cfg.data.corpus)
     tokenizer_id = storage.folder_identity(model_source(cfg.model.tokenizer_path)) if cfg.model.tokenizer_path else ""
     root = corpus_root(cfg.data.corpus)
     units = []

@@ -29,22 +29,18 @@ from .doc_ids import check_unique_doc_ids
 from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
 from .queries import check_queries, has_text
 from .report import USER_ERRORS, Report
-from ..io.shards import ShardError, raw_shard_names
+from ..io.shards import ShardError, raw_inputs
 from .shards import check_footer, check_footers, find_shards, scan_shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CORPUS_STAGES = ("fit-factors", "score", "merge")
-RAW_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def raw_files(cfg: JobConfig) -> list[str]:
-    """The raw text files of ``data.raw``; ConfigError when there is none, ValueError when two share a name."""
-    found = [u for u in storage.list_files(cfg.data.raw) if u.endswith(RAW_SUFFIXES)]
-    if not found:
-        raise ConfigError(f"data.raw = {cfg.data.raw!r}: no .jsonl or .parquet files")
-    raw_shard_names(found, cfg.data.raw, cfg.data.corpus)  # two files for one shard, a raw file in the corpus
-    return found
+    """The raw text files of ``data.raw`` (``io.shards.raw_inputs``: none, two for one shard, a raw file in
+    the corpus are errors)."""
+    return raw_inputs(cfg.data.raw, cfg.data.corpus)[0]
 
 
 def _step(report: Report, check: Callable[[], T]) -> T | None:
