@@ -31,6 +31,10 @@ class QueryRow:
     prompt_ids: list[int]
     completion_ids: list[int]
 
+    def prompt_cut(self, context: int | None) -> int:
+        """How many of the prompt's first tokens do not fit the model's ``context`` with the completion."""
+        return 0 if context is None else max(0, len(self.prompt_ids) + len(self.completion_ids) - context)
+
 
 def query_rows(url: str) -> list[tuple[str, dict[str, Any]]]:
     """(where, row) pairs: ``line N`` of a JSONL file, ``row N`` of a Parquet file."""

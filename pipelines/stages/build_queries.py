@@ -79,7 +79,7 @@ def tokenize_queries(url: str, tokenizer: Any, vocab_size: int | None, context: 
     out = QueryRows([], [], [], [], [], [])
     for q in read_queries(url, tokenizer, vocab_size, context):
         p, c = q.prompt_ids, q.completion_ids
-        dropped = max(0, len(p) + len(c) - context) if context is not None else 0
+        dropped = q.prompt_cut(context)
         out.ids.append(q.query_id)
         out.prompts.append(q.row.get("prompt"))
         out.completions.append(q.row.get("completion"))

@@ -52,10 +52,10 @@ def check_queries(url: str, tokenizer: Any, vocab_size: int | None, context: int
             warning = leading_space_warning(url, q.where, q.query_id, q.row["prompt"], q.row["completion"], tokenizer)
             if warning:
                 out.warnings.append(warning)
-        length = len(q.prompt_ids) + len(q.completion_ids)
-        if context is not None and length > context:
+        cut = q.prompt_cut(context)
+        if cut:
             out.warnings.append(f"{url}: {q.where} (query {q.query_id!r}), field 'prompt': prompt + completion are "
-                                f"{length} tokens, more than the model's context of {context}: the prompt's first "
-                                f"{length - context} tokens will be left out")
+                                f"{len(q.prompt_ids) + len(q.completion_ids)} tokens, more than the model's context "
+                                f"of {context}: the prompt's first {cut} tokens will be left out")
         out.queries += 1
     return out
