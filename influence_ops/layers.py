@@ -117,6 +117,19 @@ def linear_names(model: nn.Module, limit: int = 40) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+class UnknownArchitecture(ValueError):
+    """No layer pattern is known for the model's type: the caller must give one. ``model_type``,
+    ``class_name`` and ``linears`` (the module names a pattern could pick) say what the model is."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.class_name = type(model).__name__
+        self.linears = linear_names(model)
+        super().__init__(f"no MLP layer pattern is known for model type {self.model_type!r} ({self.class_name}); "
+                         f"pass pattern=<regex over module names> (its Linear/Conv1D modules: {self.linears}). "
+                         f"Known types: {sorted(ARCHITECTURE_PATTERNS)}")
+
+
 def architecture_pattern(model: nn.Module, track: Track | str = Track.MLP) -> str | None:
     """The name pattern of the ``track`` layers for a Hugging Face model's ``config.model_type``, if known."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -140,8 +153,8 @@ def find_mlp_layers(model: nn.Module, pattern: str | None = None, track: Track |
         the matching ``nn.Linear`` / ``Conv1D`` layers, in ``named_modules`` order.
 
     Raises:
-        ValueError: no pattern is known for the model, the pattern is invalid, or
-            nothing matches (the message lists the module names seen).
+        UnknownArchitecture (a ValueError): no pattern is known for the model.
+        ValueError: the pattern is invalid, or nothing matches (the message lists the module names seen).
     """
     track = Track(track)
     if pattern is not None and track != Track.MLP:
@@ -149,13 +162,7 @@ def find_mlp_layers(model: nn.Module, pattern: str | None = None, track: Track |
     if pattern is None:
         pattern = architecture_pattern(model, track)
         if pattern is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            raise ValueError(
-                f"no MLP layer pattern is known for model type {model_type!r} "
-                f"({type(model).__name__}); pass pattern=<regex over module names> "
-                f"(its Linear/Conv1D modules: {linear_names(model)}). "
-                f"Known types: {sorted(ARCHITECTURE_PATTERNS)}"
-            )
+            raise UnknownArchitecture(model)
     try:
         regex = re.compile(pattern)
     except re.error as err:

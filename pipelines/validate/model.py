@@ -109,19 +109,17 @@ def _factory_model(cfg: ModelConfig) -> Any:
 
 def _layers(cfg: ModelConfig, model: Any) -> list[str]:
     from influence_ops import find_mlp_layers
-    from influence_ops.layers import architecture_pattern, linear_names
+    from influence_ops.layers import UnknownArchitecture
 
-    if cfg.layer_pattern is None and architecture_pattern(model, cfg.track) is None:
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        source = f"model.factory = {cfg.factory!r}" if cfg.factory else f"model.path = {cfg.path!r}"
-        raise ConfigError(f"{source}: no tracked layers are known for {type(model).__name__} (model type {kind!r}): "
-                          f"set model.layer_pattern to a regular expression over its module names; its Linear "
-                          f"modules: {linear_names(model)}")
+    source = f"model.factory = {cfg.factory!r}" if cfg.factory else f"model.path = {cfg.path!r}"
     try:
         return [layer.name for layer in find_mlp_layers(model, cfg.layer_pattern, cfg.track)]
+    except UnknownArchitecture as err:
+        raise ConfigError(f"{source}: no tracked layers are known for {err.class_name} (model type "
+                          f"{err.model_type!r}): set model.layer_pattern to a regular expression over its module "
+                          f"names; its Linear modules: {err.linears}") from err
     except ValueError as err:
-        key = (f"model.layer_pattern = {cfg.layer_pattern!r}" if cfg.layer_pattern
-               else f"model.factory = {cfg.factory!r}" if cfg.factory else f"model.path = {cfg.path!r}")
+        key = f"model.layer_pattern = {cfg.layer_pattern!r}" if cfg.layer_pattern else source
         raise ConfigError(f"{key}: tracked layers not found: {str(err).splitlines()[0]}") from err
 
 
