@@ -68,8 +68,9 @@ class InfluenceGroup(click.Group):
 def report_failure(err: BaseException, state: dict[str, Any]) -> None:
     """Print ``error: <root cause>`` and where the traceback went (or the traceback, with ``--debug``)."""
     line = errors.one_line(err, state.get("output"))
-    if state.get("started") is not None:
-        line += f" (after {time.perf_counter() - state['started']:.1f} s)"
+    elapsed = time.perf_counter() - state["started"] if state.get("started") is not None else 0.0
+    if elapsed >= 1.0:  # not for a failure of the checks that come first
+        line += f" (after {elapsed:.1f} s)"
     if state.get("debug"):
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
         sys.stderr.flush()  # before click's own stream writes the closing line

@@ -6,8 +6,8 @@ raised inside Ray tasks and actors reach the driver wrapped (``RayTaskError``,
 ``ActorDiedError`` whose cause is the actor's constructor, Ray Data's
 ``UserCodeException``); ``root_cause`` unwraps them, and ``one_line`` words the
 root as a single line. ``write_log`` puts the full traceback in
-``<output>/logs/<timestamp>.log`` (a temporary folder when the output is remote
-or not writable).
+``<output>/logs/<timestamp>.log`` (a temporary folder when the output is remote,
+not writable or not there yet).
 """
 
 from __future__ import annotations
@@ -132,8 +132,10 @@ def _is_ray_wrapper(err: BaseException) -> bool:
 
 
 def log_folder(output: str | None) -> Path:
-    """``<output>/logs`` for a local, writable output; else a folder under the system's temp folder."""
-    if output and ("://" not in output or output.startswith("file://")):
+    """``<output>/logs`` for a local, writable output folder that exists; else a folder under the system's
+    temp folder (a job that fails before it wrote anything, e.g. on a mistyped path, leaves no output folder)."""
+    if output and ("://" not in output or output.startswith("file://")) and \
+            Path(output.removeprefix("file://")).is_dir():
         folder = Path(output.removeprefix("file://")) / "logs"
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -114,8 +114,9 @@ def test_usage_error_exits_2(tmp_path):
 
 def test_mistyped_model_path(tmp_path, tiny_world, no_ray):
     job = write_job(tmp_path, tiny_world, model={"path": str(tmp_path / "modl")})
-    assert_one_line(cli("run", str(job)), f"model.path '{tmp_path / 'modl'}' does not exist")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["logs"]  # found before anything else was written
+    line = assert_one_line(cli("run", str(job)), f"model.path '{tmp_path / 'modl'}' does not exist")
+    assert not (tmp_path / "out").exists()  # found before anything was written: no output folder, not even logs/
+    assert "(after " not in line  # no elapsed time for a failure of the first checks
 
 
 def test_relative_mistyped_model_path_is_not_a_repo_id_riddle(tmp_path, tiny_world, no_ray, monkeypatch):
@@ -331,13 +332,15 @@ def test_permission_error_under_the_output_names_the_output():
     assert one_line(err, "/elsewhere").startswith("Permission denied")
 
 
-def test_log_of_a_remote_or_unwritable_output_goes_to_the_temp_folder(tmp_path):
+def test_log_of_a_remote_unwritable_or_missing_output_goes_to_the_temp_folder(tmp_path):
     from pipelines.errors import log_folder, write_log
 
     temp = Path(tempfile.gettempdir()) / "influence-logs"
     assert log_folder("s3://bucket/out") == temp and log_folder(None) == temp
     (tmp_path / "file").write_text("x")
     assert log_folder(str(tmp_path / "file" / "out")) == temp  # cannot hold a logs/ folder
+    assert log_folder(str(tmp_path / "out")) == temp  # not there yet: a failed first check creates no folder
+    (tmp_path / "out").mkdir()
     try:
         raise ValueError("boom")
     except ValueError as err:
