@@ -414,3 +414,23 @@ def test_rows_say_how_a_candidate_was_found():
     assert "part-0.parquet · 5 tokens · raw 2 · found by index+tfidf</span>" in row_card(row("index+tfidf"), None,
                                                                                           1.0, 10)
     assert "found by" not in row_card(row("scan"), None, 1.0, 10) and "d&lt;1&gt;" in row_card(row(None), None, 1.0, 10)
+
+
+def test_tail_leaves_out_scores_that_tie_with_a_shards_last_kept_score():
+    """A shard keeps its top k; an unlisted sequence of it may score as much as its k-th. So only scores above
+    the largest k-th score of any full shard are known exactly; the listed ones equal to it are counted apart."""
+    import duckdb
+
+    from pipelines.results.load import Run
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE scores (query_id VARCHAR, sign VARCHAR, doc_id VARCHAR, shard VARCHAR, "
+                "score_normalized DOUBLE)")
+    rows = [("a1", "a", 5.0), ("a2", "a", 2.0), ("a3", "a", 2.0), ("b1", "b", 4.0), ("b2", "b", 2.0),
+            ("b3", "b", 1.0)]
+    con.executemany("INSERT INTO scores VALUES ('q', 'top', ?, ?, ?)", rows)
+    run = Run(None, con, config={"scoring": {"top_k": 3}})
+    tail = run.tail("q")
+    assert tail.threshold == 2.0 and tail.values == [5.0, 4.0] and tail.ties == 3
+    run.config = {"scoring": {"top_k": 4}}  # no shard is full: every listed score is known exactly
+    assert run.tail("q").values == [5.0, 4.0, 2.0, 2.0, 2.0, 1.0] and run.tail("q").ties == 0

@@ -109,6 +109,7 @@ class Tail:
 
     values: list[float]
     threshold: float
+    ties: int = 0  # listed sequences whose score equals ``threshold`` (not in ``values``: more may tie unlisted)
 
 
 @dataclass
@@ -212,10 +213,11 @@ class Run:
             "SELECT max(kth) FROM (SELECT shard, min(score_normalized) AS kth, count(*) AS n FROM scores "
             "WHERE query_id = ? AND sign = 'top' GROUP BY shard) WHERE n >= ?", [query_id, k]).fetchone()[0]
         threshold = -math.inf if full is None else float(full)
-        values = [v for (v,) in self.con.execute(
+        best = [v for (v,) in self.con.execute(
             "SELECT max(score_normalized) AS v FROM scores WHERE query_id = ? AND sign = 'top' GROUP BY doc_id "
-            "HAVING v > ? ORDER BY v DESC", [query_id, threshold if math.isfinite(threshold) else -1e308]).fetchall()]
-        return Tail(values, threshold)
+            "HAVING v >= ? ORDER BY v DESC", [query_id, threshold if math.isfinite(threshold) else -1e308]).fetchall()]
+        values = [v for v in best if v > threshold]
+        return Tail(values, threshold, len(best) - len(values))
 
     def index_health(self) -> dict[str, Any] | None:
         """The index health summary (``stages/index_health.summarize``) of an index-mode run, from its

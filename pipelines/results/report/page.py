@@ -148,6 +148,10 @@ def query_section(run: Run, index: int, k: int | None) -> str:
                      "scored exactly, not every sequence (<code>scoring.mode = \"scan\"</code> scores them all).")
     else:
         notes.append(f"No power-law fit: {esc(fit.reason)}.")
+        if tail is not None and tail.ties > 1 and tail.threshold > 0:  # more than the shard's own k-th row
+            notes.append(f"{tail.ties:,} listed sequences share the score {tail.threshold:.3e}, the lowest a full "
+                         "shard kept (identical sequences score alike): how many unlisted ones share it too is not "
+                         "known, so none of them counts as known exactly.")
     notes.append(concentration(run, q.query_id, positives, total))
     parts.append('<p class="note">' + " ".join(n for n in notes if n) + "</p>")
     parts.append(legend(scale))
