@@ -390,7 +390,10 @@ def test_tfidf_candidates_join_the_index_candidates(index_run):
     cfg, _, root = index_run
     both = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(root / "out-union")),
                                scoring=dataclasses.replace(cfg.scoring, candidates=2, tfidf_candidates=4))
+    for kept in ("factors", "queries", "index"):  # what the candidate settings do not change: reused, not rebuilt
+        shutil.copytree(Path(cfg.data.output) / kept, root / "out-union" / kept)
     record = run_job(both)
+    assert all(record["stages"][s]["skipped"] is True for s in ("fit-factors", "build-queries")), record["stages"]
     assert record["status"] == "ok" and record["stages"]["candidates"]["tfidf_candidates"] == 4
     direct = {(q, d, s) for q, found in tfidf_topn(both, query_tokens(both), 4).items() for d, s, _ in found}
     cands = pads.dataset(str(Path(both.data.output) / "candidates")).to_table().to_pylist()
