@@ -434,3 +434,12 @@ def test_tail_leaves_out_scores_that_tie_with_a_shards_last_kept_score():
     assert tail.threshold == 2.0 and tail.values == [5.0, 4.0] and tail.ties == 3
     run.config = {"scoring": {"top_k": 4}}  # no shard is full: every listed score is known exactly
     assert run.tail("q").values == [5.0, 4.0, 2.0, 2.0, 2.0, 1.0] and run.tail("q").ties == 0
+
+
+def test_list_of_queries_shows_the_end_of_a_long_prompt():
+    from pipelines.results.report.page import TOC_PROMPT, toc_prompt
+
+    assert toc_prompt("Ada moved to") == "Ada moved to" and toc_prompt(None) == ""
+    long = "Rome is old. " * 40 + "Ada moved to"
+    shown = toc_prompt(long)
+    assert len(shown) == TOC_PROMPT and shown.startswith("…") and shown.endswith("Ada moved to")

@@ -228,10 +228,19 @@ def health_paragraph(run: Run) -> str:
             "this model's candidates closely enough for the re-scoring to recover the top rows.</p>")
 
 
+TOC_PROMPT = 160  # characters of a prompt in the list of queries (its end: what leads to the completion)
+
+
+def toc_prompt(prompt: str | None) -> str:
+    """The prompt as the list of queries shows it: whole, or its last ``TOC_PROMPT`` characters after '…'."""
+    text = prompt or ""
+    return text if len(text) <= TOC_PROMPT else "…" + text[-(TOC_PROMPT - 1):]
+
+
 def render_report(run: Run, k: int | None = None) -> str:
     """The whole page."""
     toc = "".join(f'<li><a href="#{anchor(q.query_id)}"><code>{esc(q.query_id)}</code></a> '
-                  f'{esc(q.prompt or "")} <b>{esc(q.completion or "")}</b></li>' for q in run.queries)
+                  f'{esc(toc_prompt(q.prompt))} <b>{esc(q.completion or "")}</b></li>' for q in run.queries)
     sections = "".join(query_section(run, i, k) for i in range(len(run.queries)))
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
