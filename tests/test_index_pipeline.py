@@ -394,6 +394,7 @@ def test_tfidf_candidates_join_the_index_candidates(index_run):
         shutil.copytree(Path(cfg.data.output) / kept, root / "out-union" / kept)
     record = run_job(both)
     assert all(record["stages"][s]["skipped"] is True for s in ("fit-factors", "build-queries")), record["stages"]
+    assert record["stages"]["index"]["scored"] == 0 and record["stages"]["index"]["skipped"] == 3  # copied: kept
     assert record["status"] == "ok" and record["stages"]["candidates"]["tfidf_candidates"] == 4
     direct = {(q, d, s) for q, found in tfidf_topn(both, query_tokens(both), 4).items() for d, s, _ in found}
     cands = pads.dataset(str(Path(both.data.output) / "candidates")).to_table().to_pylist()
