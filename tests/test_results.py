@@ -327,15 +327,16 @@ def test_ddl_columns_and_types_match_the_parquet_schemas(results_run, engine):
     for statement in statements:
         name, cols = ddl_columns(statement)
         seen.add(name)
-        file = out / "queries" / "queries.parquet" if name == "queries" else next((out / name).rglob("*.parquet"))
+        folder = Path(cfg.data.corpus) if name == "documents" else out / name  # documents: the corpus shards
+        file = out / "queries" / "queries.parquet" if name == "queries" else next(folder.rglob("*.parquet"))
         schema = pq.read_schema(file)
         want = {f.name: TYPES[engine][str(f.type).replace("item", "element")] for f in schema}
         if name in ("topk", "token_scores", "layer_scores"):
             want["query_id"] = TYPES[engine]["string"]  # the hive partition column
             assert "query_id" in statement.split("(", 1)[1].rsplit("PARTITIONED", 1)[-1] or engine != "spark"
         assert cols == want, f"{engine} {name}"
-        assert str(out / name) in statement
-    expected = {"topk", "scores", "token_scores", "layer_scores", "distribution", "self_influence"} | (
+        assert str(folder) in statement
+    expected = {"topk", "scores", "token_scores", "layer_scores", "distribution", "self_influence", "documents"} | (
         {"queries"} if engine == "spark" else set())
     assert seen == expected
     if engine == "trino":
@@ -443,3 +444,29 @@ def test_list_of_queries_shows_the_end_of_a_long_prompt():
     long = "Rome is old. " * 40 + "Ada moved to"
     shown = toc_prompt(long)
     assert len(shown) == TOC_PROMPT and shown.startswith("…") and shown.endswith("Ada moved to")
+
+
+def test_ddl_documents_leaves_out_unmapped_columns_and_names_a_glob_corpus(tmp_path):
+    """The documents table over a corpus folder keeps the columns the engine has a type for and names the rest in
+    a comment; a corpus given as a glob (no folder to be a location) gets a comment, not a table."""
+    from pipelines.results.ddl import Engine, create_statements
+
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"doc_id": ["a:0"], "input_ids": [[1, 2]], "url": ["http://x"],
+                             "meta": [{"lang": "en"}]},
+                            schema=pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32())),
+                                              ("url", pa.string()),
+                                              ("meta", pa.struct([("lang", pa.string())]))])),
+                   tmp_path / "shards" / "a.parquet")
+    (tmp_path / "out").mkdir()
+    config = {"data": {"corpus": str(tmp_path / "shards")}}
+    (tmp_path / "out" / "resolved_config.json").write_text(json.dumps(config))
+    statements = create_statements(str(tmp_path / "out"), Engine.ATHENA)
+    assert statements[0] == "-- documents: left out, no athena type for: meta (struct<lang: string>)"
+    name, cols = ddl_columns(statements[1])
+    assert name == "documents" and cols == {"doc_id": "string", "input_ids": "array<int>", "url": "string"}
+    assert f"LOCATION 'file://{tmp_path / 'shards'}/'" in statements[1]
+    config["data"]["corpus"] = str(tmp_path / "shards" / "*.parquet")
+    (tmp_path / "out" / "resolved_config.json").write_text(json.dumps(config))
+    (only,) = create_statements(str(tmp_path / "out"), Engine.TRINO)
+    assert only.startswith("-- documents: data.corpus = ") and "is a glob or a single file" in only

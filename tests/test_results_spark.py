@@ -54,3 +54,6 @@ def test_spark_runs_the_ddl_and_a_query(results_run, spark):
     tokens = spark.sql("SELECT count(*) FROM token_scores t JOIN topk k ON t.query_id = k.query_id "
                        "AND t.doc_id = k.doc_id WHERE k.sign = 'top' AND k.rank = 1").collect()[0][0]
     assert tokens > 0
+    joined = spark.sql("SELECT count(*), count(d.doc_id), sum(CASE WHEN d.text = t.text THEN 1 ELSE 0 END) "
+                       "FROM topk t LEFT JOIN documents d ON t.doc_id = d.doc_id").collect()[0]
+    assert joined[0] == joined[1] == joined[2] > 0  # every result row finds its document, with the same text

@@ -8,6 +8,13 @@ column; a statement that loads the partitions follows each of them.
 Type mapping: string -> VARCHAR (Trino) / STRING (Spark) / string (Athena);
 int8/int32/int64 -> TINYINT/INTEGER/BIGINT; float64 -> DOUBLE; list<T> ->
 ARRAY(T) (Trino) / ARRAY<T> (Spark, Athena).
+
+``documents`` is the corpus (``data.corpus`` of the run) as a table, so that
+results join to the shards' columns (doc_id, text, token lists and the metadata
+`tokenize` passed through) by doc_id: its columns are those of the first shard
+whose footer reads, less any whose type has no mapping (named in a comment). A
+table's location is a folder, so a corpus given as a glob or a single file gets
+a comment instead.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class TableSchema:
     location: str  # folder (or, for queries on Spark, the file)
     columns: list[tuple[str, pa.DataType]]  # without the partition column
     partitioned: bool
+    optional_columns: bool = False  # documents: a column whose type has no mapping is left out, not an error
 
 
 def column_type(t: pa.DataType, engine: Engine, where: str) -> str:
@@ -80,6 +88,28 @@ def table_schemas(output: str) -> list[TableSchema]:
     return out
 
 
+def documents_schema(output: str) -> TableSchema | str | None:
+    """The corpus shards as the ``documents`` table; a comment when the corpus is a glob or a single file
+    (a table's location is a folder); None when the run records no corpus or it holds no readable shard."""
+    config = storage.read_json(storage.join(output, "resolved_config.json")) or {}
+    corpus = (config.get("data") or {}).get("corpus")
+    if not corpus:
+        return None
+    if any(c in corpus for c in "*?[") or corpus.endswith(".parquet"):
+        return (f"-- documents: data.corpus = {_q(corpus)} is a glob or a single file, and a table's location is a "
+                "folder: with the shards in a folder of their own (data.corpus = that folder) this is a table")
+    for shard in storage.list_files(corpus, ".parquet"):
+        fs, path = storage.filesystem(shard)
+        try:
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+        except (OSError, ValueError):  # unreadable (a run with on_error = "skip" went past it): try the next
+            continue
+        return TableSchema("documents", corpus.rstrip("/"), [(fd.name, fd.type) for fd in schema], False,
+                           optional_columns=True)
+    return None
+
+
 def _location(url: str, engine: Engine) -> str:
     if storage.is_local(url):
         path = os.path.abspath(storage.filesystem(url)[1])
@@ -94,9 +124,21 @@ def _q(s: str) -> str:
 def create_statements(output: str, engine: Engine, schema_name: str = "influence") -> list[str]:
     """The statements, one string each (no trailing ';')."""
     statements = []
-    for t in table_schemas(output):
+    documents = documents_schema(output)
+    if isinstance(documents, str):
+        statements.append(documents)
+    for t in table_schemas(output) + ([documents] if isinstance(documents, TableSchema) else []):
         where = f"{t.location} ({t.name})"
-        cols = [(n, column_type(ty, engine, f"{where}, column {n!r}")) for n, ty in t.columns]
+        cols, left_out = [], []
+        for n, ty in t.columns:
+            try:
+                cols.append((n, column_type(ty, engine, f"{where}, column {n!r}")))
+            except ValueError:
+                if not t.optional_columns:
+                    raise
+                left_out.append(f"{n} ({ty})")
+        if left_out:
+            statements.append(f"-- {t.name}: left out, no {engine.value} type for: {', '.join(left_out)}")
         loc = _location(t.location, engine)
         if engine is Engine.TRINO:
             if t.name == "queries":
@@ -139,8 +181,8 @@ def create_statements(output: str, engine: Engine, schema_name: str = "influence
 @click.option("--engine", type=click.Choice([e.value for e in Engine]), required=True, help="SQL dialect.")
 @click.option("--schema", "schema_name", default="influence", show_default=True, help="Trino schema of the tables.")
 def ddl_command(output: str, engine: str, schema_name: str) -> None:
-    """CREATE TABLE statements for a run's Parquet tables, over their location (Trino, Spark SQL or Athena).
-    OUTPUT is the job's output folder (local or s3://) or its job file."""
+    """CREATE TABLE statements for a run's Parquet tables and its corpus (documents), over their location
+    (Trino, Spark SQL or Athena). OUTPUT is the job's output folder (local or s3://) or its job file."""
     try:
         statements = create_statements(resolve_output(output), Engine(engine), schema_name)
     except (ValueError, FileNotFoundError) as err:
