@@ -177,6 +177,23 @@ def test_queries_file_not_utf8_names_file_and_line(tmp_path, tiny_world, no_ray)
     assert_one_line(cli("run", str(job)), str(queries), "line 2", "not UTF-8")
 
 
+def test_jsonl_files_saved_with_a_byte_order_mark_and_crlf_read_as_without(tmp_path):
+    """Windows editors save UTF-8 with a byte order mark and CRLF line ends: the queries file and raw files read
+    the same as without them (JSON itself does not allow the mark)."""
+    from pipelines.io.queries_file import query_rows
+    from pipelines.io.storage import read_table
+    from pipelines.stages.tokenize import raw_columns
+
+    rows = [{"query_id": "a", "prompt": "the é", "completion": "cat"}, {"query_id": "b", "prompt": "a", "completion": "dog"}]
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    marked.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n\r\n" for r in rows).encode())
+    assert query_rows(str(marked)) == [("line 1", rows[0]), ("line 3", rows[1])]
+    assert [r for _, r in query_rows(str(plain))] == rows
+    assert read_table(str(marked)).to_pylist() == read_table(str(plain)).to_pylist() == rows
+    assert raw_columns(str(marked)) == ["query_id", "prompt", "completion"]
+
+
 def test_queries_file_missing(tmp_path, tiny_world, no_ray):
     job = write_job(tmp_path, tiny_world, data={"queries": str(tmp_path / "nope.jsonl")})
     assert_one_line(cli("build-queries", str(job)), f"data.queries '{tmp_path / 'nope.jsonl'}' does not exist")

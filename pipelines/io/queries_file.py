@@ -45,6 +45,7 @@ def query_rows(url: str) -> list[tuple[str, dict[str, Any]]]:
     if url.endswith(".parquet"):
         return [(f"row {i}", r) for i, r in enumerate(storage.read_parquet(url).to_pylist())]
     try:
+        data = storage.without_bom(data)
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1

@@ -17,6 +17,7 @@ at once.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -213,12 +214,17 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
         raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
 
 
+def without_bom(data: bytes) -> bytes:
+    """Text bytes without a leading UTF-8 byte order mark (Windows editors write one; JSON does not allow it)."""
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
 def read_table(url: str) -> pa.Table:
-    """A Parquet file, or a JSONL file (one JSON object a line), as a table."""
+    """A Parquet file, or a JSONL file (one JSON object a line; UTF-8, a byte order mark allowed), as a table."""
     if url.endswith(".parquet"):
         return read_parquet(url)
     rows = []
-    for n, raw in enumerate(read_bytes(url).splitlines()):
+    for n, raw in enumerate(without_bom(read_bytes(url)).splitlines()):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:

@@ -151,7 +151,7 @@ def raw_columns(url: str) -> list[str]:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads((storage.without_bom(raw) if n == 0 else raw).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise ValueError(f"{url}: line {n + 1} is not a JSON object in UTF-8 ({err})") from err
             if not isinstance(row, dict):
