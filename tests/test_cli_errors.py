@@ -181,8 +181,8 @@ def test_jsonl_files_saved_with_a_byte_order_mark_and_crlf_read_as_without(tmp_p
     """Windows editors save UTF-8 with a byte order mark and CRLF line ends: the queries file and raw files read
     the same as without them (JSON itself does not allow the mark)."""
     from pipelines.io.queries_file import query_rows
-    from pipelines.io.storage import read_table
-    from pipelines.stages.tokenize import raw_columns
+    from pipelines.io.raw_files import raw_columns
+    from pipelines.io.raw_files import read_raw as read_table
 
     rows = [{"query_id": "a", "prompt": "the é", "completion": "cat"}, {"query_id": "b", "prompt": "a", "completion": "dog"}]
     plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
@@ -192,6 +192,39 @@ def test_jsonl_files_saved_with_a_byte_order_mark_and_crlf_read_as_without(tmp_p
     assert [r for _, r in query_rows(str(plain))] == rows
     assert read_table(str(marked)).to_pylist() == read_table(str(plain)).to_pylist() == rows
     assert raw_columns(str(marked)) == ["query_id", "prompt", "completion"]
+
+
+def test_raw_json_array_file_reads_as_its_objects_and_bad_items_are_named(tmp_path):
+    """A .json raw file may be one JSON array of objects (json.dump of a list) as well as JSON Lines."""
+    from pipelines.io.raw_files import check_raw_columns, raw_columns, read_raw
+
+    docs = [{"id": f"d{i}", "text": f"doc {i}", "url": None if i else "http://x"} for i in range(3)]
+    array, lines = tmp_path / "a.json", tmp_path / "b.jsonl"
+    array.write_text("\n" + json.dumps(docs, indent=2))
+    lines.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert read_raw(str(array)).to_pylist() == read_raw(str(lines)).to_pylist() == docs
+    assert raw_columns(str(array)) == raw_columns(str(lines)) == ["id", "text", "url"]
+    check_raw_columns([str(array)], "text", "id")
+    with pytest.raises(ValueError, match=r"a\.json: no column 'body' \(data\.text_column\)"):
+        check_raw_columns([str(array)], "body", "id")
+    array.write_text(json.dumps(docs[:1] + [["not", "an", "object"]]))
+    with pytest.raises(ValueError, match=r"a\.json: item 1 of the JSON array is not a JSON object \(list\)"):
+        read_raw(str(array))
+    lines.write_text(json.dumps(docs[0]) + "\n" + json.dumps([1, 2]) + "\n")
+    with pytest.raises(ValueError, match=r"b\.jsonl: line 2 is not a JSON object \(list\)"):
+        read_raw(str(lines))
+    array.write_text(json.dumps(docs)[:-5])
+    with pytest.raises(ValueError, match=r"a\.json: a JSON array that does not parse"):
+        raw_columns(str(array))
+
+
+def test_validate_names_a_raw_file_without_the_text_column(tmp_path, tiny_world, no_ray):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text(json.dumps({"id": "x", "body": "the cat"}) + "\n")
+    job = write_job(tmp_path, tiny_world, data={"raw": str(raw)})
+    result = cli("validate", str(job))
+    assert result.exit_code == 1 and f"error: {raw / 'a.jsonl'}: no column 'text' (data.text_column)" in result.output
 
 
 def test_queries_file_missing(tmp_path, tiny_world, no_ray):

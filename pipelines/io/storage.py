@@ -219,24 +219,6 @@ def without_bom(data: bytes) -> bytes:
     return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
 
 
-def read_table(url: str) -> pa.Table:
-    """A Parquet file, or a JSONL file (one JSON object a line; UTF-8, a byte order mark allowed), as a table."""
-    if url.endswith(".parquet"):
-        return read_parquet(url)
-    rows = []
-    for n, raw in enumerate(without_bom(read_bytes(url)).splitlines()):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{url}: line {n + 1} is not UTF-8 text (byte {err.start} of the line)") from err
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{url}: line {n + 1} is not JSON: {err}") from err
-    return pa.Table.from_pylist(rows)
-
-
 def parquet_metadata(url: str) -> dict[str, str]:
     """The key-value metadata of a Parquet file's schema (decoded)."""
     def read() -> dict[bytes, bytes]:

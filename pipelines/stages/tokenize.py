@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
 from ..io.model_source import model_source
+from ..io.raw_files import check_raw_columns, read_raw
 from ..io.shards import corpus_root, raw_inputs
 from ..io.unknown_tokens import WARN_SHARE, count_unknown, unknown_token_id
 from ..runtime.failures import FailureLog, guard
@@ -89,7 +89,7 @@ class Tokenizer:
         self.row_group_rows = row_group_rows
 
     def tokenize_file(self, url: str) -> pa.Table:
-        table = storage.read_table(url)
+        table = read_raw(url)
         for col in (self.text_column, self.id_column):
             if col not in table.column_names:
                 raise ValueError(f"{url}: column {col!r} is missing (columns: {table.column_names})")
@@ -134,39 +134,6 @@ class Tokenizer:
         return {"output": np.asarray(names, dtype=object), "sequences": np.asarray(sequences),
                 "tokens": np.asarray(tokens), "unknown_tokens": np.asarray(unknown),
                 "error": np.asarray(errors, dtype=object)}
-
-
-def raw_columns(url: str) -> list[str]:
-    """The columns of a raw file: a Parquet file's schema, or the keys of a JSONL file's first row."""
-    if url.endswith(".parquet"):
-        fs, path = storage.filesystem(url)
-        try:
-            with fs.open(path, "rb") as f:
-                return list(pq.read_schema(f).names)
-        except pa.ArrowInvalid as err:
-            raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        for n, raw in enumerate(f):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads((storage.without_bom(raw) if n == 0 else raw).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{url}: line {n + 1} is not a JSON object in UTF-8 ({err})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{url}: line {n + 1} is not a JSON object")
-            return list(row)
-    return []
-
-
-def check_raw_columns(urls: list[str], text_column: str, id_column: str) -> None:
-    """Before Ray starts: every raw file has the text and id columns (ValueError naming the file and the key)."""
-    for url in urls:
-        columns = raw_columns(url)
-        for key, col in (("data.text_column", text_column), ("data.id_column", id_column)):
-            if col not in columns:
-                raise ValueError(f"{url}: no column {col!r} ({key}); its columns: {columns}")
 
 
 def context_length(model: ModelConfig) -> int:
