@@ -192,6 +192,9 @@ def test_jsonl_files_saved_with_a_byte_order_mark_and_crlf_read_as_without(tmp_p
     assert [r for _, r in query_rows(str(plain))] == rows
     assert read_table(str(marked)).to_pylist() == read_table(str(plain)).to_pylist() == rows
     assert raw_columns(str(marked)) == ["query_id", "prompt", "completion"]
+    array = tmp_path / "queries.json"  # one JSON array (json.dump of a list), with the mark too
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode())
+    assert query_rows(str(array)) == [("item 0", rows[0]), ("item 1", rows[1])]
 
 
 def test_raw_json_array_file_reads_as_its_objects_and_bad_items_are_named(tmp_path):

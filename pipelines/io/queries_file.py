@@ -3,8 +3,9 @@
 Each query is ``query_id`` (letters, digits, ``-_.``; it becomes a hive
 partition value) with either ``prompt`` and ``completion`` text or
 ``prompt_ids`` and ``completion_ids``. The file is JSONL (one object a line,
-UTF-8) or Parquet. Errors are ``ValueError``s naming the file, the place
-(``line N`` of a JSONL file, ``row N`` of a Parquet file) and the field.
+UTF-8), one JSON array of objects, or Parquet. Errors are ``ValueError``s naming
+the file, the place (``line N`` of a JSONL file, ``item N`` of a JSON array,
+``row N`` of a Parquet file) and the field.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..config import ConfigError
 from . import storage
+from .raw_files import array_rows, is_json_array
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -37,7 +39,7 @@ class QueryRow:
 
 
 def query_rows(url: str) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) pairs: ``line N`` of a JSONL file, ``row N`` of a Parquet file."""
+    """(where, row) pairs: ``line N`` of a JSONL file, ``item N`` of a JSON array, ``row N`` of a Parquet file."""
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError as err:
@@ -51,6 +53,8 @@ def query_rows(url: str) -> list[tuple[str, dict[str, Any]]]:
         line = data[:err.start].count(b"\n") + 1
         raise ValueError(f"{url}: line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
                          "save the queries file as UTF-8") from err
+    if is_json_array(data):
+        return [(f"item {i}", row) for i, row in enumerate(array_rows(url, data))]
     rows = []
     for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():

@@ -20,7 +20,8 @@ from . import storage
 HEAD_BYTES = 64 * 1024  # read to tell a JSON array from JSON Lines and to find the first line's keys
 
 
-def _array_rows(url: str, data: bytes) -> list[dict[str, Any]]:
+def array_rows(url: str, data: bytes) -> list[dict[str, Any]]:
+    """The objects of a file that is one JSON array (``data`` without a byte order mark)."""
     try:
         rows = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -56,7 +57,8 @@ def _line_rows(url: str, data: bytes) -> list[dict[str, Any]]:
     return [row for n, raw in enumerate(data.splitlines()) if (row := _line_object(url, n, raw)) is not None]
 
 
-def _is_array(head: bytes) -> bool:
+def is_json_array(head: bytes) -> bool:
+    """Whether a JSON file's first bytes open an array (else it is read as JSON Lines)."""
     return storage.without_bom(head).lstrip().startswith(b"[")
 
 
@@ -65,7 +67,7 @@ def read_raw(url: str) -> pa.Table:
     if url.endswith(".parquet"):
         return storage.read_parquet(url)
     data = storage.without_bom(storage.read_bytes(url))
-    return pa.Table.from_pylist(_array_rows(url, data) if _is_array(data) else _line_rows(url, data))
+    return pa.Table.from_pylist(array_rows(url, data) if is_json_array(data) else _line_rows(url, data))
 
 
 def raw_columns(url: str) -> list[str]:
@@ -80,7 +82,7 @@ def raw_columns(url: str) -> list[str]:
             raise ValueError(f"{url}: not a readable Parquet file ({err})") from err
     with fs.open(path, "rb") as f:
         head = f.read(HEAD_BYTES)
-    if _is_array(head):
+    if is_json_array(head):
         return read_raw(url).column_names
     lines = storage.without_bom(head).splitlines()
     for n, raw in enumerate(lines[:-1] if len(head) == HEAD_BYTES else lines):  # a cut last line is not judged
