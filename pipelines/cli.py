@@ -127,7 +127,7 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
 def _outputs_line(cfg: JobConfig, stages: dict[str, Any]) -> list[str]:
     """Where the command's output lies: the tables once made (`merge`; `score` in index or tfidf mode), else
     the last stage's own folder."""
-    from .io.shards import corpus_root
+    from .config.corpus_paths import corpus_root
 
     out = cfg.data.output.rstrip("/")
     mode = cfg.scoring.mode.value

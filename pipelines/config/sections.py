@@ -11,6 +11,7 @@ from influence_ops.index_projection import ProjectionKind
 from influence_ops.fisher import effective_passes
 
 from .checks import check_int, check_number, check_str, enum_value, fail
+from .corpus_paths import corpus_is_folder
 
 REFIT = ("on_growth", "on_corpus_change", "on_settings_change")
 
@@ -105,8 +106,7 @@ class DataConfig:
         check_int("data.row_group_rows", self.row_group_rows, 1)
         object.__setattr__(self, "too_long", enum_value("data.too_long", TooLong, self.too_long))
         folder = self.corpus.rstrip("/")
-        is_folder = not any(c in self.corpus for c in "*?[") and not self.corpus.endswith(".parquet")
-        if is_folder and (self.output.rstrip("/") + "/").startswith(folder + "/"):
+        if corpus_is_folder(self.corpus) and (self.output.rstrip("/") + "/").startswith(folder + "/"):
             fail("data.output", self.output, f"lies inside data.corpus = {self.corpus!r}, whose every Parquet file "
                  "is read as a shard (the run's own tables would be too): put the output elsewhere, or give the "
                  "corpus as a glob of its shards (e.g. 'shards/*.parquet')")

@@ -15,7 +15,6 @@ of shards (fitting, scoring, the merge's details) applies the same policy.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, TooLong
+from ..config.corpus_paths import corpus_root
 from . import storage
 
 SHARD_COLUMNS = ("doc_id", "input_ids", "loss_mask")
@@ -289,15 +289,6 @@ def list_shards(corpus: str) -> list[str]:
     if not found:
         raise ValueError(f"data.corpus = {corpus!r}: no Parquet shards found")
     return found
-
-
-def corpus_root(corpus: str) -> str:
-    """The folder of a corpus prefix or glob (the part before the first glob character, up to its last '/')."""
-    if any(c in corpus for c in "*?["):
-        return re.split(r"[*?\[]", corpus, maxsplit=1)[0].rsplit("/", 1)[0]
-    if corpus.endswith(".parquet"):
-        return corpus.rsplit("/", 1)[0]
-    return corpus.rstrip("/")
 
 
 RAW_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -27,6 +27,7 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config.corpus_paths import corpus_is_folder
 from ..io import storage
 from .tables import HIVE, resolve_output
 
@@ -95,7 +96,7 @@ def documents_schema(output: str) -> TableSchema | str | None:
     corpus = (config.get("data") or {}).get("corpus")
     if not corpus:
         return None
-    if any(c in corpus for c in "*?[") or corpus.endswith(".parquet"):
+    if not corpus_is_folder(corpus):
         return (f"-- documents: data.corpus = {_q(corpus)} is a glob or a single file, and a table's location is a "
                 "folder: with the shards in a folder of their own (data.corpus = that folder) this is a table")
     for shard in storage.list_files(corpus, ".parquet"):

@@ -157,7 +157,7 @@ def connect(out: Output, read_only: bool = True) -> Any:
                 raise
             _documents_of_readable_shards(con, out.corpus)
     if read_only:
-        from ..io.shards import corpus_root
+        from ..config.corpus_paths import corpus_root
 
         dirs = [_dir_of(out.url)] + ([_dir_of(corpus_root(out.corpus))] if out.corpus else [])
         con.execute(f"SET allowed_directories = [{', '.join(_quote(d) for d in dirs)}]")

@@ -35,7 +35,8 @@ from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
 from ..io.model_source import model_source
 from ..io.raw_files import check_raw_columns, read_raw
-from ..io.shards import corpus_root, raw_inputs
+from ..config.corpus_paths import corpus_root
+from ..io.shards import raw_inputs
 from ..io.unknown_tokens import WARN_SHARE, count_unknown, unknown_token_id
 from ..runtime.failures import FailureLog, guard
 from ..runtime.progress import bar

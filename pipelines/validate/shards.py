@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, TooLong
+from ..config.corpus_paths import GLOB_CHARS
 from ..io import storage
 from ..io.shards import SHARD_COLUMNS, ShardError, check_batch, check_schema
 
@@ -37,7 +38,7 @@ def find_shards(corpus: str) -> list[str]:
     """The shard files of ``data.corpus`` (sorted); ConfigError when there is none."""
     found = storage.list_files(corpus, suffix=".parquet")
     if not found:
-        where = "matches no file" if any(c in corpus for c in "*?[") else (
+        where = "matches no file" if any(c in corpus for c in GLOB_CHARS) else (
             "holds no .parquet file" if storage.exists(corpus) else "does not exist")
         raise ConfigError(f"data.corpus = {corpus!r}: {where} (no Parquet shards to read)")
     return found
