@@ -211,7 +211,12 @@ class _LevelFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
-@click.group(cls=InfluenceGroup)
+@click.group(cls=InfluenceGroup, epilog=(
+    "\b\nStart here:\n  influence demo                   a whole example: corpus, tiny model, run, report\n"
+    "  influence init job.toml          a commented job file: set model.path and the [data] paths\n"
+    "  influence validate job.toml      check every input at once\n"
+    "  influence run job.toml           every stage, then the first results\n"
+    "  influence show OUTPUT            read the results (also: sql, report, ddl)"))
 @click.version_option(_version(), "--version", prog_name="influence", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level; show third-party progress bars and warnings.")
 @click.option("--debug", is_flag=True, help="On a failure, print the full traceback instead of one line.")

@@ -135,8 +135,11 @@ def test_cli_reports_bad_config(tmp_path):
                                        '[factors]\nfisher = "bogus"\n')
     result = CliRunner().invoke(main, ["run", str(tmp_path / "job.toml")])
     assert result.exit_code == 1 and "factors.fisher = 'bogus'" in result.output
-    assert all(c in CliRunner().invoke(main, ["--help"]).output
-               for c in ("tokenize", "fit-factors", "build-queries", "score", "merge", "run", "demo"))
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    assert all(c in help_text for c in ("tokenize", "fit-factors", "build-queries", "score", "merge", "run", "demo"))
+    start = help_text.split("Start here:", 1)[1]  # the first steps, in the order a new user takes them
+    assert [start.index(f"influence {c}") for c in ("demo", "init", "validate", "run", "show")] == sorted(
+        start.index(f"influence {c}") for c in ("demo", "init", "validate", "run", "show"))
 
 
 def test_sample_is_seeded_and_cut_into_units(tmp_path):
