@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -228,6 +230,26 @@ def test_validate_names_a_raw_file_without_the_text_column(tmp_path, tiny_world,
     job = write_job(tmp_path, tiny_world, data={"raw": str(raw)})
     result = cli("validate", str(job))
     assert result.exit_code == 1 and f"error: {raw / 'a.jsonl'}: no column 'text' (data.text_column)" in result.output
+
+
+def test_validate_reads_every_raw_row_as_tokenize_does(tmp_path, tiny_world, no_ray):
+    """validate finds what tokenize would refuse in a raw file (a repeated id, a text that is not a string),
+    naming the file, row and field, and counts the documents when all is well."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = [{"id": "a", "text": "the cat"}, {"id": "b", "text": "a dog"}]
+    (raw / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in good))
+    job = write_job(tmp_path, tiny_world, data={"raw": str(raw)})
+    result = cli("validate", str(job))
+    assert "raw      1 file, 2 documents; ids unique in each file" in result.output, result.output
+    (raw / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in good + [{"id": "a", "text": "again"}]))
+    result = cli("validate", str(job))
+    assert result.exit_code == 1
+    assert f"error: {raw / 'a.jsonl'}: row 2, field 'id': id 'a' is also in row 0" in result.output, result.output
+    pq.write_table(pa.table({"id": ["x", "y"], "text": ["fine", None]}), raw / "a.parquet")
+    (raw / "a.jsonl").unlink()
+    result = cli("validate", str(job))
+    assert f"error: {raw / 'a.parquet'}: row 1, field 'text': not a string (None)" in result.output, result.output
 
 
 def test_queries_file_missing(tmp_path, tiny_world, no_ray):

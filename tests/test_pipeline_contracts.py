@@ -243,7 +243,8 @@ def test_tokenizer_callable_chunks_long_documents(tiny_world):
 def test_tokenizer_refuses_a_missing_or_repeated_document_id(tiny_world, tmp_path):
     """A raw file whose id repeats (or is null or empty) is refused naming the file, row and field: it would
     give two shard rows one doc_id."""
-    from pipelines.stages.tokenize import Tokenizer, document_ids
+    from pipelines.io.raw_files import document_ids
+    from pipelines.stages.tokenize import Tokenizer
 
     assert document_ids("f", ["a", 7, "b"], "id") == ["a", "7", "b"]
     tok = Tokenizer(ModelConfig(path=str(tiny_world / "model")), max_length=16, text_column="text", id_column="id")

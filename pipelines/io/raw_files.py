@@ -99,3 +99,46 @@ def check_raw_columns(urls: list[str], text_column: str, id_column: str) -> None
         for key, col in (("data.text_column", text_column), ("data.id_column", id_column)):
             if col not in columns:
                 raise ValueError(f"{url}: no column {col!r} ({key}); its columns: {columns}")
+
+
+def document_ids(url: str, values: list[Any], field: str) -> list[str]:
+    """The id column as strings; ValueError naming the file, row and field for a missing, empty or repeated id
+    (a repeated id would give two sequences one doc_id, which every later stage refuses)."""
+    first: dict[str, int] = {}
+    ids = []
+    for row, value in enumerate(values):
+        if value is None or str(value) == "":
+            what = "missing" if value is None else "empty"
+            raise ValueError(f"{url}: row {row}, field {field!r}: the document id is {what}")
+        doc = str(value)
+        if doc in first:
+            raise ValueError(f"{url}: row {row}, field {field!r}: id {doc!r} is also in row {first[doc]} "
+                             "(document ids must be unique)")
+        first[doc] = row
+        ids.append(doc)
+    return ids
+
+
+def texts_and_ids(url: str, table: pa.Table, text_column: str, id_column: str) -> tuple[list[str], list[str]]:
+    """A raw file's texts and document ids, checked: both columns there, every text a string, every id present,
+    non-empty and unique in the file (ValueError naming the file, row and field)."""
+    for col in (text_column, id_column):
+        if col not in table.column_names:
+            raise ValueError(f"{url}: column {col!r} is missing (columns: {table.column_names})")
+    texts = table.column(text_column).to_pylist()
+    ids = document_ids(url, table.column(id_column).to_pylist(), id_column)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{url}: row {row}, field {text_column!r}: not a string ({text!r})")
+    return texts, ids
+
+
+def check_raw_files(urls: list[str], text_column: str, id_column: str) -> int:
+    """`validate`'s check of the raw files, file by file: the columns, then every row as `tokenize` reads it
+    (``texts_and_ids``); returns the number of documents."""
+    check_raw_columns(urls, text_column, id_column)
+    documents = 0
+    for url in urls:
+        table = storage.read_parquet(url, [text_column, id_column]) if url.endswith(".parquet") else read_raw(url)
+        documents += len(texts_and_ids(url, table, text_column, id_column)[1])
+    return documents

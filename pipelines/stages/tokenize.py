@@ -34,7 +34,7 @@ from ..config import JobConfig, ModelConfig
 from ..io import completion, storage
 from ..io.model_loading import load_tokenizer
 from ..io.model_source import model_source
-from ..io.raw_files import check_raw_columns, read_raw
+from ..io.raw_files import check_raw_columns, read_raw, texts_and_ids
 from ..config.corpus_paths import corpus_root
 from ..io.shards import raw_inputs
 from ..io.unknown_tokens import WARN_SHARE, count_unknown, unknown_token_id
@@ -61,24 +61,6 @@ def chunk_document(text: str, encoding: Any, max_length: int) -> list[tuple[list
     return chunks
 
 
-def document_ids(url: str, values: list[Any], field: str) -> list[str]:
-    """The id column as strings; ValueError naming the file, row and field for a missing, empty or repeated id
-    (a repeated id would give two sequences one doc_id, which every later stage refuses)."""
-    first: dict[str, int] = {}
-    ids = []
-    for row, value in enumerate(values):
-        if value is None or str(value) == "":
-            what = "missing" if value is None else "empty"
-            raise ValueError(f"{url}: row {row}, field {field!r}: the document id is {what}")
-        doc = str(value)
-        if doc in first:
-            raise ValueError(f"{url}: row {row}, field {field!r}: id {doc!r} is also in row {first[doc]} "
-                             "(document ids must be unique)")
-        first[doc] = row
-        ids.append(doc)
-    return ids
-
-
 class Tokenizer:
     """Ray Data callable: ``{"unit": [JSON {input, output}]}`` -> one summary row per file."""
 
@@ -91,14 +73,7 @@ class Tokenizer:
 
     def tokenize_file(self, url: str) -> pa.Table:
         table = read_raw(url)
-        for col in (self.text_column, self.id_column):
-            if col not in table.column_names:
-                raise ValueError(f"{url}: column {col!r} is missing (columns: {table.column_names})")
-        texts = table.column(self.text_column).to_pylist()
-        ids = document_ids(url, table.column(self.id_column).to_pylist(), self.id_column)
-        for row, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ValueError(f"{url}: row {row}, field {self.text_column!r}: not a string ({t!r})")
+        texts, ids = texts_and_ids(url, table, self.text_column, self.id_column)
         enc = self.tokenizer(texts, return_offsets_mapping=True, truncation=False, verbose=False)
         extra = [c for c in table.column_names if c not in (self.text_column, self.id_column)]
         out: dict[str, list] = {"doc_id": [], "input_ids": [], "text": [], **{c: [] for c in extra}}

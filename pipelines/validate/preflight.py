@@ -29,7 +29,7 @@ from .doc_ids import check_unique_doc_ids
 from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
 from .queries import check_queries, has_text
 from .report import USER_ERRORS, Report
-from ..io.raw_files import check_raw_columns
+from ..io.raw_files import check_raw_files
 from ..io.shards import ShardError, raw_inputs
 from .shards import check_footer, check_footers, find_shards, scan_shard
 
@@ -65,7 +65,8 @@ def validate(cfg: JobConfig, job: str = "") -> Report:
         found = _step(report, lambda: raw_files(cfg))
         report.raw_files = len(found) if found is not None else None
         if found:
-            _step(report, lambda: check_raw_columns(found, cfg.data.text_column, cfg.data.id_column))
+            report.raw_documents = _step(report, lambda: check_raw_files(found, cfg.data.text_column,
+                                                                         cfg.data.id_column))
     shards = _corpus_shards(cfg, report)
     footers = _step(report, lambda: check_footers(shards)) if shards else None
     if footers is not None:
