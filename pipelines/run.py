@@ -30,6 +30,7 @@ from .config import JobConfig, ScoringMode
 from .io import storage
 from .io.completion import digest_of
 from .runtime.failures import StageFailed, errors_table
+from .runtime.run_lock import hold_output
 from .stages.build_queries import build_queries
 from .stages.candidates import find_candidates, read_candidates
 from .stages.index_build import build_index
@@ -68,11 +69,18 @@ def run_job(cfg: JobConfig, show_progress: bool = False, stages: tuple[str, ...]
 
     The inputs are checked first (``validate.preflight``: the model folder or
     Hub name and its tokenizer, raw files, queries, before Ray starts) and, before the corpus is read, its shards and doc_ids
-    (``validate.preflight_corpus``); the first problem raises with one line.
+    (``validate.preflight_corpus``); the first problem raises with one line. The stages run holding
+    ``<output>/run.lock`` (``runtime/run_lock.py``): a second run in the same output refuses.
     """
     preflight(cfg, stages)
+    run_id = run_id_of(cfg)
+    with hold_output(cfg.data.output, run_id):  # one run at a time in an output folder
+        return _run_stages(cfg, show_progress, stages, run_id)
+
+
+def _run_stages(cfg: JobConfig, show_progress: bool, stages: tuple[str, ...], run_id: str) -> dict[str, Any]:
     write_resolved_config(cfg)
-    record: dict[str, Any] = {"run_id": run_id_of(cfg), "started": dt.datetime.now(dt.timezone.utc).isoformat(),
+    record: dict[str, Any] = {"run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                               "config": cfg.to_dict(), "versions": versions(), "stages": {}}
     errors: list[dict[str, Any]] = []
 

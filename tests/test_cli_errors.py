@@ -292,7 +292,7 @@ def test_output_not_writable(tmp_path, tiny_world, no_ray, monkeypatch):
     monkeypatch.setattr(storage, "write_bytes", refuse)
     job = write_job(tmp_path, tiny_world, data={"raw": None})
     assert_one_line(cli("run", str(job)), f"data.output '{tmp_path / 'out'}' is not writable",
-                    "resolved_config.json")
+                    "run.lock")  # the run's first write: its lock on the output folder
 
 
 def test_output_under_a_file(tmp_path, tiny_world, no_ray):

@@ -1,0 +1,90 @@
+"""One run at a time in an output folder (``pipelines/runtime/run_lock.py``): a live holder refuses a second
+run with one line; a lock left behind by a dead process, or not refreshed for STALE_S seconds from another
+host, is taken over; the holder refreshes it and removes it at the end, also on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from pipelines.runtime import run_lock
+from pipelines.runtime.run_lock import LOCK, OutputInUse, hold_output
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(out, **fields) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = {"run_id": "other", "host": socket.gethostname(), "pid": 1, "started": "2026-01-01T00:00:00+00:00",
+            "heartbeat": time.time(), "token": "x", **fields}
+    (out / LOCK).write_text(json.dumps(lock))
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path):
+    out = tmp_path / "out"
+    with hold_output(str(out), "first"):
+        held = json.loads((out / LOCK).read_text())
+        assert held["run_id"] == "first" and held["host"] == socket.gethostname()
+        with pytest.raises(OutputInUse, match=r"is in use by run 'first' \(process \d+ on .*\): wait for it"):
+            with hold_output(str(out), "second"):
+                pass
+    assert not (out / LOCK).exists()  # removed at the end
+
+
+def test_the_lock_is_removed_when_the_run_fails(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with hold_output(str(out), "r"):
+            raise RuntimeError("boom")
+    assert not (out / LOCK).exists()
+
+
+def test_a_lock_left_behind_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    write_lock(out, pid=dead_pid())  # this host, its process gone (kill -9, a crash)
+    with hold_output(str(out), "mine"):
+        assert json.loads((out / LOCK).read_text())["run_id"] == "mine"
+    write_lock(out, host="elsewhere", heartbeat=time.time() - run_lock.STALE_S - 5)  # another host, silent
+    with hold_output(str(out), "mine"):
+        pass
+    write_lock(out, host="elsewhere", heartbeat=time.time() - 10)  # another host, refreshed lately: alive
+    with pytest.raises(OutputInUse, match="in use by run 'other' .* on elsewhere"):
+        with hold_output(str(out), "mine"):
+            pass
+
+
+def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    out = tmp_path / "out"
+    with hold_output(str(out), "r"):
+        first = json.loads((out / LOCK).read_text())["heartbeat"]
+        deadline = time.time() + 10
+        while json.loads((out / LOCK).read_text())["heartbeat"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert json.loads((out / LOCK).read_text())["heartbeat"] > first
+
+
+def test_run_in_an_output_in_use_is_one_line_before_ray(tmp_path, tiny_world, monkeypatch):
+    from test_cli_errors import assert_one_line, write_job
+
+    for mod in ("tokenize", "fit_factors", "score", "token_scores"):
+        monkeypatch.setattr(f"pipelines.stages.{mod}.ensure_ray",
+                            lambda *a, **k: pytest.fail("Ray started in an output in use"), raising=False)
+    job = write_job(tmp_path, tiny_world)
+    write_lock(tmp_path / "out", pid=os.getpid())  # a live process on this host
+    line = assert_one_line(CliRunner().invoke(main, ["run", str(job)]), "is in use by run 'other'",
+                           str(tmp_path / "out" / LOCK))
+    assert "if it died, remove" in line
+    assert json.loads((tmp_path / "out" / LOCK).read_text())["run_id"] == "other"  # the holder's lock is kept
