@@ -88,3 +88,18 @@ def test_run_in_an_output_in_use_is_one_line_before_ray(tmp_path, tiny_world, mo
                            str(tmp_path / "out" / LOCK))
     assert "if it died, remove" in line
     assert json.loads((tmp_path / "out" / LOCK).read_text())["run_id"] == "other"  # the holder's lock is kept
+
+
+def test_validate_warns_when_a_live_run_holds_the_output(tmp_path, tiny_world):
+    from test_cli_errors import write_job
+
+    job = write_job(tmp_path, tiny_world)
+    quiet = CliRunner().invoke(main, ["validate", str(job)])
+    assert "is in use" not in quiet.output
+    write_lock(tmp_path / "out", pid=dead_pid())  # left behind: no warning, the next run takes it over
+    assert "is in use" not in CliRunner().invoke(main, ["validate", str(job)]).output
+    write_lock(tmp_path / "out", pid=os.getpid())
+    result = CliRunner().invoke(main, ["validate", str(job)])
+    assert result.exit_code == quiet.exit_code  # a warning, not an error
+    assert f"warning: data.output = '{tmp_path / 'out'}' is in use by run 'other' (process {os.getpid()}" \
+        in result.output, result.output

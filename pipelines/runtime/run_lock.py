@@ -86,6 +86,14 @@ def _beat(url: str, mine: dict[str, Any], stop: threading.Event) -> None:
             log.debug("run lock %s: heartbeat not written (%s)", url, err)
 
 
+def in_use(output: str) -> str | None:
+    """Who holds ``output`` now ("run '...' (process N on HOST, started ...)"), or None when no live run does."""
+    held = _read(storage.join(output, LOCK))
+    if held is None or left_behind(held, time.time(), socket.gethostname()) is not None:
+        return None
+    return _holder(held)
+
+
 @contextmanager
 def hold_output(output: str, run_id: str) -> Iterator[None]:
     """Hold ``<output>/run.lock`` for the block (OutputInUse when another live run holds it)."""
@@ -94,7 +102,7 @@ def hold_output(output: str, run_id: str) -> Iterator[None]:
     held = _read(url)
     if held is not None:
         why = left_behind(held, now, host)
-        if why is None:
+        if why is None:  # the same test as in_use, with the reason kept for the log
             raise OutputInUse(f"{output} is in use by {_holder(held)}: wait for it to end (or stop it); if it died, "
                               f"remove {url} (a lock from another host counts as left behind {STALE_S:.0f} s after "
                               "its last heartbeat)")

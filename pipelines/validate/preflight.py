@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 
 from ..config import ConfigError, IndexSearch, JobConfig, ScoringMode
 from ..io import completion, storage
+from ..io.raw_files import check_raw_files
+from ..io.shards import ShardError, raw_inputs
+from ..runtime.run_lock import in_use
 from .doc_ids import check_unique_doc_ids
 from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
 from .queries import check_queries, has_text
 from .report import USER_ERRORS, Report
-from ..io.raw_files import check_raw_files
-from ..io.shards import ShardError, raw_inputs
 from .shards import check_footer, check_footers, find_shards, scan_shard
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ def validate(cfg: JobConfig, job: str = "") -> Report:
             report.warnings += checked.warnings
     if _needs_faiss(cfg):
         _step(report, _require_faiss)
+    holder = _step(report, lambda: in_use(cfg.data.output))
+    if holder:
+        report.warnings.append(f"data.output = {cfg.data.output!r} is in use by {holder}: `influence run` refuses "
+                               "to start in it until that run ends")
     report.seconds = time.perf_counter() - start
     return report
 
