@@ -52,7 +52,7 @@ blocks = 1                        # block-diagonal blocks per factor (more: less
 unit_sequences = 256              # sequences per unit of work
 refit = "on_growth"               # keep the factors while the corpus only grows, by at most refit_growth;
                                   # or "on_corpus_change" (refit on any shard change) | "on_settings_change"
-refit_growth = 0.25               # on_growth: refit once the corpus has grown by 25% (bytes) since the fit
+refit_growth = 0.25               # on_growth: refit once the corpus has grown by 25% (sequences) since the fit
 
 [scoring]
 top_k = 10                        # sequences kept per query and side (top and bottom)

@@ -400,20 +400,28 @@ def test_performance_settings_never_change_the_factors_key(tiny_world, tmp_path)
 
 
 def test_on_growth_keeps_factors_while_the_corpus_only_grows_a_little():
-    """factors.refit = "on_growth": every fitted shard unchanged and at most refit_growth more bytes."""
+    """factors.refit = "on_growth": every fitted shard unchanged and at most refit_growth more sequences (rows of
+    the added shards, from their footers; an unreadable one adds none)."""
     from pipelines.stages.factor_refit import keeps_factors
 
-    fitted = [("s/a.parquet", 400), ("s/b.parquet", 600)]
-    assert keeps_factors(fitted, fitted, 0.25) == (True, "kept: the corpus grew by 0.0% since the fit (refit above 25%)")
-    grown = fitted + [("s/c.parquet", 250)]
-    assert keeps_factors(fitted, grown, 0.25) == (True, "kept: the corpus grew by 25.0% since the fit "
-                                                        "(refit above 25%)")  # exactly at the limit
-    assert keeps_factors(fitted, grown + [("s/d.parquet", 1)], 0.25) == (
-        False, "refit: the corpus grew by 25.1% since the fit (factors.refit_growth = 25%)")  # past it
-    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/b.parquet", 601)], 0.25) == (
+    fitted = [("s/a.parquet", 400, 40), ("s/b.parquet", 600, 60)]  # (name, bytes, rows)
+    rows = {"s/c.parquet": 25, "s/d.parquet": 1, "s/bad.parquet": 0}.__getitem__
+    now = [(n, size) for n, size, _ in fitted]
+    assert keeps_factors(fitted, now, 0.25, rows) == (
+        True, "kept: the corpus grew by 0 sequences (0.0%) since the fit (refit above 25%)")
+    grown = now + [("s/c.parquet", 9999)]  # a large file of few rows: its rows count, not its bytes
+    assert keeps_factors(fitted, grown, 0.25, rows) == (
+        True, "kept: the corpus grew by 25 sequences (25.0%) since the fit (refit above 25%)")  # at the limit
+    assert keeps_factors(fitted, grown + [("s/d.parquet", 1)], 0.25, rows) == (
+        False, "refit: the corpus grew by 26 sequences (26.0%) since the fit (factors.refit_growth = 25%)")
+    assert keeps_factors(fitted, now + [("s/bad.parquet", 5000)], 0.0, rows)[0] is True  # unreadable: no rows
+    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/b.parquet", 601)], 0.25, rows) == (
         False, "refit: shard 's/b.parquet' changed since the fit")  # a shard replaced
-    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/c.parquet", 600)], 0.25) == (
+    assert keeps_factors(fitted, [("s/a.parquet", 400), ("s/c.parquet", 600)], 0.25, rows) == (
         False, "refit: shard 's/b.parquet' was removed since the fit")
-    assert keeps_factors(None, fitted, 0.25) == (
+    assert keeps_factors(None, now, 0.25, rows) == (
         False, "refit: the factors did not record the shards they were fitted on")
-    assert keeps_factors(fitted, grown, 0.0)[0] is False
+    assert keeps_factors(fitted, grown, 0.0, rows)[0] is False
+    legacy = [("s/a.parquet", 400), ("s/b.parquet", 600)]  # a marker from before rows were recorded: bytes
+    assert keeps_factors(legacy, now + [("s/c.parquet", 250)], 0.25, rows) == (
+        True, "kept: the corpus grew by 250 bytes (25.0%) since the fit (refit above 25%)")

@@ -42,7 +42,7 @@ Sections (every key optional unless marked required)::
     blocks = 1
     unit_sequences = 256                # sequences per unit of work (label draws are seeded per sequence)
     refit = "on_growth"                 # on_growth: keep the factors while the corpus only grows (every
-                                        # fitted shard unchanged) by at most refit_growth of its bytes |
+                                        # fitted shard unchanged) by at most refit_growth of its sequences |
                                         # on_corpus_change: refit whenever a shard is added, replaced or removed |
                                         # on_settings_change: never refit for the corpus, only for [factors] keys
     refit_growth = 0.25                 # on_growth: refit once the corpus is 25% larger than when fitted

@@ -3,10 +3,13 @@
 ``factors_key`` names what a fit depends on (the model, the ``[factors]`` keys, ``data.too_long``
 when not "error", and with ``refit = "on_corpus_change"`` the shards); ``keeps_factors`` decides,
 for ``refit = "on_growth"`` (the default), whether factors fitted on some shards still serve a
-corpus that has grown since, and says why either way (the run summary prints it).
+corpus that has grown since (growth in sequences, from the Parquet footers), and says why either way
+(the run summary prints it).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from ..config import JobConfig
 from ..io import completion
@@ -36,24 +39,30 @@ def named_fingerprints(fingerprints: list[tuple[str, int]], corpus: str) -> list
     return [(shard_name(url, corpus), size) for url, size in fingerprints]
 
 
-def keeps_factors(fitted_on: list[tuple[str, int]] | None, now: list[tuple[str, int]],
-                  growth: float) -> tuple[bool, str]:
+def keeps_factors(fitted_on: list[tuple] | None, now: list[tuple[str, int]], growth: float,
+                  rows_of: Callable[[str], int] | None = None) -> tuple[bool, str]:
     """Whether factors fitted on the shards ``fitted_on`` stay current for the corpus ``now``, and why.
 
-    ``factors.refit = "on_growth"``: they stay while every shard they were fitted on is still
-    there with its size, and the corpus grew by at most ``growth`` (0.25: a quarter) of the bytes it
-    had. ``fitted_on`` None (factors from a version that did not record their shards): refit.
+    ``factors.refit = "on_growth"``: they stay while every shard they were fitted on is still there with its
+    size, and the corpus grew by at most ``growth`` (0.25: a quarter) of the sequences it had. ``fitted_on``
+    holds (name, size, rows) per shard; the rows of a shard added since come from ``rows_of(name)`` (its
+    footer; 0 when it does not read: it adds nothing to fit on). Factors whose marker holds (name, size) only
+    (fitted before rows were recorded) count growth in bytes. ``fitted_on`` None (factors from a version that
+    did not record their shards): refit.
     """
     if fitted_on is None:
         return False, "refit: the factors did not record the shards they were fitted on"
     current = dict(now)
-    for name, size in fitted_on:
+    for name, size, *_ in fitted_on:
         if current.get(name) != size:
             change = "was removed" if name not in current else "changed"
             return False, f"refit: shard {name!r} {change} since the fit"
-    before, after = sum(size for _, size in fitted_on), sum(current.values())
-    added = after - before
+    added_names = sorted(set(current) - {entry[0] for entry in fitted_on})
+    if rows_of is not None and all(len(entry) > 2 for entry in fitted_on):
+        before, added, unit = sum(entry[2] for entry in fitted_on), sum(map(rows_of, added_names)), "sequences"
+    else:
+        before, added, unit = sum(entry[1] for entry in fitted_on), sum(current[n] for n in added_names), "bytes"
+    grew = f"{added:,} {unit} ({added / before:.1%})" if before > 0 else f"{added:,} {unit} (from nothing)"
     if before <= 0 or added > growth * before:
-        share = f"{added / before:.1%}" if before > 0 else "from nothing"
-        return False, f"refit: the corpus grew by {share} since the fit (factors.refit_growth = {growth:.0%})"
-    return True, f"kept: the corpus grew by {added / before:.1%} since the fit (refit above {growth:.0%})"
+        return False, f"refit: the corpus grew by {grew} since the fit (factors.refit_growth = {growth:.0%})"
+    return True, f"kept: the corpus grew by {grew} since the fit (refit above {growth:.0%})"

@@ -34,6 +34,7 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -108,21 +109,30 @@ def _unit_stage(worker: type, stage: int, units: list[Unit], args: dict, out: st
             "units": log.summary(), "failed": failed}
 
 
-def readable_shards(shards: list[str], failures: FailureLog) -> list[str]:
-    """The shards whose Parquet footer reads; the others go to ``failures`` (which raises under "fail")."""
+def readable_shards(shards: list[str], failures: FailureLog) -> dict[str, int]:
+    """Rows of each shard whose Parquet footer reads; the others go to ``failures`` (which raises under
+    "fail")."""
     from ..io.storage import StorageError
 
-    ok = []
+    ok = {}
     for shard in shards:
         try:
-            row_counts([shard])
+            (ok[shard],) = row_counts([shard])
         except StorageError:
             raise
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
             failures.add(shard, one_line(shard, err))
-            continue
-        ok.append(shard)
     return ok
+
+
+def _footer_rows(urls: dict[str, str]) -> Callable[[str], int]:
+    """name -> rows of the shard of that name (0 when its footer does not read), for ``keeps_factors``."""
+    def rows(name: str) -> int:
+        try:
+            return row_counts([urls[name]])[0]
+        except (OSError, ValueError):  # unreadable: nothing to fit on (the stages skip or refuse it)
+            return 0
+    return rows
 
 
 def _layer_stage(worker: type, jobs: list[dict], cfg: JobConfig, cluster: dict, use_gpu: bool, name: str,
@@ -163,8 +173,10 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         fitted_on = done.pop("fitted_shards", None)
         if cfg.factors.refit != "on_growth":
             return {**done, "skipped": True}
-        kept, refit = keeps_factors([tuple(f) for f in fitted_on] if fitted_on else None,
-                                    named_fingerprints(shard_prints, cfg.data.corpus), cfg.factors.refit_growth)
+        named = named_fingerprints(shard_prints, cfg.data.corpus)
+        urls = {name: url for (name, _), (url, _) in zip(named, shard_prints)}
+        kept, refit = keeps_factors([tuple(f) for f in fitted_on] if fitted_on else None, named,
+                                    cfg.factors.refit_growth, _footer_rows(urls))
         if kept:
             return {**done, "skipped": True, "refit": refit}
         log.info("fit-factors: %s", refit)
@@ -173,7 +185,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     f = cfg.factors
     failures = FailureLog("fit-factors", cfg.on_error)
-    readable = readable_shards(shards, failures)
+    rows_of = readable_shards(shards, failures)
+    readable = list(rows_of)
     if not readable:
         raise StageFailed(f"fit-factors: no shard of the corpus {cfg.data.corpus} could be read")
     sampled = sample_rows(readable, f.sample_sequences, f.sample_tokens, f.seed)
@@ -244,7 +257,8 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "driver_peak_rss_at_start_mb": round(rss_at_start, 1),
             "tasks": accounting}
-    fitted_shards = named_fingerprints(shard_prints, cfg.data.corpus)
+    fitted_shards = [(name, size, rows_of.get(url, 0))  # rows: what on_growth measures growth against
+                     for (name, size), (url, _) in zip(named_fingerprints(shard_prints, cfg.data.corpus), shard_prints)]
     done = completion.mark_complete(out, key, {**info, "fitted_shards": fitted_shards})
     done.pop("fitted_shards")
     return {**done, "skipped": False, "errors": failures.rows, **({"refit": refit} if refit else {})}
