@@ -384,7 +384,9 @@ def test_readers_on_s3(results_s3, tmp_path):
     assert re.search(r"\n\s*32\n", docs)
     assert "refused" in cli("sql", url, "COPY topk TO 's3://influence-results/x.csv'").output
     assert "query q-cat" in ok("show", url, "--k", "1", "--no-color")
-    assert "LOCATION 's3://influence-results/out/topk/'" in ok("ddl", url, "--engine", "athena")
+    athena = ok("ddl", url, "--engine", "athena")
+    assert "LOCATION 's3://influence-results/out/topk/'" in athena
+    assert "CREATE EXTERNAL TABLE documents" in athena and "LOCATION 's3://influence-results/shards/'" in athena
     assert "report: s3://influence-results/out/report.html" in ok("report", url)
     from pipelines.io import storage
 
