@@ -125,7 +125,7 @@ def job(root: Path, corpus: str, output: str, threads: int, batch_size: int) -> 
             "data": {"corpus": corpus, "queries": str(root / "unused.jsonl"), "output": output},
             "scoring": {"top_k": 10, "rank": 32, "sort_window": 512},
             "resources": {"actors": 1, "threads_per_actor": threads, "batch_size": batch_size, "cpus_per_actor": 1.0,
-                          "object_store_mb": 512}}
+                          "object_store_mb": 512, "pool": "actors"}}  # as measured (README): one actor
 
 
 def multinode(args, root: Path, vocab: int) -> dict:

@@ -98,7 +98,8 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     score = stages.get("score")
     if score and score.get("tokens") and score.get("actor_seconds"):
         lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
-                     f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per actor")
+                     f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per "
+                     f"{'worker' if (score.get('units') or {}).get('pool') == 'tasks' else 'actor'}")
     rows = (score or {}).get("rows")
     if rows:
         unreadable = (f" ({_count(rows['unreadable_shards'], 'unreadable shard')}, rows unknown)"

@@ -92,4 +92,5 @@ batch_size = 8                    # sequences per forward/backward pass
 object_store_mb = 0               # local Ray only; 0 = min(1 GiB, 20% of RAM)
 actor_restarts = -1               # restarts of an actor whose node died (-1 = no limit)
 task_retries = -1                 # retries of a unit whose actor died (-1 = until it is back)
+pool = "auto"                     # actors | tasks (Ray's reused processes) | auto: tasks on one node without GPUs
 """

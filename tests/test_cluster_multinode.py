@@ -112,6 +112,8 @@ def test_cluster_run_equals_local_run(cluster, ray_local, cluster_run, world, tm
         assert (cluster_run / "out" / "factors" / name).read_bytes() == (local / "out" / "factors" / name).read_bytes()
     rec = record(cluster_run)
     units = rec["stages"]["score"]["units"]
+    assert units["pool"] == "actors"  # pool = "auto" on several nodes; the local run above ran on a task pool
+    assert record(local)["stages"]["score"]["units"]["pool"] == "tasks"
     workers = {n.node_id[:12] for n in cluster.worker_nodes}
     assert units["units"] == SHARDS and len(units["nodes"]) >= 2 and set(units["nodes"]) <= workers, units
     assert sum(a["units"] for a in units["actors"].values()) == SHARDS

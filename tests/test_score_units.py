@@ -127,11 +127,13 @@ def test_units_spread_two_shards_over_four_actors(fitted):
     ctx = data_context()
     saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 600
     try:
-        record = run_job(config_from_dict(job(fitted["world"], fitted["corpus"], out, fitted["queries"], actors=4,
-                                              unit_rows=2 * ROWS_PER_GROUP)))
+        spec = job(fitted["world"], fitted["corpus"], out, fitted["queries"], actors=4, unit_rows=2 * ROWS_PER_GROUP)
+        spec["resources"]["pool"] = "actors"  # a task pool may run every unit in one reused process
+        record = run_job(config_from_dict(spec))
     finally:
         ctx.wait_for_min_actors_s = saved
     stage = record["stages"]["score"]
+    assert stage["units"]["pool"] == "actors"
     assert stage["units_total"] == 8 and stage["scored"] == 8 and stage["failed"] == 0
     assert stage["rows"] == {"rows": 64, "scored": 64, "skipped": 0, "unreadable_shards": 0}
     actors = stage["units"]["actors"]

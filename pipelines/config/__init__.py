@@ -83,6 +83,7 @@ Sections (every key optional unless marked required)::
     object_store_mb = 0                 # local Ray only; 0 = min(1 GiB, 20% of RAM)
     actor_restarts = -1                 # restarts of an actor whose node died (-1 = no limit)
     task_retries = -1                   # retries of a unit whose actor died, -1 = until it is back (not errors it raised)
+    pool = "auto"                       # "actors", "tasks" (reused processes), "auto": tasks on one node without GPUs
 
 Every value is checked when the config is built; errors name the key and the value.
 ``influence validate job.toml`` checks the rest before anything runs (``pipelines/validate/``).
@@ -93,10 +94,10 @@ from __future__ import annotations
 from .checks import ConfigError
 from .job import HUB_NAME, ON_ERROR, SECTIONS, TOP_LEVEL, JobConfig, config_from_dict, load_config
 from .sections import (REFIT, DataConfig, DType, FactorConfig, IndexConfig, IndexDType, IndexSearch, ModelConfig,
-                       ResourceConfig, ScoringConfig, ScoringMode, TooLong)
+                       Pool, ResourceConfig, ScoringConfig, ScoringMode, TooLong)
 
 VERBOSE_ENV = "INFLUENCE_VERBOSE"  # "1" (set by `influence --verbose`): Ray's and transformers' messages shown
 
 __all__ = ["ConfigError", "DType", "DataConfig", "FactorConfig", "HUB_NAME", "IndexConfig", "IndexDType", "IndexSearch",
-           "JobConfig", "ModelConfig", "ON_ERROR", "REFIT", "ResourceConfig", "SECTIONS", "ScoringConfig",
+           "JobConfig", "ModelConfig", "ON_ERROR", "Pool", "REFIT", "ResourceConfig", "SECTIONS", "ScoringConfig",
            "ScoringMode", "TOP_LEVEL", "TooLong", "VERBOSE_ENV", "config_from_dict", "load_config"]

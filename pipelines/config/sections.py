@@ -43,6 +43,15 @@ class IndexSearch(str, enum.Enum):
     FAISS = "faiss"
 
 
+class Pool(str, enum.Enum):
+    """What runs a stage's units: an actor pool (fresh processes per stage), Ray tasks on reused worker
+    processes (``runtime/task_pool.py``), or ``auto``: tasks on a one-node Ray without GPUs, else actors."""
+
+    AUTO = "auto"
+    ACTORS = "actors"
+    TASKS = "tasks"
+
+
 class TooLong(str, enum.Enum):
     """What a shard sequence longer than the model's context becomes."""
 
@@ -240,6 +249,7 @@ class ResourceConfig:
     object_store_mb: int = 0
     actor_restarts: int = -1
     task_retries: int = -1
+    pool: Pool | str = Pool.AUTO
 
     def __post_init__(self) -> None:
         if not isinstance(self.ray_address, str):
@@ -253,3 +263,4 @@ class ResourceConfig:
         check_int("resources.object_store_mb", self.object_store_mb, 0)
         check_int("resources.actor_restarts", self.actor_restarts, -1)
         check_int("resources.task_retries", self.task_retries, -1)
+        object.__setattr__(self, "pool", enum_value("resources.pool", Pool, self.pool))

@@ -8,10 +8,12 @@ the driver folds them into a ``UnitLog``:
 - node: the Ray node id of the actor (first 12 hex characters);
 - actor: the actor id (first 12 hex characters); an actor keeps its id when Ray
   restarts it after its node died, ``restarted`` tells that incarnation apart;
+  in a task pool (``task_pool.py``) ``pid-<process id>``, the worker process;
 - start, end: wall-clock seconds (``time.time()``) around the call.
 
 Retries: before it works on a unit, the wrapper tells a small ``Ledger`` actor
-(no CPUs, on the head node, whose loss ends the cluster anyway) that the unit
+(no CPUs, on the head node, whose loss ends the cluster anyway; one per driver
+and Ray connection, each stage's units under a name of their own) that the unit
 started; a unit that started more often than once was lost with its actor
 (node loss) and run again. Ray Data calls the stage callable in a thread of
 its own, where Ray's task attempt number is not visible, hence the ledger.
@@ -26,7 +28,7 @@ it; raised in ``__init__``, it would kill the actor, and the driver would get
 only an ``ActorDiedError`` holding its text, after Ray's retries of the actor's
 first call.
 
-``UnitLog.summary()`` is what the run record shows: units, per-node units and
+``UnitLog.summary()`` is what the run record shows: the pool (actors or tasks), units, per-node units and
 busy seconds, per-actor units and busy seconds, retries (unit starts beyond
 the first), restarted actors, and the gap an actor waited between finishing
 one unit and starting the next (the scheduling overhead per unit).
@@ -51,16 +53,19 @@ def unit_key(unit_json: str) -> str:
 
 
 class Ledger:
-    """How often each unit was started (a Ray actor: ``ledger_actor()``)."""
+    """How often each unit was started, per stage (``ns``: one ``run_units`` call); a Ray actor: ``ledger_actor()``."""
 
     def __init__(self) -> None:
-        self.starts: dict[str, int] = defaultdict(int)
+        self.starts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def started(self, key: str) -> None:
-        self.starts[key] += 1
+    def started(self, key: str, ns: str = "") -> None:
+        self.starts[ns][key] += 1
 
-    def counts(self) -> dict[str, int]:
-        return dict(self.starts)
+    def counts(self, ns: str = "") -> dict[str, int]:
+        return dict(self.starts.get(ns, {}))
+
+    def forget(self, ns: str) -> None:
+        self.starts.pop(ns, None)
 
 
 def head_node_id() -> str:
@@ -73,8 +78,12 @@ def head_node_id() -> str:
     return str(ray.get_runtime_context().get_node_id())
 
 
+_LEDGER: dict[str, Any] = {}  # the Ray job and node ids -> this driver's ledger actor (one per Ray connection)
+
+
 def ledger_actor() -> Any:
-    """A ``Ledger`` actor on the head node, asking for no CPU.
+    """The driver's ``Ledger`` actor on the head node, asking for no CPU; made once per Ray connection
+    (an actor's start costs about a second, which every stage would pay before its first unit).
 
     Not the driver's node: a driver started on a machine that runs several
     raylets may be attached to a worker node, which can be lost mid-stage.
@@ -85,17 +94,26 @@ def ledger_actor() -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
-    return ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=head).remote()
+    ctx = ray.get_runtime_context()
+    job = f"{ctx.get_job_id()}@{ctx.get_node_id()}"  # a job id alone repeats in a Ray started again
+    if job not in _LEDGER:
+        _LEDGER.clear()
+        head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
+        _LEDGER[job] = ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=head).remote()
+    return _LEDGER[job]
 
 
-def ledger_counts(ledger: Any) -> dict[str, int] | None:
-    """The ledger's counts, or None when the ledger was lost."""
+def ledger_counts(ledger: Any, ns: str = "") -> dict[str, int] | None:
+    """The ledger's counts for one stage (forgotten there), or None when the ledger was lost (the next
+    stage gets a new one)."""
     import ray
 
     try:
-        return dict(ray.get(ledger.counts.remote()))
+        counts = dict(ray.get(ledger.counts.remote(ns)))
+        ledger.forget.remote(ns)
+        return counts
     except ray.exceptions.RayActorError:
+        _LEDGER.clear()
         return None
 
 
@@ -104,22 +122,23 @@ class UnitActor:
 
     _target: type = object
 
-    def __init__(self, _ledger: Any = None, **kwargs: Any) -> None:
+    def __init__(self, _ledger: Any = None, _ledger_ns: str = "", **kwargs: Any) -> None:
         import os
 
         import ray
 
-        self.ledger = _ledger
+        self.ledger, self.ledger_ns = _ledger, _ledger_ns
         self.init_error: Exception | None = None
         try:
             self.inner = self._target(**kwargs)
         except Exception as err:  # noqa: BLE001 -- not swallowed: raised again on the first unit (see below)
             self.init_error = err
         ctx = ray.get_runtime_context()
+        actor = ctx.get_actor_id()
         self.node = ctx.get_node_id()[:12]
-        self.actor = (ctx.get_actor_id() or "driver")[:12]
+        self.actor = actor[:12] if actor else f"pid-{os.getpid()}"  # a task pool's worker process
         self.pid = os.getpid()
-        self.restarted = bool(ctx.was_current_actor_reconstructed)
+        self.restarted = bool(actor) and bool(ctx.was_current_actor_reconstructed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.init_error is not None:
@@ -128,7 +147,7 @@ class UnitActor:
             import ray
 
             try:
-                ray.get([self.ledger.started.remote(unit_key(u)) for u in batch["unit"]])
+                ray.get([self.ledger.started.remote(unit_key(u), self.ledger_ns) for u in batch["unit"]])
             except ray.exceptions.RayActorError:
                 self.ledger = None  # bookkeeping only: the unit goes on
         start = time.time()
@@ -154,6 +173,7 @@ class UnitLog:
         self.calls: dict[tuple[str, float], dict[str, Any]] = {}  # (actor, start) -> one call (one unit)
         self.starts: dict[str, int] | None = {}  # unit key -> times started (None: ledger lost)
         self.stage_start = time.time()
+        self.pool = "actors"  # or "tasks" (``ray_runtime.run_units``)
 
     def add(self, row: dict[str, Any]) -> dict[str, Any]:
         """Record the accounting fields of ``row``; return the row without them."""
@@ -185,6 +205,7 @@ class UnitLog:
             last_end[key] = c["end"]
         wall = max((c["end"] for c in calls), default=self.stage_start) - self.stage_start
         return {
+            "pool": self.pool,
             "units": len(calls),
             "retries": None if self.starts is None else int(sum(n - 1 for n in self.starts.values() if n > 1)),
             "restarted_actors": sorted({c["actor"] for c in calls if c["restarted"]}),

@@ -3,7 +3,9 @@
 With no address the job starts a local Ray sized for this machine (all cores,
 object store capped, no dashboard). Every stage hands Ray Data a list of small
 JSON "units" (a shard, or rows of a shard); actors (``__init__`` loads the model
-once) turn each unit into result rows that stream back to the driver. Actors
+once), or Ray tasks on reused worker processes that build the stage's callable once
+each (``task_pool.py``, ``resources.pool``), turn each unit into result rows that
+stream back to the driver. Actors
 take fractional CPUs when the pool would otherwise hold every CPU, so that Ray
 Data's own tasks can still run (the actor-pool deadlock: docs/contributing.md).
 """
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VERBOSE_ENV, ResourceConfig
+from ..config import VERBOSE_ENV, Pool, ResourceConfig
 from .accounting import UnitLog, ledger_actor, ledger_counts, wrap
+from .task_pool import run_unit
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +123,17 @@ def spend_restart_warning() -> None:
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """How many actors and what each asks for."""
+    """How many actors (or tasks at once), what each asks for, and whether they are tasks (``task_pool.py``)."""
 
     size: int
     num_cpus: float
     num_gpus: float
+    tasks: bool = False
+
+
+def cluster_nodes(cluster: dict[str, float]) -> int:
+    """Alive nodes in ``ray.cluster_resources()``: each node adds 1 to its ``node:<ip>`` resource."""
+    return int(round(sum(v for k, v in cluster.items() if k.startswith("node:") and k != "node:__internal_head__")))
 
 
 def pool_plan(resources: ResourceConfig, cluster: dict[str, float], units: int) -> PoolPlan:
@@ -135,13 +145,15 @@ def pool_plan(resources: ResourceConfig, cluster: dict[str, float], units: int) 
     free = cluster.get("CPU", 1.0)
     if size * cpus >= free:  # leave room for Ray Data's own tasks
         cpus = max(0.01, (free - 0.5) / size) if free > 0.5 else 0.01
-    return PoolPlan(size, cpus, float(gpus))
+    pool = Pool(resources.pool)
+    tasks = pool == Pool.TASKS or (pool == Pool.AUTO and not gpus and cluster_nodes(cluster) <= 1)
+    return PoolPlan(size, cpus, float(gpus), tasks)
 
 
 def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]],
               resources: ResourceConfig, cluster: dict[str, float], progress: Any = None,
               log: UnitLog | None = None) -> Iterator[dict[str, Any]]:
-    """Run ``cls(**constructor)(batch)`` over ``units`` on an actor pool; yield result rows as dicts.
+    """Run ``cls(**constructor)(batch)`` over ``units`` on an actor pool or as tasks; yield result rows as dicts.
 
     Each unit is a JSON-able dict; the callable receives ``{"unit": array of JSON strings}``
     and returns a dict of equal-length arrays. ``progress`` (a tqdm) is advanced per returned batch
@@ -149,7 +161,10 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     (``accounting.py``). An actor holds one unit at a time, so units spread over every actor
     and a lost actor takes only its current unit with it. Node loss: an actor whose node dies is restarted elsewhere
     (``resources.actor_restarts``) and the tasks it held are retried (``resources.task_retries``);
-    a unit writes its own output file, so a retried unit rewrites the same bytes.
+    a unit writes its own output file, so a retried unit rewrites the same bytes. With a task pool
+    (``pool_plan``: ``resources.pool``), at most ``size`` units run at once, each a Ray task on a reused
+    worker process that builds ``cls`` once for this call (``task_pool.py``); a unit whose process dies is
+    retried (``resources.task_retries``).
     """
     import ray
     import ray.data
@@ -159,25 +174,29 @@ def run_units(cls: type, constructor: dict[str, Any], units: list[dict[str, Any]
     plan = pool_plan(resources, cluster, len(units))
     items = [{"unit": json.dumps(u, sort_keys=True)} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ledger = ledger_actor()
+    ledger, ns = ledger_actor(), uuid.uuid4().hex  # ns: this call's units in the ledger, and its task key
+    acct = {"_ledger": ledger, "_ledger_ns": ns}
+    common: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy", "num_cpus": plan.num_cpus,
+                              "num_gpus": plan.num_gpus or None, "zero_copy_batch": True}
     with warnings.catch_warnings():  # Ray 2.60 has no other way to pass these (deprecated for Ray 2.64)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(wrap(cls), fn_constructor_kwargs={**constructor, "_ledger": ledger}, batch_size=1,
-                            batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=plan.size, max_tasks_in_flight_per_actor=1),
-                            num_cpus=plan.num_cpus,
-                            num_gpus=plan.num_gpus or None, zero_copy_batch=True,
-                            max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries)
+        if plan.tasks:
+            spec = ray.put((wrap(cls), {**constructor, **acct}))
+            ds = ds.map_batches(run_unit, fn_args=[ns, spec], concurrency=plan.size,
+                                max_retries=resources.task_retries, **common)
+        else:
+            ds = ds.map_batches(wrap(cls), fn_constructor_kwargs={**constructor, **acct},
+                                compute=ray.data.ActorPoolStrategy(size=plan.size, max_tasks_in_flight_per_actor=1),
+                                max_restarts=resources.actor_restarts, max_task_retries=resources.task_retries,
+                                **common)
     log = log if log is not None else UnitLog()
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            if progress is not None:
-                progress.update(1)
-            for i in range(len(next(iter(batch.values())))):
-                yield log.add({k: _plain(v[i]) for k, v in batch.items()})
-        log.starts = ledger_counts(ledger)
-    finally:
-        ray.kill(ledger)
+    log.pool = "tasks" if plan.tasks else "actors"
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        if progress is not None:
+            progress.update(1)
+        for i in range(len(next(iter(batch.values())))):
+            yield log.add({k: _plain(v[i]) for k, v in batch.items()})
+    log.starts = ledger_counts(ledger, ns)
 
 
 def _plain(x: Any) -> Any:
