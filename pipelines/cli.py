@@ -99,7 +99,7 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
     if score and score.get("tokens") and score.get("actor_seconds"):
         lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
                      f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per "
-                     f"{'worker' if (score.get('units') or {}).get('pool') == 'tasks' else 'actor'}")
+                     f"{'worker process' if (score.get('units') or {}).get('pool') == 'tasks' else 'actor'}")
     rows = (score or {}).get("rows")
     if rows:
         unreadable = (f" ({_count(rows['unreadable_shards'], 'unreadable shard')}, rows unknown)"
@@ -118,8 +118,9 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
                                                                else ""))
     units = (score or {}).get("units")
     if units:
+        who = "worker process" if units.get("pool") == "tasks" else "actor"
         lines.append(f"  score units ran on {_count(len(units['nodes']), 'node')}, "
-                     f"{_count(len(units['actors']), 'actor')}; {units['retries']} retried after a lost actor")
+                     f"{_count(len(units['actors']), who)}; {units['retries']} retried after a lost {who}")
     lines += _outputs_line(cfg, stages)
     lines.append(f"  record: {out}/runs/{record['run_id']}.json")
     return lines

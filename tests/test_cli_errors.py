@@ -241,7 +241,7 @@ def test_validate_reads_every_raw_row_as_tokenize_does(tmp_path, tiny_world, no_
     (raw / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in good))
     job = write_job(tmp_path, tiny_world, data={"raw": str(raw)})
     result = cli("validate", str(job))
-    assert "raw      1 file, 2 documents; ids unique in each file" in result.output, result.output
+    assert "raw      1 file, 2 documents; ids unique" in result.output, result.output
     (raw / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in good + [{"id": "a", "text": "again"}]))
     result = cli("validate", str(job))
     assert result.exit_code == 1
@@ -250,6 +250,14 @@ def test_validate_reads_every_raw_row_as_tokenize_does(tmp_path, tiny_world, no_
     (raw / "a.jsonl").unlink()
     result = cli("validate", str(job))
     assert f"error: {raw / 'a.parquet'}: row 1, field 'text': not a string (None)" in result.output, result.output
+    (raw / "a.parquet").unlink()  # two files, each fine on its own, sharing an id
+    (raw / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in good))
+    (raw / "b.jsonl").write_text(json.dumps({"id": "c", "text": "a bird"}) + "\n" + json.dumps(good[1]) + "\n")
+    result = cli("validate", str(job))
+    assert result.exit_code == 1
+    assert f"error: {raw / 'a.jsonl'}: row 1, field 'id': id 'b' is also in {raw / 'b.jsonl'} row 1 (document ids " \
+           "must be unique across data.raw" in result.output, result.output
+    assert "raw      2 files, 4 documents\n" in result.output, result.output
 
 
 def test_queries_file_missing(tmp_path, tiny_world, no_ray):

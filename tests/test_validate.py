@@ -267,6 +267,49 @@ def test_duplicate_doc_ids_found_through_spilled_buckets(world):
         check_unique_doc_ids(shards, total, bucket_rows=3)
 
 
+@pytest.mark.parametrize("bucket_rows", [1_000_000, 2])  # one bucket in memory; buckets spilled to disk
+def test_raw_ids_shared_by_two_files_are_found(bucket_rows):
+    from pipelines.validate.doc_ids import RawIds
+
+    urls = ["raw/a.jsonl", "raw/b.jsonl", "raw/c.jsonl"]
+    fine = RawIds(urls, "id")
+    for url, ids in zip(urls, (["1", "2"], ["3", "4", "5"], ["6"])):
+        fine.add(url, ids)
+    fine.check(bucket_rows)  # no false alarm
+    assert fine.rows == 6
+    shared = RawIds(urls, "id")
+    for url, ids in zip(urls, (["1", "2"], ["3", "4", "5"], ["6", "2", "4"])):
+        shared.add(url, ids)
+    with pytest.raises(ShardError) as err:
+        shared.check(bucket_rows)
+    assert str(err.value).startswith("raw/a.jsonl: row 1, field 'id': id '2' is also in raw/c.jsonl row 1 "
+                                     "(document ids must be unique across data.raw"), str(err.value)
+    assert "2 ids occur in more than one file" in str(err.value)
+
+
+def test_run_names_the_raw_files_behind_a_doc_id_repeated_in_two_tokenized_shards(world):
+    """`run` finds a repeat after tokenize, in the shards: its error also names the raw files they came from."""
+    from pipelines.config import load_config
+    from pipelines.validate.preflight import preflight_corpus
+
+    raw = world.root / "raw"
+    raw.mkdir()
+    for name in ("part0", "part1"):
+        (raw / f"{name}.jsonl").write_text('{"id": "x", "text": "t"}\n')  # only the names matter here
+    first = pq.read_table(world.shard("part0")).column("doc_id")[0].as_py()
+    world.rewrite("part1", lambda rows: rows[:5] + [{**rows[5], "doc_id": first}] + rows[6:])
+    cfg = load_config(world.write_job(data=f'raw = "{raw}"'))
+    with pytest.raises(ShardError) as err:
+        preflight_corpus(cfg)
+    assert str(err.value).startswith(f"{world.shard('part0')}: row 0, field 'doc_id'"), str(err.value)
+    assert f"tokenized from data.raw: the id {first.rsplit(':', 1)[0]!r} is in {raw / 'part0.jsonl'} and " \
+           f"{raw / 'part1.jsonl'}" in str(err.value), str(err.value)
+    cfg = load_config(world.write_job())  # no data.raw: the shards alone
+    with pytest.raises(ShardError) as err:
+        preflight_corpus(cfg)
+    assert "data.raw" not in str(err.value) and f"{world.shard('part1')} row 5" in str(err.value)
+
+
 @pytest.mark.parametrize("corpus", ["{root}/shards/*.jsonl", "{root}/nothing-here/"])
 def test_empty_shard_set_names_data_corpus(world, corpus):
     corpus = corpus.format(root=world.root)

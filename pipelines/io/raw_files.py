@@ -10,6 +10,7 @@ error names the file and the line (or array item).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -133,12 +134,16 @@ def texts_and_ids(url: str, table: pa.Table, text_column: str, id_column: str) -
     return texts, ids
 
 
-def check_raw_files(urls: list[str], text_column: str, id_column: str) -> int:
+def check_raw_files(urls: list[str], text_column: str, id_column: str,
+                    ids_of: Callable[[str, list[str]], None] | None = None) -> int:
     """`validate`'s check of the raw files, file by file: the columns, then every row as `tokenize` reads it
-    (``texts_and_ids``); returns the number of documents."""
+    (``texts_and_ids``); returns the number of documents. ``ids_of(url, ids)`` receives each file's ids."""
     check_raw_columns(urls, text_column, id_column)
     documents = 0
     for url in urls:
         table = storage.read_parquet(url, [text_column, id_column]) if url.endswith(".parquet") else read_raw(url)
-        documents += len(texts_and_ids(url, table, text_column, id_column)[1])
+        ids = texts_and_ids(url, table, text_column, id_column)[1]
+        documents += len(ids)
+        if ids_of is not None:
+            ids_of(url, ids)
     return documents

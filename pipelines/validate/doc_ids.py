@@ -11,7 +11,8 @@ for corpora of up to ``bucket_rows`` rows, the one bucket stays in memory).
 P = ceil(rows / bucket_rows). Pass 2 counts each bucket with Arrow's hash
 aggregation. Memory: one bucket (about ``bucket_rows`` ids) whatever the
 corpus size; I/O: the doc_id column once, plus the spilled ids once each way.
-A duplicate is a ``ShardError`` naming both files and rows.
+A duplicate is a ``ShardError`` naming both files and rows. ``RawIds`` runs the
+same count over the ids of the raw files (``data.raw``), before they are tokenized.
 """
 
 from __future__ import annotations
@@ -70,32 +71,90 @@ def _duplicates(bucket: pa.Table) -> list[tuple[str, tuple[int, int], tuple[int,
     return [(doc, where[0], where[1]) for doc, where in seen.items()]
 
 
+def _find_duplicates(pieces, rows: int, bucket_rows: int) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+    """Every doc_id seen more than once among ``pieces`` (an iterable of ``BUCKET_SCHEMA`` tables; ``rows`` in all)."""
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(rows / bucket_rows)))
+    if buckets == 1:
+        pieces = list(pieces)
+        return _duplicates(pa.concat_tables(pieces) if pieces else BUCKET_SCHEMA.empty_table())
+    found: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
+    with tempfile.TemporaryDirectory(prefix="doc-ids-") as tmp:
+        paths = [Path(tmp) / f"bucket-{b:04d}.arrow" for b in range(buckets)]
+        writers = [pa.ipc.new_file(str(p), BUCKET_SCHEMA) for p in paths]
+        try:
+            for piece in pieces:
+                which = _bucket_of(piece.column("doc_id"), buckets)
+                for b in np.unique(which):
+                    writers[b].write_table(piece.filter(pa.array(which == b)))
+        finally:
+            for w in writers:
+                w.close()
+        for p in paths:
+            with pa.memory_map(str(p)) as source:
+                found += _duplicates(pa.ipc.open_file(source).read_all())
+    return found
+
+
+def _first(found: list[tuple[str, tuple[int, int], tuple[int, int]]]) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    return min(found, key=lambda d: (d[1], d[2]))
+
+
 def check_unique_doc_ids(shards: list[str], rows: int, bucket_rows: int = 1_000_000) -> None:
     """Raise a ShardError naming both places of the first duplicated doc_id (corpus order); ``rows``: the total."""
-    buckets = min(MAX_BUCKETS, max(1, math.ceil(rows / bucket_rows)))
-    found: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
-    if buckets == 1:
-        pieces = [_piece(s, row, ids) for s, row, ids in _read_ids(shards)]
-        found = _duplicates(pa.concat_tables(pieces) if pieces else BUCKET_SCHEMA.empty_table())
-    else:
-        with tempfile.TemporaryDirectory(prefix="doc-ids-") as tmp:
-            paths = [Path(tmp) / f"bucket-{b:04d}.arrow" for b in range(buckets)]
-            writers = [pa.ipc.new_file(str(p), BUCKET_SCHEMA) for p in paths]
-            try:
-                for s, row, ids in _read_ids(shards):
-                    piece, which = _piece(s, row, ids), _bucket_of(ids, buckets)
-                    for b in np.unique(which):
-                        writers[b].write_table(piece.filter(pa.array(which == b)))
-            finally:
-                for w in writers:
-                    w.close()
-            for p in paths:
-                with pa.memory_map(str(p)) as source:
-                    found += _duplicates(pa.ipc.open_file(source).read_all())
+    found = _find_duplicates((_piece(s, row, ids) for s, row, ids in _read_ids(shards)), rows, bucket_rows)
     if not found:
         return
-    doc, (s1, r1), (s2, r2) = min(found, key=lambda d: (d[1], d[2]))
+    doc, (s1, r1), (s2, r2) = _first(found)
     other = f"row {r2} of the same shard" if s1 == s2 else f"{shards[s2]} row {r2}"
     more = f"; {len(found)} doc_ids occur more than once" if len(found) > 1 else ""
-    raise ShardError(shards[s1], r1, "doc_id", f"doc_id {doc!r} is also in {other} "
+    err = ShardError(shards[s1], r1, "doc_id", f"doc_id {doc!r} is also in {other} "
                      f"(doc_ids must be unique across the corpus{more})")
+    err.doc_id, err.other = doc, shards[s2]
+    raise err
+
+
+class RawIds:
+    """The document ids of the raw files (``data.raw``), file by file as ``validate`` reads them
+    (``add``), spilled to a temporary Arrow file so that memory stays one file's ids; ``check`` then
+    finds an id that two files share with the bucketed count above."""
+
+    def __init__(self, urls: list[str], field: str) -> None:
+        self.urls, self.field, self.rows = urls, field, 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="raw-ids-")
+        self._path = Path(self._tmp.name) / "ids.arrow"
+        self._writer = pa.ipc.new_file(str(self._path), BUCKET_SCHEMA)
+        self._closed = False
+
+    def add(self, url: str, ids: list[str]) -> None:
+        self._writer.write_table(_piece(self.urls.index(url), 0, pa.array(ids, pa.string())))
+        self.rows += len(ids)
+
+    def close(self) -> None:
+        """Remove the spilled ids (also when ``check`` never ran)."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+        self._tmp.cleanup()
+
+    def _pieces(self):
+        with pa.memory_map(str(self._path)) as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield pa.Table.from_batches([reader.get_batch(i)])
+
+    def check(self, bucket_rows: int = 1_000_000) -> None:
+        """Raise a ShardError naming the first id found in two raw files (each file's own repeats are
+        refused as it is read)."""
+        self._closed = True
+        self._writer.close()
+        try:
+            found = _find_duplicates(self._pieces(), self.rows, bucket_rows)
+        finally:
+            self.close()
+        if not found:
+            return
+        doc, (s1, r1), (s2, r2) = _first(found)
+        more = f"; {len(found)} ids occur in more than one file" if len(found) > 1 else ""
+        raise ShardError(self.urls[s1], r1, self.field, f"id {doc!r} is also in {self.urls[s2]} row {r2} "
+                         f"(document ids must be unique across data.raw: tokenize would give both documents' "
+                         f"sequences the same doc_ids{more})")

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..config import ConfigError, IndexSearch, JobConfig, ScoringMode
+from ..config.corpus_paths import corpus_root
 from ..io import completion, storage
 from ..io.raw_files import check_raw_files
 from ..io.shards import ShardError, raw_inputs
 from ..runtime.run_lock import in_use
-from .doc_ids import check_unique_doc_ids
+from .doc_ids import RawIds, check_unique_doc_ids
 from .model import ModelInfo, check_model, check_tokenizer, is_byte_level
 from .queries import check_queries, has_text
 from .report import USER_ERRORS, Report
@@ -66,8 +67,16 @@ def validate(cfg: JobConfig, job: str = "") -> Report:
         found = _step(report, lambda: raw_files(cfg))
         report.raw_files = len(found) if found is not None else None
         if found:
-            report.raw_documents = _step(report, lambda: check_raw_files(found, cfg.data.text_column,
-                                                                         cfg.data.id_column))
+            ids = RawIds(found, cfg.data.id_column)
+            try:
+                report.raw_documents = _step(report, lambda: check_raw_files(found, cfg.data.text_column,
+                                                                             cfg.data.id_column, ids.add))
+                if report.raw_documents is not None:  # every file's own ids are unique: now across the files
+                    errors = len(report.errors)
+                    _step(report, ids.check)
+                    report.raw_ids_unique = len(report.errors) == errors
+            finally:
+                ids.close()
     shards = _corpus_shards(cfg, report)
     footers = _step(report, lambda: check_footers(shards)) if shards else None
     if footers is not None:
@@ -146,6 +155,26 @@ def preflight(cfg: JobConfig, stages: tuple[str, ...]) -> ModelInfo:
     return info
 
 
+def _from_raw(cfg: JobConfig, err: ShardError) -> ShardError:
+    """A doc_id repeated in two shards that `tokenize` wrote: the error also names the raw files and id."""
+    other = getattr(err, "other", None)
+    if cfg.data.raw is None or other is None:
+        return err
+    try:
+        inputs, stems = raw_inputs(cfg.data.raw, cfg.data.corpus)
+    except (ValueError, OSError):
+        return err
+    root = corpus_root(cfg.data.corpus)
+    made = {storage.join(root, f"{stem}.parquet"): url for url, stem in zip(inputs, stems)}
+    if err.shard not in made or other not in made:
+        return err
+    raw_id = str(err.doc_id).rsplit(":", 1)[0]
+    files = made[err.shard] if made[err.shard] == made[other] else f"{made[err.shard]} and {made[other]}"
+    err.args = (f"{err.args[0]}; tokenized from data.raw: the id {raw_id!r} is in {files} "
+                "(`influence validate` names every raw file and row)",)
+    return err
+
+
 def preflight_corpus(cfg: JobConfig) -> dict[str, Any]:
     """Footers, schemas and corpus-wide doc_id uniqueness (skipped when checked before for the same files)."""
     shards = find_shards(cfg.data.corpus)
@@ -164,7 +193,10 @@ def preflight_corpus(cfg: JobConfig) -> dict[str, Any]:
                 raise
             unreadable.append(str(err))  # on_error = "skip": the stages skip this shard and record why
     rows = sum(f.rows for f in footers)
-    check_unique_doc_ids([f.url for f in footers], rows)
+    try:
+        check_unique_doc_ids([f.url for f in footers], rows)
+    except ShardError as err:
+        raise _from_raw(cfg, err) from None
     info = {"shards": len(shards), "rows": rows, "doc_ids_unique": True, "unreadable": unreadable,
             "seconds": round(time.perf_counter() - start, 3)}
     return {**completion.mark_complete(folder, key, info), "skipped": False}

@@ -25,6 +25,7 @@ class Report:
     queries: int | None = None
     raw_files: int | None = None
     raw_documents: int | None = None  # documents in the raw files, when every row passed the checks
+    raw_ids_unique: bool | None = None  # no id in two raw files (checked when every file passed)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -44,8 +45,8 @@ class Report:
         if self.model:
             out.append(f"  model    {self.model}")
         if self.raw_files is not None:
-            docs = ("" if self.raw_documents is None
-                    else f", {_count(self.raw_documents, 'document')}; ids unique in each file")
+            docs = ("" if self.raw_documents is None else f", {_count(self.raw_documents, 'document')}"
+                    + ("; ids unique" if self.raw_ids_unique else ""))
             out.append(f"  raw      {_count(self.raw_files, 'file')}{docs}")
         if self.shards:
             corpus = f"  corpus   {_count(self.shards, 'shard')}, {_count(self.row_groups, 'row group')}, " \
