@@ -25,7 +25,7 @@ import click
 
 from . import errors
 from .cluster.submit import add_cluster_commands
-from .config import VERBOSE_ENV, JobConfig, load_config
+from .config import VERBOSE_ENV, ConfigError, JobConfig, load_config
 from .job_template import TEMPLATE
 from .results.commands import register as register_readers
 from .run import STAGES, run_job
@@ -74,6 +74,9 @@ def report_failure(err: BaseException, state: dict[str, Any]) -> None:
     if state.get("debug"):
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
         sys.stderr.flush()  # before click's own stream writes the closing line
+        click.echo(f"error: {line}", err=True)
+        return
+    if isinstance(errors.root_cause(err), ConfigError):  # the job file's own message, by design: no log
         click.echo(f"error: {line}", err=True)
         return
     try:

@@ -38,8 +38,10 @@ def stderr_of(result) -> str:
     return getattr(result, "stderr", None) or result.output
 
 
-def assert_one_line(result, *words: str, code: int = 1) -> str:
-    """The command failed with ``code``, one ``error:`` line holding ``words``, no traceback; returns the line."""
+def assert_one_line(result, *words: str, code: int = 1, log: bool = True) -> str:
+    """The command failed with ``code``, one ``error:`` line holding ``words``, no traceback; returns the line.
+    ``log``: the next line names a log file holding the traceback; a job file's own errors (``ConfigError``,
+    ``log=False``) are the one line alone."""
     err = stderr_of(result)
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output, result.output
@@ -47,8 +49,11 @@ def assert_one_line(result, *words: str, code: int = 1) -> str:
     assert len(lines) == 1, err
     for w in words:
         assert w in lines[0], lines[0]
-    log = re.search(r"full traceback: (\S+)", err)
-    assert log and Path(log.group(1)).is_file() and "Traceback" in Path(log.group(1)).read_text(), err
+    found = re.search(r"full traceback: (\S+)", err)
+    if log:
+        assert found and Path(found.group(1)).is_file() and "Traceback" in Path(found.group(1)).read_text(), err
+    else:
+        assert found is None and err.strip() == lines[0], err
     return lines[0]
 
 
@@ -89,22 +94,22 @@ def copy_model(world: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
 def test_missing_data_key_names_the_key(tmp_path, tiny_world, no_ray):
     job = tmp_path / "job.toml"
     job.write_text(f'[model]\npath = "{tiny_world / "model"}"\n[data]\ncorpus = "c"\noutput = "o"\n')
-    line = assert_one_line(cli("run", str(job)), "data.queries is missing")
+    line = assert_one_line(cli("run", str(job)), "data.queries is missing", log=False)
     assert "__init__" not in line and "positional" not in line
 
 
 def test_bad_toml_and_unknown_key(tmp_path, no_ray):
     job = tmp_path / "job.toml"
     job.write_text('[model\npath = "m"\n')
-    assert_one_line(cli("fit-factors", str(job)), str(job), "not valid TOML")
+    assert_one_line(cli("fit-factors", str(job)), str(job), "not valid TOML", log=False)
     job.write_text('[model]\npath = "m"\nlayer = "x"\n[data]\ncorpus = "c"\nqueries = "q"\noutput = "o"\n')
-    assert_one_line(cli("score", str(job)), "model.layer", "unknown key")
+    assert_one_line(cli("score", str(job)), "model.layer", "unknown key", log=False)
 
 
 def test_job_file_not_utf8(tmp_path, no_ray):
     job = tmp_path / "job.toml"
     job.write_bytes(b'[model]\npath = "m\xff"\n')
-    assert_one_line(cli("run", str(job)), str(job), "not UTF-8")
+    assert_one_line(cli("run", str(job)), str(job), "not UTF-8", log=False)
 
 
 def test_usage_error_exits_2(tmp_path):
@@ -158,7 +163,7 @@ def test_model_folder_without_config_or_weights(tmp_path, tiny_world, no_ray):
 
 def test_factory_that_does_not_import(tmp_path, tiny_world, no_ray):
     job = write_job(tmp_path, tiny_world, model={"factory": "no_such_module_xyz:make", "tokenizer": "t"})
-    assert_one_line(cli("fit-factors", str(job)), "model.factory = 'no_such_module_xyz:make'", "cannot import")
+    assert_one_line(cli("fit-factors", str(job)), "model.factory = 'no_such_module_xyz:make'", "cannot import", log=False)
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -262,7 +267,7 @@ def test_validate_reads_every_raw_row_as_tokenize_does(tmp_path, tiny_world, no_
 
 def test_queries_file_missing(tmp_path, tiny_world, no_ray):
     job = write_job(tmp_path, tiny_world, data={"queries": str(tmp_path / "nope.jsonl")})
-    assert_one_line(cli("build-queries", str(job)), f"data.queries '{tmp_path / 'nope.jsonl'}' does not exist")
+    assert_one_line(cli("build-queries", str(job)), f"data.queries '{tmp_path / 'nope.jsonl'}' does not exist", log=False)
 
 
 def test_factors_of_another_model_name_the_factors_folder(tmp_path, tiny_world, no_ray):
@@ -492,7 +497,7 @@ def test_queries_built_on_another_model(finished_job, tmp_path, tiny_world):
 def test_corpus_without_shards(tmp_path, tiny_world, no_ray):
     (tmp_path / "shards").mkdir()
     job = write_job(tmp_path, tiny_world, data={"raw": None})
-    assert_one_line(cli("fit-factors", str(job)), f"data.corpus = '{tmp_path / 'shards'}'", "no Parquet shards")
+    assert_one_line(cli("fit-factors", str(job)), f"data.corpus = '{tmp_path / 'shards'}'", "no Parquet shards", log=False)
 
 
 def test_closing_lines_point_at_what_the_command_made():
