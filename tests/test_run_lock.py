@@ -103,3 +103,74 @@ def test_validate_warns_when_a_live_run_holds_the_output(tmp_path, tiny_world):
     assert result.exit_code == quiet.exit_code  # a warning, not an error
     assert f"warning: data.output = '{tmp_path / 'out'}' is in use by run 'other' (process {os.getpid()}" \
         in result.output, result.output
+
+
+def _race(output: str, n: int = 2) -> tuple[list[str], list[str]]:
+    """n runs start holding ``output`` at the same moment (threads); returns (who got in, who was refused)."""
+    import threading
+
+    start, entered, refused, lock = threading.Barrier(n), [], [], threading.Lock()
+
+    def one(name: str) -> None:
+        start.wait()
+        try:
+            with hold_output(output, name):
+                with lock:
+                    entered.append(name)
+                time.sleep(1.0)  # still holding while the others try (they wait 0.1 s on a lock mid-write)
+        except OutputInUse as err:
+            with lock:
+                refused.append(str(err))
+
+    threads = [threading.Thread(target=one, args=(f"run{i}",)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return entered, refused
+
+
+def test_runs_starting_at_the_same_moment_get_one_lock_between_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "UNREADABLE_WAIT_S", 0.1)
+    for attempt in range(5):  # created with O_EXCL: exactly one, every time
+        entered, refused = _race(str(tmp_path / f"out{attempt}"), 3)
+        assert len(entered) == 1 and len(refused) == 2, (entered, refused)
+        assert not (tmp_path / f"out{attempt}" / LOCK).exists()
+
+
+def test_an_unreadable_lock_left_by_a_run_that_died_writing_it_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "UNREADABLE_WAIT_S", 0.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK).write_bytes(b"")  # created, never written
+    with hold_output(str(out), "next"):
+        assert json.loads((out / LOCK).read_text())["run_id"] == "next"
+
+
+def test_the_lock_on_s3_is_created_and_taken_over_conditionally(s3_server, monkeypatch):
+    """On S3 the lock is written with If-None-Match (create) or If-Match (takeover): of racing runs one gets it."""
+    import s3fs
+
+    from pipelines.io import conditional_write
+
+    monkeypatch.setattr(run_lock, "UNREADABLE_WAIT_S", 0.1)
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("runlock")
+    url = "s3://runlock/out/x.json"
+    assert conditional_write.create_new(url, b"1") is True
+    assert conditional_write.create_new(url, b"2") is False and fs.cat(url) == b"1"
+    seen = conditional_write.version_of(url)
+    assert conditional_write.replace_if_unchanged(url, b"3", seen) is True and fs.cat(url) == b"3"
+    assert conditional_write.replace_if_unchanged(url, b"4", seen) is False and fs.cat(url) == b"3"  # it changed
+    assert conditional_write.version_of("s3://runlock/out/none.json") is None
+    assert conditional_write.create_new("memory://runlock/x", b"1") is None  # cannot say: the caller falls back
+
+    for attempt in range(3):
+        entered, refused = _race(f"s3://runlock/race{attempt}", 3)
+        assert len(entered) == 1 and len(refused) == 2, (entered, refused)
+        assert not fs.exists(f"runlock/race{attempt}/{LOCK}")
+    stale = {"run_id": "gone", "host": "elsewhere", "pid": 1, "token": "t", "started": "2026-01-01T00:00:00+00:00",
+             "heartbeat": time.time() - 2 * run_lock.STALE_S}
+    fs.pipe(f"runlock/stale/{LOCK}", json.dumps(stale).encode())
+    entered, refused = _race("s3://runlock/stale", 3)  # three runs take over one stale lock: one of them gets it
+    assert len(entered) == 1 and len(refused) == 2, (entered, refused)

@@ -12,14 +12,20 @@ A second run refuses at once with one line naming the holder, unless the lock
 was left behind: its process is gone (a lock written on this host), or it was
 not refreshed for ``STALE_S`` seconds (a lock from another host, which cannot be
 asked). A left-behind lock is taken over, so a run killed outright (``kill -9``,
-a lost node) never blocks the next one for longer than that. The check is
-best-effort on object storage (no atomic create there): two runs started within
-the same second can both pass it.
+a lost node) never blocks the next one for longer than that.
+
+Two runs starting at the same moment: the lock is created only if none is there
+and taken over only if it is still the one judged left behind
+(``io/conditional_write.py``: ``O_EXCL`` on local files, S3's ``If-None-Match``
+and ``If-Match``), so exactly one of them gets it. Where the store cannot write
+conditionally (a takeover on local files, GCS, Azure) the run writes the lock
+and reads it back: best-effort, two runs within the same second can both pass.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -31,11 +37,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import UserError
-from ..io import storage
+from ..io import conditional_write, storage
 
 LOCK = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats
+UNREADABLE_WAIT_S = 1.0  # how long a lock that cannot be read may be mid-write
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +106,8 @@ def hold_output(output: str, run_id: str) -> Iterator[None]:
     """Hold ``<output>/run.lock`` for the block (OutputInUse when another live run holds it)."""
     url = storage.join(output, LOCK)
     host, now = socket.gethostname(), time.time()
+    version = storage.retry(url, "lock", conditional_write.version_of, url)  # before the content: a change in
+    # between fails the takeover
     held = _read(url)
     if held is not None:
         why = left_behind(held, now, host)
@@ -109,9 +118,25 @@ def hold_output(output: str, run_id: str) -> Iterator[None]:
         log.info("run lock %s: taking over from %s (%s)", url, _holder(held), why)
     mine = {"run_id": run_id, "host": host, "pid": os.getpid(), "token": uuid.uuid4().hex,
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "heartbeat": now}
-    storage.write_json(url, mine)
+    payload = json.dumps(mine, indent=2, sort_keys=True).encode()
+    if held is None:
+        written = storage.retry(url, "lock", conditional_write.create_new, url, payload)
+    else:
+        written = storage.retry(url, "lock", conditional_write.replace_if_unchanged, url, payload, version)
+    if written is None:  # the store cannot write conditionally: write, then read back (below)
+        storage.write_json(url, mine)
     back = _read(url)
-    if back is None or back.get("token") != mine["token"]:
+    if written is False and back is None:  # a lock there that cannot be read: a writer mid-write, or debris
+        time.sleep(UNREADABLE_WAIT_S)
+        back = _read(url)
+        if back is None and not storage.exists(url):  # its run ended meanwhile: create it again
+            storage.retry(url, "lock", conditional_write.create_new, url, payload)
+            back = _read(url)
+        elif back is None:  # debris (a run that died writing it): taken over, best-effort
+            log.info("run lock %s: taking over an unreadable lock", url)
+            storage.write_json(url, mine)
+            back = _read(url)
+    if back is None or back.get("token") != mine["token"]:  # (a retried create that had succeeded is ours)
         raise OutputInUse(f"{output}: another run took its lock at the same moment"
                           + (f" ({_holder(back)})" if back else "") + "; run one at a time")
     stop = threading.Event()
