@@ -293,7 +293,7 @@ def test_factors_of_another_model_name_the_factors_folder(tmp_path, tiny_world, 
 
 def test_output_not_writable(tmp_path, tiny_world, no_ray, monkeypatch):
     """As root no folder is unwritable: a write that the OS refuses is simulated at the storage layer."""
-    from pipelines.io import storage
+    from pipelines.io import conditional_write, storage
 
     real = storage.write_bytes
 
@@ -302,7 +302,11 @@ def test_output_not_writable(tmp_path, tiny_world, no_ray, monkeypatch):
             raise PermissionError(13, "Permission denied", url)
         real(url, data)
 
+    def refuse_create(url: str, data: bytes) -> bool:
+        raise PermissionError(13, "Permission denied", url)
+
     monkeypatch.setattr(storage, "write_bytes", refuse)
+    monkeypatch.setattr(conditional_write, "create_new", refuse_create)  # the lock is created with O_EXCL
     job = write_job(tmp_path, tiny_world, data={"raw": None})
     assert_one_line(cli("run", str(job)), f"data.output '{tmp_path / 'out'}' is not writable",
                     "run.lock")  # the run's first write: its lock on the output folder
