@@ -60,6 +60,9 @@ class InfluenceGroup(click.Group):
         except click.ClickException as err:  # a message by design: no log needed
             click.echo(f"error: {err.format_message()}", err=True)
             ctx.exit(err.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: what is finished stays, a rerun resumes
+            click.echo("error: interrupted; run the same command again to resume (finished work is kept)", err=True)
+            ctx.exit(130)
         except Exception as err:  # noqa: BLE001 -- the top of the program: nothing may escape as a traceback
             report_failure(err, _state())
             ctx.exit(1)

@@ -556,3 +556,18 @@ def test_tokenize_line_says_how_many_files_were_unchanged():
         "3 files (3 unchanged, skipped), 0 new sequences, 0 tokens"
     assert _stage_line("tokenize", {"files": 2, "skipped": 0, "failed": 1, "sequences": 5, "tokens": 9}) == \
         "2 files, 1 failed, 5 new sequences, 9 tokens"
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, tiny_world, monkeypatch):
+    """A KeyboardInterrupt in a command: one error line (not click's "Aborted!"), exit 130 like a shell."""
+    import pipelines.cli as cli_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "run_job", interrupted)
+    job = write_job(tmp_path, tiny_world)
+    result = cli("run", str(job))
+    assert result.exit_code == 130, result.output
+    assert stderr_of(result).strip() == ("error: interrupted; run the same command again to resume "
+                                         "(finished work is kept)"), result.output
