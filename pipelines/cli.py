@@ -102,10 +102,11 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
             skipped = f" ({info['refit']})"
         lines.append(f"  {name:<14}{_stage_line(name, info)}{skipped}")
     score = stages.get("score")
+    units = (score or {}).get("units")
+    who = "worker process" if (units or {}).get("pool") == "tasks" else "actor"  # what ran the score units
     if score and score.get("tokens") and score.get("actor_seconds"):
         lines.append(f"  scoring throughput: {score['tokens'] / score['seconds']:,.0f} tokens/s "
-                     f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per "
-                     f"{'worker process' if (score.get('units') or {}).get('pool') == 'tasks' else 'actor'}")
+                     f"(wall), {score['tokens'] / score['actor_seconds']:,.0f} tokens/s per {who}")
     rows = (score or {}).get("rows")
     if rows:
         unreadable = (f" ({_count(rows['unreadable_shards'], 'unreadable shard')}, rows unknown)"
@@ -122,9 +123,7 @@ def summarize(cfg: JobConfig, record: dict[str, Any]) -> list[str]:
 
         lines.append(f"  index health: {describe(health)}" + (" (loose: see the warning)" if health.get("loose")
                                                                else ""))
-    units = (score or {}).get("units")
     if units:
-        who = "worker process" if units.get("pool") == "tasks" else "actor"
         lines.append(f"  score units ran on {_count(len(units['nodes']), 'node')}, "
                      f"{_count(len(units['actors']), who)}; {units['retries']} retried after a lost {who}")
     lines += _outputs_line(cfg, stages)

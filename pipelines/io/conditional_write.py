@@ -42,7 +42,7 @@ def create_new(url: str, data: bytes) -> bool | None:
     """Write ``data`` at ``url`` only if nothing is there: True when written, False when something is there,
     None when this store cannot create atomically."""
     if storage.is_local(url):
-        path = Path(url[len("file://"):] if url.startswith("file://") else url)
+        path = Path(storage.filesystem(url)[1])
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -120,20 +120,24 @@ class RawIds:
 
     def __init__(self, urls: list[str], field: str) -> None:
         self.urls, self.field, self.rows = urls, field, 0
+        self._index = {url: i for i, url in enumerate(urls)}
         self._tmp = tempfile.TemporaryDirectory(prefix="raw-ids-")
         self._path = Path(self._tmp.name) / "ids.arrow"
         self._writer = pa.ipc.new_file(str(self._path), BUCKET_SCHEMA)
         self._closed = False
 
     def add(self, url: str, ids: list[str]) -> None:
-        self._writer.write_table(_piece(self.urls.index(url), 0, pa.array(ids, pa.string())))
+        self._writer.write_table(_piece(self._index[url], 0, pa.array(ids, pa.string())))
         self.rows += len(ids)
 
-    def close(self) -> None:
-        """Remove the spilled ids (also when ``check`` never ran)."""
+    def _close_writer(self) -> None:
         if not self._closed:
             self._closed = True
             self._writer.close()
+
+    def close(self) -> None:
+        """Remove the spilled ids (also when ``check`` never ran)."""
+        self._close_writer()
         self._tmp.cleanup()
 
     def _pieces(self):
@@ -145,8 +149,7 @@ class RawIds:
     def check(self, bucket_rows: int = 1_000_000) -> None:
         """Raise a ShardError naming the first id found in two raw files (each file's own repeats are
         refused as it is read)."""
-        self._closed = True
-        self._writer.close()
+        self._close_writer()
         try:
             found = _find_duplicates(self._pieces(), self.rows, bucket_rows)
         finally:
