@@ -618,6 +618,7 @@ def test_health_warning_for_a_loose_index_only(caplog):
                                "Spearman 0.90")
         assert ({"proponents", "opponents"} - {named}).pop() not in line  # only the loose side is named
         assert "/100" in line and "scoring.candidates" in line
+        assert "raise index.k_out / index.k_in, e.g. to 32 x 32 (4x the index's storage;" in line  # a concrete width
 
 
 def test_candidates_file_without_index_columns_still_reads(tmp_path):

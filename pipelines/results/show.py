@@ -136,7 +136,7 @@ def legend(run: Run, color: bool) -> list[str]:
 
 def health_line(run: Run, color: bool) -> list[str]:
     """One line for an index-mode run: how closely the index ranked the candidates (``stages/index_health.py``)."""
-    from ..stages.index_health import ADVICE, LOOSE, describe
+    from ..stages.index_health import LOOSE, advice, describe
 
     health = run.index_health()
     if health is None:
@@ -144,7 +144,7 @@ def health_line(run: Run, color: bool) -> list[str]:
     line = (f"index health (k = {health.get('k_out')} x {health.get('k_in')}, {health.get('projection')}, "
             f"{health['candidates']} candidates a side): {describe(health)}")
     if health["loose"]:
-        line += f"; LOOSE: {LOOSE} ({ADVICE})"
+        line += f"; LOOSE: {LOOSE}; {advice(health)}"
     return [_escape(line, color) if not (color and health["loose"]) else f"[bold red]{_escape(line, color)}[/]"]
 
 

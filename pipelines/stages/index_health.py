@@ -187,8 +187,17 @@ def loose(side: dict[str, Any]) -> bool:
 
 SIDE_NAMES = {"top": "proponents", "bottom": "opponents"}
 LOOSE = "the final top-10 may differ from a full scan's"
-ADVICE = ('raise index.k_out / index.k_in or scoring.candidates, add TF-IDF candidates (scoring.tfidf_candidates), '
-          'or compare with scoring.mode = "scan" on a sample')
+
+
+def advice(summary: dict[str, Any]) -> str:
+    """What to do about a loose index: a wider one first (doubling k: 4x the storage; recall 0.95 of the exact
+    top-10 took k = 32 to 192 on the models of benchmarks/RESULTS.md section 7.5), then the other remedies."""
+    k_out, k_in = summary.get("k_out"), summary.get("k_in")
+    wider = (f", e.g. to {2 * k_out} x {2 * k_in} (4x the index's storage; recall 0.95 took k = 32 to 192 on the "
+             "models measured),"
+             if isinstance(k_out, int) and isinstance(k_in, int) else "")
+    return (f"raise index.k_out / index.k_in{wider} or scoring.candidates, add TF-IDF candidates "
+            '(scoring.tfidf_candidates), or compare with scoring.mode = "scan" on a sample')
 
 
 def describe(summary: dict[str, Any], sides: tuple[str, ...] = ("top", "bottom")) -> str:
@@ -217,4 +226,4 @@ def warning(summary: dict[str, Any]) -> str | None:
     k_text = f"k = {k}" if k == summary.get("k_in") else f"k = {k} x {summary.get('k_in')}"
     bad = tuple(sign for sign in ("top", "bottom") if summary["sides"][sign]["loose"])
     return (f"index ({k_text}, {summary.get('projection')}) ranks this model's candidates loosely: "
-            f"{describe(summary, bad)}: {LOOSE}; {ADVICE}")
+            f"{describe(summary, bad)}: {LOOSE}; {advice(summary)}")

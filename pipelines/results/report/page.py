@@ -207,9 +207,17 @@ def run_summary(run: Run) -> str:
             "</div></section>")
 
 
+def _code_keys(text: str) -> str:
+    """The job keys of an escaped sentence set as code."""
+    for key in ("index.k_out", "index.k_in", "scoring.candidates", "scoring.tfidf_candidates",
+                "scoring.mode = &quot;scan&quot;"):
+        text = text.replace(key, f"<code>{key}</code>")
+    return text
+
+
 def health_paragraph(run: Run) -> str:
     """A short paragraph for an index-mode run: how closely the index ranked the candidates ('' otherwise)."""
-    from ...stages.index_health import describe
+    from ...stages.index_health import advice, describe
 
     health = run.index_health()
     if health is None:
@@ -220,9 +228,7 @@ def health_paragraph(run: Run) -> str:
     if health["loose"]:
         tail = (" <b>The index ranks this model's candidates loosely</b>: the final top-10 rows come from deep in "
                 "the candidate lists, so sequences past the cut may be missing and the results may differ from a "
-                "full scan's. Raise <code>index.k_out</code> / <code>index.k_in</code> or "
-                "<code>scoring.candidates</code>, add TF-IDF candidates (<code>scoring.tfidf_candidates</code>), or "
-                "compare with <code>scoring.mode = \"scan\"</code> on a sample.")
+                f"full scan's. To do: {_code_keys(esc(advice(health)))}.")
         return f'<p class="health loose">{head}{tail}</p>'
     return (f'<p class="health">{head} The final rows come from the head of the candidate lists: the index ranks '
             "this model's candidates closely enough for the re-scoring to recover the top rows.</p>")
