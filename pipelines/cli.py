@@ -157,6 +157,16 @@ def _bytes(n: float | None) -> str:
     return "? bytes" if n is None else f"{n:,.0f} bytes"
 
 
+def _index_size(ix: dict[str, Any]) -> str:
+    """'4,096 numbers a sequence (float16: 8,192 bytes raw, 1,024 bytes in Parquet)': the row and its compressed size."""
+    width, dtype = ix.get("width"), ix.get("dtype")
+    size = {"float16": 2, "bfloat16": 2, "float32": 4}.get(str(dtype))
+    raw = f"{_bytes(width * size)} raw, " if isinstance(width, int) and size else ""
+    numbers = f"{width:,}" if isinstance(width, int) else str(width)
+    return (f"{numbers} numbers a sequence ({dtype}: {raw}{_bytes(ix.get('stored_bytes_per_sequence'))} "
+            "in Parquet)")
+
+
 def _count(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
@@ -180,8 +190,7 @@ def _stage_line(name: str, info: dict[str, Any]) -> str:
     if name == "index":
         ix = info.get("index") or {}
         return (f"{_count(info['shards'], 'shard')}: {info['scored']} built, {info['skipped']} skipped, {info['failed']} "
-                f"failed; {ix.get('width')} numbers ({ix.get('dtype')}) a sequence, "
-                f"{_bytes(ix.get('stored_bytes_per_sequence'))} a sequence stored")
+                f"failed; {_index_size(ix)}")
     if name == "candidates":
         extra = (f" + TF-IDF's best {info['tfidf_candidates']} a query, {info.get('tfidf_only')} of them not "
                  "found by the index" if info.get("tfidf_candidates") else "")

@@ -558,6 +558,18 @@ def test_tokenize_line_says_how_many_files_were_unchanged():
         "2 files, 1 failed, 5 new sequences, 9 tokens"
 
 
+def test_index_line_gives_the_row_raw_and_as_stored():
+    """The index's size: numbers a sequence, their raw bytes by dtype, and the Parquet bytes (compressed)."""
+    from pipelines.cli import _stage_line
+
+    info = {"shards": 1, "scored": 1, "skipped": 0, "failed": 0,
+            "index": {"width": 4096, "dtype": "float16", "stored_bytes_per_sequence": 1024.0}}
+    assert _stage_line("index", info) == ("1 shard: 1 built, 0 skipped, 0 failed; 4,096 numbers a sequence (float16: "
+                                          "8,192 bytes raw, 1,024 bytes in Parquet)")
+    info["index"] = {"width": 1024, "dtype": "float32", "stored_bytes_per_sequence": None}
+    assert _stage_line("index", info).endswith("1,024 numbers a sequence (float32: 4,096 bytes raw, ? bytes in Parquet)")
+
+
 def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, tiny_world, monkeypatch):
     """A KeyboardInterrupt in a command: one error line (not click's "Aborted!"), exit 130 like a shell."""
     import pipelines.cli as cli_module
