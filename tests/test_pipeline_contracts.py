@@ -425,3 +425,33 @@ def test_on_growth_keeps_factors_while_the_corpus_only_grows_a_little():
     legacy = [("s/a.parquet", 400), ("s/b.parquet", 600)]  # a marker from before rows were recorded: bytes
     assert keeps_factors(legacy, now + [("s/c.parquet", 250)], 0.25, rows) == (
         True, "kept: the corpus grew by 250 bytes (25.0%) since the fit (refit above 25%)")
+
+
+def test_a_refit_reads_each_added_shards_footer_once(tmp_path, monkeypatch):
+    """The on_growth check reads the added shards' footers; the refit that follows reuses those counts instead of
+    reading the footers again (one GET each on object storage); a footer that did not read is read (and reported)
+    by the refit itself."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.runtime.failures import FailureLog
+    from pipelines.stages import fit_factors as ff
+
+    urls = {}
+    for name, n in (("a", 3), ("b", 5)):
+        urls[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({"doc_id": [f"{name}{i}" for i in range(n)]}), urls[name])
+    urls["bad"] = str(tmp_path / "bad.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    reads: list[str] = []
+    real = ff.row_counts
+    monkeypatch.setattr(ff, "row_counts", lambda shards: (reads.extend(shards), real(shards))[1])
+    footers: dict[str, int] = {}
+    rows = ff._footer_rows(urls, footers)
+    assert (rows("a"), rows("b"), rows("bad")) == (3, 5, 0)
+    assert footers == {urls["a"]: 3, urls["b"]: 5}
+    reads.clear()
+    failures = FailureLog("fit-factors", "skip")
+    assert ff.readable_shards(list(urls.values()), failures, footers) == {urls["a"]: 3, urls["b"]: 5}
+    assert reads == [urls["bad"]]  # only the footer that did not read before
+    assert [r["file"] for r in failures.rows] == [urls["bad"]]

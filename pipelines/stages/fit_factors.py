@@ -109,13 +109,16 @@ def _unit_stage(worker: type, stage: int, units: list[Unit], args: dict, out: st
             "units": log.summary(), "failed": failed}
 
 
-def readable_shards(shards: list[str], failures: FailureLog) -> dict[str, int]:
+def readable_shards(shards: list[str], failures: FailureLog, known: dict[str, int] | None = None) -> dict[str, int]:
     """Rows of each shard whose Parquet footer reads; the others go to ``failures`` (which raises under
-    "fail")."""
+    "fail"). known: url -> rows of footers already read (by the refit check), not read again."""
     from ..io.storage import StorageError
 
     ok = {}
     for shard in shards:
+        if known and shard in known:
+            ok[shard] = known[shard]
+            continue
         try:
             (ok[shard],) = row_counts([shard])
         except StorageError:
@@ -125,13 +128,15 @@ def readable_shards(shards: list[str], failures: FailureLog) -> dict[str, int]:
     return ok
 
 
-def _footer_rows(urls: dict[str, str]) -> Callable[[str], int]:
-    """name -> rows of the shard of that name (0 when its footer does not read), for ``keeps_factors``."""
+def _footer_rows(urls: dict[str, str], read: dict[str, int]) -> Callable[[str], int]:
+    """name -> rows of the shard of that name (0 when its footer does not read), for ``keeps_factors``; the
+    footers that read are kept in ``read`` (url -> rows) so that a refit does not read them again."""
     def rows(name: str) -> int:
         try:
-            return row_counts([urls[name]])[0]
+            read[urls[name]] = row_counts([urls[name]])[0]
         except (OSError, ValueError):  # unreadable: nothing to fit on (the stages skip or refuse it)
             return 0
+        return read[urls[name]]
     return rows
 
 
@@ -169,6 +174,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     key = factors_key(cfg, shard_prints)
     done = completion.completed(out, key)
     refit = None  # why factors fitted for these settings are refitted (on_growth), for the summary
+    footers: dict[str, int] = {}  # url -> rows, footers the refit check read
     if done is not None:
         fitted_on = done.pop("fitted_shards", None)
         if cfg.factors.refit != "on_growth":
@@ -176,7 +182,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
         named = named_fingerprints(shard_prints, cfg.data.corpus)
         urls = {name: url for (name, _), (url, _) in zip(named, shard_prints)}
         kept, refit = keeps_factors([tuple(f) for f in fitted_on] if fitted_on else None, named,
-                                    cfg.factors.refit_growth, _footer_rows(urls))
+                                    cfg.factors.refit_growth, _footer_rows(urls, footers))
         if kept:
             return {**done, "skipped": True, "refit": refit}
         log.info("fit-factors: %s", refit)
@@ -185,7 +191,7 @@ def fit_factors(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     f = cfg.factors
     failures = FailureLog("fit-factors", cfg.on_error)
-    rows_of = readable_shards(shards, failures)
+    rows_of = readable_shards(shards, failures, footers)
     readable = list(rows_of)
     if not readable:
         raise StageFailed(f"fit-factors: no shard of the corpus {cfg.data.corpus} could be read")
