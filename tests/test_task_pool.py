@@ -79,6 +79,48 @@ def test_idle_instance_is_released_but_not_while_a_unit_runs():
     assert task_pool.held_keys() == []
 
 
+RELEASE_PROBE = """
+import json, os, sys, time
+import numpy as np
+from pipelines.runtime import task_pool
+
+def rss_mb():
+    return int(open(f"/proc/{os.getpid()}/status").read().split("VmRSS:")[1].split()[0]) / 1024
+
+KEEP = []  # small blocks that outlive the stage, allocated between its large ones (as a loaded model leaves them)
+
+class Holder:  # a stage that holds a model's worth of weight-sized blocks
+    def __init__(self):
+        np.ones(2**21)  # a freed 16 MB block raises glibc's mmap threshold, as a loaded model's matrices do
+        self.blocks = []
+        for _ in range(40):  # 40 x 8 MB in the heap, each followed by a small block that stays
+            self.blocks.append(np.ones(2**20))
+            KEEP.append(bytearray(4096))
+    def __call__(self, batch):
+        return {"n": np.asarray([len(self.blocks)])}
+
+base = rss_mb()
+task_pool.run_unit({"unit": np.asarray(["u"])}, "stage", (Holder, {}))
+held = rss_mb()
+assert task_pool.release_if_idle(time.monotonic() + 2 * task_pool.IDLE_RELEASE_S)
+print(json.dumps({"held": held - base, "after": rss_mb() - base}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; malloc_trim is glibc's")
+def test_released_instance_gives_its_memory_back_to_the_system():
+    """After an idle release the process's resident memory falls back to about where it was before the stage's
+    instance was built: the freed blocks are returned (malloc_trim), not kept in the heap for later."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    mb = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mb["held"] > 300  # the 320 MB were resident
+    assert mb["after"] < 0.25 * mb["held"], mb
+
+
 def test_pool_plan_chooses_tasks_on_one_node_without_gpus():
     one = {"CPU": 2.0, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0}
     two = {"CPU": 4.0, "node:10.0.0.1": 1.0, "node:10.0.0.2": 1.0, "node:__internal_head__": 1.0}

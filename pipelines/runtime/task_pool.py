@@ -12,7 +12,12 @@ factors, queries), keyed by the stage's ``key`` (a fresh id per ``run_units``
 call, so no stage ever sees another stage's or an earlier run's instance, even
 when the files behind the same arguments changed). A newer key replaces it; a
 process that has run no unit for ``IDLE_RELEASE_S`` drops it (a daemon thread),
-so an idle Ray (a notebook between jobs) does not keep models in memory.
+so an idle Ray (a notebook between jobs) does not keep models in memory. Dropping
+it is not enough by itself: glibc keeps freed blocks of up to 32 MB (a model's weight
+matrices) in the process's heap, so after the release ``malloc_trim`` hands the free
+pages back to the system (measured: a GPT-2 of 6 blocks at width 768 after a backward
+pass, 879 MB resident after ``gc.collect()``, 414 MB after the trim, 380 MB before it
+was built).
 
 Failures: a unit whose worker process dies is run again (``max_retries``), as
 an actor's unit is; errors raised by the code are not retried (Ray Data's
@@ -22,6 +27,8 @@ as on an actor (``accounting.UnitActor``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import threading
 import time
@@ -34,13 +41,24 @@ _HELD: dict[str, Any] = {}  # key -> the stage callable's instance (at most one)
 _STATE = {"busy": 0, "last": 0.0, "watching": False}
 
 
+def _free_memory() -> None:
+    """Collect the dropped instance and return the freed heap pages to the system (glibc's ``malloc_trim``;
+    nothing more where the C library has none)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its own policy
+        pass
+
+
 def release_if_idle(now: float) -> bool:
     """Drop the held instance when no unit runs and none ended in the last ``IDLE_RELEASE_S`` before ``now``
     (``time.monotonic()``); True when one was dropped."""
     with _LOCK:
         if _HELD and not _STATE["busy"] and now - _STATE["last"] > IDLE_RELEASE_S:
             _HELD.clear()
-            gc.collect()
+            _free_memory()
             return True
     return False
 
@@ -57,7 +75,7 @@ def _instance(key: str, spec: Any) -> Any:
         if key in _HELD:
             return _HELD[key]
         _HELD.clear()  # the previous stage's model and factors go before this stage's are loaded
-        gc.collect()
+        _free_memory()
     import ray
 
     try:
