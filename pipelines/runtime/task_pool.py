@@ -28,7 +28,6 @@ as on an actor (``accounting.UnitActor``).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import threading
 import time
@@ -46,8 +45,7 @@ def _free_memory() -> None:
     nothing more where the C library has none)."""
     gc.collect()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's, without searching for the library
     except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its own policy
         pass
 
