@@ -69,3 +69,33 @@ def test_stages_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equa
     n = con.execute(f"SELECT count(*) FROM read_parquet('{bucket}/out/topk/*/*.parquet', hive_partitioning=true) "
                     "WHERE query_id = 'q-dog'").fetchone()[0]
     assert n == 2 * cfg.scoring.top_k
+
+
+def test_index_mode_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equal):
+    """scoring.mode = "index" with every file in the bucket: the index parts and its projection are written there,
+    and, with more candidates than sequences, the re-scored top-k equals every sequence scored alone. A second run
+    finds the index complete and builds nothing."""
+    cfg = config_from_dict({
+        "run_id": "s3-index",
+        "model": {"path": f"{bucket}/world/model"},
+        "data": {"raw": f"{bucket}/world/raw/", "corpus": f"{bucket}/shards-index/",
+                 "queries": f"{bucket}/world/queries.jsonl", "output": f"{bucket}/out-index"},
+        "factors": {"fisher": "empirical", "sample_sequences": 20, "seed": 3, "unit_sequences": 16},
+        "scoring": {"top_k": 2, "rank": 0, "mode": "index"},
+        "index": {"k_out": 4, "k_in": 4},
+        "resources": {"actors": 1, "batch_size": 8},
+    })
+    record = run_job(cfg)
+    assert record["status"] == "ok"
+    parts = storage.list_files(f"{bucket}/out-index/index/parts/", ".parquet")
+    assert [p.rsplit("/", 1)[-1] for p in parts] == ["part0.parquet", "part1.parquet", "part2.parquet"]
+    assert storage.list_files(f"{bucket}/out-index/index/projection/", ".safetensors")
+    assert record["stages"]["index"]["scored"] == 3
+    fs, root = storage.filesystem(f"{bucket}/out-index/topk")
+    table = pads.dataset(root, filesystem=fs, partitioning="hive").to_table().to_pylist()
+    assert {r["found_by"] for r in table} == {"index"}
+    qids, acc = brute_force_topk(cfg)
+    assert_topk_equal(table, qids, acc)
+    again = run_job(cfg)
+    assert again["status"] == "ok" and again["stages"]["index"]["scored"] == 0
+    assert again["stages"]["index"]["skipped"] == 3
