@@ -99,3 +99,29 @@ def test_index_mode_against_s3(ray_local, bucket, brute_force_topk, assert_topk_
     again = run_job(cfg)
     assert again["status"] == "ok" and again["stages"]["index"]["scored"] == 0
     assert again["stages"]["index"]["skipped"] == 3
+
+
+def test_tfidf_mode_against_s3(ray_local, bucket):
+    """scoring.mode = "tfidf" with every file in the bucket: candidates from the two TF-IDF passes over the shards,
+    re-scored exactly; every top-k row was found by TF-IDF and its query's candidates are in the bucket."""
+    cfg = config_from_dict({
+        "run_id": "s3-tfidf",
+        "model": {"path": f"{bucket}/world/model"},
+        "data": {"raw": f"{bucket}/world/raw/", "corpus": f"{bucket}/shards-tfidf/",
+                 "queries": f"{bucket}/world/queries.jsonl", "output": f"{bucket}/out-tfidf"},
+        "factors": {"fisher": "empirical", "sample_sequences": 20, "seed": 3, "unit_sequences": 16},
+        "scoring": {"top_k": 2, "rank": 0, "mode": "tfidf", "candidates": 5},
+        "resources": {"actors": 1, "batch_size": 8},
+    })
+    record = run_job(cfg)
+    assert record["status"] == "ok"
+    candidates = storage.read_parquet(f"{bucket}/out-tfidf/candidates/candidates.parquet").to_pylist()
+    assert candidates and {c["found_by"] for c in candidates} == {"tfidf"}
+    per_query: dict[str, set] = {}
+    for c in candidates:
+        per_query.setdefault(c["query_id"], set()).add(c["doc_id"])
+    assert max(len(v) for v in per_query.values()) <= 5
+    fs, root = storage.filesystem(f"{bucket}/out-tfidf/topk")
+    table = pads.dataset(root, filesystem=fs, partitioning="hive").to_table().to_pylist()
+    assert table and all(r["doc_id"] in per_query[r["query_id"]] for r in table)
+    assert {r["found_by"] for r in table} == {"tfidf"}
