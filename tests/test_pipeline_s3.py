@@ -71,20 +71,25 @@ def test_stages_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equa
     assert n == 2 * cfg.scoring.top_k
 
 
+def mode_job(bucket: str, mode: str, index: dict | None = None, **scoring):
+    """A job of scoring.mode ``mode`` with every input and output in the bucket (its own shards and output)."""
+    return config_from_dict({
+        "run_id": f"s3-{mode}",
+        "model": {"path": f"{bucket}/world/model"},
+        "data": {"raw": f"{bucket}/world/raw/", "corpus": f"{bucket}/shards-{mode}/",
+                 "queries": f"{bucket}/world/queries.jsonl", "output": f"{bucket}/out-{mode}"},
+        "factors": {"fisher": "empirical", "sample_sequences": 20, "seed": 3, "unit_sequences": 16},
+        "scoring": {"top_k": 2, "rank": 0, "mode": mode, **scoring},
+        "index": index or {},
+        "resources": {"actors": 1, "batch_size": 8},
+    })
+
+
 def test_index_mode_against_s3(ray_local, bucket, brute_force_topk, assert_topk_equal):
     """scoring.mode = "index" with every file in the bucket: the index parts and its projection are written there,
     and, with more candidates than sequences, the re-scored top-k equals every sequence scored alone. A second run
     finds the index complete and builds nothing."""
-    cfg = config_from_dict({
-        "run_id": "s3-index",
-        "model": {"path": f"{bucket}/world/model"},
-        "data": {"raw": f"{bucket}/world/raw/", "corpus": f"{bucket}/shards-index/",
-                 "queries": f"{bucket}/world/queries.jsonl", "output": f"{bucket}/out-index"},
-        "factors": {"fisher": "empirical", "sample_sequences": 20, "seed": 3, "unit_sequences": 16},
-        "scoring": {"top_k": 2, "rank": 0, "mode": "index"},
-        "index": {"k_out": 4, "k_in": 4},
-        "resources": {"actors": 1, "batch_size": 8},
-    })
+    cfg = mode_job(bucket, "index", index={"k_out": 4, "k_in": 4})
     record = run_job(cfg)
     assert record["status"] == "ok"
     parts = storage.list_files(f"{bucket}/out-index/index/parts/", ".parquet")
@@ -104,15 +109,7 @@ def test_index_mode_against_s3(ray_local, bucket, brute_force_topk, assert_topk_
 def test_tfidf_mode_against_s3(ray_local, bucket):
     """scoring.mode = "tfidf" with every file in the bucket: candidates from the two TF-IDF passes over the shards,
     re-scored exactly; every top-k row was found by TF-IDF and its query's candidates are in the bucket."""
-    cfg = config_from_dict({
-        "run_id": "s3-tfidf",
-        "model": {"path": f"{bucket}/world/model"},
-        "data": {"raw": f"{bucket}/world/raw/", "corpus": f"{bucket}/shards-tfidf/",
-                 "queries": f"{bucket}/world/queries.jsonl", "output": f"{bucket}/out-tfidf"},
-        "factors": {"fisher": "empirical", "sample_sequences": 20, "seed": 3, "unit_sequences": 16},
-        "scoring": {"top_k": 2, "rank": 0, "mode": "tfidf", "candidates": 5},
-        "resources": {"actors": 1, "batch_size": 8},
-    })
+    cfg = mode_job(bucket, "tfidf", candidates=5)
     record = run_job(cfg)
     assert record["status"] == "ok"
     candidates = storage.read_parquet(f"{bucket}/out-tfidf/candidates/candidates.parquet").to_pylist()
