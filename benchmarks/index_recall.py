@@ -9,7 +9,7 @@ from compressed gradients stored in float16 (``compress``, ``precondition``: wha
   - final_equal = the fraction of queries whose final top-10 (exact scores of the top-M and
     bottom-M candidates, as ``rescore`` re-scores them) equals the full scan's top-10;
   - bytes per sequence in float16, per layer (2 k_out k_in, k clipped to the layer's widths)
-    and in total;
+    and in total (the rows are stored as --row-dtype: float16 by default, or int8 at half the bytes);
   - the index health signals the pipeline reports from the same numbers (``pipelines/stages/index_health.py``:
     per query and side, the Spearman between index estimates and exact scores over the candidates, the
     deepest index rank among the final top-10, how many final top-10 rows came from the last half of the
@@ -171,7 +171,7 @@ def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, 
     for b in batches:  # one backward pass per batch, compressed by every projection
         cap = io.backward_pass(model, layers, obj, b, io.Fisher.EMPIRICAL).captured
         for c in configs:
-            rows[c].append(compress(on[c], cap.activations, cap.output_grads).cpu().half())
+            rows[c].append(stored(compress(on[c], cap.activations, cap.output_grads).cpu(), args.row_dtype))
     top10 = exact.topk(TOP, dim=1).indices
     also = [int(m) for m in args.also_m.split(",") if m]
     res: dict = {}
@@ -204,6 +204,18 @@ def measure(model, layers, factors, qbatch, batches: list, exact: torch.Tensor, 
                                  max(e["recall"] for e in entry["per_seed"])]
         print(f"{kind} k={k} seed {seed}: {one}", flush=True)
     return res
+
+
+def stored(rows: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Index rows [B, D] as the index stores them: float16 (cast, as in the earlier runs), or encoded and decoded by
+    ``index_build`` (``int8``: integers in [-127, 127] times a per-row scale; ``bfloat16``, ``float32``)."""
+    if dtype == "float16":
+        return rows.half()
+    from pipelines.stages.index_build import decode_rows, encode_rows
+    import pyarrow as pa
+
+    vector, scale = encode_rows(rows, dtype)
+    return torch.from_numpy(decode_rows(pa.table({"vector": vector, "scale": scale}), dtype))
 
 
 def scan(model, queries, batches: list) -> torch.Tensor:
@@ -333,6 +345,8 @@ def main() -> None:
     p.add_argument("--k", default="16,32,48", help="k_out = k_in, comma-separated")
     p.add_argument("--projection-seeds", default="0,1,2", help="seeds of random / weighted (mean reported)")
     p.add_argument("--candidates", type=int, default=100, help="M: index candidates per query and side")
+    p.add_argument("--row-dtype", default="float16", choices=["float16", "int8", "bfloat16", "float32"],
+                   help="how the index rows are stored (index.dtype)")
     p.add_argument("--tfidf-union", type=int, default=100,
                    help="n: also report the recall of the index's top-M with TF-IDF's top-n added "
                         "(scoring.tfidf_candidates)")

@@ -76,7 +76,8 @@ projection = "eigen"              # eigen: top eigenvectors of the fitted factor
                                   # weighted / whitened: Gaussian x (S + d I)^(+-1/2) (README "Choosing a scoring mode")
 k_out = 16                        # projected output width per layer
 k_in = 16                         # projected input width per layer
-dtype = "float16"                 # float16 | bfloat16 | float32 (bytes per sequence: layers x k_out x k_in x 2 or 4)
+dtype = "float16"                 # float16 | bfloat16 | float32 | int8 (bytes per sequence: layers x k_out x k_in x
+                                  # 2, 4 or 1; int8: integers x a per-row scale, same recall measured)
 seed = 0                          # seed of the random, weighted and whitened projections
 search = "scan"                   # scan: every part scored on actors | faiss: the whole index in memory on the
                                   # driver (FAISS, exact: the same candidates; pip install faiss-cpu)

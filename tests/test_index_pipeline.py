@@ -44,6 +44,24 @@ def job(world: Path, output: str, corpus: str, candidates: int) -> dict:
     }
 
 
+def test_int8_rows_keep_every_entry_within_half_a_level():
+    """index.dtype = "int8": each row stored as integers in [-127, 127] times its scale (largest |entry| / 127);
+    decoded, every entry is within half a level of the original, the largest one exact, an all-zero row zero."""
+    x = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 4, 6,
+                                                                                                             dtype=torch.float64)[:, None]
+    x[2] = 0.0
+    vector, scale = encode_rows(x, "int8")
+    assert vector.type.value_type == pa.int8() and vector.type.list_size == 40
+    codes = np.asarray(vector.flatten().to_numpy()).reshape(6, 40)
+    assert np.abs(codes).max() == 127 and np.abs(codes[2]).max() == 0
+    got = decode_rows(pa.table({"vector": vector, "scale": scale}), "int8")
+    level = scale.to_numpy()[:, None].astype(np.float64)
+    assert (np.abs(got - x.numpy()) <= 0.5 * level * (1 + 1e-6) + 1e-30).all()
+    rows = np.abs(x.numpy()).argmax(axis=1)
+    np.testing.assert_allclose(got[range(6), rows], x.numpy()[range(6), rows], rtol=1e-6)
+    assert (got[2] == 0).all()
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3)])
 def test_vectors_round_trip_in_each_storage_dtype(dtype, tol):
     x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -134,7 +152,7 @@ def test_search_units_cover_every_part_once():
 def test_config_keys_checked(tmp_path):
     base = job(tmp_path, str(tmp_path / "o"), str(tmp_path / "s"), 5)
     for section, key, bad in (("scoring", "mode", "fast"), ("scoring", "candidates", 0),
-                              ("index", "projection", "pca"), ("index", "dtype", "int8"), ("index", "k_in", 0)):
+                              ("index", "projection", "pca"), ("index", "dtype", "int4"), ("index", "k_in", 0)):
         raw = {**base, section: {**base[section], key: bad}}
         with pytest.raises(ConfigError, match=f"{section}.{key}"):
             config_from_dict(raw)

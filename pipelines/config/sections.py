@@ -34,6 +34,12 @@ class IndexDType(str, enum.Enum):
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
     FLOAT32 = "float32"
+    INT8 = "int8"  # per-row scale: entry x scale, |entry| <= 127
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes a stored number takes."""
+        return {"float32": 4, "int8": 1}.get(self.value, 2)
 
 
 class IndexSearch(str, enum.Enum):

@@ -16,10 +16,13 @@ Folders under ``<output>/index/``:
     (``score_plan.plan_ranges``, ``score.run_tasks``): a unit whose part carries the current key is
     skipped, so a re-run builds nothing and a new shard builds only its units; parts of no current
     unit are removed. Columns:
-    doc_id string, shard string, tokens int32, vector fixed_size_list<D> of float16 or float32
+    doc_id string, shard string, tokens int32, vector fixed_size_list<D> of float16, float32 or int8
     (``index.dtype``), or of int16 holding the bfloat16 bits (the top half of a float32), scale
     float32: the row is vector x scale (float16 rows are stored divided by their largest |entry|,
-    so that no entry overflows float16's range of 65504; scale is 1 for the other dtypes).
+    so that no entry overflows float16's range of 65504; int8 rows by that over 127, each entry
+    rounded to an integer in [-127, 127]; scale is 1 for the other dtypes). int8 halves float16's
+    bytes: on the random-weights GPT-2 at k = 192 (benchmarks/RESULTS.md section 7.5) it gave the same
+    recall as float16.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from .score_plan import GROUPS, KEY, ROWS, SEQUENCES, SHARD, Ranges, Unit, plan_
 
 PARTS = "index/parts"
 DTYPE_META = "influence.index_dtype"
+INT8_LEVELS = 127  # int8 rows: entries in [-127, 127], scale = largest |entry| / 127
 
 
 def index_url(cfg: JobConfig, *parts: str) -> str:
@@ -87,6 +91,8 @@ def to_arrow(rows: torch.Tensor, dtype: str) -> pa.Array:
     x = rows.detach().to("cpu", torch.float32)
     if dtype == "bfloat16":
         flat = pa.array(x.to(torch.bfloat16).view(torch.int16).numpy().reshape(-1), pa.int16())
+    elif dtype == "int8":  # rows already divided by their scale (encode_rows): round to the nearest level
+        flat = pa.array(torch.round(x).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8).numpy().reshape(-1), pa.int8())
     elif dtype == "float16":
         flat = pa.array(x.numpy().astype(np.float16).reshape(-1), pa.float16())
     else:
@@ -95,9 +101,11 @@ def to_arrow(rows: torch.Tensor, dtype: str) -> pa.Array:
 
 
 def encode_rows(rows: torch.Tensor, dtype: str) -> tuple[pa.Array, pa.Array]:
-    """[N, D] -> (vector column, scale column): float16 rows divided by their largest |entry|."""
+    """[N, D] -> (vector column, scale column): float16 rows divided by their largest |entry|, int8 rows by
+    that over INT8_LEVELS (each entry then rounds to one of 255 levels; error at most scale / 2)."""
     x = rows.detach().to("cpu", torch.float64)
-    scale = x.abs().amax(dim=1).clamp_min(1e-300) if dtype == "float16" and x.numel() else torch.ones(x.shape[0])
+    largest = x.abs().amax(dim=1).clamp_min(1e-300) if x.numel() else torch.ones(x.shape[0])
+    scale = {"float16": largest, "int8": largest / INT8_LEVELS}.get(dtype, torch.ones(x.shape[0], dtype=x.dtype))
     return to_arrow(x / scale[:, None], dtype), pa.array(scale.numpy().astype(np.float32), pa.float32())
 
 
@@ -229,7 +237,7 @@ def build_index(cfg: JobConfig, show_progress: bool = False) -> dict[str, Any]:
     current = {u.rsplit("/", 1)[-1] for u in summary["outputs"]}
     stored = sum(n for name, n in storage.file_sizes(index_url(cfg, "parts")).items() if name in current)
     sequences = summary["rows"]["scored"]
-    itemsize = 4 if cfg.index.dtype.value == "float32" else 2
+    itemsize = cfg.index.dtype.itemsize
     summary["index"] = {"width": projection["width"], "projection": projection["kind"],
                         "projection_skipped": projection["skipped"], "dtype": cfg.index.dtype.value,
                         "vector_bytes_per_sequence": projection["width"] * itemsize,
