@@ -24,7 +24,8 @@ from pipelines.io import storage
 from pipelines.io.model_loading import load_model
 from pipelines.io.shards import list_shards, read_rows, row_group_rows
 from pipelines.run import run_job
-from pipelines.stages.index_build import build_index, current_parts, decode_rows, encode_rows, from_arrow, to_arrow
+from pipelines.stages.index_build import (DTYPE_META, build_index, current_parts, decode_rows, encode_rows,
+                                          from_arrow, to_arrow)
 from pipelines.stages.index_query import candidates_of, search_index
 from pipelines.stages.index_search import IndexSearcher, fold, part_top, read_part, search_units, top_candidates
 from pipelines.stages.merge import row_key
@@ -47,8 +48,8 @@ def job(world: Path, output: str, corpus: str, candidates: int) -> dict:
 def test_int8_rows_keep_every_entry_within_half_a_level():
     """index.dtype = "int8": each row stored as integers in [-127, 127] times its scale (largest |entry| / 127);
     decoded, every entry is within half a level of the original, the largest one exact, an all-zero row zero."""
-    x = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 4, 6,
-                                                                                                             dtype=torch.float64)[:, None]
+    magnitudes = torch.logspace(-3, 4, 6, dtype=torch.float64)[:, None]
+    x = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * magnitudes
     x[2] = 0.0
     vector, scale = encode_rows(x, "int8")
     assert vector.type.value_type == pa.int8() and vector.type.list_size == 40
@@ -83,6 +84,61 @@ def sorted_sides(scores: np.ndarray, keys: list[str], m: int) -> tuple[list[list
     low = [[keys[i] for i in sorted(range(len(keys)), key=lambda i: (scores[i, q], keys[i]))[:m]]
            for q in range(scores.shape[1])]
     return top, low
+
+
+def test_a_part_is_written_a_row_group_at_a_time(tmp_path):
+    """The builder's part file (``PartWriter``): rows added batch by batch go out in row groups of about group_rows,
+    the footer carries the metadata given at close, and the rows read back as encoding them all at once gives."""
+    import pyarrow.parquet as pq
+
+    from pipelines.stages.index_build import PartWriter
+    from pipelines.stages.index_search import read_part
+
+    rng = np.random.default_rng(5)
+    X = torch.from_numpy(rng.standard_normal((50, 6)) * rng.uniform(0.1, 10, (50, 1)))
+    path = str(tmp_path / "part.parquet")
+    writer = PartWriter(path, "s", 6, "int8", group_rows=16)
+    for lo in range(0, 50, 7):
+        writer.add([f"d{i}" for i in range(lo, min(lo + 7, 50))], [3] * len(range(lo, min(lo + 7, 50))),
+                   X[lo:lo + 7])
+    writer.close({DTYPE_META: "int8", "influence.key": "k1"})
+    assert [pq.ParquetFile(path).metadata.row_group(g).num_rows for g in range(3)] == [21, 21, 8]
+    assert {DTYPE_META: "int8", "influence.key": "k1"}.items() <= storage.parquet_metadata(path).items()
+    rows, keys = read_part(path)
+    vector, scale = encode_rows(X, "int8")
+    np.testing.assert_array_equal(rows, decode_rows(pa.table({"vector": vector, "scale": scale}), "int8"))
+    assert keys == [row_key(f"d{i}", "s") for i in range(50)]
+    empty = str(tmp_path / "empty.parquet")
+    PartWriter(empty, "s", 6, "float16", group_rows=16).close({DTYPE_META: "float16"})
+    assert read_part(empty)[1] == [] and pq.ParquetFile(empty).schema_arrow.field("vector").type.list_size == 6
+
+
+def test_a_part_is_searched_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """The searcher reads a part ``chunk_rows`` rows at a time from the file (never the whole part) and finds what
+    the whole part in memory gives; int8 rows decode per chunk with their own scales."""
+    from pipelines.stages import index_search
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((50, 8)) * rng.uniform(0.1, 10, (50, 1))
+    docs = [f"d{i}" for i in rng.permutation(50)]
+    url = str(tmp_path / "part.parquet")
+    vector, scale = encode_rows(torch.from_numpy(X), "int8")
+    storage.write_parquet(url, pa.table({"doc_id": docs, "shard": ["s"] * 50, "tokens": [3] * 50, "vector": vector,
+                                         "scale": scale}).replace_schema_metadata({DTYPE_META: "int8"}),
+                          row_group_rows=16)
+    decoded: list[int] = []
+    real = index_search.decode_rows
+    monkeypatch.setattr(index_search, "decode_rows", lambda table, dtype: (decoded.append(table.num_rows),
+                                                                            real(table, dtype))[1])
+    P = rng.standard_normal((3, 8))
+    keys, got = index_search.part_chunks_top(url, P, 5, chunk=7)
+    assert max(decoded) <= 7 and sum(decoded) == 50
+    whole, whole_keys = index_search.read_part(url)
+    assert keys == whole_keys
+    for a, b in zip(got, index_search.part_top(whole, whole_keys, P, 5)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="index rows have width 8, the queries 9"):
+        index_search.part_chunks_top(url, rng.standard_normal((3, 9)), 5, chunk=7)
 
 
 @pytest.mark.parametrize("chunk_rows", [3, 8192])

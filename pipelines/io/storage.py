@@ -172,12 +172,24 @@ def write_bytes(url: str, data: bytes) -> None:
 
 
 def _write_bytes(url: str, data: bytes) -> None:
+    def put(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+    _atomic(url, put)
+
+
+def write_file(url: str, local: str | Path) -> None:
+    """Copy the local file ``local`` to ``url`` atomically, as ``write_bytes``, streaming it (never whole in memory)."""
+    retry(url, "write", _atomic, url, lambda fs, tmp: fs.put_file(str(local), tmp))
+
+
+def _atomic(url: str, put: Callable[[fsspec.AbstractFileSystem, str], None]) -> None:
+    """``put(fs, tmp)`` writes a temporary name in the same folder, then it becomes ``url``."""
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
+    put(fs, tmp)
     if is_local(url):
         os.replace(tmp, path)
     else:  # object stores have no rename: copy then delete (the final key appears whole)
@@ -220,11 +232,13 @@ def without_bom(data: bytes) -> bytes:
 
 
 def parquet_metadata(url: str) -> dict[str, str]:
-    """The key-value metadata of a Parquet file's schema (decoded)."""
+    """The key-value metadata of a Parquet file (decoded): its schema's, and what a streaming writer added at the
+    end (``ParquetWriter.add_key_value_metadata``), without pyarrow's serialized schema."""
     def read() -> dict[bytes, bytes]:
         fs, path = filesystem(url)
         with fs.open(path, "rb") as f:
-            return pq.read_schema(f).metadata or {}
+            meta = pq.ParquetFile(f).metadata.metadata or {}
+        return {k: v for k, v in meta.items() if k != b"ARROW:schema"}
     try:
         meta = retry(url, "footer read", read)
     except pa.ArrowInvalid as err:  # truncated, or not Parquet

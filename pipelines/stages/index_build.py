@@ -42,7 +42,7 @@ from influence_ops.index_projection import compress, load_projection, make_proje
 from influence_ops.fisher import Fisher
 from influence_ops.objectives import LanguageModelObjective
 
-from ..config import JobConfig, ModelConfig
+from ..config import IndexDType, JobConfig, ModelConfig
 from ..errors import UserError
 from ..io import completion, storage
 from ..io.model_loading import load_model, model_identity, pick_device
@@ -55,6 +55,7 @@ from .score_plan import GROUPS, KEY, ROWS, SEQUENCES, SHARD, Ranges, Unit, plan_
 PARTS = "index/parts"
 DTYPE_META = "influence.index_dtype"
 INT8_LEVELS = 127  # int8 rows: entries in [-127, 127], scale = largest |entry| / 127
+GROUP_BYTES = 64 * 2**20  # vectors per row group of a part: what the builder holds, what the search reads at once
 
 
 def index_url(cfg: JobConfig, *parts: str) -> str:
@@ -146,29 +147,69 @@ class IndexBuilder(ShardScorer):
         self.objective = LanguageModelObjective()
 
     def score_unit(self, unit: dict[str, Any]) -> tuple[int, int, int]:
-        """Compress every sequence of the unit and write its part; returns (sequences, tokens, rows of the unit)."""
+        """Compress every sequence of the unit and write its part; returns (sequences, tokens, rows of the unit).
+
+        The part is written as it is made: row groups of about ``GROUP_BYTES`` of vectors go to a local file,
+        which is then copied to the output (``storage.write_file``), so memory holds one row group, not the
+        unit's N x D rows."""
         groups = None if unit.get("groups") is None else tuple(unit["groups"])
         self.rows_read, tokens = 0, 0
-        ids: list[str] = []
-        lengths: list[int] = []
-        vectors: list[torch.Tensor] = []
-        for part, batch in prefetch(self.batches(unit["shard"], groups)):
-            out = backward_pass(self.m.model, self.m.layers, self.objective, batch, Fisher.EMPIRICAL, None,
-                                self.m.autocast)
-            vectors.append(compress(self.proj, out.captured.activations, out.captured.output_grads).cpu())
-            ids += [str(d) for d in part.doc_ids]
-            lengths += part.lengths.tolist()
-            tokens += int(part.lengths.sum())
         rows = row_counts([unit["shard"]])[0] if groups is None else int(unit["rows"])
         width = self.proj.width
-        matrix = torch.cat(vectors) if vectors else torch.zeros(0, width)
-        vector, scale = encode_rows(matrix, self.dtype)
-        table = pa.table({"doc_id": pa.array(ids, pa.string()), "shard": pa.array([unit["shard"]] * len(ids)),
-                          "tokens": pa.array(lengths, pa.int32()), "vector": vector, "scale": scale})
-        storage.write_parquet(unit["output"], table.replace_schema_metadata(
-            {KEY: unit["key"], SHARD: unit["shard"], GROUPS: json.dumps(unit.get("groups")), ROWS: str(rows),
-             SEQUENCES: str(self.rows_read), DTYPE_META: self.dtype}))
+        per_group = max(1, GROUP_BYTES // max(1, width * IndexDType(self.dtype).itemsize))
+        with tempfile.TemporaryDirectory(prefix="influence-index-") as tmp:
+            local = f"{tmp}/part.parquet"
+            part_file = PartWriter(local, unit["shard"], width, self.dtype, per_group)
+            for part, batch in prefetch(self.batches(unit["shard"], groups)):
+                out = backward_pass(self.m.model, self.m.layers, self.objective, batch, Fisher.EMPIRICAL, None,
+                                    self.m.autocast)
+                part_file.add([str(d) for d in part.doc_ids], part.lengths.tolist(),
+                              compress(self.proj, out.captured.activations, out.captured.output_grads).cpu())
+                tokens += int(part.lengths.sum())
+            part_file.close({KEY: unit["key"], SHARD: unit["shard"], GROUPS: json.dumps(unit.get("groups")),
+                             ROWS: str(rows), SEQUENCES: str(self.rows_read), DTYPE_META: self.dtype})
+            storage.write_file(unit["output"], local)
         return self.rows_read, tokens, rows
+
+
+class PartWriter:
+    """An index part written a row group at a time: ``add`` rows as they are compressed, ``close`` with the footer's
+    metadata. Rows are encoded per row (``encode_rows``), so encoding in groups gives the same part as encoding
+    all rows at once."""
+
+    def __init__(self, path: str, shard: str, width: int, dtype: str, group_rows: int) -> None:
+        import pyarrow.parquet as pq
+
+        self.shard, self.dtype, self.group_rows = shard, dtype, group_rows
+        vector, scale = encode_rows(torch.zeros(0, width), dtype)
+        self.schema = pa.schema([("doc_id", pa.string()), ("shard", pa.string()), ("tokens", pa.int32()),
+                                 ("vector", vector.type), ("scale", scale.type)])
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.ids: list[str] = []
+        self.lengths: list[int] = []
+        self.vectors: list[torch.Tensor] = []
+
+    def add(self, ids: list[str], lengths: list[int], vectors: torch.Tensor) -> None:
+        self.ids += ids
+        self.lengths += lengths
+        self.vectors.append(vectors)
+        if len(self.ids) >= self.group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.ids:
+            return
+        vector, scale = encode_rows(torch.cat(self.vectors), self.dtype)
+        self.writer.write_table(pa.table({"doc_id": pa.array(self.ids, pa.string()),
+                                          "shard": pa.array([self.shard] * len(self.ids), pa.string()),
+                                          "tokens": pa.array(self.lengths, pa.int32()), "vector": vector,
+                                          "scale": scale}, schema=self.schema))
+        self.ids, self.lengths, self.vectors = [], [], []
+
+    def close(self, metadata: dict[str, str]) -> None:
+        self._flush()
+        self.writer.add_key_value_metadata(metadata)
+        self.writer.close()
 
 
 def part_key(projection_digest: str, fingerprint: tuple[str, int], groups: tuple[int, int] | None, too_long: str,

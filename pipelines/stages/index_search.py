@@ -6,7 +6,8 @@ The preconditioned queries P [Q, D] go to the object store once (``ray.put``) an
 every actor of the pass reads them from there. A unit of the pass is a few index
 parts (``search_units``: about ``AUTO_UNITS_PER_ACTOR`` units per actor); for each
 part the actor computes the scores S = P X^T [Q, N] (float64, ``SEARCH_ROWS`` rows
-at a time, so memory is Q x SEARCH_ROWS whatever the part's size) and keeps the
+at a time, read from the file that many at a time, so memory is SEARCH_ROWS x D rows and
+Q x SEARCH_ROWS scores whatever the part's size) and keeps the
 part's M highest and M lowest per query (``part_top``). Order: score, then the
 row key (doc_id, shard) ascending, the order of ``TopKAccumulator``; within a part
 the keys are ranked once, so the selection compares integers (a partial sort of
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from influence_ops import TopKAccumulator
@@ -39,6 +42,7 @@ from .merge import row_key
 from .score_plan import AUTO_UNITS_PER_ACTOR
 
 SEARCH_ROWS = 8192  # rows of a part scored at once: [Q, SEARCH_ROWS] float64 scores in memory
+SEARCH_BYTES = 256 * 2**20  # and at most this many bytes of them in float64 (fewer rows for a wide index)
 
 
 def best_columns(scores: np.ndarray, rows: np.ndarray, rank: np.ndarray, m: int, largest: bool) -> np.ndarray:
@@ -83,28 +87,69 @@ def part_top(X: np.ndarray, keys: list[str], P: np.ndarray, m: int,
     Returns (top scores, top rows, bottom scores, bottom rows), each [Q, min(m, N)] (float64, int64 rows of X),
     sorted: top by (score descending, key ascending), bottom by (score ascending, key ascending).
     """
-    n, q = X.shape[0], P.shape[0]
+    return chunks_top((X[lo:lo + chunk] for lo in range(0, X.shape[0], chunk)), keys, P, m)
+
+
+def chunks_top(chunks: Iterable[np.ndarray], keys: list[str], P: np.ndarray, m: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``part_top`` over the part's rows in consecutive chunks [c, D] (together the N rows of ``keys``, in order),
+    so that only one chunk of the part is in memory at a time."""
+    q = P.shape[0]
     rank = key_rank(keys)
     Pt = torch.from_numpy(np.ascontiguousarray(P, dtype=np.float64))
     kept = {largest: (np.zeros((q, 0)), np.zeros((q, 0), dtype=np.int64)) for largest in (True, False)}
-    for lo in range(0, n, chunk):
-        x = torch.from_numpy(np.ascontiguousarray(X[lo:lo + chunk], dtype=np.float64))
+    lo = 0
+    for X in chunks:
+        x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
         s = (Pt @ x.T).numpy()  # (Q, c)
         if not np.isfinite(s).all():
             bad = sorted({keys[lo + j] for j in np.nonzero(~np.isfinite(s))[1]})
             raise FloatingPointError(f"non-finite index scores for rows {bad[:10]}")
         rows = np.arange(lo, lo + s.shape[1])
+        lo += s.shape[1]
         for largest in (True, False):
             cols = best_columns(s, rows, rank, m, largest)  # the chunk's best, then with those kept so far
             scores = np.concatenate([kept[largest][0], np.take_along_axis(s, cols, 1)], 1)
             idx = np.concatenate([kept[largest][1], rows[cols]], 1)
             cols = best_columns(scores, idx, rank, m, largest)
             kept[largest] = (np.take_along_axis(scores, cols, 1), np.take_along_axis(idx, cols, 1))
+    if lo != len(keys):
+        raise ValueError(f"the part's chunks held {lo} rows, its keys {len(keys)}")
     return kept[True][0], kept[True][1], kept[False][0], kept[False][1]
 
 
+def read_keys(url: str) -> list[str]:
+    """An index part's row keys (doc_id, shard), in row order (the small columns only)."""
+    table = storage.read_parquet(url, columns=["doc_id", "shard"])
+    return [row_key(d, s) for d, s in zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist())]
+
+
+def part_chunks_top(url: str, P: np.ndarray, m: int, chunk: int = SEARCH_ROWS
+                    ) -> tuple[list[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(keys, ``part_top`` of the part at ``url``), reading its rows ``chunk`` at a time (``iter_batches``): memory is
+    one chunk of the part (chunk x D, decoded to float32), not the part. A transient storage error starts the part
+    again (``storage.retry``)."""
+    keys = read_keys(url)
+    dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
+
+    def search() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as f:
+            batches = pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=["vector", "scale"])
+            chunks = (check_width(url, decode_rows(b, dtype), P.shape[1]) for b in batches)
+            return chunks_top(chunks, keys, P, m)
+    return keys, storage.retry(url, "read", search)
+
+
+def check_width(url: str, X: np.ndarray, width: int) -> np.ndarray:
+    """X, after checking that its rows have the queries' width."""
+    if X.shape[1] != width:
+        raise ValueError(f"{url}: index rows have width {X.shape[1]}, the queries {width}")
+    return X
+
+
 def read_part(url: str) -> tuple[np.ndarray, list[str]]:
-    """An index part's rows [N, D] float32 and row keys (doc_id, shard)."""
+    """An index part's rows [N, D] float32 and row keys (doc_id, shard): the whole part in memory (FAISS)."""
     table = storage.read_parquet(url)
     if table.num_rows == 0:
         return np.zeros((0, 0), np.float32), []
@@ -138,14 +183,12 @@ class IndexSearcher:
         self.P, self.m = np.asarray(queries, dtype=np.float64), m
 
     def search(self, url: str) -> tuple[int, str, bytes]:
-        X, keys = read_part(url)
+        chunk = max(1, min(self.chunk_rows, SEARCH_BYTES // (8 * max(1, self.P.shape[1]))))
+        keys, (ts, tr, bs, br) = part_chunks_top(url, self.P, self.m, chunk)
         if not keys:
             empty = np.zeros((self.P.shape[0], 0))
             return 0, "[]", _npz(top_scores=empty, top_rows=empty.astype(np.int32), bottom_scores=empty,
                                  bottom_rows=empty.astype(np.int32))
-        if X.shape[1] != self.P.shape[1]:
-            raise ValueError(f"{url}: index rows have width {X.shape[1]}, the queries {self.P.shape[1]}")
-        ts, tr, bs, br = part_top(X, keys, self.P, self.m, self.chunk_rows)
         named, inverse = np.unique(np.concatenate([tr, br], 1), return_inverse=True)
         inverse = inverse.reshape(tr.shape[0], -1).astype(np.int32)
         return len(keys), json.dumps([keys[i] for i in named]), _npz(
