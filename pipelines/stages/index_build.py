@@ -42,7 +42,7 @@ from influence_ops.index_projection import compress, load_projection, make_proje
 from influence_ops.fisher import Fisher
 from influence_ops.objectives import LanguageModelObjective
 
-from ..config import IndexDType, JobConfig, ModelConfig
+from ..config import JobConfig, ModelConfig
 from ..errors import UserError
 from ..io import completion, storage
 from ..io.model_loading import load_model, model_identity, pick_device
@@ -55,7 +55,7 @@ from .score_plan import GROUPS, KEY, ROWS, SEQUENCES, SHARD, Ranges, Unit, plan_
 PARTS = "index/parts"
 DTYPE_META = "influence.index_dtype"
 INT8_LEVELS = 127  # int8 rows: entries in [-127, 127], scale = largest |entry| / 127
-GROUP_BYTES = 64 * 2**20  # vectors per row group of a part: what the builder holds, what the search reads at once
+GROUP_BYTES = 32 * 2**20  # rows per row group of a part: this many bytes of them in float32, whatever the dtype
 
 
 def index_url(cfg: JobConfig, *parts: str) -> str:
@@ -149,14 +149,14 @@ class IndexBuilder(ShardScorer):
     def score_unit(self, unit: dict[str, Any]) -> tuple[int, int, int]:
         """Compress every sequence of the unit and write its part; returns (sequences, tokens, rows of the unit).
 
-        The part is written as it is made: row groups of about ``GROUP_BYTES`` of vectors go to a local file,
+        The part is written as it is made: row groups of ``GROUP_BYTES`` of float32 vectors go to a local file,
         which is then copied to the output (``storage.write_file``), so memory holds one row group, not the
         unit's N x D rows."""
         groups = None if unit.get("groups") is None else tuple(unit["groups"])
         self.rows_read, tokens = 0, 0
         rows = row_counts([unit["shard"]])[0] if groups is None else int(unit["rows"])
         width = self.proj.width
-        per_group = max(1, GROUP_BYTES // max(1, width * IndexDType(self.dtype).itemsize))
+        per_group = max(1, GROUP_BYTES // max(1, 4 * width))
         with tempfile.TemporaryDirectory(prefix="influence-index-") as tmp:
             local = f"{tmp}/part.parquet"
             part_file = PartWriter(local, unit["shard"], width, self.dtype, per_group)

@@ -42,7 +42,7 @@ from .merge import row_key
 from .score_plan import AUTO_UNITS_PER_ACTOR
 
 SEARCH_ROWS = 8192  # rows of a part scored at once: [Q, SEARCH_ROWS] float64 scores in memory
-SEARCH_BYTES = 256 * 2**20  # and at most this many bytes of them in float64 (fewer rows for a wide index)
+SEARCH_BYTES = 64 * 2**20  # and at most this many bytes of them in float64 (fewer rows for a wide index)
 
 
 def best_columns(scores: np.ndarray, rows: np.ndarray, rank: np.ndarray, m: int, largest: bool) -> np.ndarray:
@@ -126,18 +126,23 @@ def read_keys(url: str) -> list[str]:
 
 def part_chunks_top(url: str, P: np.ndarray, m: int, chunk: int = SEARCH_ROWS
                     ) -> tuple[list[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(keys, ``part_top`` of the part at ``url``), reading its rows ``chunk`` at a time (``iter_batches``): memory is
-    one chunk of the part (chunk x D, decoded to float32), not the part. A transient storage error starts the part
-    again (``storage.retry``)."""
+    """(keys, ``part_top`` of the part at ``url``), reading it a row group at a time and scoring ``chunk`` rows at a
+    time: memory is one row group (``index_build.GROUP_BYTES`` of float32) and one chunk, not the part. A transient
+    storage error starts the part again (``storage.retry``)."""
     keys = read_keys(url)
     dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
 
     def search() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         fs, path = storage.filesystem(url)
         with fs.open(path, "rb") as f:
-            batches = pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=["vector", "scale"])
-            chunks = (check_width(url, decode_rows(b, dtype), P.shape[1]) for b in batches)
-            return chunks_top(chunks, keys, P, m)
+            pf = pq.ParquetFile(f)
+
+            def chunks() -> Iterable[np.ndarray]:  # one row group read at a time (iter_batches reads ahead)
+                for g in range(pf.metadata.num_row_groups):
+                    group = pf.read_row_group(g, columns=["vector", "scale"], use_threads=False)
+                    for lo in range(0, group.num_rows, chunk):
+                        yield check_width(url, decode_rows(group.slice(lo, chunk), dtype), P.shape[1])
+            return chunks_top(chunks(), keys, P, m)
     return keys, storage.retry(url, "read", search)
 
 
