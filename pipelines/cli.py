@@ -159,9 +159,8 @@ def _bytes(n: float | None) -> str:
 
 def _index_size(ix: dict[str, Any]) -> str:
     """'4,096 numbers a sequence (float16: 8,192 bytes raw, 1,024 bytes in Parquet)': the row and its compressed size."""
-    width, dtype = ix.get("width"), ix.get("dtype")
-    size = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}.get(str(dtype))
-    raw = f"{_bytes(width * size)} raw, " if isinstance(width, int) and size else ""
+    width, dtype, raw_bytes = ix.get("width"), ix.get("dtype"), ix.get("vector_bytes_per_sequence")
+    raw = f"{_bytes(raw_bytes)} raw, " if raw_bytes is not None else ""
     numbers = f"{width:,}" if isinstance(width, int) else str(width)
     return (f"{numbers} numbers a sequence ({dtype}: {raw}{_bytes(ix.get('stored_bytes_per_sequence'))} "
             "in Parquet)")

@@ -563,10 +563,12 @@ def test_index_line_gives_the_row_raw_and_as_stored():
     from pipelines.cli import _stage_line
 
     info = {"shards": 1, "scored": 1, "skipped": 0, "failed": 0,
-            "index": {"width": 4096, "dtype": "float16", "stored_bytes_per_sequence": 1024.0}}
+            "index": {"width": 4096, "dtype": "float16", "vector_bytes_per_sequence": 8192,
+                      "stored_bytes_per_sequence": 1024.0}}
     assert _stage_line("index", info) == ("1 shard: 1 built, 0 skipped, 0 failed; 4,096 numbers a sequence (float16: "
                                           "8,192 bytes raw, 1,024 bytes in Parquet)")
-    info["index"] = {"width": 1024, "dtype": "float32", "stored_bytes_per_sequence": None}
+    info["index"] = {"width": 1024, "dtype": "float32", "vector_bytes_per_sequence": 4096,
+                     "stored_bytes_per_sequence": None}
     assert _stage_line("index", info).endswith("1,024 numbers a sequence (float32: 4,096 bytes raw, ? bytes in Parquet)")
 
 
