@@ -220,6 +220,20 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = filesystem(url)
         with fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
+    return _read_parquet(url, read)
+
+
+def read_parquet_file(url: str, use: Callable[[pq.ParquetFile], T]) -> T:
+    """``use(ParquetFile)`` of the file at ``url``, opened once (its footer read once) for reading it in parts;
+    retried whole on a transient error, an unreadable file raised as ``read_parquet`` raises it."""
+    def read() -> T:
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as f:
+            return use(pq.ParquetFile(f))
+    return _read_parquet(url, read)
+
+
+def _read_parquet(url: str, read: Callable[[], T]) -> T:
     try:
         return retry(url, "read", read)
     except pa.ArrowInvalid as err:  # truncated, or not Parquet

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -118,32 +119,27 @@ def chunks_top(chunks: Iterable[np.ndarray], keys: list[str], P: np.ndarray, m: 
     return kept[True][0], kept[True][1], kept[False][0], kept[False][1]
 
 
-def read_keys(url: str) -> list[str]:
-    """An index part's row keys (doc_id, shard), in row order (the small columns only)."""
-    table = storage.read_parquet(url, columns=["doc_id", "shard"])
+def row_keys(table: pa.Table) -> list[str]:
+    """The row keys (doc_id, shard) of a part's rows, in row order."""
     return [row_key(d, s) for d, s in zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist())]
 
 
 def part_chunks_top(url: str, P: np.ndarray, m: int, chunk: int = SEARCH_ROWS
                     ) -> tuple[list[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(keys, ``part_top`` of the part at ``url``), reading it a row group at a time and scoring ``chunk`` rows at a
-    time: memory is one row group (``index_build.GROUP_BYTES`` of float32) and one chunk, not the part. A transient
-    storage error starts the part again (``storage.retry``)."""
-    keys = read_keys(url)
-    dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
+    time: memory is one row group (``index_build.GROUP_BYTES`` of float32) and one chunk, not the part. The file
+    is opened once (footer, keys, row groups); a transient storage error starts the part again."""
+    def search(pf: pq.ParquetFile) -> tuple[list[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        dtype = (pf.metadata.metadata or {}).get(DTYPE_META.encode(), b"float32").decode()
+        keys = row_keys(pf.read(columns=["doc_id", "shard"], use_threads=False))
 
-    def search() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        fs, path = storage.filesystem(url)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-
-            def chunks() -> Iterable[np.ndarray]:  # one row group read at a time (iter_batches reads ahead)
-                for g in range(pf.metadata.num_row_groups):
-                    group = pf.read_row_group(g, columns=["vector", "scale"], use_threads=False)
-                    for lo in range(0, group.num_rows, chunk):
-                        yield check_width(url, decode_rows(group.slice(lo, chunk), dtype), P.shape[1])
-            return chunks_top(chunks(), keys, P, m)
-    return keys, storage.retry(url, "read", search)
+        def chunks() -> Iterable[np.ndarray]:  # one row group read at a time (iter_batches reads ahead)
+            for g in range(pf.metadata.num_row_groups):
+                group = pf.read_row_group(g, columns=["vector", "scale"], use_threads=False)
+                for lo in range(0, group.num_rows, chunk):
+                    yield check_width(url, decode_rows(group.slice(lo, chunk), dtype), P.shape[1])
+        return keys, chunks_top(chunks(), keys, P, m)
+    return storage.read_parquet_file(url, search)
 
 
 def check_width(url: str, X: np.ndarray, width: int) -> np.ndarray:
@@ -159,8 +155,7 @@ def read_part(url: str) -> tuple[np.ndarray, list[str]]:
     if table.num_rows == 0:
         return np.zeros((0, 0), np.float32), []
     dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
-    keys = [row_key(d, s) for d, s in zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist())]
-    return decode_rows(table, dtype), keys
+    return decode_rows(table, dtype), row_keys(table)
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
