@@ -119,6 +119,11 @@ def chunks_top(chunks: Iterable[np.ndarray], keys: list[str], P: np.ndarray, m: 
     return kept[True][0], kept[True][1], kept[False][0], kept[False][1]
 
 
+def stored_dtype(pf: pq.ParquetFile) -> str:
+    """How a part's vectors are stored (``index.dtype`` when it was built), from its footer."""
+    return (pf.metadata.metadata or {}).get(DTYPE_META.encode(), b"float32").decode()
+
+
 def row_keys(table: pa.Table) -> list[str]:
     """The row keys (doc_id, shard) of a part's rows, in row order."""
     return [row_key(d, s) for d, s in zip(table.column("doc_id").to_pylist(), table.column("shard").to_pylist())]
@@ -130,7 +135,7 @@ def part_chunks_top(url: str, P: np.ndarray, m: int, chunk: int = SEARCH_ROWS
     time: memory is one row group (``index_build.GROUP_BYTES`` of float32) and one chunk, not the part. The file
     is opened once (footer, keys, row groups); a transient storage error starts the part again."""
     def search(pf: pq.ParquetFile) -> tuple[list[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        dtype = (pf.metadata.metadata or {}).get(DTYPE_META.encode(), b"float32").decode()
+        dtype = stored_dtype(pf)
         keys = row_keys(pf.read(columns=["doc_id", "shard"], use_threads=False))
 
         def chunks() -> Iterable[np.ndarray]:  # one row group read at a time (iter_batches reads ahead)
@@ -151,10 +156,9 @@ def check_width(url: str, X: np.ndarray, width: int) -> np.ndarray:
 
 def read_part(url: str) -> tuple[np.ndarray, list[str]]:
     """An index part's rows [N, D] float32 and row keys (doc_id, shard): the whole part in memory (FAISS)."""
-    table = storage.read_parquet(url)
+    table, dtype = storage.read_parquet_file(url, lambda pf: (pf.read(), stored_dtype(pf)))  # one open
     if table.num_rows == 0:
         return np.zeros((0, 0), np.float32), []
-    dtype = storage.parquet_metadata(url).get(DTYPE_META, "float32")
     return decode_rows(table, dtype), row_keys(table)
 
 
